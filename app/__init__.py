@@ -1,0 +1,1 @@
+"""The HTTP service: settings, auth, schemas, routes and the Redis store."""

@@ -1,0 +1,80 @@
+"""Service settings, read once from the environment (prefix ``PM_``) and validated at start-up."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+_MIN_TOKEN_CHARS = 32
+_DEV_PLACEHOLDERS = {"", "changeme", "admin", "read", "dev", "secret", "token"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PM_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    redis_url: str = DEFAULT_REDIS_URL
+    # Production keeps the broker on its own noeviction Redis; empty means "same as redis_url".
+    broker_url: str = ""
+    result_backend: str = ""
+    admin_token: SecretStr | None = None
+    read_token: SecretStr | None = None
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_batch_users: int = Field(default=1000, ge=1)
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+
+    # Workers.
+    device: str | None = None
+    chunk_size: int = Field(default=256, ge=1)
+    chunk_delay_s: float = Field(default=0.0, ge=0)  # test-only: widens the mapping window
+    write_batch: int = Field(default=500, ge=1)
+    visibility_timeout_s: int = Field(default=3600, ge=1)
+    restore_interval_s: int = Field(default=10, ge=1)
+    quality_tolerance: float = Field(default=0.05, ge=0)
+    version_grace_s: int = Field(default=24 * 3600, ge=0)
+    model_cache_size: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _tokens(self) -> Settings:
+        if self.environment == "production":
+            for name in ("admin_token", "read_token"):
+                _require_strong(name, getattr(self, name))
+            if self.admin_token == self.read_token:
+                raise ValueError("PM_ADMIN_TOKEN and PM_READ_TOKEN must differ in production.")
+            return self
+        # Development: a missing token gets a random one (``python -m app.run`` prints them).
+        if self.admin_token is None:
+            self.admin_token = SecretStr(secrets.token_urlsafe(32))
+        if self.read_token is None:
+            self.read_token = SecretStr(secrets.token_urlsafe(32))
+        return self
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+
+def _require_strong(name: str, token: SecretStr | None) -> None:
+    value = token.get_secret_value() if token else ""
+    env = f"PM_{name.upper()}"
+    if value.lower() in _DEV_PLACEHOLDERS or len(value) < _MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"{env} is missing or a default value; production needs a random token of at least "
+            f"{_MIN_TOKEN_CHARS} characters (e.g. `python -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))'`)."
+        )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,83 @@
+"""Annotated dependencies: settings, the store, the Celery app and the two token scopes."""
+
+from __future__ import annotations
+
+import hmac
+from enum import StrEnum
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.config import Settings
+from app.store import Store
+
+
+class Scope(StrEnum):
+    read = "read"
+    admin = "admin"
+
+
+class AuthError(Exception):
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+_bearer = HTTPBearer(auto_error=False, description="`read` or `admin` token.")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def get_celery(request: Request) -> Celery:
+    celery: Celery = request.app.state.celery
+    return celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _matches(token: str, expected: object) -> bool:
+    secret = getattr(expected, "get_secret_value", lambda: "")()
+    return bool(secret) and hmac.compare_digest(token.encode(), str(secret).encode())
+
+
+def token_scope(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> Scope:
+    if credentials is None or not credentials.credentials:
+        raise AuthError(401, "Missing bearer token; send `Authorization: Bearer <token>`.")
+    token = credentials.credentials
+    # Both comparisons always run, so timing does not reveal which token matched.
+    is_admin = _matches(token, settings.admin_token)
+    is_read = _matches(token, settings.read_token)
+    if is_admin:
+        return Scope.admin
+    if is_read:
+        return Scope.read
+    raise AuthError(401, "Invalid bearer token; use the read or admin token the service printed.")
+
+
+def require_read(settings: SettingsDep, credentials: Credentials) -> Scope:
+    return token_scope(settings, credentials)
+
+
+def require_admin(settings: SettingsDep, credentials: Credentials) -> Scope:
+    if token_scope(settings, credentials) is not Scope.admin:
+        raise AuthError(403, "This route writes or starts jobs and needs the admin token.")
+    return Scope.admin
+
+
+ReaderDep = Annotated[Scope, Depends(require_read)]
+AdminDep = Annotated[Scope, Depends(require_admin)]

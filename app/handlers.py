@@ -1,0 +1,83 @@
+"""Exception handlers: every failure becomes JSON that says what was wrong and what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.deps import AuthError
+from app.errors import ServiceError
+from app.metrics import REDIS_ERRORS
+from models.errors import MigrationError, UnknownModelError
+
+
+def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": code, "detail": detail, **extra}, status, headers=headers)
+
+
+async def _service(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return _error(exc.status_code, exc.code, exc.detail)
+
+
+async def _auth(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AuthError)
+    code = "unauthorized" if exc.status_code == 401 else "forbidden"
+    return _error(exc.status_code, code, exc.detail)
+
+
+async def _migration(_: Request, exc: Exception) -> Response:
+    status = 404 if isinstance(exc, UnknownModelError) else 422
+    return _error(status, type(exc).__name__, str(exc))
+
+
+async def _validation(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+    return _error(
+        422, "invalid_request", f"Fix these fields and retry: {summary}", problems=problems
+    )
+
+
+async def _redis_down(_: Request, exc: Exception) -> Response:
+    REDIS_ERRORS.inc()
+    return _error(
+        503,
+        "redis_unavailable",
+        "The prompt store (Redis) is unreachable; retry shortly. Operators: check PM_REDIS_URL "
+        "and that Redis is running.",
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service)
+    app.add_exception_handler(AuthError, _auth)
+    app.add_exception_handler(MigrationError, _migration)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+
+
+def body_limit(max_bytes: int) -> Callable[..., Awaitable[Response]]:
+    async def middleware(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return _error(
+                413, "payload_too_large", f"Body is {length} bytes; the limit is {max_bytes}."
+            )
+        return await call_next(request)
+
+    return middleware

@@ -1,0 +1,138 @@
+"""Job records: creating migrations and prompt trainings, promotion and cancellation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from app.errors import ConflictError, NotFoundError
+from app.schemas import Job, MigrationCreate, TrainRequest
+from app.store import SEALED, Store
+
+BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")
+QUEUED, RUNNING = "queued", "running"
+PROMOTED, AWAITING, GATE_FAILED = "promoted", "awaiting_promotion", "gate_failed"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+TERMINAL = frozenset({PROMOTED, AWAITING, GATE_FAILED, SUCCEEDED, FAILED, CANCELLED})
+TASKS = "workers.tasks"
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def check_dataset(store: Store, name: str) -> None:
+    if name not in BUILTIN_DATASETS and store.get_dataset(name) is None:
+        raise NotFoundError(
+            f"Unknown dataset {name!r}; use one of {list(BUILTIN_DATASETS)} or register a JSONL "
+            "file with POST /datasets."
+        )
+
+
+def _new_record(kind: str, body: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "id": uuid.uuid4().hex,
+        "kind": kind,
+        "state": QUEUED,
+        "stage": QUEUED,
+        "request": body,
+        "target": target,
+        "fraction": 0.0,
+        "users_mapped": 0,
+        "users_total": None,
+        "loss": None,
+        "metrics": {},
+        "cost": {},
+        "gate": {},
+        "error": None,
+        "cancel_requested": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def resolve_sources(store: Store, body: MigrationCreate) -> list[dict[str, str]]:
+    sources = []
+    for ref in body.sources:
+        model, version = store.resolve(ref.model, ref.version)
+        if store.get_meta(model, version).state != SEALED:
+            raise ConflictError(f"Source {model} version {version} is not sealed yet.")
+        sources.append({"model": model, "version": version})
+    return sources
+
+
+def create_migration(
+    store: Store, celery: Celery, body: MigrationCreate, *, idempotency_key: str | None
+) -> tuple[dict[str, Any], bool]:
+    payload = body.model_dump()
+    digest = request_hash(payload)
+    if idempotency_key:  # a retried request must not even re-validate against changed state
+        existing = store.find_idempotent(idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+    store.get_model(body.target)
+    check_dataset(store, body.dataset)
+    sources = resolve_sources(store, body)
+    target = {"model": body.target, "version": store.allocate_version(body.target)}
+    record = _new_record("migration", payload, target)
+    record["sources"] = sources
+    job, created = store.create_job(record, idempotency_key=idempotency_key, request_hash=digest)
+    if created:
+        celery.send_task(f"{TASKS}.train_stage", args=[job["id"]])
+    return job, created
+
+
+def create_training(store: Store, celery: Celery, model: str, body: TrainRequest) -> dict[str, Any]:
+    store.get_model(model)
+    check_dataset(store, body.dataset)
+    target = {"model": model, "version": store.allocate_version(model)}
+    record = _new_record("train", body.model_dump(), target)
+    record["sources"] = []
+    job, _ = store.create_job(record, idempotency_key=None, request_hash="")
+    celery.send_task(f"{TASKS}.train_prompt_set", args=[job["id"]])
+    return job
+
+
+def cancel(store: Store, job_id: str) -> dict[str, Any]:
+    job = store.get_job(job_id)
+    if job["state"] in TERMINAL:
+        raise ConflictError(f"Job {job_id} already ended in state {job['state']!r}.")
+    store.request_cancel(job_id)
+    return store.get_job(job_id)
+
+
+def promote(store: Store, job_id: str, *, force: bool) -> dict[str, Any]:
+    job = store.get_job(job_id)
+    if job["kind"] != "migration":
+        raise ConflictError(f"Job {job_id} is a {job['kind']} job; only migrations are promoted.")
+    if job["state"] == GATE_FAILED and not force:
+        raise ConflictError(
+            "The migrated set failed the quality gate; inspect `gate` and promote with "
+            "?force=true if you accept it."
+        )
+    if job["state"] not in (AWAITING, GATE_FAILED, PROMOTED):
+        raise ConflictError(
+            f"Job {job_id} is {job['state']!r}; only a finished migration can be promoted."
+        )
+    target = job["target"]
+    store.activate(target["model"], target["version"])
+    store.update_job(job_id, state=PROMOTED, stage="promoted")
+    return store.get_job(job_id)
+
+
+def view(record: dict[str, Any]) -> Job:
+    progress = {
+        "fraction": record.get("fraction", 0.0),
+        "users_mapped": record.get("users_mapped", 0),
+        "users_total": record.get("users_total"),
+        "loss": record.get("loss"),
+        "epoch": record.get("epoch"),
+    }
+    fields = {k: v for k, v in record.items() if k in Job.model_fields}
+    return Job(progress=progress, **fields)

@@ -1,0 +1,179 @@
+"""Per-user prompts: the inference hot path (GET, batch) and onboarding/erasure (admin)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from safetensors.numpy import save as save_safetensors
+
+from app import codec
+from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
+from app.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+from app.metrics import PROMPTS_SERVED
+from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
+from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, SetMeta, Store
+
+router = APIRouter(tags=["prompts"])
+
+UserId = Annotated[
+    str, Path(pattern=USER_ID_PATTERN, description="1-128 chars of A-Z a-z 0-9 _ . : -")
+]
+ModelQuery = Annotated[
+    str | None, Query(pattern=MODEL_NAME_PATTERN, description="Default: the active model.")
+]
+VersionQuery = Annotated[
+    str | None, Query(max_length=32, description="Default: the model's active version.")
+]
+
+
+def _readable(store: Store, model: str | None, version: str | None) -> SetMeta:
+    model, version = store.resolve(model, version)
+    meta = store.sealed_meta(model, version)
+    if meta is None:
+        raise NotFoundError(f"{model} version {version} is not sealed yet; it cannot be read.")
+    return meta
+
+
+def _headers(meta: SetMeta, user: str, digest: str) -> dict[str, str]:
+    return {
+        "X-Prompt-User": user,
+        "X-Prompt-Model": meta.model,
+        "X-Prompt-Version": meta.version,
+        "X-Prompt-Shape": ",".join(str(n) for n in meta.shape),
+        "X-Prompt-Dtype": meta.dtype,
+        "X-Prompt-Digest": f"sha256:{digest}",
+        "ETag": f'"{meta.model}.{meta.version}.{digest[:32]}"',
+        "Cache-Control": "no-cache",
+    }
+
+
+@router.get(
+    "/users/{user_id}/prompt",
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}},
+)
+def get_prompt(
+    user_id: UserId,
+    store: StoreDep,
+    _: ReaderDep,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
+    format: Literal["raw", "json", "safetensors"] = "raw",
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    meta = _readable(store, model, version)
+    value = store.get_prompt(meta.model, meta.version, user_id)
+    if value is None:
+        raise NotFoundError(
+            f"User {user_id!r} has no prompt for {meta.model} version {meta.version}; onboard "
+            "one with PUT /users/{id}/prompt or migrate the model's users."
+        )
+    digest = codec.digest(value)
+    headers = _headers(meta, user_id, digest)
+    if if_none_match and headers["ETag"] in {t.strip() for t in if_none_match.split(",")}:
+        return Response(status_code=304, headers=headers)
+    PROMPTS_SERVED.labels(format).inc()
+    if format == "raw":
+        return Response(value, media_type="application/octet-stream", headers=headers)
+    array = codec.decode(value, dtype=meta.dtype, shape=tuple(meta.shape))
+    if format == "json":
+        body = PromptJSON(
+            user_id=user_id,
+            model=meta.model,
+            version=meta.version,
+            shape=meta.shape,
+            dtype=meta.dtype,
+            digest=digest,
+            values=array.tolist(),
+        )
+        return JSONResponse(body.model_dump(), headers=headers)
+    data = save_safetensors(
+        {"prompt": array}, metadata={"model": meta.model, "version": meta.version, "user": user_id}
+    )
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+async def _upload(request: Request, *, max_bytes: int, dtype: str) -> np.ndarray:
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise PayloadTooLargeError(f"Body is {len(body)} bytes; the limit is {max_bytes}.")
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            upload = PromptUpload.model_validate(json.loads(body))
+        except ValueError as exc:
+            raise InvalidInputError(
+                f'Body must be JSON {{"values": [[...], ...]}} (prompt_length x hidden_size): {exc}'
+            ) from exc
+        return np.asarray(upload.values, dtype=np.float64)
+    width = codec.numpy_dtype(dtype).itemsize
+    if len(body) % width:
+        raise InvalidInputError(f"Raw body length {len(body)} is not a multiple of {width}.")
+    return np.frombuffer(body, dtype=codec.numpy_dtype(dtype)).astype(np.float64)
+
+
+@router.put("/users/{user_id}/prompt", response_model=PromptWritten)
+async def put_prompt(
+    user_id: UserId,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    _: AdminDep,
+    model: ModelQuery = None,
+    x_prompt_dtype: Annotated[
+        Literal["float32", "float16"], Header(description="dtype of a raw body")
+    ] = "float32",
+) -> PromptWritten:
+    meta = _readable(store, model, None)
+    array = await _upload(request, max_bytes=settings.max_body_bytes, dtype=x_prompt_dtype)
+    if array.ndim == 1 and array.size == int(np.prod(meta.shape)):
+        array = array.reshape(meta.shape)
+    elif array.ndim == 1:
+        raise InvalidInputError(
+            f"Raw body holds {array.size} values; {meta.model} prompts have shape "
+            f"{meta.shape} = {int(np.prod(meta.shape))} values."
+        )
+    value = codec.encode(
+        codec.check_prompt(array, shape=tuple(meta.shape), dtype=meta.dtype), meta.dtype
+    )
+    created = store.onboard(meta.model, meta.version, user_id, value)
+    return PromptWritten(
+        user_id=user_id,
+        model=meta.model,
+        version=meta.version,
+        created=created,
+        digest=codec.digest(value),
+    )
+
+
+@router.delete("/users/{user_id}", response_model=Erased)
+def erase_user(user_id: UserId, store: StoreDep, _: AdminDep) -> Erased:
+    removed = store.erase_user(user_id)
+    if removed == 0:
+        raise NotFoundError(f"User {user_id!r} has no prompt in any model; nothing to erase.")
+    return Erased(user_id=user_id, keys_removed=removed)
+
+
+@router.post("/prompts/batch", response_model=BatchOut)
+def batch(body: BatchRequest, store: StoreDep, settings: SettingsDep, _: ReaderDep) -> BatchOut:
+    if len(body.user_ids) > settings.max_batch_users:
+        raise InvalidInputError(
+            f"{len(body.user_ids)} users requested; send at most {settings.max_batch_users}."
+        )
+    meta = _readable(store, body.model, None)
+    values = store.get_prompts(meta.model, meta.version, body.user_ids)
+    prompts = {
+        u: base64.b64encode(v).decode() for u, v in zip(body.user_ids, values, strict=True) if v
+    }
+    PROMPTS_SERVED.labels("batch").inc(len(prompts))
+    return BatchOut(
+        model=meta.model,
+        version=meta.version,
+        shape=meta.shape,
+        dtype=meta.dtype,
+        prompts=prompts,
+        missing=[u for u in body.user_ids if u not in prompts],
+    )

@@ -1,0 +1,199 @@
+"""Request and response bodies of the API."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+class ModelCreate(Strict):
+    name: str = Field(pattern=MODEL_NAME_PATTERN, examples=["gemma-3-270m"])
+    checkpoint: str | None = Field(
+        default=None, description="Built-in name or checkpoint directory; defaults to `name`."
+    )
+
+
+class ModelOut(BaseModel):
+    name: str
+    checkpoint: str
+    hidden_size: int | None = None
+    registered_at: float
+    active_version: str | None = None
+    default: bool = False
+    versions: list[dict[str, Any]] = []
+
+
+class Activate(Strict):
+    version: str = Field(min_length=1, max_length=32)
+
+
+class ActivateOut(BaseModel):
+    model: str
+    version: str
+    previous_version: str | None
+
+
+class TrainRequest(Strict):
+    dataset: str = Field(examples=["movielens-100k"])
+    task: Literal["rating", "binary"] = "rating"
+    max_users: int | None = Field(default=None, ge=1)
+    epochs: int = Field(default=10, ge=1, le=1000)
+    prompt_length: int = Field(default=1, ge=1, le=64)
+    lr: float | None = Field(default=None, gt=0)
+    activate: bool = True
+    seed: int = 0
+
+
+# ---- migrations ---------------------------------------------------------------------------------
+
+
+class SourceRef(Strict):
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str | None = Field(default=None, description="Defaults to the active version.")
+
+
+class Selection(Strict):
+    strategy: Literal["puma", "random", "all"] = "puma"
+    budget: int | None = Field(default=None, ge=1, description="Users trained on; None = all.")
+
+
+class AdapterOptions(Strict):
+    epochs: int | None = Field(default=None, ge=1, le=1000)
+    hidden: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, ge=1)
+
+
+class QualityGate(Strict):
+    tolerance: float | None = Field(
+        default=None, ge=0, description="Allowed worsening of the primary metric vs the source."
+    )
+
+
+class MigrationCreate(Strict):
+    sources: list[SourceRef] = Field(min_length=1, max_length=8)
+    target: str = Field(pattern=MODEL_NAME_PATTERN)
+    dataset: str = Field(examples=["movielens-100k"])
+    max_users: int | None = Field(default=None, ge=1)
+    selection: Selection = Selection()
+    adapter: AdapterOptions = AdapterOptions()
+    quality_gate: QualityGate = QualityGate()
+    auto_promote: bool = True
+    chunk_size: int | None = Field(default=None, ge=1, le=100_000)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _distinct(self) -> MigrationCreate:
+        keys = [(s.model, s.version) for s in self.sources]
+        if len(set(keys)) != len(keys):
+            raise ValueError("sources lists the same prompt set twice; list each set once")
+        if any(s.model == self.target for s in self.sources):
+            raise ValueError(
+                "source and target are the same model; a migration makes a set for a different "
+                "model (to retrain the same model, use POST /models/{name}/train)"
+            )
+        return self
+
+
+class Job(BaseModel):
+    """A migration or prompt-training job as the API reports it."""
+
+    id: str
+    kind: Literal["migration", "train"]
+    state: str
+    stage: str
+    progress: dict[str, Any]
+    request: dict[str, Any]
+    target: dict[str, Any]
+    metrics: dict[str, Any] = {}
+    cost: dict[str, Any] = {}
+    gate: dict[str, Any] = {}
+    error: str | None = None
+    cancel_requested: bool = False
+    created_at: float
+    updated_at: float
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+
+class PromptJSON(BaseModel):
+    user_id: str
+    model: str
+    version: str
+    shape: list[int]
+    dtype: str
+    digest: str
+    values: list[list[float]]
+
+
+class PromptUpload(Strict):
+    values: list[list[float]] = Field(description="prompt_length x hidden_size floats.")
+
+
+class PromptWritten(BaseModel):
+    user_id: str
+    model: str
+    version: str
+    created: bool
+    digest: str
+
+
+class BatchRequest(Strict):
+    user_ids: list[str] = Field(min_length=1)
+    model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
+
+    @model_validator(mode="after")
+    def _ids(self) -> BatchRequest:
+        bad = [u for u in self.user_ids if not re.fullmatch(USER_ID_PATTERN, u)]
+        if bad:
+            raise ValueError(
+                f"invalid user ids {[b[:40] for b in bad[:5]]}; use 1-128 characters from "
+                "A-Z a-z 0-9 _ . : -"
+            )
+        return self
+
+
+class BatchOut(BaseModel):
+    model: str
+    version: str
+    shape: list[int]
+    dtype: str
+    encoding: Literal["base64"] = "base64"
+    prompts: dict[str, str]
+    missing: list[str]
+
+
+class Erased(BaseModel):
+    user_id: str
+    keys_removed: int
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+
+
+class DatasetCreate(Strict):
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    path: str = Field(description="Absolute path of a JSONL file readable by the workers.")
+
+
+class DatasetOut(BaseModel):
+    name: str
+    path: str | None = None
+    builtin: bool
+    registered_at: float | None = None

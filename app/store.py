@@ -1,0 +1,439 @@
+"""The Redis store: the only module that knows key names.
+
+Layout (every group shares a hash tag, so the store works on Redis Cluster):
+
+- ``pm:{registry}:models``          hash  model name -> JSON spec
+- ``pm:{registry}:active``          hash  model -> active version, ``__default__`` -> model;
+                                    one HSET switches what readers get, atomically
+- ``pm:{registry}:versions:<model>`` zset  version -> created time
+- ``pm:{registry}:seq``             hash  model -> last allocated version number
+- ``pm:{registry}:datasets``        hash  dataset name -> JSON spec
+- ``pm:{registry}:retired``         zset  "model/version" -> purge-after time
+- ``pm:{<model>:<version>}:meta``   hash  doc (JSON: shape, dtype, task, lineage, ...), state, count
+- ``pm:{<model>:<version>}:head``   task head, safetensors bytes
+- ``pm:{<model>:<version>}:users``  set   user ids
+- ``pm:{<model>:<version>}:u:<user>`` raw little-endian prompt bytes
+- ``pm:{job:<id>}``                 hash  job record, one JSON value per field
+- ``pm:{job:<id>}:chunks``          hash  chunk index -> JSON {count, digest} once written
+- ``pm:{job:<id>}:blob:<name>``     bytes (the trained adapter, the selected users)
+- ``pm:{jobs}:index``               zset  job id -> created time
+- ``pm:{jobs}:idem:<key>``          string job id (+ request hash) for Idempotency-Key
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis import Redis
+
+from app import codec
+from app.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
+
+_REG = "pm:{registry}"
+_DEFAULT = "__default__"
+WRITING, SEALED = "writing", "sealed"
+
+
+def _set_prefix(model: str, version: str) -> str:
+    return f"pm:{{{model}:{version}}}"
+
+
+def _job_key(job_id: str) -> str:
+    return f"pm:{{job:{job_id}}}"
+
+
+def _bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class SetMeta:
+    model: str
+    version: str
+    task: str
+    shape: list[int]  # [prompt_length, hidden_size] of one user's prompt
+    dtype: str = "float32"
+    template: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    state: str = WRITING
+    count: int = 0
+    digest: str = ""
+    sealed_at: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Store:
+    def __init__(self, redis: Redis, *, write_batch: int = 500) -> None:
+        self.redis = redis
+        self.write_batch = write_batch
+        self._sealed: dict[tuple[str, str], SetMeta] = {}
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    # ---- models -------------------------------------------------------------------------------
+
+    def put_model(self, name: str, spec: dict[str, Any]) -> None:
+        self.redis.hset(f"{_REG}:models", name, json.dumps(spec))
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        raw = self.redis.hget(f"{_REG}:models", name)
+        if raw is None:
+            raise NotFoundError(f"Unknown model {name!r}; register it first with POST /models.")
+        return dict(json.loads(raw))
+
+    def list_models(self) -> list[dict[str, Any]]:
+        raw = self.redis.hgetall(f"{_REG}:models")
+        return [json.loads(v) for _, v in sorted(raw.items())]
+
+    def active_pointers(self) -> dict[str, str]:
+        raw = self.redis.hgetall(f"{_REG}:active")
+        return {str(_text(k)): str(_text(v)) for k, v in raw.items()}
+
+    def resolve(self, model: str | None, version: str | None = None) -> tuple[str, str]:
+        """(model, version) that readers get: the active version, the default model if none."""
+        if model is not None and version is not None:
+            return model, version
+        pointers = self.active_pointers()  # one HGETALL: a consistent view during a switch
+        model = model or pointers.get(_DEFAULT)
+        if model is None:
+            raise NotFoundError("No model is active yet; promote a migration or activate a model.")
+        if model not in pointers:
+            self.get_model(model)  # unknown model -> 404 that says how to register it
+            raise NotFoundError(
+                f"Model {model!r} has no active prompt set; train one (POST /models/{model}/train)"
+                " or run a migration to it."
+            )
+        return model, pointers[model]
+
+    def activate(self, model: str, version: str, *, make_default: bool = True) -> str | None:
+        """Switch the model's active set in one atomic write; returns the previous version."""
+        meta = self.get_meta(model, version)
+        if meta.state != SEALED:
+            raise ConflictError(
+                f"{model} version {version} is still being written; only sealed sets can be "
+                "activated. Wait for its job to finish."
+            )
+        previous = self.active_pointers().get(model)
+        mapping: dict[Any, Any] = {model: version}
+        if make_default:
+            mapping[_DEFAULT] = model
+        self.redis.hset(f"{_REG}:active", mapping=mapping)
+        if previous and previous != version:
+            self.redis.zadd(f"{_REG}:retired", {f"{model}/{previous}": time.time()})
+        self.redis.zrem(f"{_REG}:retired", f"{model}/{version}")
+        return previous
+
+    def purge_retired(self, *, grace_s: float) -> list[str]:
+        """Delete versions retired more than ``grace_s`` ago and not active again since."""
+        cutoff = time.time() - grace_s
+        due = [str(_text(m)) for m in self.redis.zrangebyscore(f"{_REG}:retired", 0, cutoff)]
+        active = self.active_pointers()
+        purged = []
+        for item in due:
+            model, version = item.split("/", 1)
+            if active.get(model) != version:
+                self.delete_set(model, version)
+                purged.append(item)
+            self.redis.zrem(f"{_REG}:retired", item)
+        return purged
+
+    # ---- datasets -----------------------------------------------------------------------------
+
+    def put_dataset(self, name: str, spec: dict[str, Any]) -> None:
+        self.redis.hset(f"{_REG}:datasets", name, json.dumps(spec))
+
+    def get_dataset(self, name: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(f"{_REG}:datasets", name)
+        return None if raw is None else dict(json.loads(raw))
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return [json.loads(v) for _, v in sorted(self.redis.hgetall(f"{_REG}:datasets").items())]
+
+    # ---- prompt sets --------------------------------------------------------------------------
+
+    def allocate_version(self, model: str) -> str:
+        return str(self.redis.hincrby(f"{_REG}:seq", model, 1))
+
+    def begin_set(self, meta: SetMeta) -> None:
+        """Create the set's metadata in state ``writing``; a resumed job finds it already there."""
+        key = f"{_set_prefix(meta.model, meta.version)}:meta"
+        if self.redis.hsetnx(key, "doc", json.dumps(meta.public())):
+            self.redis.hset(key, mapping={"state": WRITING, "count": 0})
+            self.redis.zadd(f"{_REG}:versions:{meta.model}", {meta.version: meta.created_at})
+
+    def get_meta(self, model: str, version: str) -> SetMeta:
+        raw = self.redis.hgetall(f"{_set_prefix(model, version)}:meta")
+        if not raw:
+            raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
+        fields = {str(_text(k)): _text(v) for k, v in raw.items()}
+        meta = SetMeta(**json.loads(str(fields["doc"])))
+        meta.state = str(fields.get("state", WRITING))
+        meta.count = int(fields.get("count") or 0)
+        return meta
+
+    def sealed_meta(self, model: str, version: str) -> SetMeta | None:
+        """A readable set's metadata; cached, as a sealed set's shape and dtype never change."""
+        key = (model, version)
+        if key not in self._sealed:
+            meta = self.get_meta(model, version)
+            if meta.state != SEALED:
+                return None
+            if len(self._sealed) > 1024:
+                self._sealed.clear()
+            self._sealed[key] = meta
+        return self._sealed[key]
+
+    def list_versions(self, model: str) -> list[SetMeta]:
+        versions = self.redis.zrange(f"{_REG}:versions:{model}", 0, -1)
+        metas = []
+        for v in versions:
+            try:
+                metas.append(self.get_meta(model, str(_text(v))))
+            except NotFoundError:
+                continue
+        return metas
+
+    def write_prompts(self, model: str, version: str, items: Sequence[tuple[str, bytes]]) -> None:
+        """Idempotent pipelined writes into a version namespace (a re-run overwrites)."""
+        prefix = _set_prefix(model, version)
+        for start in range(0, len(items), self.write_batch):
+            batch = items[start : start + self.write_batch]
+            pipe = self.redis.pipeline(transaction=False)
+            for user, value in batch:
+                pipe.set(f"{prefix}:u:{user}", value)
+            pipe.sadd(f"{prefix}:users", *[user for user, _ in batch])
+            pipe.execute()
+
+    def put_head(self, model: str, version: str, head: bytes) -> None:
+        self.redis.set(f"{_set_prefix(model, version)}:head", head)
+
+    def get_head(self, model: str, version: str) -> bytes:
+        raw = self.redis.get(f"{_set_prefix(model, version)}:head")
+        if raw is None:
+            raise NotFoundError(f"{model} version {version} has no task head stored.")
+        return _bytes(raw) or b""
+
+    def seal_set(
+        self,
+        model: str,
+        version: str,
+        *,
+        expected_count: int,
+        expected_digest: str,
+        metrics: dict[str, Any] | None = None,
+    ) -> SetMeta:
+        """Read everything back, verify count and digest, then mark the set readable."""
+        meta = self.get_meta(model, version)
+        if meta.state == SEALED:
+            return meta
+        users = self.set_users(model, version)
+        values = self.get_prompts(model, version, users)
+        items = [(u, v) for u, v in zip(users, values, strict=True) if v is not None]
+        digest = codec.set_digest(items)
+        if len(items) != expected_count or digest != expected_digest:
+            raise IntegrityError(
+                f"{model} version {version}: read back {len(items)} prompts with digest "
+                f"{digest[:12]}, expected {expected_count} with {expected_digest[:12]}."
+            )
+        meta.count, meta.digest, meta.sealed_at = len(items), digest, time.time()
+        meta.metrics = metrics or meta.metrics
+        meta.state = SEALED
+        key = f"{_set_prefix(model, version)}:meta"
+        doc = meta.public()
+        self.redis.hset(key, mapping={"doc": json.dumps(doc), "count": meta.count})
+        self.redis.hset(key, "state", SEALED)  # last: the set becomes visible only now
+        return meta
+
+    def update_metrics(self, model: str, version: str, metrics: dict[str, Any]) -> None:
+        meta = self.get_meta(model, version)
+        meta.metrics = metrics
+        self.redis.hset(f"{_set_prefix(model, version)}:meta", "doc", json.dumps(meta.public()))
+
+    def set_users(self, model: str, version: str) -> list[str]:
+        key = f"{_set_prefix(model, version)}:users"
+        return sorted(str(_text(u)) for u in self.redis.sscan_iter(key, count=1000))
+
+    def get_prompt(self, model: str, version: str, user: str) -> bytes | None:
+        raw = self.redis.get(f"{_set_prefix(model, version)}:u:{user}")
+        return _bytes(raw)
+
+    def get_prompts(self, model: str, version: str, users: Sequence[str]) -> list[bytes | None]:
+        prefix = _set_prefix(model, version)
+        out: list[bytes | None] = []
+        for start in range(0, len(users), self.write_batch):
+            pipe = self.redis.pipeline(transaction=False)
+            for user in users[start : start + self.write_batch]:
+                pipe.get(f"{prefix}:u:{user}")
+            out.extend(_bytes(v) for v in pipe.execute())
+        return out
+
+    def count_keys(self, model: str, version: str) -> int:
+        """Prompt keys that exist in the namespace (a SCAN; for verification, not hot paths)."""
+        pattern = f"{_set_prefix(model, version)}:u:*"
+        return sum(1 for _ in self.redis.scan_iter(match=pattern, count=1000))
+
+    def onboard(self, model: str, version: str, user: str, value: bytes) -> bool:
+        """Add or replace one user's prompt in a sealed set; True when the user is new."""
+        prefix = _set_prefix(model, version)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(f"{prefix}:u:{user}", value)
+        pipe.sadd(f"{prefix}:users", user)
+        _, added = pipe.execute()
+        if added:
+            self.redis.hincrby(f"{prefix}:meta", "count", 1)
+        return bool(added)
+
+    def erase_user(self, user: str) -> int:
+        """Remove one user's prompt from every version of every model; returns keys removed."""
+        removed = 0
+        for spec in self.list_models():
+            for v in self.redis.zrange(f"{_REG}:versions:{spec['name']}", 0, -1):
+                prefix = _set_prefix(spec["name"], str(_text(v)))
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.delete(f"{prefix}:u:{user}")
+                pipe.srem(f"{prefix}:users", user)
+                deleted, _ = pipe.execute()
+                if deleted:
+                    self.redis.hincrby(f"{prefix}:meta", "count", -1)
+                removed += int(deleted)
+        return removed
+
+    def delete_set(self, model: str, version: str) -> None:
+        prefix = _set_prefix(model, version)
+        if self.active_pointers().get(model) == version:
+            raise ConflictError(f"{model} version {version} is active; activate another first.")
+        for batch in _batched(self.redis.scan_iter(match=f"{prefix}:*", count=1000), 500):
+            self.redis.delete(*batch)
+        self.redis.zrem(f"{_REG}:versions:{model}", version)
+
+    # ---- jobs ---------------------------------------------------------------------------------
+
+    def create_job(
+        self, record: dict[str, Any], *, idempotency_key: str | None, request_hash: str
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a new job, or return the one made earlier with the same Idempotency-Key."""
+        job_id = str(record["id"])
+        if idempotency_key:
+            idem = f"pm:{{jobs}}:idem:{idempotency_key}"
+            claimed = self.redis.set(idem, f"{job_id} {request_hash}", nx=True, ex=7 * 86400)
+            if not claimed:
+                return self._existing_job(idem, request_hash), False
+        self.redis.hset(_job_key(job_id), mapping={k: json.dumps(v) for k, v in record.items()})
+        self.redis.zadd("pm:{jobs}:index", {job_id: float(record["created_at"])})
+        return record, True
+
+    def find_idempotent(self, idempotency_key: str, request_hash: str) -> dict[str, Any] | None:
+        idem = f"pm:{{jobs}}:idem:{idempotency_key}"
+        if not self.redis.exists(idem):
+            return None
+        return self._existing_job(idem, request_hash)
+
+    def _existing_job(self, idem_key: str, request_hash: str) -> dict[str, Any]:
+        for _ in range(50):  # the first request may still be writing its record
+            stored = str(_text(self.redis.get(idem_key)) or "")
+            job_id, _, stored_hash = stored.partition(" ")
+            if stored_hash and stored_hash != request_hash:
+                raise ConflictError(
+                    "This Idempotency-Key was already used with a different request body; "
+                    "use a new key for a different migration."
+                )
+            job = self.find_job(job_id)
+            if job is not None:
+                return job
+            time.sleep(0.02)
+        raise ConflictError("The job for this Idempotency-Key is still being created; retry.")
+
+    def find_job(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(_job_key(job_id))
+        if not raw:
+            return None
+        return {str(_text(k)): json.loads(v) for k, v in raw.items()}
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        job = self.find_job(job_id)
+        if job is None:
+            raise NotFoundError(f"Unknown job {job_id!r}; list jobs with GET /migrations.")
+        return job
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        self.redis.hset(_job_key(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def list_jobs(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
+        ids = self.redis.zrevrange("pm:{jobs}:index", offset, offset + limit - 1)
+        jobs = (self.find_job(str(_text(i))) for i in ids)
+        return [j for j in jobs if j is not None]
+
+    def request_cancel(self, job_id: str) -> None:
+        self.update_job(job_id, cancel_requested=True)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        raw = self.redis.hget(_job_key(job_id), "cancel_requested")
+        return bool(raw is not None and json.loads(raw))
+
+    def put_blob(self, job_id: str, name: str, data: bytes) -> None:
+        self.redis.set(f"{_job_key(job_id)}:blob:{name}", data)
+
+    def get_blob(self, job_id: str, name: str) -> bytes | None:
+        raw = self.redis.get(f"{_job_key(job_id)}:blob:{name}")
+        return _bytes(raw)
+
+    def mark_chunk_done(self, job_id: str, chunk: int, *, count: int, digest: str) -> bool:
+        """Record a written chunk once; only the first completion counts towards progress."""
+        key = f"{_job_key(job_id)}:chunks"
+        first = bool(self.redis.hsetnx(key, str(chunk), json.dumps([count, digest])))
+        if first:
+            self.redis.hincrby(_job_key(job_id), "users_mapped", count)
+        return first
+
+    def chunks_done(self, job_id: str) -> dict[int, tuple[int, str]]:
+        raw = self.redis.hgetall(f"{_job_key(job_id)}:chunks")
+        return {
+            int(str(_text(k))): (int(json.loads(v)[0]), str(json.loads(v)[1]))
+            for k, v in raw.items()
+        }
+
+    def acquire(self, job_id: str, name: str, *, ttl_s: int) -> bool:
+        return bool(self.redis.set(f"{_job_key(job_id)}:lock:{name}", "1", nx=True, ex=ttl_s))
+
+    def release(self, job_id: str, name: str) -> None:
+        self.redis.delete(f"{_job_key(job_id)}:lock:{name}")
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def validate_user_id(user: str) -> str:
+    if not re.fullmatch(USER_ID_PATTERN, user):
+        raise InvalidInputError(
+            f"User id {user[:40]!r} is invalid; use 1-128 characters from A-Z a-z 0-9 _ . : -."
+        )
+    return user

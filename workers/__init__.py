@@ -1,0 +1,1 @@
+"""Celery app, task routing and the migration pipeline stages."""
