@@ -31,18 +31,23 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_MOD = 1 << 256
+
+
+def user_digest(user: str, value: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(user.encode() + b"\0" + value).digest(), "big")
+
+
 def set_digest(items: Iterable[tuple[str, bytes]]) -> str:
-    """Order-independent digest of a whole prompt set: sha256 over sorted (user, value digest)."""
-    lines = sorted(f"{user}\0{digest(value)}" for user, value in items)
-    return combine_digests(lines)
+    """Digest of a whole prompt set, independent of order: the sum of per-user hashes mod 2^256.
+
+    Being additive, chunks written by different workers combine without re-reading anything.
+    """
+    return combine_digests(f"{user_digest(u, v):064x}" for u, v in items)
 
 
-def combine_digests(lines: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for line in sorted(lines):
-        h.update(line.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+def combine_digests(digests: Iterable[str]) -> str:
+    return f"{sum(int(d, 16) for d in digests) % _MOD:064x}"
 
 
 def check_prompt(

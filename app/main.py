@@ -6,26 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis import Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from app import handlers, metrics
 from app.config import Settings, get_settings
 from app.routes import datasets, health, migrations, models, prompts
-from app.store import Store
+from app.store import Store, connect_redis
 from workers.celery_app import make_celery
-
-
-def connect_redis(settings: Settings) -> Redis:
-    # Fail fast when Redis is down (the API answers 503) and reconnect by itself later.
-    return Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -43,7 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = Store(connect_redis(settings), write_batch=settings.write_batch)
+    redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    app.state.store = Store(redis, write_batch=settings.write_batch)
     app.state.celery = make_celery(settings)
     handlers.install(app)
     app.middleware("http")(handlers.body_limit(settings.max_body_bytes))

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app import codec
 from app.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
@@ -75,6 +77,17 @@ class SetMeta:
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def connect_redis(url: str, *, timeout_s: float) -> Redis:
+    # Fail fast when Redis is down (callers answer 503) and reconnect by itself later.
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
 
 
 class Store:
@@ -374,6 +387,9 @@ class Store:
     def update_job(self, job_id: str, **fields: Any) -> None:
         fields["updated_at"] = time.time()
         self.redis.hset(_job_key(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def add_seconds(self, job_id: str, name: str, seconds: float) -> None:
+        self.redis.hincrbyfloat(_job_key(job_id), name, seconds)
 
     def list_jobs(self, *, limit: int, offset: int) -> list[dict[str, Any]]:
         ids = self.redis.zrevrange("pm:{jobs}:index", offset, offset + limit - 1)

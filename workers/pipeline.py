@@ -1,0 +1,517 @@
+"""Stage logic of the jobs; Celery tasks (workers.tasks) only wire these together.
+
+Every stage is idempotent and resumable: what a stage produced (the selected users, the adapter,
+each written chunk) is persisted in Redis, and a re-delivered task skips what is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from app import codec
+from app.config import Settings, get_settings
+from app.errors import ServiceError
+from app.jobs import (
+    AWAITING,
+    CANCELLED,
+    FAILED,
+    GATE_FAILED,
+    PROMOTED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+)
+from app.store import SEALED, SetMeta, Store, connect_redis
+from models.data import Splits, load_interactions, split_chronological
+from models.errors import Cancelled, DataError, MigrationError
+from models.foundation import FoundationModel
+from models.prompts import PromptSet
+from models.tasks import Task, get_task
+
+_models: OrderedDict[str, FoundationModel] = OrderedDict()
+_adapters: dict[str, Any] = {}
+_store: Store | None = None
+
+
+def store() -> Store:
+    global _store
+    if _store is None:
+        settings = get_settings()
+        redis = connect_redis(settings.redis_url, timeout_s=max(settings.redis_timeout_s, 10))
+        _store = Store(redis, write_batch=settings.write_batch)
+    return _store
+
+
+def load_model(name: str) -> FoundationModel:
+    """A registered model, kept loaded: a worker process serves many stages of the same job."""
+    if name not in _models:
+        checkpoint = store().get_model(name)["checkpoint"]
+        settings = get_settings()
+        while len(_models) >= settings.model_cache_size:
+            _models.popitem(last=False)
+        _models[name] = FoundationModel.load(checkpoint, device=settings.device)
+    _models.move_to_end(name)
+    return _models[name]
+
+
+class Job:
+    """One job's record and controls as a stage sees them."""
+
+    def __init__(self, job_id: str, *, settings: Settings | None = None) -> None:
+        self.id = job_id
+        self.store = store()
+        self.settings = settings or get_settings()
+        self.record = self.store.get_job(job_id)
+        self._last_check = 0.0
+        self._last_progress = 0.0
+
+    @property
+    def target(self) -> tuple[str, str]:
+        return self.record["target"]["model"], self.record["target"]["version"]
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return dict(self.record["request"])
+
+    def update(self, **fields: Any) -> None:
+        self.store.update_job(self.id, **fields)
+        self.record.update(fields)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_check < 0.25:
+            return False
+        self._last_check = now
+        return self.store.cancel_requested(self.id)
+
+    def check_cancel(self) -> None:
+        if self.store.cancel_requested(self.id):
+            raise Cancelled(f"job {self.id} cancelled")
+
+    def progress(self, start: float, span: float) -> Callable[[dict[str, float]], None]:
+        """An on_progress callback mapping a stage's 0..1 onto [start, start + span]."""
+
+        def report(info: dict[str, float]) -> None:
+            now = time.monotonic()
+            if now - self._last_progress < 0.5:
+                return
+            self._last_progress = now
+            fraction = start + span * float(info.get("fraction", 0.0))
+            self.update(fraction=round(fraction, 4), loss=info.get("loss"), epoch=info.get("epoch"))
+
+        return report
+
+
+def run_guarded(job_id: str, stage: Callable[[Job], Any]) -> Any:
+    """Run a stage; turn cancellation and bad input into a terminal job state."""
+    job = Job(job_id)
+    if job.record["state"] in TERMINAL:
+        return None
+    try:
+        job.check_cancel()
+        if job.record["state"] != RUNNING:
+            job.update(state=RUNNING, started_at=time.time())
+        return stage(job)
+    except Cancelled:
+        abandon(job)
+    except (MigrationError, ServiceError) as exc:
+        abandon(job, error=str(exc))
+    except Exception as exc:
+        abandon(job, error=f"internal error: {exc!r}")
+        raise
+    return None
+
+
+def abandon(job: Job, *, error: str | None = None) -> None:
+    """Drop the unsealed target set; the active set is never touched."""
+    model, version = job.target
+    try:
+        meta = job.store.get_meta(model, version)
+        if meta.state != SEALED:
+            job.store.delete_set(model, version)
+    except ServiceError:
+        pass
+    state = CANCELLED if error is None else FAILED
+    job.update(state=state, stage=state, error=error, finished_at=time.time())
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def dataset_source(name: str) -> str:
+    spec = store().get_dataset(name)
+    return str(spec["path"]) if spec else name
+
+
+def load_splits(job: Job, *, task: str, users: list[str] | None = None) -> Splits:
+    request = job.request
+    interactions = load_interactions(
+        dataset_source(request["dataset"]),
+        task=task,
+        max_users=request.get("max_users") if users is None else None,
+        seed=int(request.get("seed", 0)),
+    )
+    splits = split_chronological(interactions)
+    return splits if users is None else splits.restrict(users)
+
+
+def load_set(model: str, version: str, *, users: list[str] | None = None) -> PromptSet:
+    s = store()
+    meta = s.get_meta(model, version)
+    users = users if users is not None else s.set_users(model, version)
+    values = s.get_prompts(model, version, users)
+    missing = [u for u, v in zip(users, values, strict=True) if v is None]
+    if missing:
+        raise DataError(f"{model} version {version} has no prompt for users {missing[:5]}.")
+    shape = tuple(meta.shape)
+    rows = [codec.decode(v, dtype=meta.dtype, shape=shape) for v in values if v is not None]
+    prompts = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, *shape))
+    head = load_tensors(s.get_head(model, version))
+    return PromptSet(model, meta.task, list(users), prompts, head)
+
+
+def write_set(
+    job: Job, prompt_set: PromptSet, *, meta: SetMeta, metrics: dict[str, Any]
+) -> SetMeta:
+    """Write a complete set into its version namespace, verify it and seal it."""
+    s = job.store
+    s.begin_set(meta)
+    s.put_head(meta.model, meta.version, save_tensors(prompt_set.head))
+    items = encode_rows(prompt_set.user_ids, prompt_set.prompts)
+    s.write_prompts(meta.model, meta.version, items)
+    return s.seal_set(
+        meta.model,
+        meta.version,
+        expected_count=len(items),
+        expected_digest=codec.set_digest(items),
+        metrics=metrics,
+    )
+
+
+def encode_rows(users: list[str], prompts: torch.Tensor) -> list[tuple[str, bytes]]:
+    array = prompts.detach().float().cpu().numpy()
+    return [(u, codec.encode(array[i], "float32")) for i, u in enumerate(users)]
+
+
+def common_users(sources: list[dict[str, str]]) -> list[str]:
+    sets = [set(store().set_users(s["model"], s["version"])) for s in sources]
+    return sorted(set.intersection(*sets))
+
+
+def source_task(sources: list[dict[str, str]]) -> Task:
+    tasks = {store().get_meta(s["model"], s["version"]).task for s in sources}
+    if len(tasks) != 1:
+        raise DataError(f"Sources were trained for different tasks {sorted(tasks)}.")
+    return get_task(tasks.pop())
+
+
+# ---- prompt training ----------------------------------------------------------------------------
+
+
+def train_prompt_set(job: Job) -> None:
+    from models.evaluation import evaluate
+    from models.training import PromptTrainingConfig, train_prompts
+
+    request, (model_name, version) = job.request, job.target
+    task = get_task(request["task"])
+    job.update(stage="loading")
+    splits = load_splits(job, task=task.name)
+    model = load_model(model_name)
+    config = PromptTrainingConfig(
+        epochs=request["epochs"],
+        prompt_length=request["prompt_length"],
+        seed=request["seed"],
+        **({"lr": request["lr"]} if request.get("lr") else {}),
+    )
+    job.update(stage="training", users_total=len(splits.users))
+    result = train_prompts(
+        model,
+        task,
+        splits,
+        config=config,
+        on_progress=job.progress(0.0, 0.8),
+        should_stop=job.should_stop,
+    )
+    prompt_set = result.prompt_set
+    prompt_set.model = model_name
+    job.update(stage="evaluating", fraction=0.85)
+    metrics = evaluate(model, task, prompt_set, splits.test)
+    job.check_cancel()
+    meta = SetMeta(
+        model=model_name,
+        version=version,
+        task=task.name,
+        shape=[prompt_set.prompt_length, prompt_set.width],
+        template=task.template.prefix + "<prompt>" + task.template.suffix,
+        lineage={"job": job.id, "kind": "train", "dataset": request["dataset"], "parents": []},
+    )
+    job.update(stage="writing", fraction=0.95)
+    write_set(job, prompt_set, meta=meta, metrics={"test": metrics})
+    if request.get("activate", True):
+        job.store.activate(model_name, version)
+    cost = {
+        "train_seconds": round(result.seconds, 3),
+        "example_passes": result.example_passes,
+        "users_trained": len(prompt_set.user_ids),
+    }
+    job.update(
+        state=SUCCEEDED,
+        stage="done",
+        fraction=1.0,
+        users_mapped=len(prompt_set.user_ids),
+        metrics={"test": metrics},
+        cost=cost,
+        finished_at=time.time(),
+    )
+
+
+# ---- migration ----------------------------------------------------------------------------------
+
+
+def prepare_and_train(job: Job) -> int:
+    """Select users, train the adapter (once), plan the chunks; returns the chunk count."""
+    sources = job.record["sources"]
+    task = source_task(sources)
+    users = common_users(sources)
+    if not users:
+        raise DataError("The source prompt sets share no users; nothing to migrate.")
+    job.update(stage="loading", users_total=len(users))
+    splits = load_splits(job, task=task.name, users=users)
+    selected = select(job, sources=sources, users=users, splits=splits)
+    if job.store.get_blob(job.id, "adapter") is None:
+        train(job, sources=sources, task=task, splits=splits, selected=selected)
+    return plan_mapping(job, sources=sources, users=users, task=task)
+
+
+def select(
+    job: Job, *, sources: list[dict[str, str]], users: list[str], splits: Splits
+) -> list[str]:
+    from models.migration import stack_sources
+    from models.selection import select_users
+
+    stored = job.store.get_blob(job.id, "selected")
+    if stored is not None:
+        return list(json.loads(stored))
+    job.update(stage="selecting")
+    trainable = [u for u in users if u in splits.train]
+    sets = [load_set(s["model"], s["version"], users=trainable) for s in sources]
+    selection = job.request["selection"]
+    labels = {u: [i.label for i in splits.train[u]] for u in trainable}
+    chosen = select_users(
+        selection["strategy"],
+        prompts=stack_sources(sets, trainable),
+        labels=labels,
+        user_ids=trainable,
+        budget=selection.get("budget"),
+        seed=int(job.request.get("seed", 0)),
+    )
+    job.store.put_blob(job.id, "selected", json.dumps(chosen).encode())
+    return chosen
+
+
+def _vocab_maps(sources: list[dict[str, str]], target: FoundationModel) -> list[Any] | None:
+    from models.instant import fit_vocab_map
+
+    try:
+        return [fit_vocab_map(load_model(s["model"]), target) for s in sources]
+    except DataError:
+        return None  # too few shared tokens: the adapter starts from scratch
+
+
+def train(
+    job: Job,
+    *,
+    sources: list[dict[str, str]],
+    task: Task,
+    splits: Splits,
+    selected: list[str],
+) -> None:
+    from models.adapter.model import adapter_to_bytes
+    from models.migration import MigrationConfig, train_adapter
+
+    target_name, _ = job.target
+    job.update(stage="training", users_selected=len(selected))
+    target = load_model(target_name)
+    sets = [load_set(s["model"], s["version"], users=selected) for s in sources]
+    options = {k: v for k, v in job.request["adapter"].items() if v is not None}
+    result = train_adapter(
+        sources=sets,
+        target=target,
+        task=task,
+        splits=splits.restrict(selected),
+        users=selected,
+        config=MigrationConfig(seed=int(job.request.get("seed", 0)), **options),
+        vocab_maps=_vocab_maps(sources, target),
+        on_progress=job.progress(0.0, 0.5),
+        should_stop=job.should_stop,
+    )
+    job.store.put_blob(job.id, "head", save_tensors(result.head))
+    job.update(
+        cost={
+            "train_seconds": round(result.seconds, 3),
+            "example_passes": result.example_passes,
+            "users_trained": result.users_trained,
+        },
+        history=result.history[-20:],
+    )
+    # Last: its presence tells a re-delivered stage that training is done.
+    job.store.put_blob(job.id, "adapter", adapter_to_bytes(result.adapter))
+
+
+def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], task: Task) -> int:
+    model, version = job.target
+    plan = job.store.get_blob(job.id, "plan")
+    if plan is None:
+        size = int(job.request.get("chunk_size") or job.settings.chunk_size)
+        chunks = [users[i : i + size] for i in range(0, len(users), size)]
+        plan = json.dumps(chunks).encode()
+        job.store.put_blob(job.id, "plan", plan)
+    first = job.store.get_meta(sources[0]["model"], sources[0]["version"])
+    width = load_model(model).hidden_size
+    meta = SetMeta(
+        model=model,
+        version=version,
+        task=task.name,
+        shape=[first.shape[0], int(width)],
+        template=first.template,
+        lineage={"job": job.id, "kind": "migration", "parents": sources},
+    )
+    job.store.begin_set(meta)
+    job.store.put_head(model, version, job.store.get_blob(job.id, "head") or b"")
+    job.update(stage="mapping", fraction=0.5)
+    return len(json.loads(plan))
+
+
+def _chunks(job: Job) -> list[list[str]]:
+    return list(json.loads(job.store.get_blob(job.id, "plan") or b"[]"))
+
+
+def _adapter(job: Job) -> Any:
+    from models.adapter.model import adapter_from_bytes
+
+    if job.id not in _adapters:
+        _adapters.clear()
+        _adapters[job.id] = adapter_from_bytes(job.store.get_blob(job.id, "adapter") or b"")
+    return _adapters[job.id]
+
+
+def map_chunk(job: Job, index: int) -> dict[str, Any]:
+    """Map one chunk of users into the new version; a repeat overwrites the same values."""
+    from models.migration import map_prompts, stack_sources
+
+    if index in job.store.chunks_done(job.id):
+        return {"chunk": index, "skipped": True}
+    started = time.perf_counter()
+    if job.settings.chunk_delay_s:
+        time.sleep(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
+    users = _chunks(job)[index]
+    sets = [load_set(s["model"], s["version"], users=users) for s in job.record["sources"]]
+    mapped = map_prompts(_adapter(job), stack_sources(sets, users))
+    items = encode_rows(users, mapped)
+    model, version = job.target
+    job.store.write_prompts(model, version, items)
+    if job.store.mark_chunk_done(job.id, index, count=len(items), digest=codec.set_digest(items)):
+        job.store.add_seconds(job.id, "map_seconds", time.perf_counter() - started)
+    done = job.store.chunks_done(job.id)
+    mapped_users = sum(count for count, _ in done.values())
+    total = max(1, int(job.record.get("users_total") or 1))
+    job.update(fraction=round(0.5 + 0.4 * mapped_users / total, 4))
+    return {"chunk": index, "users": len(items), "seconds": time.perf_counter() - started}
+
+
+def finalize(job: Job) -> None:
+    """Verify, evaluate, gate, seal and (maybe) promote; safe to run more than once."""
+    if not job.store.acquire(job.id, "finalize", ttl_s=job.settings.visibility_timeout_s):
+        return
+    try:
+        _finalize(job)
+    finally:
+        job.store.release(job.id, "finalize")
+
+
+def _finalize(job: Job) -> None:
+    from models.evaluation import evaluate
+
+    chunks = _chunks(job)
+    for index in range(len(chunks)):  # heals chunks a lost chord message never ran
+        if index not in job.store.chunks_done(job.id):
+            job.check_cancel()
+            map_chunk(job, index)
+    job.check_cancel()
+    job.update(stage="verifying", fraction=0.9)
+    done = job.store.chunks_done(job.id)
+    model, version = job.target
+    expected_count = sum(count for count, _ in done.values())
+    expected_digest = codec.combine_digests(d for _, d in done.values())
+    users = sorted(u for chunk in chunks for u in chunk)
+    job.update(stage="evaluating", fraction=0.92)
+    task = source_task(job.record["sources"])
+    splits = load_splits(job, task=task.name, users=users)
+    test_users = [u for u in users if u in splits.test]
+    migrated = load_set(model, version, users=test_users)
+    migrated_metrics = evaluate(load_model(model), task, migrated, splits.test)
+    source_metrics = {}
+    for s in job.record["sources"]:
+        source_set = load_set(s["model"], s["version"], users=test_users)
+        key = f"{s['model']}@{s['version']}"
+        source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, splits.test)
+    job.check_cancel()
+    gate = quality_gate(job, task=task, migrated=migrated_metrics, sources=source_metrics)
+    metrics = {"migrated": migrated_metrics, "sources": source_metrics, "task": task.name}
+    job.store.seal_set(
+        model,
+        version,
+        expected_count=expected_count,
+        expected_digest=expected_digest,
+        metrics=metrics,
+    )
+    state = GATE_FAILED if not gate["passed"] else AWAITING
+    if gate["passed"] and job.request.get("auto_promote", True):
+        job.store.activate(model, version)
+        state = PROMOTED
+    job.store.purge_retired(grace_s=job.settings.version_grace_s)
+    cost = dict(job.record.get("cost") or {})
+    cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
+    cost["users_mapped"] = expected_count
+    cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
+    job.update(
+        state=state,
+        stage="done",
+        fraction=1.0,
+        metrics=metrics,
+        gate=gate,
+        cost=cost,
+        finished_at=time.time(),
+    )
+
+
+def quality_gate(
+    job: Job, *, task: Task, migrated: dict[str, Any], sources: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The migrated set may be worse than the best source by at most ``tolerance``."""
+    metric = task.primary_metric
+    tolerance = job.request.get("quality_gate", {}).get("tolerance")
+    tolerance = job.settings.quality_tolerance if tolerance is None else float(tolerance)
+    values = [v[metric] for v in sources.values() if v.get(metric) is not None]
+    value = migrated.get(metric)
+    if value is None or not values:
+        return {"passed": True, "metric": metric, "reason": "metric not computable; not gated"}
+    best = min(values) if task.lower_is_better else max(values)
+    worse_by = (value - best) if task.lower_is_better else (best - value)
+    return {
+        "passed": bool(worse_by <= tolerance),
+        "metric": metric,
+        "migrated": value,
+        "best_source": best,
+        "worse_by": worse_by,
+        "tolerance": tolerance,
+    }
