@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.deps import AuthError
@@ -60,7 +61,18 @@ async def _redis_down(_: Request, exc: Exception) -> Response:
     )
 
 
+async def _http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = str(exc.detail)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"No route {request.method} {request.url.path}; the API is listed at /docs."
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}; see /docs."
+    return _error(exc.status_code, "http_error", detail)
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(ServiceError, _service)
     app.add_exception_handler(AuthError, _auth)
     app.add_exception_handler(MigrationError, _migration)

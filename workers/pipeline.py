@@ -19,7 +19,7 @@ from safetensors.torch import save as save_tensors
 
 from app import codec
 from app.config import Settings, get_settings
-from app.errors import ServiceError
+from app.errors import NotFoundError, ServiceError
 from app.jobs import (
     AWAITING,
     CANCELLED,
@@ -113,7 +113,10 @@ class Job:
 
 def run_guarded(job_id: str, stage: Callable[[Job], Any]) -> Any:
     """Run a stage; turn cancellation and bad input into a terminal job state."""
-    job = Job(job_id)
+    try:
+        job = Job(job_id)
+    except NotFoundError:
+        return None  # the job record was removed; nothing to do
     if job.record["state"] in TERMINAL:
         return None
     try:

@@ -1,0 +1,129 @@
+"""Bad input gets a 4xx whose JSON says what to fix, and changes nothing stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from app.store import Store
+from tests.conftest import admin, reader, seed_set
+
+USERS = ["u1", "u2"]
+
+
+def _snapshot(redis: Redis) -> dict[bytes, object]:
+    out: dict[bytes, object] = {}
+    for key in redis.scan_iter(count=1000):
+        kind = redis.type(key)
+        out[key] = redis.dump(key) if kind != b"hash" else redis.hgetall(key)
+    return out
+
+
+@pytest.fixture
+def unchanged(client: TestClient, store: Store) -> Iterator[None]:
+    seed_set(store, model="m-a", users=USERS)
+    seed_set(store, model="m-b", users=USERS)
+    before = _snapshot(store.redis)
+    yield
+    assert _snapshot(store.redis) == before
+
+
+def _bad(response: object, status: int | tuple[int, ...], word: str) -> None:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, response.text  # type: ignore[attr-defined]
+    body = response.json()  # type: ignore[attr-defined]
+    assert word.lower() in body["detail"].lower(), body
+
+
+VALID_MIGRATION = {"sources": [{"model": "m-a"}], "target": "m-b", "dataset": "synthetic-tiny"}
+
+
+@pytest.mark.usefixtures("unchanged")
+class TestRefusedAndNothingChanges:
+    def test_unknown_model(self, client: TestClient) -> None:
+        _bad(client.get("/users/u1/prompt?model=nope", headers=reader()), 404, "register")
+        body = VALID_MIGRATION | {"target": "nope"}
+        _bad(client.post("/migrations", json=body, headers=admin()), 404, "unknown model")
+        _bad(client.post("/models", json={"name": "nope"}, headers=admin()), 404, "unknown")
+        activate = client.post("/models/nope/activate", json={"version": "1"}, headers=admin())
+        _bad(activate, 404, "register")
+
+    def test_unknown_user_and_job(self, client: TestClient) -> None:
+        _bad(client.get("/users/ghost/prompt", headers=reader()), 404, "no prompt")
+        _bad(client.get("/migrations/nojob", headers=reader()), 404, "unknown job")
+        _bad(client.post("/migrations/nojob/cancel", headers=admin()), 404, "unknown job")
+
+    def test_unknown_version(self, client: TestClient) -> None:
+        activate = client.post("/models/m-a/activate", json={"version": "99"}, headers=admin())
+        _bad(activate, 404, "version")
+
+    def test_malformed_json(self, client: TestClient) -> None:
+        headers = admin() | {"Content-Type": "application/json"}
+        _bad(client.post("/migrations", content=b"{not json", headers=headers), 422, "fix")
+        put = client.put("/users/u1/prompt", content=b"[1,", headers=headers)
+        _bad(put, 422, "values")
+
+    def test_wrong_shape_dtype_nan_inf(self, client: TestClient) -> None:
+        put = lambda body, **kw: client.put("/users/u1/prompt", headers=admin(), **kw)  # noqa: E731
+        _bad(put(None, json={"values": [[1.0] * 7]}), 422, "shape")
+        _bad(put(None, json={"values": [[1.0] * 8, [1.0] * 8]}), 422, "shape")
+        nan = b'{"values": [[NaN, 1, 1, 1, 1, 1, 1, Infinity]]}'
+        jsonct = {"Content-Type": "application/json"}
+        nan_put = client.put("/users/u1/prompt", content=nan, headers=admin() | jsonct)
+        _bad(nan_put, 422, "nan")
+        raw = np.full(8, np.inf, dtype="<f4").tobytes()
+        octet = {"Content-Type": "application/octet-stream"}
+        response = client.put("/users/u1/prompt", content=raw, headers=admin() | octet)
+        _bad(response, 422, "nan or inf")
+        odd = client.put("/users/u1/prompt", content=b"abc", headers=admin() | octet)
+        _bad(odd, 422, "multiple")
+        dtype = client.put(
+            "/users/u1/prompt", content=raw, headers=admin() | octet | {"X-Prompt-Dtype": "int8"}
+        )
+        _bad(dtype, 422, "x-prompt-dtype")
+
+    def test_oversized_body(self, client: TestClient) -> None:
+        big = b"\0" * (65 * 1024)
+        headers = admin() | {"Content-Type": "application/octet-stream"}
+        _bad(client.put("/users/u1/prompt", content=big, headers=headers), 413, "limit")
+
+    def test_bad_user_ids(self, client: TestClient) -> None:
+        for user in ("bad%20id", "x" * 129, "semi;colon", "%7Bhash%7D"):
+            _bad(client.get(f"/users/{user}/prompt", headers=reader()), 422, "user_id")
+        batch = client.post("/prompts/batch", json={"user_ids": ["ok", "b d"]}, headers=reader())
+        _bad(batch, 422, "invalid user ids")
+
+    def test_same_source_and_target(self, client: TestClient) -> None:
+        body = VALID_MIGRATION | {"target": "m-a"}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "same model")
+
+    def test_unknown_dataset_and_missing_path(self, client: TestClient) -> None:
+        body = VALID_MIGRATION | {"dataset": "nope"}
+        _bad(client.post("/migrations", json=body, headers=admin()), 404, "POST /datasets")
+        missing = {"name": "mine", "path": "/does/not/exist.jsonl"}
+        _bad(client.post("/datasets", json=missing, headers=admin()), 422, "no file")
+
+    def test_bad_selection_and_unknown_fields(self, client: TestClient) -> None:
+        body = VALID_MIGRATION | {"selection": {"strategy": "magic"}}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "selection")
+        body = VALID_MIGRATION | {"colour": "red"}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "colour")
+
+
+def test_large_but_finite_values_are_accepted(client: TestClient, store: Store) -> None:
+    seed_set(store, model="m-a", users=USERS)
+    ok = client.put("/users/u1/prompt", json={"values": [[1e6] * 8]}, headers=admin())
+    assert ok.status_code == 200
+
+
+def test_register_dataset(client: TestClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"user_id": "u1", "item_text": "x", "label": 4, "timestamp": 1}\n')
+    response = client.post("/datasets", json={"name": "mine", "path": str(path)}, headers=admin())
+    assert response.status_code == 201
+    names = [d["name"] for d in client.get("/datasets", headers=reader()).json()]
+    assert {"movielens-100k", "movielens-1m", "mine"} <= set(names)

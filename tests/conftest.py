@@ -1,0 +1,244 @@
+"""Shared fixtures: a real redis-server on a free port, the API client, real Celery workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from redis import Redis
+from safetensors.torch import save as save_tensors
+
+from app import codec
+from app.config import Settings
+from app.store import SetMeta, Store
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = "test-admin-token-0123456789abcdef0123456789"
+READER = "test-read-token-0123456789abcdef01234567890"
+STORE_DB, BROKER_DB = 0, 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway redis-server; stop() and start() keep the same port (outage tests)."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = STORE_DB) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = Redis(port=self.port, socket_connect_timeout=0.2)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_settings(server: RedisServer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "environment": "test",
+        "redis_url": server.url(STORE_DB),
+        "broker_url": server.url(BROKER_DB),
+        "result_backend": server.url(BROKER_DB),
+        "admin_token": ADMIN,
+        "read_token": READER,
+        "redis_timeout_s": 1.0,
+        "max_body_bytes": 64 * 1024,
+    }
+    return Settings(**(values | overrides))
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        env[f"PM_{name.upper()}"] = (
+            value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+        )
+    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> Settings:
+    return make_settings(redis_server)
+
+
+@pytest.fixture
+def store_redis(redis_server: RedisServer) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url(STORE_DB))
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client(settings: Settings, store_redis: Redis) -> Iterator[TestClient]:
+    from app.main import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def seed_set(
+    store: Store,
+    *,
+    model: str,
+    users: list[str],
+    shape: tuple[int, int] = (1, 8),
+    seed: int = 0,
+    activate: bool = True,
+) -> tuple[str, dict[str, bytes]]:
+    """A sealed prompt set written straight through the store (no worker needed)."""
+    if model not in {m["name"] for m in store.list_models()}:
+        store.put_model(model, {"name": model, "checkpoint": model, "registered_at": time.time()})
+    version = store.allocate_version(model)
+    rng = np.random.default_rng(seed)
+    items = [(u, codec.encode(rng.normal(size=shape), "float32")) for u in users]
+    store.begin_set(SetMeta(model=model, version=version, task="rating", shape=list(shape)))
+    store.put_head(model, version, save_tensors({"w": torch.zeros(2)}))
+    store.write_prompts(model, version, items)
+    store.seal_set(
+        model, version, expected_count=len(items), expected_digest=codec.set_digest(items)
+    )
+    if activate:
+        store.activate(model, version)
+    return version, dict(items)
+
+
+@pytest.fixture
+def store(client: TestClient) -> Store:
+    s: Store = client.app.state.store  # type: ignore[attr-defined]
+    return s
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def reader() -> dict[str, str]:
+    return {"Authorization": f"Bearer {READER}"}
+
+
+class Worker:
+    """``celery -A workers.celery_app worker -Q gpu,default --pool solo`` as a subprocess."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
+        args += ["-Q", "gpu,default", "--pool", "solo", "--loglevel", "INFO"]
+        args += ["-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                args, cwd=ROOT, env=worker_env(self.settings), stdout=out, stderr=out
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        from workers.celery_app import make_celery
+
+        celery = make_celery(self.settings)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log.read_text()[-3000:]}")
+            if celery.control.ping(timeout=0.5):
+                return
+        raise RuntimeError(f"worker not ready: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], Worker]]:
+    workers: list[Worker] = []
+
+    def start(settings: Settings, *, flush_broker: bool = True) -> Worker:
+        if flush_broker:  # queued messages of earlier tests' jobs must not reach this worker
+            Redis.from_url(settings.broker).flushdb()
+        worker = Worker(settings, tmp_path / f"worker-{len(workers)}.log")
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 120, interval: float = 0.2, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
