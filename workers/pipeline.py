@@ -167,8 +167,10 @@ def load_splits(job: Job, *, task: str, users: list[str] | None = None) -> Split
     return splits if users is None else splits.restrict(users)
 
 
-def load_set(model: str, version: str, *, users: list[str] | None = None) -> PromptSet:
-    s = store()
+def load_set(
+    model: str, version: str, *, users: list[str] | None = None, db: Store | None = None
+) -> PromptSet:
+    s = db or store()
     meta = s.get_meta(model, version)
     users = users if users is not None else s.set_users(model, version)
     values = s.get_prompts(model, version, users)

@@ -1,0 +1,86 @@
+"""Driving jobs over HTTP in worker tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi.testclient import TestClient
+
+from app.jobs import TERMINAL
+from app.store import Store
+from tests.conftest import admin, reader, wait_for
+
+SOURCE, TARGET, DATASET = "tiny-llama", "tiny-gemma", "synthetic-tiny"
+FAST_ADAPTER = {"epochs": 2, "hidden": 16}
+
+
+def register(client: TestClient, *names: str) -> None:
+    for name in names:
+        response = client.post("/models", json={"name": name}, headers=admin())
+        assert response.status_code in (200, 201), response.text
+
+
+def job(client: TestClient, job_id: str) -> dict[str, Any]:
+    response = client.get(f"/migrations/{job_id}", headers=reader())
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_done(client: TestClient, job_id: str, *, timeout: float = 240) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        record = job(client, job_id)
+        return record if record["state"] in TERMINAL else None
+
+    result: dict[str, Any] = wait_for(finished, timeout=timeout, what=f"job {job_id}")
+    return result
+
+
+def train_source(client: TestClient, *, model: str = SOURCE, epochs: int = 2) -> dict[str, Any]:
+    body = {"dataset": DATASET, "task": "rating", "epochs": epochs}
+    response = client.post(f"/models/{model}/train", json=body, headers=admin())
+    assert response.status_code == 201, response.text
+    done = wait_done(client, response.json()["id"])
+    assert done["state"] == "succeeded", done
+    return done
+
+
+def migrate(client: TestClient, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "sources": [{"model": SOURCE}],
+        "target": TARGET,
+        "dataset": DATASET,
+        "selection": {"strategy": "puma", "budget": 8},
+        "adapter": FAST_ADAPTER,
+        "quality_gate": {"tolerance": 100.0},
+    }
+    headers = admin() | overrides.pop("headers", {})
+    response = client.post("/migrations", json=body | overrides, headers=headers)
+    assert response.status_code in (200, 201), response.text
+    return dict(response.json())
+
+
+def expected_prompts(store: Store, job_id: str) -> dict[str, bytes]:
+    """What every user's migrated prompt must be: the stored adapter applied to the sources."""
+    from models.adapter.model import adapter_from_bytes
+    from models.migration import map_prompts
+    from workers.pipeline import encode_rows, load_set
+
+    record = store.get_job(job_id)
+    adapter = adapter_from_bytes(store.get_blob(job_id, "adapter") or b"")
+    sets = [load_set(s["model"], s["version"], db=store) for s in record["sources"]]
+    users = sorted(set.intersection(*(set(s.user_ids) for s in sets)))
+    stacked = torch.cat([s.rows(users) for s in sets], dim=-1)
+    return dict(encode_rows(users, map_prompts(adapter, stacked)))
+
+
+def assert_exact_set(store: Store, model: str, version: str, expected: dict[str, bytes]) -> None:
+    assert store.count_keys(model, version) == len(expected)
+    assert store.set_users(model, version) == sorted(expected)
+    values = store.get_prompts(model, version, sorted(expected))
+    for user, value in zip(sorted(expected), values, strict=True):
+        assert value is not None
+        got = np.frombuffer(value, "<f4")
+        want = np.frombuffer(expected[user], "<f4")
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6), user

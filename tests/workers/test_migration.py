@@ -1,0 +1,196 @@
+"""Full jobs over HTTP with a real Celery worker on tiny models."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from app import codec
+from app.main import create_app
+from app.store import Store
+from tests.conftest import (
+    RedisServer,
+    Worker,
+    admin,
+    make_settings,
+    reader,
+    wait_for,
+)
+from tests.workers.helpers import (
+    SOURCE,
+    TARGET,
+    assert_exact_set,
+    expected_prompts,
+    job,
+    migrate,
+    register,
+    train_source,
+    wait_done,
+)
+
+
+@pytest.fixture(scope="module")
+def env(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    settings = make_settings(redis_server, chunk_size=5, chunk_delay_s=0.3)
+    Redis.from_url(settings.redis_url).flushdb()
+    Redis.from_url(settings.broker).flushdb()
+    worker = Worker(settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    worker.start()
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        register(client, SOURCE, TARGET)
+        source_job = train_source(client)
+        yield {
+            "client": client,
+            "store": app.state.store,
+            "settings": settings,
+            "source": source_job,
+        }
+    worker.stop()
+
+
+@pytest.fixture
+def client(env: dict[str, Any]) -> TestClient:
+    c: TestClient = env["client"]
+    return c
+
+
+@pytest.fixture
+def store(env: dict[str, Any]) -> Store:
+    s: Store = env["store"]
+    return s
+
+
+def _activate(client: TestClient, model: str, version: str) -> None:
+    response = client.post(f"/models/{model}/activate", json={"version": version}, headers=admin())
+    assert response.status_code == 200, response.text
+
+
+def test_prompt_training_made_the_first_set(client: TestClient, env: dict[str, Any]) -> None:
+    source = env["source"]
+    assert source["metrics"]["test"]["rmse"] > 0
+    assert source["cost"]["example_passes"] > 0
+    response = client.get("/users/u0/prompt", headers=reader())
+    assert response.status_code == 200
+    assert response.headers["X-Prompt-Model"] == SOURCE
+
+
+def test_full_migration_serves_the_adapter_output(client: TestClient, store: Store) -> None:
+    created = migrate(client)
+    done = wait_done(client, created["id"])
+    assert done["state"] == "promoted", done
+    model, version = done["target"]["model"], done["target"]["version"]
+    expected = expected_prompts(store, done["id"])
+    assert_exact_set(store, model, version, expected)
+    for user, value in list(expected.items())[:5]:
+        served = client.get(f"/users/{user}/prompt", headers=reader())
+        assert served.headers["X-Prompt-Model"] == TARGET
+        assert np.allclose(np.frombuffer(served.content, "<f4"), np.frombuffer(value, "<f4"))
+    assert set(done["metrics"]["migrated"]) >= {"rmse", "mae"}
+    assert done["metrics"]["sources"]
+    assert done["gate"]["passed"] is True
+    assert done["cost"]["users_trained"] == 8
+    assert done["cost"]["users_mapped"] == len(expected)
+    assert done["progress"]["users_mapped"] == len(expected)
+    assert done["progress"]["fraction"] == 1.0
+    meta = store.get_meta(model, version)
+    assert meta.lineage["parents"] == done["request"]["sources"] or meta.lineage["parents"]
+    assert meta.state == "sealed" and meta.count == len(expected)
+
+
+def test_promotion_and_rollback_switch_in_one_step(client: TestClient, store: Store) -> None:
+    source_version = store.resolve(SOURCE)[1]
+    _activate(client, SOURCE, source_version)  # serve the source model by default
+    done = wait_done(client, migrate(client, auto_promote=False)["id"])
+    assert done["state"] == "awaiting_promotion"
+    new_version = done["target"]["version"]
+    old = {u: store.get_prompt(SOURCE, source_version, u) for u in ("u0", "u1")}
+    new = {u: store.get_prompt(TARGET, new_version, u) for u in ("u0", "u1")}
+
+    seen: list[tuple[str, str, bytes, str]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            r = client.get("/users/u0/prompt", headers=reader())
+            seen.append(
+                (r.headers["X-Prompt-Model"], r.headers["X-Prompt-Version"], r.content,
+                 r.headers["X-Prompt-Digest"])
+            )  # fmt: skip
+
+    reader_thread = threading.Thread(target=read)
+    reader_thread.start()
+    wait_for(lambda: len(seen) > 3, timeout=10)
+    promoted = client.post(f"/migrations/{done['id']}/promote", headers=admin())
+    assert promoted.status_code == 200 and promoted.json()["state"] == "promoted"
+    wait_for(lambda: seen[-1][0] == TARGET, timeout=10)
+    stop.set()
+    reader_thread.join()
+    for model, version, content, digest in seen:
+        assert digest == "sha256:" + codec.digest(content)
+        if model == SOURCE:
+            assert (version, content) == (source_version, old["u0"])
+        else:
+            assert (model, version, content) == (TARGET, new_version, new["u0"])
+    assert client.get("/users/u1/prompt", headers=reader()).content == new["u1"]
+    _activate(client, SOURCE, source_version)  # rollback = activate the previous model's set
+    assert client.get("/users/u1/prompt", headers=reader()).content == old["u1"]
+
+
+def test_same_idempotency_key_gives_one_job(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "upgrade-2026-11"}
+    first = migrate(client, headers=headers)
+    second = migrate(client, headers=headers)
+    assert first["id"] == second["id"]
+    ids = [j["id"] for j in client.get("/migrations", headers=reader()).json()["jobs"]]
+    assert ids.count(first["id"]) == 1
+    different = client.post(
+        "/migrations",
+        json={"sources": [{"model": SOURCE}], "target": TARGET, "dataset": "movielens-1m"},
+        headers=admin() | headers,
+    )
+    assert different.status_code == 409
+    wait_done(client, first["id"])
+
+
+def test_cancel_stops_job_and_keeps_active_set(client: TestClient, store: Store) -> None:
+    before = store.active_pointers()
+    created = migrate(client, adapter={"epochs": 50, "hidden": 16})
+    wait_for(lambda: job(client, created["id"])["stage"] in ("training", "mapping"), timeout=60)
+    response = client.post(f"/migrations/{created['id']}/cancel", headers=admin())
+    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+    done = wait_done(client, created["id"], timeout=60)
+    assert done["state"] == "cancelled"
+    assert store.active_pointers() == before
+    target = done["target"]
+    assert store.count_keys(target["model"], target["version"]) == 0
+    again = client.post(f"/migrations/{created['id']}/cancel", headers=admin())
+    assert again.status_code == 409
+
+
+def test_chained_and_aggregated_migration_lineage(client: TestClient, store: Store) -> None:
+    first = wait_done(client, migrate(client)["id"])
+    assert first["state"] == "promoted"
+    chained_sources = [{"model": TARGET, "version": first["target"]["version"]}]
+    both = [*chained_sources, {"model": SOURCE}]
+    body = {"sources": both, "target": "tiny-llama-b"}
+    response = client.post(
+        "/models", json={"name": "tiny-llama-b", "checkpoint": "tiny-llama"}, headers=admin()
+    )
+    assert response.status_code in (200, 201)
+    done = wait_done(client, migrate(client, **body)["id"])
+    assert done["state"] == "promoted", done
+    meta = store.get_meta("tiny-llama-b", done["target"]["version"])
+    parents = {(p["model"], p["version"]) for p in meta.lineage["parents"]}
+    assert (TARGET, first["target"]["version"]) in parents and len(parents) == 2
+    assert_exact_set(
+        store, "tiny-llama-b", done["target"]["version"], expected_prompts(store, done["id"])
+    )
