@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -126,7 +127,19 @@ def promote(store: Store, job_id: str, *, force: bool) -> dict[str, Any]:
     return store.get_job(job_id)
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Inf: a metric that could not be computed is reported as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def view(record: dict[str, Any]) -> Job:
+    record = _finite(record)
     progress = {
         "fraction": record.get("fraction", 0.0),
         "users_mapped": record.get("users_mapped", 0),

@@ -1,0 +1,277 @@
+"""``make run``: the whole service on one machine, then a guided real migration over HTTP.
+
+Starts a local redis-server when PM_REDIS_URL is not set, one Celery worker (solo pool, queues
+gpu+default) and the API (uvicorn), prints dev tokens, then walks through: register SmolLM2 and
+Gemma, train SmolLM2 prompts for a few MovieLens-100K users, migrate them to Gemma with live
+progress, and print the before/after metrics and a curl for one user's prompt. Dev only: in
+production run ``uvicorn app.main:app`` and ``celery -A workers.celery_app worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_DIR = ROOT / ".run"
+SOURCE, TARGET, DATASET = "smollm2-135m", "gemma-3-270m", "movielens-100k"
+TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Children:
+    """Subprocesses started here, stopped in reverse order on exit or Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (RUN_DIR / f"{name}.log").open("ab")
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
+        self.procs.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited ({proc.returncode}); see {RUN_DIR / name}.log")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop; killing it")
+                proc.kill()
+        self.procs.clear()
+
+
+def redis_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary:
+        return binary
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("redis-server not found; installing it with apt-get ...")
+        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=False)
+        binary = shutil.which("redis-server")
+    if not binary:
+        raise SystemExit(
+            "redis-server is not installed. Install it (apt-get install redis-server, "
+            "brew install redis) or point PM_REDIS_URL at a running Redis."
+        )
+    return binary
+
+
+def start_redis(children: Children, env: dict[str, str]) -> str:
+    port = free_port()
+    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(RUN_DIR), "--maxmemory-policy", "noeviction"]
+    children.start("redis", args, env)
+    url = f"redis://127.0.0.1:{port}/0"
+    from redis import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=0.2)
+    for _ in range(100):
+        try:
+            client.ping()
+            return url
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"redis-server did not start; see {RUN_DIR / 'redis.log'}")
+
+
+def prepare_env(children: Children) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PM_ENVIRONMENT", "development")
+    if not env.get("PM_REDIS_URL"):
+        env["PM_REDIS_URL"] = start_redis(children, env)
+        print(f"Started a local Redis at {env['PM_REDIS_URL']} (data is not persisted).")
+    env.setdefault("PM_ADMIN_TOKEN", secrets.token_urlsafe(32))
+    env.setdefault("PM_READ_TOKEN", secrets.token_urlsafe(32))
+    threads = str(max(1, (os.cpu_count() or 2)))
+    env.setdefault("OMP_NUM_THREADS", threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_services(children: Children, env: dict[str, str], port: int) -> None:
+    from app.config import Settings
+
+    Settings(**{})  # validates the environment before anything else starts
+    py = sys.executable
+    children.start(
+        "worker",
+        [py, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,default",
+         "--pool", "solo", "--loglevel", "INFO", "-n", "dev@%h"],
+        env,
+    )  # fmt: skip
+    children.start(
+        "api",
+        [py, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+    )
+
+
+def wait_ready(children: Children, base: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children.check()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=3).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"The service did not become ready; see the logs in {RUN_DIR}.")
+
+
+class Demo:
+    def __init__(self, base: str, admin: str, read: str, args: argparse.Namespace) -> None:
+        self.http = httpx.Client(base_url=base, timeout=30)
+        self.admin = {"Authorization": f"Bearer {admin}"}
+        self.read = {"Authorization": f"Bearer {read}"}
+        self.args = args
+        self.base, self.read_token = base, read
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        headers = self.admin if method != "GET" else self.read
+        response = self.http.request(method, path, headers=headers, **kwargs)
+        if response.status_code >= 400:
+            raise SystemExit(f"{method} {path} -> {response.status_code}: {response.text}")
+        return dict(response.json()) if response.content else {}
+
+    def watch(self, job_id: str) -> dict[str, Any]:
+        last = ""
+        while True:
+            job = self.call("GET", f"/migrations/{job_id}")
+            p = job["progress"]
+            loss = f" loss {p['loss']:.3f}" if p.get("loss") is not None else ""
+            line = (
+                f"  [{job['state']:>9}] {job['stage']:<10} {100 * (p['fraction'] or 0):5.1f}%"
+                f"  users mapped {p['users_mapped']}/{p['users_total'] or '?'}{loss}"
+            )
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if job["state"] in TERMINAL:
+                return job
+            time.sleep(1.0)
+
+    def run(self) -> None:
+        started = time.monotonic()
+        print("\n== 1. Register the foundation models (POST /models)")
+        for name in (SOURCE, TARGET):
+            model = self.call("POST", "/models", json={"name": name})
+            print(f"  {name}: hidden size {model['hidden_size']}")
+        print(f"\n== 2. Train {SOURCE} prompts for {self.args.users} MovieLens-100K users")
+        body = {"dataset": DATASET, "task": "rating", "max_users": self.args.users,
+                "epochs": self.args.epochs}  # fmt: skip
+        trained = self.watch(self.call("POST", f"/models/{SOURCE}/train", json=body)["id"])
+        if trained["state"] != "succeeded":
+            raise SystemExit(f"Prompt training ended {trained['state']}: {trained['error']}")
+        print(f"  test metrics on {SOURCE}: {_fmt(trained['metrics']['test'])}")
+        print(f"\n== 3. Migrate every user's prompt to {TARGET} (POST /migrations)")
+        body = {
+            "sources": [{"model": SOURCE}],
+            "target": TARGET,
+            "dataset": DATASET,
+            "selection": {"strategy": "puma", "budget": self.args.budget},
+            "adapter": {"epochs": self.args.adapter_epochs},
+        }
+        job = self.call("POST", "/migrations", json=body)
+        done = self.watch(job["id"])
+        self.report(done, time.monotonic() - started)
+
+    def report(self, job: dict[str, Any], seconds: float) -> None:
+        print(f"\n== 4. Result: {job['state']}")
+        if job.get("error"):
+            print(f"  error: {job['error']}")
+        metrics = job.get("metrics") or {}
+        for name, values in (metrics.get("sources") or {}).items():
+            print(f"  before ({name}): {_fmt(values)}")
+        if metrics.get("migrated"):
+            print(f"  after  ({TARGET}): {_fmt(metrics['migrated'])}")
+        print(f"  quality gate: {job.get('gate')}")
+        print(f"  cost: {job.get('cost')}")
+        print(f"  demo took {seconds:.0f} s")
+        user = "1"
+        batch = self.call(
+            "POST", "/prompts/batch", json={"user_ids": [str(i) for i in range(1, 1000)]}
+        )
+        if batch.get("prompts"):
+            user = sorted(batch["prompts"])[0]
+        print("\n== 5. Read one user's prompt for the active model (raw little-endian fp32):")
+        print(
+            f"  curl -s -D - -H 'Authorization: Bearer {self.read_token}' "
+            f"'{self.base}/users/{user}/prompt' -o prompt.bin"
+        )
+        print(f"  (add ?format=json for humans; API docs at {self.base}/docs)")
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PM_PORT", "8000")))
+    parser.add_argument("--no-demo", action="store_true", help="only start the service")
+    parser.add_argument("--exit-after-demo", action="store_true", help="stop after the walk")
+    parser.add_argument("--users", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=3, help="prompt-training epochs")
+    parser.add_argument("--adapter-epochs", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=20, help="users the adapter trains on")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    RUN_DIR.mkdir(exist_ok=True)
+    children = Children()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        env = prepare_env(children)
+        os.environ.update(env)
+        start_services(children, env, args.port)
+        base = f"http://127.0.0.1:{args.port}"
+        wait_ready(children, base)
+        print(f"\nAPI ready at {base} (docs: {base}/docs); logs in {RUN_DIR}")
+        print(f"  admin token: {env['PM_ADMIN_TOKEN']}")
+        print(f"  read token:  {env['PM_READ_TOKEN']}")
+        if not args.no_demo:
+            Demo(base, env["PM_ADMIN_TOKEN"], env["PM_READ_TOKEN"], args).run()
+        if args.exit_after_demo:
+            return
+        print("\nThe service keeps running; press Ctrl-C to stop it.")
+        while True:
+            children.check()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nStopping ...")
+    finally:
+        children.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The store's contract: sealed versions only, verified writes, atomic switch, grace purge."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app import codec
+from app.errors import ConflictError, IntegrityError
+from app.store import SetMeta, Store
+from tests.conftest import seed_set
+
+
+def test_seal_refuses_a_set_that_does_not_verify(store: Store) -> None:
+    store.put_model("m-a", {"name": "m-a", "checkpoint": "m-a", "registered_at": 0})
+    items = [("u1", b"\0" * 32), ("u2", b"\1" * 32)]
+    store.begin_set(SetMeta(model="m-a", version="1", task="rating", shape=[1, 8]))
+    store.write_prompts("m-a", "1", items[:1])  # one write lost
+    with pytest.raises(IntegrityError):
+        store.seal_set("m-a", "1", expected_count=2, expected_digest=codec.set_digest(items))
+    assert store.get_meta("m-a", "1").state == "writing"
+    with pytest.raises(ConflictError):
+        store.activate("m-a", "1")
+
+
+def test_chunk_digests_combine_to_the_set_digest() -> None:
+    items = [(f"u{i}", bytes([i]) * 8) for i in range(10)]
+    chunks = [codec.set_digest(items[i : i + 3]) for i in range(0, 10, 3)]
+    assert codec.combine_digests(chunks) == codec.set_digest(items)
+    assert codec.set_digest(reversed(items)) == codec.set_digest(items)
+
+
+def test_keys_of_a_set_share_one_hash_tag(store: Store) -> None:
+    version, _ = seed_set(store, model="m-a", users=["u1", "u2"])
+    keys = [k.decode() for k in store.redis.scan_iter(match="pm:{m-a:*", count=100)]
+    assert keys and all(k.startswith(f"pm:{{m-a:{version}}}:") for k in keys)
+
+
+def test_chunk_completion_counts_once(store: Store) -> None:
+    store.redis.hset("pm:{job:j1}", "users_mapped", 0)
+    assert store.mark_chunk_done("j1", 0, count=5, digest="00")
+    assert not store.mark_chunk_done("j1", 0, count=5, digest="00")
+    assert store.redis.hget("pm:{job:j1}", "users_mapped") == b"5"
+
+
+def test_retired_versions_are_purged_after_grace(store: Store) -> None:
+    old, _ = seed_set(store, model="m-a", users=["u1"])
+    new, _ = seed_set(store, model="m-a", users=["u1"])
+    assert store.purge_retired(grace_s=3600) == []
+    assert store.get_prompt("m-a", old, "u1") is not None  # still readable during the grace
+    time.sleep(0.01)
+    assert store.purge_retired(grace_s=0) == [f"m-a/{old}"]
+    assert store.get_prompt("m-a", old, "u1") is None
+    assert store.get_prompt("m-a", new, "u1") is not None
