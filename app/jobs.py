@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.schemas import Job, MigrationCreate, TrainRequest
 from app.store import SEALED, Store
 
@@ -68,6 +68,22 @@ def resolve_sources(store: Store, body: MigrationCreate) -> list[dict[str, str]]
     return sources
 
 
+def check_budget(store: Store, body: MigrationCreate, sources: list[dict[str, str]]) -> None:
+    budget = body.selection.budget
+    if budget is None:
+        if body.selection.strategy != "all":
+            raise InvalidInputError(
+                f"selection.budget is required for strategy {body.selection.strategy!r}; give "
+                "the number of users to train the adapter on, or use strategy 'all'."
+            )
+        return
+    users = min(store.get_meta(s["model"], s["version"]).count for s in sources)
+    if budget > users:
+        raise InvalidInputError(
+            f"selection.budget {budget} exceeds the {users} users of the source set; lower it."
+        )
+
+
 def create_migration(
     store: Store, celery: Celery, body: MigrationCreate, *, idempotency_key: str | None
 ) -> tuple[dict[str, Any], bool]:
@@ -80,6 +96,7 @@ def create_migration(
     store.get_model(body.target)
     check_dataset(store, body.dataset)
     sources = resolve_sources(store, body)
+    check_budget(store, body, sources)
     target = {"model": body.target, "version": store.allocate_version(body.target)}
     record = _new_record("migration", payload, target)
     record["sources"] = sources

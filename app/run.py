@@ -184,7 +184,7 @@ class Demo:
             print(f"  {name}: hidden size {model['hidden_size']}")
         print(f"\n== 2. Train {SOURCE} prompts for {self.args.users} MovieLens-100K users")
         body = {"dataset": DATASET, "task": "rating", "max_users": self.args.users,
-                "epochs": self.args.epochs}  # fmt: skip
+                "epochs": self.args.epochs, "max_train_per_user": self.args.max_train}  # fmt: skip
         trained = self.watch(self.call("POST", f"/models/{SOURCE}/train", json=body)["id"])
         if trained["state"] != "succeeded":
             raise SystemExit(f"Prompt training ended {trained['state']}: {trained['error']}")
@@ -196,6 +196,7 @@ class Demo:
             "dataset": DATASET,
             "selection": {"strategy": "puma", "budget": self.args.budget},
             "adapter": {"epochs": self.args.adapter_epochs},
+            "max_train_per_user": self.args.max_train,
         }
         job = self.call("POST", "/migrations", json=body)
         done = self.watch(job["id"])
@@ -239,8 +240,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-demo", action="store_true", help="only start the service")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop after the walk")
     parser.add_argument("--users", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=3, help="prompt-training epochs")
-    parser.add_argument("--adapter-epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2, help="prompt-training epochs")
+    parser.add_argument("--adapter-epochs", type=int, default=2)
+    parser.add_argument(
+        "--max-train", type=int, default=10, help="training interactions per user (CPU budget)"
+    )
     parser.add_argument("--budget", type=int, default=20, help="users the adapter trains on")
     return parser.parse_args(argv)
 

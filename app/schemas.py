@@ -48,6 +48,7 @@ class TrainRequest(Strict):
     dataset: str = Field(examples=["movielens-100k"])
     task: Literal["rating", "binary"] = "rating"
     max_users: int | None = Field(default=None, ge=1)
+    max_train_per_user: int = Field(default=30, ge=1, le=10_000)
     epochs: int = Field(default=10, ge=1, le=1000)
     prompt_length: int = Field(default=1, ge=1, le=64)
     lr: float | None = Field(default=None, gt=0)
@@ -86,6 +87,9 @@ class MigrationCreate(Strict):
     target: str = Field(pattern=MODEL_NAME_PATTERN)
     dataset: str = Field(examples=["movielens-100k"])
     max_users: int | None = Field(default=None, ge=1)
+    max_train_per_user: int = Field(
+        default=30, ge=1, le=10_000, description="Most recent training interactions per user."
+    )
     selection: Selection = Selection()
     adapter: AdapterOptions = AdapterOptions()
     quality_gate: QualityGate = QualityGate()

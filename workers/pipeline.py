@@ -163,7 +163,9 @@ def load_splits(job: Job, *, task: str, users: list[str] | None = None) -> Split
         max_users=request.get("max_users") if users is None else None,
         seed=int(request.get("seed", 0)),
     )
-    splits = split_chronological(interactions)
+    splits = split_chronological(
+        interactions, max_train=int(request.get("max_train_per_user") or 30)
+    )
     return splits if users is None else splits.restrict(users)
 
 

@@ -97,6 +97,12 @@ class TestRefusedAndNothingChanges:
         batch = client.post("/prompts/batch", json={"user_ids": ["ok", "b d"]}, headers=reader())
         _bad(batch, 422, "invalid user ids")
 
+    def test_budget_outside_population(self, client: TestClient) -> None:
+        body = VALID_MIGRATION | {"selection": {"strategy": "puma", "budget": 3}}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "budget")
+        body = VALID_MIGRATION | {"selection": {"strategy": "random"}}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "budget")
+
     def test_same_source_and_target(self, client: TestClient) -> None:
         body = VALID_MIGRATION | {"target": "m-a"}
         _bad(client.post("/migrations", json=body, headers=admin()), 422, "same model")
