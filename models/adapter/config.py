@@ -1,0 +1,32 @@
+"""Configuration of the migration adapter, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    d_in: int  # source prompt width; the sum of the widths when aggregating several sources
+    d_out: int  # target model hidden size
+    hidden: int = 256  # FFN width: the paper's 4096 serves 2-3B models; small models need less
+    dropout: float = 0.1
+    # Spread of the target's embedding rows: the output layer starts there, so the first steps
+    # neither dwarf nor vanish next to real token embeddings (Gemma's is ~0.04).
+    out_std: float = 0.02
+    # A linear path x -> W x beside the residual network. Few users teach a linear map far more
+    # readily than a deep one; it can start from the data-free vocabulary map (models.instant).
+    linear_skip: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_out", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AdapterConfig.{name} must be a positive width, got "
+                                 f"{getattr(self, name)}.")  # fmt: skip
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterConfig.dropout must lie in [0, 1), got {self.dropout}.")
+        if self.out_std <= 0:
+            raise ValueError(f"AdapterConfig.out_std must be positive, got {self.out_std}.")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)

@@ -1,0 +1,96 @@
+"""The residual adapter Phi of PUMA.
+
+x1  = x + FFN_s(LN(x))            in d_in
+h   = FFN_up(LN(x1))              d_in -> d_out
+h2  = h + FFN_t(LN(h))            in d_out
+out = W_out(LN(h2)) [+ W_skip x]  d_out
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+from models.adapter.config import AdapterConfig
+from models.errors import ShapeMismatchError
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.SiLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, d_out),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PumaAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.source_block = FeedForward(c.d_in, c.hidden, c.d_in, c.dropout)
+        self.up = FeedForward(c.d_in, c.hidden, c.d_out, c.dropout)
+        self.target_block = FeedForward(c.d_out, c.hidden, c.d_out, c.dropout)
+        self.out = nn.Sequential(nn.LayerNorm(c.d_out), nn.Linear(c.d_out, c.d_out))
+        self.skip = nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_skip else None
+        # LN gives unit-variance features, so weights of std out_std / sqrt(d) give outputs of
+        # std out_std; with a skip path the network starts as a small correction to it.
+        scale = 0.1 if self.skip is not None else 1.0
+        nn.init.normal_(self.out[1].weight, std=scale * c.out_std / c.d_out**0.5)
+        nn.init.zeros_(self.out[1].bias)
+        if self.skip is not None:
+            nn.init.normal_(self.skip.weight, std=c.out_std / c.d_in**0.5)
+
+    def init_skip(self, linear_map: torch.Tensor) -> None:
+        """Start the linear path at ``x @ linear_map`` (``[d_in, d_out]``)."""
+        if self.skip is None or linear_map.shape != (self.config.d_in, self.config.d_out):
+            raise ShapeMismatchError(
+                f"A linear map of shape {tuple(linear_map.shape)} cannot start an adapter "
+                f"{self.config.d_in} -> {self.config.d_out} (with linear_skip=True)."
+            )
+        with torch.no_grad():
+            self.skip.weight.copy_(linear_map.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., l, d_in]`` -> ``[..., l, d_out]``."""
+        if x.shape[-1] != self.config.d_in:
+            raise ShapeMismatchError(
+                f"Prompts of width {x.shape[-1]} given to an adapter for width {self.config.d_in}."
+            )
+        x1 = x + self.source_block(x)
+        h = self.up(x1)
+        h = h + self.target_block(h)
+        y = self.out(h)
+        return y + self.skip(x) if self.skip is not None else y
+
+
+class AdapterPrompts(nn.Module):
+    """Prompts of a batch of users through the adapter: ``users`` -> ``[B, l, d_out]``."""
+
+    def __init__(self, adapter: PumaAdapter, sources: torch.Tensor) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.register_buffer("sources", sources.float())
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.sources[users])
+
+
+def adapter_to_bytes(adapter: PumaAdapter) -> bytes:
+    state = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    return save(state, metadata={"config": json.dumps(adapter.config.to_dict())})
+
+
+def adapter_from_bytes(data: bytes) -> PumaAdapter:
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + header_len])["__metadata__"]  # safetensors header
+    adapter = PumaAdapter(AdapterConfig(**json.loads(meta["config"])))
+    adapter.load_state_dict(load(data))
+    return adapter.eval()

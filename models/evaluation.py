@@ -1,0 +1,67 @@
+"""Held-out evaluation of a prompt set, and paired bootstrap intervals between two methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.data import Interaction
+from models.foundation import FoundationModel
+from models.loop import Examples, PromptTable, index_users, predict
+from models.prompts import PromptSet
+from models.tasks import Task
+
+
+@dataclass(frozen=True)
+class Predictions:
+    user_ids: list[str]
+    targets: np.ndarray
+    predictions: np.ndarray
+
+
+def predict_set(
+    model: FoundationModel, task: Task, prompt_set: PromptSet,
+    interactions: dict[str, list[Interaction]], *, batch_size: int = 64,
+) -> Predictions:  # fmt: skip
+    """Predictions for every interaction of the set's users (others are not scored)."""
+    model.check_prompts(prompt_set.prompts[:1])
+    row_of = index_users(prompt_set.user_ids)
+    examples = Examples.build(task, interactions, row_of=row_of)
+    head = task.make_head(mean_target=0.0).to(model.device)
+    head.load_state_dict(prompt_set.head)
+    table = PromptTable(prompt_set.prompts).to(model.device)
+    out = predict(model, task, table, head, examples, batch_size=batch_size)
+    return Predictions(examples.user_ids, examples.targets, out)
+
+
+def metrics_of(task: Task, predictions: Predictions) -> dict[str, float | None]:
+    values = task.metrics(user_ids=predictions.user_ids, targets=predictions.targets,
+                          predictions=predictions.predictions)  # fmt: skip
+    return values | {"n_users": float(len(set(predictions.user_ids))),
+                     "n_interactions": float(len(predictions.targets))}  # fmt: skip
+
+
+def evaluate(
+    model: FoundationModel, task: Task, prompt_set: PromptSet,
+    interactions: dict[str, list[Interaction]],
+) -> dict[str, float | None]:  # fmt: skip
+    """Task metrics over all given interactions, computed globally."""
+    return metrics_of(task, predict_set(model, task, prompt_set, interactions))
+
+
+def paired_bootstrap_rmse_diff(
+    *, user_ids: list[str], targets: np.ndarray, pred: np.ndarray, baseline: np.ndarray,
+    n_boot: int = 2000, seed: int = 0,
+) -> tuple[float, float]:  # fmt: skip
+    """95% interval of RMSE(pred) - RMSE(baseline), resampling users with replacement."""
+    users, inverse = np.unique(np.asarray(user_ids), return_inverse=True)
+    count = np.bincount(inverse, minlength=len(users)).astype(float)
+    sse_a = np.bincount(inverse, weights=(pred - targets) ** 2, minlength=len(users))
+    sse_b = np.bincount(inverse, weights=(baseline - targets) ** 2, minlength=len(users))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(users), np.full(len(users), 1 / len(users)), size=n_boot)
+    n = weights @ count
+    diff = np.sqrt(weights @ sse_a / n) - np.sqrt(weights @ sse_b / n)
+    low, high = np.percentile(diff, [2.5, 97.5])
+    return float(low), float(high)

@@ -1,0 +1,213 @@
+"""A frozen foundation LM that scores task labels for users' soft prompts.
+
+A prompt sequence is ``prefix(item) + <user prompt tokens> + suffix``. The user tokens come
+after the item text on purpose: the frozen model's keys and values over the prefix do not depend
+on the user, so they are computed once per item and reused (``PrefixCache``); a training step then
+runs only the ``l + len(suffix)`` tokens that do depend on the user. ``label_logits_full`` is
+the plain full-sequence forward the cache is measured and tested against.
+
+Only the label tokens' logits at the answer position are computed: never the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from models.errors import CheckpointError, ShapeMismatchError
+from models.registry import resolve_checkpoint
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32 (bf16 emulation is slower)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    cpu_has_bf16 = (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    return torch.bfloat16 if cpu_has_bf16 else torch.float32
+
+
+@dataclass
+class PrefixCache:
+    """Per-text keys/values of the frozen model: text -> ``[layers, 2, kv_heads, P, head_dim]``."""
+
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def missing(self, texts: list[str]) -> list[str]:
+        return [t for t in dict.fromkeys(texts) if t not in self.states]
+
+
+class FoundationModel:
+    """A frozen causal LM plus what soft prompts need from it."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.name = name
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.decoder: nn.Module = model.base_model
+        self.embeddings: nn.Embedding = model.get_input_embeddings()
+        self.hidden_size: int = int(model.config.hidden_size)
+        # Gemma scales input embeddings by sqrt(d) inside its embedding module; prompts live in the
+        # raw table space and get the same scale when spliced in.
+        self.embed_scale = float(getattr(self.embeddings, "embed_scale", 1.0))
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.prefix_cache = PrefixCache()
+
+    @classmethod
+    def load(
+        cls, name_or_path: str, *, device: str | None = None, dtype: torch.dtype | None = None
+    ) -> FoundationModel:
+        path = resolve_checkpoint(name_or_path)
+        torch_device = torch.device(device) if device else default_device()
+        torch_dtype = dtype or default_dtype(torch_device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"Could not load a causal LM from {path}: {error}") from error
+        return cls(
+            name=name_or_path, model=model.to(torch_device), tokenizer=tokenizer,
+            device=torch_device, dtype=torch_dtype,
+        )  # fmt: skip
+
+    @property
+    def embedding_std(self) -> float:
+        return float(self.embeddings.weight.float().std())
+
+    def token_ids(self, text: str, *, special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def label_token_ids(self, labels: tuple[str, ...]) -> list[int]:
+        """One token per label word: the last token of " word" (how it follows "Answer:")."""
+        ids = [self.token_ids(" " + label)[-1] for label in labels]
+        if len(set(ids)) != len(ids):
+            raise CheckpointError(f"Labels {labels} do not map to distinct tokens in {self.name}.")
+        return ids
+
+    def raw_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the input embedding table, unscaled, fp32: ``[..., d]``."""
+        return self.embeddings.weight[token_ids.to(self.device)].float()
+
+    def check_prompts(self, prompts: torch.Tensor) -> None:
+        if prompts.ndim != 3 or prompts.shape[-1] != self.hidden_size:
+            raise ShapeMismatchError(
+                f"Prompts of shape {tuple(prompts.shape)} do not fit {self.name}: expected "
+                f"[batch, l, {self.hidden_size}]. Migrate them to this model first."
+            )
+
+    # -- prefix cache -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def warm_prefixes(self, texts: list[str], *, batch_size: int = 64) -> None:
+        """Compute and keep the frozen keys/values of every text not cached yet."""
+        todo = self.prefix_cache.missing(texts)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            encoded = [self.token_ids(t, special=True) for t in chunk]
+            width = max(map(len, encoded))
+            pad = self.tokenizer.pad_token_id or 0
+            # Right padding: real tokens never attend to the pads after them (causal mask).
+            ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.device)
+            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded],
+                                device=self.device)  # fmt: skip
+            out = self.decoder(input_ids=ids, attention_mask=mask, use_cache=True)
+            layers = out.past_key_values.layers
+            for row, (text, tokens) in enumerate(zip(chunk, encoded, strict=True)):
+                n = len(tokens)
+                self.prefix_cache.states[text] = torch.stack(
+                    [torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
+                     for layer in layers]
+                )  # fmt: skip
+
+    def _batched_prefix(self, texts: list[str]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Left-padded cache of the texts' prefixes, their attention mask and lengths."""
+        self.warm_prefixes(texts)
+        states = [self.prefix_cache.states[t] for t in texts]
+        lengths = torch.tensor([s.shape[-2] for s in states], device=self.device)
+        width = int(lengths.max())
+        padded = torch.stack(
+            [nn.functional.pad(s, (0, 0, width - s.shape[-2], 0)) for s in states], dim=2
+        )  # [layers, 2, batch, kv_heads, width, head_dim]
+        cache = DynamicCache(config=self.model.config)
+        for layer_index in range(padded.shape[0]):
+            cache.update(padded[layer_index, 0], padded[layer_index, 1], layer_index)
+        columns = torch.arange(width, device=self.device)
+        mask = (columns[None, :] >= (width - lengths)[:, None]).long()
+        return cache, mask, lengths
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def _label_head(self, hidden: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+        weight = self.model.get_output_embeddings().weight[label_ids]
+        logits = hidden.float() @ weight.float().T
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _suffix_embeddings(self, prompts: torch.Tensor, suffix: str) -> torch.Tensor:
+        suffix_ids = torch.tensor(self.token_ids(suffix), device=self.device)
+        tail = self.embeddings(suffix_ids).expand(prompts.shape[0], -1, -1)
+        users = prompts.to(device=self.device, dtype=self.dtype) * self.embed_scale
+        return torch.cat([users, tail.to(self.dtype)], dim=1)
+
+    def label_logits(
+        self, prefixes: list[str], prompts: torch.Tensor, *, suffix: str, label_ids: list[int]
+    ) -> torch.Tensor:
+        """Logits of the label tokens after ``prefix + prompt + suffix``.
+
+        prefixes: one text per example (the item part of the template); prompts: ``[B, l, d]``
+        in raw embedding space. Returns ``[B, n_labels]`` fp32, differentiable in ``prompts``.
+        """
+        self.check_prompts(prompts)
+        cache, prefix_mask, lengths = self._batched_prefix(prefixes)
+        inputs = self._suffix_embeddings(prompts, suffix)
+        steps = torch.arange(inputs.shape[1], device=self.device)
+        mask = torch.cat(
+            [prefix_mask, torch.ones_like(prefix_mask[:, :1]).expand(-1, len(steps))], 1
+        )
+        out = self.decoder(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=lengths[:, None] + steps[None, :],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return self._label_head(out.last_hidden_state[:, -1], label_ids)
+
+    def label_logits_full(
+        self, prefixes: list[str], prompts: torch.Tensor, *, suffix: str, label_ids: list[int]
+    ) -> torch.Tensor:
+        """The same scores by one plain forward over the whole sequence (no prefix reuse)."""
+        self.check_prompts(prompts)
+        prefix_ids = [self.token_ids(t, special=True) for t in prefixes]
+        width = max(map(len, prefix_ids))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefix_ids], device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prefix_ids], device=self.device
+        )
+        head = self.embeddings(ids).to(self.dtype)
+        inputs = torch.cat([head, self._suffix_embeddings(prompts, suffix)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(prefixes), inputs.shape[1] - width,
+                                           dtype=mask.dtype, device=self.device)], 1)  # fmt: skip
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
+        return self._label_head(out.last_hidden_state[:, -1], label_ids)

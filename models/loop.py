@@ -1,0 +1,189 @@
+"""The one training loop: user indices -> prompts -> frozen LM -> label logits -> head -> loss.
+
+Per-user prompt training and adapter training differ only in the module that turns a batch of
+user indices into prompts (a table, or an adapter over frozen source prompts) and in what the
+optimizer updates. Best epoch by the validation split's primary metric; early stop on patience.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.data import Interaction
+from models.errors import Cancelled, DataError
+from models.foundation import FoundationModel
+from models.tasks import Task
+
+ProgressFn = Callable[[dict[str, float]], None]
+StopFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A flat batchable view of interactions: row i is user ``users[i]`` on ``prefixes[i]``."""
+
+    users: np.ndarray  # [n] int: row of the user in the prompt source
+    prefixes: list[str]
+    targets: np.ndarray  # [n] float32
+    user_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prefixes)
+
+    @classmethod
+    def build(
+        cls, task: Task, part: dict[str, list[Interaction]], *, row_of: dict[str, int]
+    ) -> Examples:
+        rows = [(row_of[u], i) for u, items in part.items() if u in row_of for i in items]
+        return cls(
+            users=np.array([r for r, _ in rows], dtype=np.int64),
+            prefixes=[task.template.prefix_for(i.item_text) for _, i in rows],
+            targets=np.array([i.label for _, i in rows], dtype=np.float32),
+            user_ids=[i.user_id for _, i in rows],
+        )
+
+
+class PromptTable(nn.Module):
+    """Trainable per-user prompts: ``weight`` ``[n_users, l, d]``."""
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(initial.clone().float())
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return self.weight[users]
+
+
+@dataclass
+class FitResult:
+    seconds: float = 0.0
+    example_passes: int = 0
+    best_epoch: int = -1
+    best_metric: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _forward(
+    model: FoundationModel, task: Task, prompt_source: nn.Module, head: nn.Module,
+    examples: Examples, rows: np.ndarray, label_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    users = torch.from_numpy(examples.users[rows]).to(model.device)
+    prompts = prompt_source(users)
+    logits = model.label_logits(
+        [examples.prefixes[i] for i in rows], prompts, suffix=task.template.suffix,
+        label_ids=label_ids,
+    )  # fmt: skip
+    return logits, head(logits)
+
+
+@torch.no_grad()
+def predict(
+    model: FoundationModel, task: Task, prompt_source: nn.Module, head: nn.Module,
+    examples: Examples, *, batch_size: int = 64,
+) -> np.ndarray:  # fmt: skip
+    """Predictions (ratings or probabilities) for every example, in order."""
+    if len(examples) == 0:
+        raise DataError("Nothing to predict: the split holds no interactions for these users.")
+    label_ids = model.label_token_ids(task.labels)
+    prompt_source.eval()
+    head.eval()
+    # Sorting by prefix keeps batches of similar length: less padding.
+    order = np.argsort([len(p) for p in examples.prefixes], kind="stable")
+    out = np.empty(len(examples), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        _, head_out = _forward(model, task, prompt_source, head, examples, rows, label_ids)
+        out[rows] = task.predict(head_out.float()).cpu().numpy()
+    return out
+
+
+def score(task: Task, examples: Examples, predictions: np.ndarray) -> float:
+    metrics = task.metrics(
+        user_ids=examples.user_ids, targets=examples.targets, predictions=predictions
+    )
+    value = metrics[task.primary_metric]
+    return float("nan") if value is None else value
+
+
+def fit(
+    *,
+    model: FoundationModel,
+    task: Task,
+    prompt_source: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Examples,
+    val: Examples | None,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    seed: int,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> FitResult:
+    """Train for up to ``epochs``; keep the state of the best validation epoch."""
+    if len(train) == 0:
+        raise DataError("No training interactions for the chosen users: pick users with data.")
+    label_ids = model.label_token_ids(task.labels)
+    model.warm_prefixes(train.prefixes + (val.prefixes if val else []))
+    steps_per_epoch = -(-len(train) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=max(1, epochs * steps_per_epoch), pct_start=0.1, anneal_strategy="cos",
+    )  # fmt: skip
+    generator = np.random.default_rng(seed)
+    result, best_state, waited = FitResult(), None, 0
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        prompt_source.train()
+        head.train()
+        order, losses = generator.permutation(len(train)), []
+        for step, begin in enumerate(range(0, len(order), batch_size)):
+            if should_stop and should_stop():
+                raise Cancelled("stopped on request")
+            rows = order[begin : begin + batch_size]
+            logits, head_out = _forward(model, task, prompt_source, head, train, rows, label_ids)
+            targets = torch.from_numpy(train.targets[rows]).to(model.device)
+            loss = task.loss(logits, head_out.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            result.example_passes += len(rows)
+            if on_progress:
+                on_progress({"epoch": epoch, "fraction": (epoch + (step + 1) / steps_per_epoch)
+                             / epochs, "loss": losses[-1]})  # fmt: skip
+        record = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
+        if val is not None and len(val):
+            metric = score(task, val, predict(model, task, prompt_source, head, val))
+            record["val_" + task.primary_metric] = metric
+            better = result.best_metric is None or (
+                metric < result.best_metric if task.lower_is_better else metric > result.best_metric
+            )
+            if better:
+                result.best_metric, result.best_epoch, waited = metric, epoch, 0
+                best_state = copy.deepcopy((prompt_source.state_dict(), head.state_dict()))
+            else:
+                waited += 1
+        result.history.append(record)
+        if val is not None and waited >= patience:
+            break
+    if best_state is not None:
+        prompt_source.load_state_dict(best_state[0])
+        head.load_state_dict(best_state[1])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def index_users(user_ids: Sequence[str]) -> dict[str, int]:
+    return {user: row for row, user in enumerate(user_ids)}

@@ -1,0 +1,162 @@
+"""Tiny randomly initialised checkpoints of the real architectures, for fast tests.
+
+They are written to the cache as ordinary checkpoint directories (config, safetensors, tokenizer),
+so tests exercise the same loading path as the real models. The tokenizer is a small word-level
+vocabulary: enough for the templates, the label words and the synthetic item texts.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
+
+_WORDS = (
+    [
+        "#",
+        "question",
+        "answer",
+        ":",
+        ".",
+        ",",
+        "(",
+        ")",
+        "-",
+        "?",
+        "!",
+        "the",
+        "a",
+        "an",
+        "user",
+        "user's",
+        "rating",
+        "rate",
+        "movie",
+        "film",
+        "item",
+        "feature",
+        "is",
+        "of",
+        "for",
+        "from",
+        "to",
+        "and",
+        "or",
+        "in",
+        "on",
+        "we",
+        "have",
+        "information",
+        "about",
+        "preferences",
+        "encoded",
+        "predict",
+        "integer",
+        "between",
+        "as",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "yes",
+        "no",
+        "yes",
+        "no",
+        "would",
+        "like",
+        "this",
+        "their",
+        "gives",
+        "score",
+        "out",
+        "<userid>",
+        "genre",
+        "year",
+        "comedy",
+        "drama",
+        "action",
+        "thriller",
+        "romance",
+        "horror",
+        "sci",
+        "fi",
+        "animation",
+    ]
+    + [f"item{i}" for i in range(64)]
+    + list(string.ascii_lowercase)
+)
+
+TINY_SPECS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
+    "tiny-llama": (
+        LlamaConfig,
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "tiny-gemma": (
+        Gemma3TextConfig,
+        {
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 128,
+            "tie_word_embeddings": True,
+        },
+    ),
+}
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(specials + _WORDS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+    )
+
+
+def build_tiny_checkpoint(name: str, out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint of the named architecture to ``out``."""
+    config_class, overrides = TINY_SPECS[name]
+    tokenizer = _tokenizer()
+    config = config_class(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=256,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out)
+    return out
