@@ -229,9 +229,12 @@ class Demo:
 
 
 def _fmt(values: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
-    )
+    def one(value: Any) -> str:
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() else f"{value:.4f}"
+        return str(value)
+
+    return ", ".join(f"{k} {one(v)}" for k, v in values.items())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

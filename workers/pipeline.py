@@ -468,8 +468,12 @@ def _finalize(job: Job) -> None:
     migrated_metrics = evaluate(load_model(model), task, migrated, splits.test)
     source_metrics = {}
     for s in job.record["sources"]:
-        source_set = load_set(s["model"], s["version"], users=test_users)
         key = f"{s['model']}@{s['version']}"
+        cached = cached_source_metrics(job, s, test_users)
+        if cached is not None:
+            source_metrics[key] = cached
+            continue
+        source_set = load_set(s["model"], s["version"], users=test_users)
         source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, splits.test)
     job.check_cancel()
     gate = quality_gate(job, task=task, migrated=migrated_metrics, sources=source_metrics)
@@ -499,6 +503,17 @@ def _finalize(job: Job) -> None:
         cost=cost,
         finished_at=time.time(),
     )
+
+
+def cached_source_metrics(
+    job: Job, source: dict[str, str], test_users: list[str]
+) -> dict[str, Any] | None:
+    """A trained set's own test metrics, when they cover exactly these users on this dataset."""
+    meta = job.store.get_meta(source["model"], source["version"])
+    lineage, test = meta.lineage, meta.metrics.get("test")
+    same_data = lineage.get("kind") == "train" and lineage.get("dataset") == job.request["dataset"]
+    covers = test is not None and int(test.get("n_users") or -1) == len(test_users)
+    return dict(test) if same_data and covers and meta.count == len(test_users) else None
 
 
 def quality_gate(

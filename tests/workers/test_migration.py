@@ -163,7 +163,7 @@ def test_same_idempotency_key_gives_one_job(client: TestClient) -> None:
 
 def test_cancel_stops_job_and_keeps_active_set(client: TestClient, store: Store) -> None:
     before = store.active_pointers()
-    created = migrate(client, adapter={"epochs": 50, "hidden": 16})
+    created = migrate(client, adapter={"epochs": 50, "hidden": 16}, chunk_size=1)
     wait_for(lambda: job(client, created["id"])["stage"] in ("training", "mapping"), timeout=60)
     response = client.post(f"/migrations/{created['id']}/cancel", headers=admin())
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
