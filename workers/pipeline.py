@@ -511,9 +511,11 @@ def cached_source_metrics(
     """A trained set's own test metrics, when they cover exactly these users on this dataset."""
     meta = job.store.get_meta(source["model"], source["version"])
     lineage, test = meta.lineage, meta.metrics.get("test")
+    if test is None or meta.count != len(test_users):
+        return None
     same_data = lineage.get("kind") == "train" and lineage.get("dataset") == job.request["dataset"]
-    covers = test is not None and int(test.get("n_users") or -1) == len(test_users)
-    return dict(test) if same_data and covers and meta.count == len(test_users) else None
+    covers = int(test.get("n_users") or -1) == len(test_users)
+    return dict(test) if same_data and covers else None
 
 
 def quality_gate(
