@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -25,3 +30,18 @@ def test_development_generates_tokens() -> None:
     settings = Settings(environment="development")
     assert settings.admin_token is not None and settings.read_token is not None
     assert settings.admin_token != settings.read_token
+
+
+def test_api_process_refuses_to_start_in_production_without_tokens() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PM_")}
+    env["PM_ENVIRONMENT"] = "production"
+    result = subprocess.run(
+        [sys.executable, "-c", "import app.main"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "PM_ADMIN_TOKEN" in result.stderr

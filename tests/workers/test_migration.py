@@ -194,3 +194,11 @@ def test_chained_and_aggregated_migration_lineage(client: TestClient, store: Sto
     assert_exact_set(
         store, "tiny-llama-b", done["target"]["version"], expected_prompts(store, done["id"])
     )
+
+
+def test_ready_with_redis_and_a_worker(client: TestClient) -> None:
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["workers"] >= 1
+    metrics = client.get("/metrics").text
+    assert "pm_http_requests_total" in metrics and "pm_prompts_served_total" in metrics
