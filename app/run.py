@@ -65,6 +65,17 @@ class Children:
         self.procs.clear()
 
 
+def pick_port(wanted: int | None) -> int:
+    if wanted is not None:
+        return wanted
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8000))
+            return 8000
+        except OSError:
+            return free_port()  # 8000 is taken: any free port will do for a dev run
+
+
 def redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary:
@@ -239,7 +250,7 @@ def _fmt(values: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PM_PORT", "8000")))
+    parser.add_argument("--port", type=int, default=None, help="default: 8000, else a free one")
     parser.add_argument("--no-demo", action="store_true", help="only start the service")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop after the walk")
     parser.add_argument("--users", type=int, default=60)
@@ -260,8 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         env = prepare_env(children)
         os.environ.update(env)
-        start_services(children, env, args.port)
-        base = f"http://127.0.0.1:{args.port}"
+        port = pick_port(args.port)
+        start_services(children, env, port)
+        base = f"http://127.0.0.1:{port}"
         wait_ready(children, base)
         print(f"\nAPI ready at {base} (docs: {base}/docs); logs in {RUN_DIR}")
         print(f"  admin token: {env['PM_ADMIN_TOKEN']}")
