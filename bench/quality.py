@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +57,20 @@ PRESETS = {
     "smoke": Preset(
         name="smoke", dataset="synthetic-tiny", task="rating",
         source_model="tiny-llama", target_model="tiny-gemma", budget=8,
-        prompt=PromptTrainingConfig(epochs=6, lr=3e-2, head_lr=1e-2, patience=6),
-        migration=MigrationConfig(hidden=32, epochs=6, lr=1e-2, patience=6),
-        budget_migration=MigrationConfig(hidden=32, epochs=10, lr=1e-2, patience=10),
+        prompt=PromptTrainingConfig(epochs=6, lr=5e-2, head_lr=1e-2, patience=6),
+        migration=MigrationConfig(hidden=32, epochs=6, lr=3e-3, head_lr=1e-2, patience=6),
+        budget_migration=MigrationConfig(hidden=32, epochs=10, lr=3e-3, head_lr=1e-2, batch_size=8,
+                                         patience=10),
         n_test=4, n_val=4, max_train=16, seeds=(0, 1), device="cpu",
     ),
     "cpu-small": Preset(
         name="cpu-small", dataset="movielens-100k", task="rating",
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=40,
         prompt=PromptTrainingConfig(epochs=3, lr=3e-3, head_lr=2e-3, patience=2, batch_size=32),
-        migration=MigrationConfig(hidden=256, epochs=2, lr=5e-4, head_warmup_epochs=1),
-        budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_warmup_epochs=1),
+        migration=MigrationConfig(hidden=256, epochs=2, lr=5e-4, head_lr=3e-3, head_warmup_epochs=1),
+        # 40 users give ~35 steps an epoch at batch 32: smaller batches give the adapter more.
+        budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, batch_size=8,
+                                         head_warmup_epochs=1),
         seeds=(0, 1, 2),
     ),
     "gpu-full": Preset(
@@ -92,6 +96,21 @@ class Row:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def progress(label: str) -> Callable[[dict[str, float]], None]:
+    """A callback that logs every 10% of a training run."""
+    shown = [-1]
+
+    def report(state: dict[str, float]) -> None:
+        tenth = int(state["fraction"] * 10)
+        if tenth > shown[0]:
+            shown[0] = tenth
+            log(
+                f"  {label}: {state['fraction']:.0%} epoch {int(state['epoch'])} loss {state['loss']:.3f}"
+            )
+
+    return report
 
 
 def constant_row(method: str, test: Predictions, values: np.ndarray) -> Row:
@@ -122,7 +141,9 @@ def source_prompts(
         log(f"source prompts from cache {path}")
         return PromptSet.from_bytes(path.read_bytes()), json.loads(meta_path.read_text())
     log(f"training source prompts on {preset.source_model} for {len(splits.users)} users")
-    result = train_prompts(model, task, splits, config=preset.prompt)
+    result = train_prompts(
+        model, task, splits, config=preset.prompt, on_progress=progress("source")
+    )
     meta = {"train_seconds": result.seconds, "example_passes": result.example_passes,
             "history": result.history}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +182,7 @@ def adapter_row(
 ) -> tuple[Row, PromptSet]:  # fmt: skip
     log(f"{method}: training the adapter on {len(users)} users")
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
-                           users=users, config=config, vocab_maps=[vocab_map])  # type: ignore[list-item]  # fmt: skip
+                           users=users, config=config, vocab_maps=[vocab_map], on_progress=progress(method))  # type: ignore[list-item]  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
     predictions = predict_set(target, task, migrated, splits.test)
     row = Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
@@ -214,7 +235,9 @@ def run(preset: Preset) -> dict[str, object]:
     del source
     rows.append(random_init_row(preset, target, task, splits, users))
     log("retrain: training every user's prompt on the target")
-    retrained = train_prompts(target, task, splits, config=preset.prompt)
+    retrained = train_prompts(
+        target, task, splits, config=preset.prompt, on_progress=progress("retrain")
+    )
     rows.append(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
                     retrained.seconds, retrained.example_passes, len(users),
                     {"history": retrained.history}))  # fmt: skip

@@ -41,12 +41,11 @@ class PumaAdapter(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(c.d_out), nn.Linear(c.d_out, c.d_out))
         self.skip = nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_skip else None
         # LN gives unit-variance features, so weights of std out_std / sqrt(d) give outputs of
-        # std out_std; with a skip path the network starts as a small correction to it.
-        scale = 0.1 if self.skip is not None else 1.0
-        nn.init.normal_(self.out[1].weight, std=scale * c.out_std / c.d_out**0.5)
+        # std out_std. The linear path starts at zero unless a map is given (init_skip).
+        nn.init.normal_(self.out[1].weight, std=c.out_std / c.d_out**0.5)
         nn.init.zeros_(self.out[1].bias)
         if self.skip is not None:
-            nn.init.normal_(self.skip.weight, std=c.out_std / c.d_in**0.5)
+            nn.init.zeros_(self.skip.weight)
 
     def init_skip(self, linear_map: torch.Tensor) -> None:
         """Start the linear path at ``x @ linear_map`` (``[d_in, d_out]``)."""
@@ -57,6 +56,7 @@ class PumaAdapter(nn.Module):
             )
         with torch.no_grad():
             self.skip.weight.copy_(linear_map.T)
+            self.out[1].weight.mul_(0.1)  # the network now starts as a small correction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., l, d_in]`` -> ``[..., l, d_out]``."""

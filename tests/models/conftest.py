@@ -1,0 +1,31 @@
+"""Tiny random models and a synthetic dataset with a learnable per-user signal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.data import Splits, load_interactions, split_chronological
+from models.foundation import FoundationModel
+from models.tasks import Task, get_task
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> FoundationModel:
+    return FoundationModel.load("tiny-llama", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma() -> FoundationModel:
+    return FoundationModel.load("tiny-gemma", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def rating() -> Task:
+    return get_task("rating")
+
+
+@pytest.fixture(scope="session")
+def tiny_splits() -> Splits:
+    rows = load_interactions("synthetic-tiny", task="rating")
+    return split_chronological(rows, n_test=4, n_val=4, max_train=16)

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from models.adapter import AdapterConfig, PumaAdapter, adapter_from_bytes, adapter_to_bytes
+from models.errors import ShapeMismatchError
+
+
+@pytest.mark.parametrize(("d_in", "d_out", "length"), [(576, 640, 1), (32, 48, 8), (80, 48, 1)])
+def test_adapter_maps_width_and_keeps_length(d_in: int, d_out: int, length: int) -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=d_in, d_out=d_out, hidden=16))
+    out = adapter(torch.randn(5, length, d_in))
+    assert out.shape == (5, length, d_out)
+    assert torch.isfinite(out).all()
+
+
+def test_output_starts_at_the_target_embedding_spread() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=64, d_out=96, hidden=32, out_std=0.04)).eval()
+    out = adapter(torch.randn(512, 1, 64) * 0.05)
+    assert 0.01 < float(out.detach().std()) < 0.16
+
+
+def test_wrong_input_width_is_refused() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=8, d_out=4, hidden=4))
+    with pytest.raises(ShapeMismatchError, match="width 9"):
+        adapter(torch.randn(2, 1, 9))
+
+
+@pytest.mark.parametrize("field", ["d_in", "d_out", "hidden"])
+def test_config_rejects_non_positive_widths(field: str) -> None:
+    kwargs = {"d_in": 4, "d_out": 4, "hidden": 4} | {field: 0}
+    with pytest.raises(ValueError, match=field):
+        AdapterConfig(**kwargs)
+
+
+def test_config_rejects_bad_dropout() -> None:
+    with pytest.raises(ValueError, match="dropout"):
+        AdapterConfig(d_in=4, d_out=4, dropout=1.0)
+
+
+def test_bytes_round_trip_gives_the_same_mapping() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=12, d_out=20, hidden=8)).eval()
+    x = torch.randn(3, 2, 12)
+    restored = adapter_from_bytes(adapter_to_bytes(adapter))
+    assert restored.config == adapter.config
+    torch.testing.assert_close(restored(x), adapter(x))
+
+
+def test_linear_path_can_start_from_a_given_map() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=6, d_out=5, hidden=4))
+    linear = torch.randn(6, 5)
+    adapter.init_skip(linear)
+    assert adapter.skip is not None
+    torch.testing.assert_close(adapter.skip.weight, linear.T)
+    with pytest.raises(ShapeMismatchError):
+        adapter.init_skip(torch.randn(5, 6))

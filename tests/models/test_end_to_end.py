@@ -1,0 +1,109 @@
+"""Tiny models, a learnable per-user signal: training and migration must beat random prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.data import Splits
+from models.evaluation import evaluate
+from models.foundation import FoundationModel
+from models.instant import fit_vocab_map, instant_migrate
+from models.migration import MigrationConfig, migrate_all, stack_sources, train_adapter
+from models.prompts import PromptSet
+from models.selection import select_users
+from models.tasks import Task
+from models.training import PromptTrainingConfig, init_prompts, train_prompts
+
+PROMPT_CONFIG = PromptTrainingConfig(epochs=8, lr=5e-2, head_lr=1e-2, patience=8)
+# Few users make few optimizer steps: small batches and a quick head keep the test short.
+ADAPTER_CONFIG = MigrationConfig(
+    hidden=32, epochs=12, lr=3e-3, head_lr=1e-2, batch_size=8, patience=12, head_warmup_epochs=1
+)
+
+
+def rmse(model: FoundationModel, task: Task, prompts: PromptSet, splits: Splits) -> float:
+    value = evaluate(model, task, prompts, splits.test)["rmse"]
+    assert value is not None
+    return value
+
+
+def randomised(prompt_set: PromptSet, model: FoundationModel) -> PromptSet:
+    """The same users and head with random real-token prompts of ``model``."""
+    n, length = len(prompt_set.user_ids), prompt_set.prompt_length
+    prompts = init_prompts(model, n_users=n, prompt_length=length, seed=99)
+    return PromptSet(model.name, prompt_set.task, prompt_set.user_ids, prompts, prompt_set.head)
+
+
+@pytest.fixture(scope="module")
+def source_set(tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits) -> PromptSet:
+    return train_prompts(tiny_llama, rating, tiny_splits, config=PROMPT_CONFIG).prompt_set
+
+
+def test_trained_prompts_beat_random_prompts(
+    tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits, source_set: PromptSet
+) -> None:
+    trained = rmse(tiny_llama, rating, source_set, tiny_splits)
+    random = rmse(tiny_llama, rating, randomised(source_set, tiny_llama), tiny_splits)
+    assert trained < random - 0.2
+
+
+def test_migrated_prompts_beat_random_prompts_on_the_target(
+    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
+    source_set: PromptSet,
+) -> None:  # fmt: skip
+    labels = {u: [i.label for i in v] for u, v in tiny_splits.train.items()}
+    users = select_users("puma", prompts=source_set.prompts, labels=labels,
+                         user_ids=source_set.user_ids, budget=12)  # fmt: skip
+    result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
+                           splits=tiny_splits, users=users, config=ADAPTER_CONFIG)  # fmt: skip
+    migrated = migrate_all([source_set], result, target=tiny_gemma.name)
+    assert migrated.user_ids == source_set.user_ids  # every user, not only the 12 trained
+    assert migrated.prompts.shape == (24, 1, tiny_gemma.hidden_size)
+    assert result.users_trained == 12
+    random = rmse(tiny_gemma, rating, randomised(migrated, tiny_gemma), tiny_splits)
+    assert rmse(tiny_gemma, rating, migrated, tiny_splits) < random - 0.15
+
+
+def test_chain_and_round_trip_give_every_user_a_prompt(
+    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
+    source_set: PromptSet,
+) -> None:  # fmt: skip
+    quick = MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0)
+    users = source_set.user_ids[:6]
+    hops = [(tiny_gemma, source_set), (tiny_llama, None)]  # A -> B -> A
+    current = source_set
+    for target, _ in hops:
+        result = train_adapter(sources=[current], target=target, task=rating,
+                               splits=tiny_splits, users=users, config=quick)  # fmt: skip
+        current = migrate_all([current], result, target=target.name)
+        assert current.prompts.shape == (24, 1, target.hidden_size)
+        assert torch.isfinite(current.prompts).all()
+    assert current.model == tiny_llama.name
+
+
+def test_aggregation_concatenates_any_number_of_sources(
+    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
+    source_set: PromptSet,
+) -> None:  # fmt: skip
+    second = randomised(source_set, tiny_gemma)
+    third = randomised(source_set, tiny_llama)
+    sources = [source_set, second, third]
+    widths = tiny_llama.hidden_size * 2 + tiny_gemma.hidden_size
+    assert stack_sources(sources, source_set.user_ids[:3]).shape == (3, 1, widths)
+    result = train_adapter(sources=sources, target=tiny_gemma, task=rating, splits=tiny_splits,
+                           users=source_set.user_ids[:6],
+                           config=MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0))  # fmt: skip
+    assert result.adapter.config.d_in == widths
+    merged = migrate_all(sources, result, target=tiny_gemma.name)
+    assert merged.prompts.shape == (24, 1, tiny_gemma.hidden_size)
+
+
+def test_instant_migration_costs_no_training_and_keeps_every_user(
+    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, source_set: PromptSet
+) -> None:
+    vocab_map = fit_vocab_map(tiny_llama, tiny_gemma)
+    assert vocab_map.n_shared > 50
+    instant = instant_migrate([source_set], [vocab_map], target=tiny_gemma.name)
+    assert instant.user_ids == source_set.user_ids
+    assert instant.prompts.shape == (24, 1, tiny_gemma.hidden_size)

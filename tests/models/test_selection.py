@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from models.errors import BudgetError, DataError
+from models.selection import cluster_users, select_users
+
+
+def population(
+    n: int = 300, seed: int = 0
+) -> tuple[torch.Tensor, dict[str, list[float]], list[str]]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, 16)) * 3
+    prompts = torch.tensor(centres[rng.integers(0, 6, n)] + rng.normal(size=(n, 16)))
+    users = [f"u{i}" for i in range(n)]
+    labels = {u: rng.integers(1, 6, size=rng.integers(1, 12)).astype(float).tolist() for u in users}
+    return prompts.unsqueeze(1).float(), labels, users
+
+
+@pytest.mark.parametrize("budget", [1, 7, 15, 40, 299, 300])
+@pytest.mark.parametrize("strategy", ["puma", "random"])
+def test_exact_budget_of_distinct_users(strategy: str, budget: int) -> None:
+    prompts, labels, users = population()
+    chosen = select_users(strategy, prompts=prompts, labels=labels, user_ids=users, budget=budget)
+    assert len(chosen) == budget == len(set(chosen))
+    assert set(chosen) <= set(users)
+
+
+def test_budget_below_the_cluster_floors_is_still_exact() -> None:
+    prompts, labels, users = population(n=40)
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=3,
+                          n_clusters=15)  # fmt: skip
+    assert len(chosen) == 3
+
+
+def test_every_cluster_is_represented() -> None:
+    prompts, labels, users = population()
+    clusters = cluster_users(prompts, n_clusters=15, seed=0)
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=30)
+    rows = [users.index(u) for u in chosen]
+    assert set(clusters[rows]) == set(clusters)
+
+
+def test_same_seed_same_users_and_other_seed_other_users() -> None:
+    prompts, labels, users = population()
+    pick = lambda seed: select_users("puma", prompts=prompts, labels=labels, user_ids=users,  # noqa: E731
+                                     budget=50, seed=seed)  # fmt: skip
+    assert pick(3) == pick(3)
+    assert pick(3) != pick(4)
+
+
+def test_medium_variance_users_are_favoured() -> None:
+    prompts, labels, users = population(n=600)
+    variance = {u: np.var(v, ddof=1) if len(v) > 1 else 0.0 for u, v in labels.items()}
+    ranks = {u: r for r, u in enumerate(sorted(users, key=variance.__getitem__))}
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=200)
+    middle = sum(1 for u in chosen if 0.2 <= ranks[u] / len(users) < 0.8)
+    assert middle / len(chosen) > 0.7  # uniform sampling would give 0.6
+
+
+def test_all_returns_everyone() -> None:
+    prompts, labels, users = population(n=20)
+    assert select_users("all", prompts=prompts, labels=labels, user_ids=users, budget=None) == users
+
+
+@pytest.mark.parametrize("budget", [0, 301, None])
+def test_budget_outside_the_population_is_refused(budget: int | None) -> None:
+    prompts, labels, users = population()
+    with pytest.raises(BudgetError, match=r"outside 1\.\.300"):
+        select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=budget)
+
+
+def test_unknown_strategy_is_refused() -> None:
+    prompts, labels, users = population(n=10)
+    with pytest.raises(DataError, match="strategy"):
+        select_users("best", prompts=prompts, labels=labels, user_ids=users, budget=2)
