@@ -14,8 +14,8 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +66,13 @@ PRESETS = {
     "cpu-small": Preset(
         name="cpu-small", dataset="movielens-100k", task="rating",
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=40,
-        prompt=PromptTrainingConfig(epochs=3, lr=3e-3, head_lr=2e-3, patience=2, batch_size=32),
-        migration=MigrationConfig(hidden=256, epochs=2, lr=5e-4, head_lr=3e-3, head_warmup_epochs=1),
+        # Two epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
+        prompt=PromptTrainingConfig(epochs=2, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
+        migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=3e-3, head_warmup_epochs=1),
         # 40 users give ~35 steps an epoch at batch 32: smaller batches give the adapter more.
         budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, batch_size=8,
                                          head_warmup_epochs=1),
-        seeds=(0, 1, 2),
+        seeds=(0, 1),
     ),
     "gpu-full": Preset(
         name="gpu-full", dataset="movielens-1m", task="rating",
@@ -252,9 +253,10 @@ def run(preset: Preset) -> dict[str, object]:
                                   user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
             row, _ = adapter_row(method, users=chosen, config=config, **common)  # type: ignore[arg-type]
+            assert row.predictions is not None
             spread[method].append(
                 float(metrics_of(task, row.predictions)[task.primary_metric] or 0)
-            )  # type: ignore[arg-type]
+            )
             if seed == preset.seeds[0]:
                 rows.append(row)
             log(f"{method} seed {seed}: {spread[method][-1]:.4f}")

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from models.errors import CheckpointError, ShapeMismatchError
 from models.registry import resolve_checkpoint
@@ -52,7 +58,7 @@ class FoundationModel:
         self,
         *,
         name: str,
-        model: nn.Module,
+        model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
         dtype: torch.dtype,
@@ -63,7 +69,8 @@ class FoundationModel:
         self.device = device
         self.dtype = dtype
         self.decoder: nn.Module = model.base_model
-        self.embeddings: nn.Embedding = model.get_input_embeddings()
+        self.embeddings: nn.Module = model.get_input_embeddings()
+        self.embedding_table: torch.Tensor = self.embeddings.weight  # type: ignore[assignment]
         self.hidden_size: int = int(model.config.hidden_size)
         # Gemma scales input embeddings by sqrt(d) inside its embedding module; prompts live in the
         # raw table space and get the same scale when spliced in.
@@ -83,14 +90,15 @@ class FoundationModel:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"Could not load a causal LM from {path}: {error}") from error
+        model.to(torch_device)  # type: ignore[arg-type]
         return cls(
-            name=name_or_path, model=model.to(torch_device), tokenizer=tokenizer,
+            name=name_or_path, model=model, tokenizer=tokenizer,
             device=torch_device, dtype=torch_dtype,
         )  # fmt: skip
 
     @property
     def embedding_std(self) -> float:
-        return float(self.embeddings.weight.float().std())
+        return float(self.embedding_table.float().std())
 
     def token_ids(self, text: str, *, special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -104,7 +112,7 @@ class FoundationModel:
 
     def raw_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the input embedding table, unscaled, fp32: ``[..., d]``."""
-        return self.embeddings.weight[token_ids.to(self.device)].float()
+        return self.embedding_table[token_ids.to(self.device)].float()
 
     def check_prompts(self, prompts: torch.Tensor) -> None:
         if prompts.ndim != 3 or prompts.shape[-1] != self.hidden_size:
@@ -156,7 +164,9 @@ class FoundationModel:
     # -- scoring ------------------------------------------------------------------------------
 
     def _label_head(self, hidden: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
-        weight = self.model.get_output_embeddings().weight[label_ids]
+        output = self.model.get_output_embeddings()
+        assert output is not None
+        weight = output.weight[label_ids]
         logits = hidden.float() @ weight.float().T
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -33,7 +33,7 @@ class LinearMap:
 
 
 def _normalised_vocab(model: FoundationModel) -> dict[str, int]:
-    vocab = {}
+    vocab: dict[str, int] = {}
     for token, index in model.tokenizer.get_vocab().items():
         text = token
         for marker in _SPACE_MARKERS:

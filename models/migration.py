@@ -100,9 +100,7 @@ def train_adapter(
     ))  # fmt: skip
     if vocab_maps and config.start_from_vocab_map:
         linear = stacked_map(vocab_maps)
-        adapter.init_skip(linear.weight)
-        with torch.no_grad():  # the map's offset goes into the output bias
-            adapter.out[1].bias.copy_(linear.target_mean - linear.source_mean @ linear.weight)
+        adapter.init_skip(linear.weight, linear.target_mean - linear.source_mean @ linear.weight)
     torch.manual_seed(config.seed)
     source = AdapterPrompts(adapter, inputs).to(target.device)
     head = task.make_head(mean_target=mean_target(splits)).to(target.device)

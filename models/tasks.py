@@ -53,10 +53,9 @@ class RatingHead(nn.Module):
 
     def __init__(self, *, mean_rating: float = 3.5) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(5, 32), nn.SiLU(), nn.Linear(32, 12), nn.SiLU(), nn.Linear(12, 1)
-        )
-        nn.init.constant_(self.mlp[-1].bias, mean_rating)
+        last = nn.Linear(12, 1)
+        nn.init.constant_(last.bias, mean_rating)
+        self.mlp = nn.Sequential(nn.Linear(5, 32), nn.SiLU(), nn.Linear(32, 12), nn.SiLU(), last)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # [B, 5] -> [B]
         return self.mlp(logits - logits.mean(-1, keepdim=True)).squeeze(-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -16,7 +17,6 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
-    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -31,7 +31,7 @@ _WORDS = [
 
 # initializer_range 0.2 for the tiny Llama: with the default 0.02 its attention stays uniform
 # and a single user token among ~40 barely reaches the answer position, so nothing can be learned.
-TINY_SPECS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
+TINY_SPECS: dict[str, tuple[type[LlamaConfig] | type[Gemma3TextConfig], dict[str, Any]]] = {
     "tiny-llama": (
         LlamaConfig,
         {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

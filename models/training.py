@@ -51,7 +51,7 @@ def init_prompts(
 ) -> torch.Tensor:
     """Random real token embeddings of ``model``: ``[n_users, l, d]`` fp32."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = model.embeddings.weight.shape[0]
+    vocab = model.embedding_table.shape[0]
     ids = torch.randint(0, vocab, (n_users, prompt_length), generator=generator)
     return model.raw_embeddings(ids).cpu()
 

@@ -38,17 +38,20 @@ class PumaAdapter(nn.Module):
         self.source_block = FeedForward(c.d_in, c.hidden, c.d_in, c.dropout)
         self.up = FeedForward(c.d_in, c.hidden, c.d_out, c.dropout)
         self.target_block = FeedForward(c.d_out, c.hidden, c.d_out, c.dropout)
-        self.out = nn.Sequential(nn.LayerNorm(c.d_out), nn.Linear(c.d_out, c.d_out))
-        self.skip = nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_skip else None
+        self.out_norm = nn.LayerNorm(c.d_out)
+        self.out_proj = nn.Linear(c.d_out, c.d_out)
+        self.skip: nn.Linear | None = (
+            nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_skip else None
+        )
         # LN gives unit-variance features, so weights of std out_std / sqrt(d) give outputs of
         # std out_std. The linear path starts at zero unless a map is given (init_skip).
-        nn.init.normal_(self.out[1].weight, std=c.out_std / c.d_out**0.5)
-        nn.init.zeros_(self.out[1].bias)
+        nn.init.normal_(self.out_proj.weight, std=c.out_std / c.d_out**0.5)
+        nn.init.zeros_(self.out_proj.bias)
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
 
-    def init_skip(self, linear_map: torch.Tensor) -> None:
-        """Start the linear path at ``x @ linear_map`` (``[d_in, d_out]``)."""
+    def init_skip(self, linear_map: torch.Tensor, offset: torch.Tensor | None = None) -> None:
+        """Start the linear path at ``x @ linear_map + offset`` (``[d_in, d_out]``, ``[d_out]``)."""
         if self.skip is None or linear_map.shape != (self.config.d_in, self.config.d_out):
             raise ShapeMismatchError(
                 f"A linear map of shape {tuple(linear_map.shape)} cannot start an adapter "
@@ -56,7 +59,9 @@ class PumaAdapter(nn.Module):
             )
         with torch.no_grad():
             self.skip.weight.copy_(linear_map.T)
-            self.out[1].weight.mul_(0.1)  # the network now starts as a small correction
+            self.out_proj.weight.mul_(0.1)  # the network now starts as a small correction
+            if offset is not None:
+                self.out_proj.bias.copy_(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., l, d_in]`` -> ``[..., l, d_out]``."""
@@ -67,12 +72,14 @@ class PumaAdapter(nn.Module):
         x1 = x + self.source_block(x)
         h = self.up(x1)
         h = h + self.target_block(h)
-        y = self.out(h)
+        y = self.out_proj(self.out_norm(h))
         return y + self.skip(x) if self.skip is not None else y
 
 
 class AdapterPrompts(nn.Module):
     """Prompts of a batch of users through the adapter: ``users`` -> ``[B, l, d_out]``."""
+
+    sources: torch.Tensor  # [n_users, l, d_in], frozen
 
     def __init__(self, adapter: PumaAdapter, sources: torch.Tensor) -> None:
         super().__init__()
