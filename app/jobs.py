@@ -122,6 +122,8 @@ def cancel(store: Store, job_id: str) -> dict[str, Any]:
     if job["state"] in TERMINAL:
         raise ConflictError(f"Job {job_id} already ended in state {job['state']!r}.")
     store.request_cancel(job_id)
+    if job["state"] == QUEUED:  # no worker has it yet; one that picks it up will skip it
+        store.update_job(job_id, state=CANCELLED, stage=CANCELLED)
     return store.get_job(job_id)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from redis.exceptions import RedisError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -128,6 +129,8 @@ def run_guarded(job_id: str, stage: Callable[[Job], Any]) -> Any:
         abandon(job)
     except (MigrationError, ServiceError) as exc:
         abandon(job, error=str(exc))
+    except RedisError:
+        raise  # transient: the task is retried, the job stays as it is
     except Exception as exc:
         abandon(job, error=f"internal error: {exc!r}")
         raise

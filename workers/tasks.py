@@ -5,17 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from celery import chord, group
+from redis.exceptions import RedisError
 
 from workers import pipeline
 from workers.celery_app import app
 
+# A Redis outage is transient: retry with backoff; every stage is idempotent.
+RETRY = {"autoretry_for": (RedisError,), "retry_backoff": True, "max_retries": 8}
 
-@app.task(name="workers.tasks.train_prompt_set")
+
+@app.task(name="workers.tasks.train_prompt_set", **RETRY)
 def train_prompt_set(job_id: str) -> None:
     pipeline.run_guarded(job_id, pipeline.train_prompt_set)
 
 
-@app.task(name="workers.tasks.train_stage")
+@app.task(name="workers.tasks.train_stage", **RETRY)
 def train_stage(job_id: str) -> None:
     chunks = pipeline.run_guarded(job_id, pipeline.prepare_and_train)
     if chunks is None:
@@ -25,7 +29,7 @@ def train_stage(job_id: str) -> None:
     chord(header)(finalize.si(job_id))
 
 
-@app.task(name="workers.tasks.map_chunk")
+@app.task(name="workers.tasks.map_chunk", **RETRY)
 def map_chunk(job_id: str, index: int) -> dict[str, Any] | None:
     result: dict[str, Any] | None = pipeline.run_guarded(
         job_id, lambda job: pipeline.map_chunk(job, index)
@@ -33,6 +37,6 @@ def map_chunk(job_id: str, index: int) -> dict[str, Any] | None:
     return result
 
 
-@app.task(name="workers.tasks.finalize")
+@app.task(name="workers.tasks.finalize", **RETRY)
 def finalize(job_id: str) -> None:
     pipeline.run_guarded(job_id, pipeline.finalize)
