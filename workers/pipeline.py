@@ -479,7 +479,12 @@ def _finalize(job: Job) -> None:
         source_set = load_set(s["model"], s["version"], users=test_users)
         source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, splits.test)
     job.check_cancel()
-    gate = quality_gate(job, task=task, migrated=migrated_metrics, sources=source_metrics)
+    gate = quality_gate(
+        task=task,
+        migrated=migrated_metrics,
+        sources=source_metrics,
+        tolerance=gate_tolerance(job),
+    )
     metrics = {"migrated": migrated_metrics, "sources": source_metrics, "task": task.name}
     job.store.seal_set(
         model,
@@ -522,12 +527,10 @@ def cached_source_metrics(
 
 
 def quality_gate(
-    job: Job, *, task: Task, migrated: dict[str, Any], sources: dict[str, dict[str, Any]]
+    *, task: Task, migrated: dict[str, Any], sources: dict[str, dict[str, Any]], tolerance: float
 ) -> dict[str, Any]:
     """The migrated set may be worse than the best source by at most ``tolerance``."""
     metric = task.primary_metric
-    tolerance = job.request.get("quality_gate", {}).get("tolerance")
-    tolerance = job.settings.quality_tolerance if tolerance is None else float(tolerance)
     values = [v[metric] for v in sources.values() if v.get(metric) is not None]
     value = migrated.get(metric)
     if value is None or not values:
@@ -542,3 +545,8 @@ def quality_gate(
         "worse_by": worse_by,
         "tolerance": tolerance,
     }
+
+
+def gate_tolerance(job: Job) -> float:
+    tolerance = (job.request.get("quality_gate") or {}).get("tolerance")
+    return job.settings.quality_tolerance if tolerance is None else float(tolerance)
