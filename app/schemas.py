@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN
+
+StoredDtype = Annotated[
+    Literal["float32", "float16"],
+    Field(description="How the new set's prompt values are stored and served."),
+]
 
 
 class Strict(BaseModel):
@@ -53,6 +58,7 @@ class TrainRequest(Strict):
     prompt_length: int = Field(default=1, ge=1, le=64)
     lr: float | None = Field(default=None, gt=0)
     activate: bool = True
+    dtype: StoredDtype = "float32"
     seed: int = 0
 
 
@@ -95,6 +101,7 @@ class MigrationCreate(Strict):
     quality_gate: QualityGate = QualityGate()
     auto_promote: bool = True
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
+    dtype: StoredDtype = "float32"
     seed: int = 0
 
     @model_validator(mode="after")

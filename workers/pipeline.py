@@ -196,7 +196,7 @@ def write_set(
     s = job.store
     s.begin_set(meta)
     s.put_head(meta.model, meta.version, save_tensors(prompt_set.head))
-    items = encode_rows(prompt_set.user_ids, prompt_set.prompts)
+    items = encode_rows(prompt_set.user_ids, prompt_set.prompts, dtype=meta.dtype)
     s.write_prompts(meta.model, meta.version, items)
     return s.seal_set(
         meta.model,
@@ -207,9 +207,11 @@ def write_set(
     )
 
 
-def encode_rows(users: list[str], prompts: torch.Tensor) -> list[tuple[str, bytes]]:
+def encode_rows(
+    users: list[str], prompts: torch.Tensor, *, dtype: str = "float32"
+) -> list[tuple[str, bytes]]:
     array = prompts.detach().float().cpu().numpy()
-    return [(u, codec.encode(array[i], "float32")) for i, u in enumerate(users)]
+    return [(u, codec.encode(array[i], dtype)) for i, u in enumerate(users)]
 
 
 def common_users(sources: list[dict[str, str]]) -> list[str]:
@@ -261,6 +263,7 @@ def train_prompt_set(job: Job) -> None:
         version=version,
         task=task.name,
         shape=[prompt_set.prompt_length, prompt_set.width],
+        dtype=str(request.get("dtype") or "float32"),
         template=task.template.prefix + "<prompt>" + task.template.suffix,
         lineage={"job": job.id, "kind": "train", "dataset": request["dataset"], "parents": []},
     )
@@ -392,6 +395,7 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], t
         version=version,
         task=task.name,
         shape=[first.shape[0], int(width)],
+        dtype=str(job.request.get("dtype") or "float32"),
         template=first.template,
         lineage={"job": job.id, "kind": "migration", "parents": sources},
     )
@@ -426,7 +430,7 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     users = _chunks(job)[index]
     sets = [load_set(s["model"], s["version"], users=users) for s in job.record["sources"]]
     mapped = map_prompts(_adapter(job), stack_sources(sets, users))
-    items = encode_rows(users, mapped)
+    items = encode_rows(users, mapped, dtype=str(job.request.get("dtype") or "float32"))
     model, version = job.target
     job.store.write_prompts(model, version, items)
     if job.store.mark_chunk_done(job.id, index, count=len(items), digest=codec.set_digest(items)):

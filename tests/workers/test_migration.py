@@ -202,3 +202,15 @@ def test_ready_with_redis_and_a_worker(client: TestClient) -> None:
     assert ready.json()["checks"]["workers"] >= 1
     metrics = client.get("/metrics").text
     assert "pm_http_requests_total" in metrics and "pm_prompts_served_total" in metrics
+
+
+def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, store: Store) -> None:
+    done = wait_done(client, migrate(client, dtype="float16", auto_promote=False)["id"])
+    assert done["state"] == "awaiting_promotion", done
+    version = done["target"]["version"]
+    response = client.get(f"/users/u0/prompt?model={TARGET}&version={version}", headers=reader())
+    assert response.headers["X-Prompt-Dtype"] == "float16"
+    width = int(response.headers["X-Prompt-Shape"].split(",")[1])
+    assert len(response.content) == 2 * width
+    expected = np.frombuffer(expected_prompts(store, done["id"])["u0"], "<f4")
+    assert np.allclose(np.frombuffer(response.content, "<f2"), expected, rtol=1e-2, atol=1e-3)
