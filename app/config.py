@@ -47,6 +47,10 @@ class Settings(BaseSettings):
                 _require_strong(name, getattr(self, name))
             if self.admin_token == self.read_token:
                 raise ValueError("PM_ADMIN_TOKEN and PM_READ_TOKEN must differ in production.")
+            if self.chunk_delay_s:
+                raise ValueError(
+                    "PM_CHUNK_DELAY_S is a test-only slowdown; unset it in production."
+                )
             return self
         # Development: a missing token gets a random one (``python -m app.run`` prints them).
         if self.admin_token is None:

@@ -26,6 +26,13 @@ def test_production_accepts_strong_tokens() -> None:
     assert settings.admin_token is not None
 
 
+def test_production_refuses_the_test_slowdown() -> None:
+    with pytest.raises(ValidationError, match="CHUNK_DELAY"):
+        Settings(
+            environment="production", admin_token="a" * 40, read_token="b" * 40, chunk_delay_s=1
+        )
+
+
 def test_development_generates_tokens() -> None:
     settings = Settings(environment="development")
     assert settings.admin_token is not None and settings.read_token is not None
