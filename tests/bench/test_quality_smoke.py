@@ -1,0 +1,35 @@
+"""The smoke preset of the quality benchmark runs end to end and writes the documented JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import quality
+
+METHODS = {"global_mean", "user_mean", "source", "instant", "random_init", "retrain",
+           "puma_all", "puma_budget", "random_budget"}  # fmt: skip
+FIELDS = {"method", "rmse", "mae", "auc", "uauc", "rmse_ci95_vs_retrain", "train_seconds",
+          "example_passes", "users_trained"}  # fmt: skip
+
+
+def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    quality.main(["--preset", "smoke", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"preset", "dataset", "task", "source_model", "target_model", "n_users",
+            "budget_users", "rows"} <= result.keys()  # fmt: skip
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == METHODS
+    for row in rows.values():
+        assert row.keys() >= FIELDS
+        low, high = row["rmse_ci95_vs_retrain"]
+        assert low <= high
+        assert row["rmse"] > 0
+    assert rows["retrain"]["rmse_ci95_vs_retrain"] == [0.0, 0.0]
+    assert rows["instant"]["example_passes"] == 0
+    assert rows["puma_budget"]["users_trained"] == result["budget_users"]
+    assert rows["puma_all"]["users_trained"] == result["n_users"]
+    # few users cost few passes: the point of the budget
+    assert rows["puma_budget"]["example_passes"] < rows["puma_all"]["example_passes"]
+    assert (tmp_path / "smoke.png").stat().st_size > 1000
