@@ -32,11 +32,17 @@ from app.jobs import (
     TERMINAL,
 )
 from app.store import SEALED, SetMeta, Store, connect_redis
+from models.adapter.model import adapter_from_bytes, adapter_to_bytes
 from models.data import Splits, load_interactions, split_chronological
 from models.errors import Cancelled, DataError, MigrationError
+from models.evaluation import evaluate
 from models.foundation import FoundationModel
+from models.instant import fit_vocab_map
+from models.migration import MigrationConfig, map_prompts, stack_sources, train_adapter
 from models.prompts import PromptSet
+from models.selection import select_users
 from models.tasks import Task, get_task
+from models.training import PromptTrainingConfig, train_prompts
 
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
 _adapters: dict[str, Any] = {}
@@ -230,8 +236,6 @@ def source_task(sources: list[dict[str, str]]) -> Task:
 
 
 def train_prompt_set(job: Job) -> None:
-    from models.evaluation import evaluate
-    from models.training import PromptTrainingConfig, train_prompts
 
     request, (model_name, version) = job.request, job.target
     task = get_task(request["task"])
@@ -308,8 +312,6 @@ def prepare_and_train(job: Job) -> int:
 def select(
     job: Job, *, sources: list[dict[str, str]], users: list[str], splits: Splits
 ) -> list[str]:
-    from models.migration import stack_sources
-    from models.selection import select_users
 
     stored = job.store.get_blob(job.id, "selected")
     if stored is not None:
@@ -332,7 +334,6 @@ def select(
 
 
 def _vocab_maps(sources: list[dict[str, str]], target: FoundationModel) -> list[Any] | None:
-    from models.instant import fit_vocab_map
 
     try:
         return [fit_vocab_map(load_model(s["model"]), target) for s in sources]
@@ -348,8 +349,6 @@ def train(
     splits: Splits,
     selected: list[str],
 ) -> None:
-    from models.adapter.model import adapter_to_bytes
-    from models.migration import MigrationConfig, train_adapter
 
     target_name, _ = job.target
     job.update(stage="training", users_selected=len(selected))
@@ -410,7 +409,6 @@ def _chunks(job: Job) -> list[list[str]]:
 
 
 def _adapter(job: Job) -> Any:
-    from models.adapter.model import adapter_from_bytes
 
     if job.id not in _adapters:
         _adapters.clear()
@@ -420,7 +418,6 @@ def _adapter(job: Job) -> Any:
 
 def map_chunk(job: Job, index: int) -> dict[str, Any]:
     """Map one chunk of users into the new version; a repeat overwrites the same values."""
-    from models.migration import map_prompts, stack_sources
 
     if index in job.store.chunks_done(job.id):
         return {"chunk": index, "skipped": True}
@@ -453,7 +450,6 @@ def finalize(job: Job) -> None:
 
 
 def _finalize(job: Job) -> None:
-    from models.evaluation import evaluate
 
     chunks = _chunks(job)
     for index in range(len(chunks)):  # heals chunks a lost chord message never ran
