@@ -1,0 +1,84 @@
+"""The serving and apply benchmarks run end to end on tiny sizes and write the documented JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import apply, serving
+from tests.conftest import RedisServer
+
+BENCH_DB = 3  # apart from the store (0) and broker (1) databases other tests flush
+
+PHASES = {"raw_redis_get", "raw_redis_pipeline", "api_single", "api_batch"}
+PHASE_FIELDS = {"requests", "errors", "seconds", "items_per_request", "requests_per_s",
+                "items_per_s", "latency_ms", "cpu_seconds"}  # fmt: skip
+
+
+def test_serving_measures_raw_redis_and_the_api_in_one_run(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "serving.json"
+    argv = ["--out", str(out), "--users", "60", "--concurrency", "2", "--seconds", "0.4",
+            "--warmup", "0.1", "--batch-size", "8", "--redis-url", redis_server.url(BENCH_DB)]  # fmt: skip
+    serving.main(argv)
+    result = json.loads(out.read_text())
+    assert result["config"]["users"] == 60
+    assert result["config"]["prompt_shape"] == [1, 640]
+    assert result["config"]["value_bytes"] == 640 * 4
+    assert result["machine"]["cpu_count"] >= 1
+    assert result["note"]
+    assert set(result["measurements"]) == PHASES
+    for name, m in result["measurements"].items():
+        assert m.keys() >= PHASE_FIELDS, name
+        assert m["errors"] == 0, name
+        assert m["requests"] > 0 and m["requests_per_s"] > 0, name
+        lat = m["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["max"], name
+        assert m["cpu_seconds"]["client"] is not None
+        assert m["cpu_seconds"]["api"] is not None
+    batch = result["measurements"]["api_batch"]
+    assert batch["items_per_request"] == 8
+    assert abs(batch["items_per_s"] - batch["requests_per_s"] * 8) <= 1
+    ratios = result["ratios"]
+    assert {"api_single_vs_raw", "api_batch_vs_raw_pipeline", "api_batch_vs_raw_get",
+            "api_batch_vs_api_single"} <= ratios.keys()  # fmt: skip
+    raw = result["measurements"]["raw_redis_get"]["requests_per_s"]
+    single = result["measurements"]["api_single"]["requests_per_s"]
+    assert abs(ratios["api_single_vs_raw"] - single / raw) < 1e-3
+
+
+def test_apply_maps_writes_seals_and_cleans_up(redis_server: RedisServer, tmp_path: Path) -> None:
+    out = tmp_path / "apply.json"
+    url = redis_server.url(BENCH_DB)
+    apply.main(["--out", str(out), "--users", "300", "--chunk-size", "64", "--redis-url", url])
+    result = json.loads(out.read_text())
+    cfg = result["config"]
+    assert cfg["users"] == 300 and cfg["chunk_size"] == 64
+    assert cfg["adapter"]["d_in"] == 576 and cfg["adapter"]["d_out"] == 640
+    assert cfg["adapter"]["hidden"] == 256
+    assert cfg["value_bytes"] == 640 * 4
+    assert result["machine"]["cpu_count"] >= 1
+    for stage in ("map", "write", "seal_verify", "store", "end_to_end"):
+        assert result["users_per_s"][stage] > 0, stage
+    seconds = result["seconds"]
+    assert abs(seconds["end_to_end"] - seconds["map"] - seconds["store_total"]) < 1e-3
+    # end to end is the slower of the two halves, never faster than either
+    assert result["users_per_s"]["end_to_end"] <= min(
+        result["users_per_s"]["map"], result["users_per_s"]["store"]
+    )
+
+    from redis import Redis
+
+    client = Redis.from_url(url)
+    leftover = list(client.scan_iter(match="pm:{bench-apply:*", count=1000))
+    client.close()
+    assert leftover == []  # the benchmark deleted its set
+
+
+def test_apply_float16_halves_the_stored_bytes(redis_server: RedisServer, tmp_path: Path) -> None:
+    out = tmp_path / "apply16.json"
+    url = redis_server.url(BENCH_DB)
+    result = apply.main(["--out", str(out), "--users", "40", "--dtype", "float16",
+                         "--redis-url", url])  # fmt: skip
+    assert result["config"]["value_bytes"] == 640 * 2
