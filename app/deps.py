@@ -29,17 +29,21 @@ class AuthError(Exception):
 _bearer = HTTPBearer(auto_error=False, description="`read` or `admin` token.")
 
 
-def get_settings(request: Request) -> Settings:
+# Every dependency here is ``async def``: none does I/O, so FastAPI calls them on the event loop
+# instead of hopping to a worker thread for each (a sync dependency costs one thread-pool trip).
+
+
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     celery: Celery = request.app.state.celery
     return celery
 
@@ -69,11 +73,11 @@ def token_scope(settings: Settings, credentials: HTTPAuthorizationCredentials | 
     raise AuthError(401, "Invalid bearer token; use the read or admin token the service printed.")
 
 
-def require_read(settings: SettingsDep, credentials: Credentials) -> Scope:
+async def require_read(settings: SettingsDep, credentials: Credentials) -> Scope:
     return token_scope(settings, credentials)
 
 
-def require_admin(settings: SettingsDep, credentials: Credentials) -> Scope:
+async def require_admin(settings: SettingsDep, credentials: Credentials) -> Scope:
     if token_scope(settings, credentials) is not Scope.admin:
         raise AuthError(403, "This route writes or starts jobs and needs the admin token.")
     return Scope.admin

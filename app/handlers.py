@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -10,7 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import AuthError
 from app.errors import ServiceError
@@ -81,15 +82,22 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisTimeoutError, _redis_down)
 
 
-def body_limit(max_bytes: int) -> Callable[..., Awaitable[Response]]:
-    async def middleware(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return _error(
-                413, "payload_too_large", f"Body is {length} bytes; the limit is {max_bytes}."
-            )
-        return await call_next(request)
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: 413 JSON for a declared ``Content-Length`` above ``max_bytes``.
 
-    return middleware
+    The app is not called, so nothing is read or stored. Bodies without a length (chunked) are
+    checked by the routes that read them.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                detail = f"Body is {length} bytes; the limit is {self.max_bytes}."
+                await _error(413, "payload_too_large", detail)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

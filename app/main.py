@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app import handlers, metrics
 from app.config import Settings, get_settings
 from app.routes import datasets, health, migrations, models, prompts
-from app.store import Store, connect_redis
+from app.store import Store, connect_redis, connect_redis_async
 from workers.celery_app import make_celery
 
 
@@ -20,7 +20,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        app.state.store.redis.close()
+        store: Store = app.state.store
+        store.redis.close()
+        if store.aredis is not None:
+            await store.aredis.aclose()
 
     app = FastAPI(
         title="Prompt migration service",
@@ -30,11 +33,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
-    app.state.store = Store(redis, write_batch=settings.write_batch)
+    # The read hot path (GET /users/{id}/prompt, POST /prompts/batch) uses the asyncio client;
+    # the other routes and the workers use the sync one.
+    aredis = connect_redis_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
     handlers.install(app)
-    app.middleware("http")(handlers.body_limit(settings.max_body_bytes))
-    app.middleware("http")(metrics.observe)
+    # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so
+    # metrics also count the 413s of the body limit.
+    app.add_middleware(handlers.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics.MetricsMiddleware)
     for module in (migrations, prompts, models, datasets, health):
         app.include_router(module.router)
     return app

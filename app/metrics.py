@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import Request, Response
 from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS = Counter(
     "pm_http_requests_total", "HTTP requests by route and status.", ["method", "route", "status"]
@@ -21,12 +20,34 @@ PROMPTS_SERVED = Counter("pm_prompts_served_total", "User prompts returned.", ["
 REDIS_ERRORS = Counter("pm_redis_unavailable_total", "Requests answered 503: Redis unreachable.")
 
 
-async def observe(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    start = time.perf_counter()
-    response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
-    REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-    return response
+class MetricsMiddleware:
+    """Pure ASGI middleware: latency and count of each HTTP request by route and status.
+
+    The route label is the route's path template (``/users/{user_id}/prompt``), which the router
+    stores in the shared scope; requests no route matched count as ``unmatched``. An exception
+    that escapes the app counts as status 500 (the server answers 500) and is re-raised.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            LATENCY.labels(method, route).observe(time.perf_counter() - start)
+            REQUESTS.labels(method, route, str(status)).inc()

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -90,11 +92,66 @@ def connect_redis(url: str, *, timeout_s: float) -> Redis:
     )
 
 
+def connect_redis_async(url: str, *, timeout_s: float) -> AsyncRedis:
+    """The asyncio client of the API's read path, with the same fail-fast policy."""
+    return AsyncRedis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=AsyncRetry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+# The read path in one round trip: resolve the active pointer (unless the version is given),
+# check that the set is sealed and GET the users' values, all inside one script, so Redis runs it
+# atomically: a promotion (one HSET of the pointers hash) lands either before or after it, and a
+# set that is still being written is never read. ARGV: model or "", version or "", users...
+# Reply: {0} no default model; {1, model} model has no active version; {2, model, version, state}
+# set missing ("") or not sealed; {3, model, version, lengths, values}: "lengths" is one length
+# per user, comma-separated, -1 for no value, "values" the found values concatenated (one bulk
+# reply instead of one per user: parsing a reply element costs far more than slicing bytes).
+# The value keys depend on the pointer, so the script cannot declare them (only the pointers hash
+# is in KEYS): fine on a single Redis (what connect_redis* returns); on Redis Cluster the keys
+# live in other slots, so a Cluster deployment would resolve first and then run the script with
+# the set's keys declared (two round trips). Key names must match _set_prefix().
+_READ_LUA = f"""
+local model = ARGV[1]
+if model == '' then
+  model = redis.call('HGET', KEYS[1], '{_DEFAULT}')
+  if not model then return {{0}} end
+end
+local version = ARGV[2]
+if version == '' then
+  version = redis.call('HGET', KEYS[1], model)
+  if not version then return {{1, model}} end
+end
+local prefix = 'pm:{{' .. model .. ':' .. version .. '}}'
+local state = redis.call('HGET', prefix .. ':meta', 'state')
+if state ~= '{SEALED}' then return {{2, model, version, state or ''}} end
+local lengths, values = {{}}, {{}}
+for i = 3, #ARGV do
+  local value = redis.call('GET', prefix .. ':u:' .. ARGV[i])
+  if value then
+    values[#values + 1] = value
+    lengths[i - 2] = #value
+  else
+    lengths[i - 2] = -1
+  end
+end
+return {{3, model, version, table.concat(lengths, ','), table.concat(values)}}
+"""
+
+
 class Store:
-    def __init__(self, redis: Redis, *, write_batch: int = 500) -> None:
+    def __init__(
+        self, redis: Redis, *, write_batch: int = 500, aredis: AsyncRedis | None = None
+    ) -> None:
         self.redis = redis
         self.write_batch = write_batch
         self._sealed: dict[tuple[str, str], SetMeta] = {}
+        self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
+        self._read_script = aredis.register_script(_READ_LUA) if aredis is not None else None
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -194,11 +251,7 @@ class Store:
         raw = self.redis.hgetall(f"{_set_prefix(model, version)}:meta")
         if not raw:
             raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
-        fields = {str(_text(k)): _text(v) for k, v in raw.items()}
-        meta = SetMeta(**json.loads(str(fields["doc"])))
-        meta.state = str(fields.get("state", WRITING))
-        meta.count = int(fields.get("count") or 0)
-        return meta
+        return _parse_meta(raw)
 
     def sealed_meta(self, model: str, version: str) -> SetMeta | None:
         """A readable set's metadata; cached, as a sealed set's shape and dtype never change."""
@@ -207,10 +260,65 @@ class Store:
             meta = self.get_meta(model, version)
             if meta.state != SEALED:
                 return None
-            if len(self._sealed) > 1024:
-                self._sealed.clear()
-            self._sealed[key] = meta
+            self._cache_sealed(meta)
         return self._sealed[key]
+
+    def _cache_sealed(self, meta: SetMeta) -> SetMeta:
+        if len(self._sealed) > 1024:
+            self._sealed.clear()
+        self._sealed[(meta.model, meta.version)] = meta
+        return meta
+
+    # ---- the asyncio read path (API) ----------------------------------------------------------
+
+    async def read_prompts(
+        self, model: str | None, version: str | None, users: Sequence[str]
+    ) -> tuple[SetMeta, list[bytes | None]]:
+        """The readable set readers get and the users' values in it, in one atomic round trip.
+
+        Same rules as resolve() + sealed_meta() + get_prompts(): the active version of the model
+        (the default model if none) unless ``version`` is given; only sealed sets are readable.
+        """
+        if self.aredis is None or self._read_script is None:
+            raise RuntimeError("Store was built without an asyncio client")
+        reply = await self._read_script(
+            keys=[f"{_REG}:active"], args=[model or "", version or "", *users]
+        )
+        code = int(reply[0])
+        if code == 0:
+            raise NotFoundError("No model is active yet; promote a migration or activate a model.")
+        found_model = str(_text(reply[1]))
+        if code == 1:
+            if not await self.aredis.hexists(f"{_REG}:models", found_model):
+                raise NotFoundError(
+                    f"Unknown model {found_model!r}; register it first with POST /models."
+                )
+            raise NotFoundError(
+                f"Model {found_model!r} has no active prompt set; train one (POST /models/"
+                f"{found_model}/train) or run a migration to it."
+            )
+        found_version = str(_text(reply[2]))
+        if code == 2:
+            if not reply[3]:
+                raise NotFoundError(
+                    f"Model {found_model!r} has no prompt set version {found_version!r}."
+                )
+            raise NotFoundError(
+                f"{found_model} version {found_version} is not sealed yet; it cannot be read."
+            )
+        meta = self._sealed.get((found_model, found_version))
+        if meta is None:
+            meta = await self._aget_meta(found_model, found_version)
+            if meta.state == SEALED:  # it is: the script saw it sealed, and sealing is final
+                self._cache_sealed(meta)
+        return meta, _split(bytes(reply[3]), bytes(reply[4]))
+
+    async def _aget_meta(self, model: str, version: str) -> SetMeta:
+        assert self.aredis is not None
+        raw = await self.aredis.hgetall(f"{_set_prefix(model, version)}:meta")
+        if not raw:
+            raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
+        return _parse_meta(raw)
 
     def list_versions(self, model: str) -> list[SetMeta]:
         versions = self.redis.zrange(f"{_REG}:versions:{model}", 0, -1)
@@ -430,6 +538,29 @@ class Store:
 
     def release(self, job_id: str, name: str) -> None:
         self.redis.delete(f"{_job_key(job_id)}:lock:{name}")
+
+
+def _split(lengths: bytes, joined: bytes) -> list[bytes | None]:
+    """Undo the read script's packing: ``b"3,-1,2"`` + ``b"abcde"`` -> ``[b"abc", None, b"de"]``."""
+    out: list[bytes | None] = []
+    at = 0
+    for n in map(int, lengths.split(b",")) if lengths else ():
+        if n < 0:
+            out.append(None)
+        else:
+            out.append(joined[at : at + n])
+            at += n
+    if at != len(joined):
+        raise RuntimeError("read script reply does not add up; the values were not all read")
+    return out
+
+
+def _parse_meta(raw: dict[Any, Any]) -> SetMeta:
+    fields = {str(_text(k)): _text(v) for k, v in raw.items()}
+    meta = SetMeta(**json.loads(str(fields["doc"])))
+    meta.state = str(fields.get("state", WRITING))
+    meta.count = int(fields.get("count") or 0)
+    return meta
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
