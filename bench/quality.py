@@ -320,13 +320,33 @@ def print_table(result: dict) -> None:
               f"{r['example_passes']:>8} {r['users_trained']:>6}")  # fmt: skip
 
 
+def markdown_table(result: dict) -> str:
+    """The rows as a Markdown table, for the README."""
+    lines = ["| method | RMSE | MAE | RMSE - retrain, 95% CI | train s | example passes | users trained |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        ci = r["rmse_ci95_vs_retrain"]
+        lines.append(
+            f"| {r['method']} | {r['rmse']:.4f} | {r['mae']:.4f} | "
+            f"{f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else '-'} | {r['train_seconds']:.0f} | "
+            f"{r['example_passes']} | {r['users_trained']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--show", type=Path, help="print a saved result as a Markdown table")
     args = parser.parse_args(argv)
+    if args.show:
+        print(markdown_table(json.loads(args.show.read_text())))
+        return
+    if not (args.preset and args.out):
+        parser.error("--preset and --out are required to run the benchmark")
     preset = PRESETS[args.preset]
     if preset.device == "cuda" and not torch.cuda.is_available():
         sys.exit("The gpu-full preset needs a CUDA device; none is visible here.")
