@@ -81,26 +81,22 @@ class SetMeta:
         return asdict(self)
 
 
-def connect_redis(url: str, *, timeout_s: float) -> Redis:
+def _fail_fast(timeout_s: float) -> dict[str, Any]:
     # Fail fast when Redis is down (callers answer 503) and reconnect by itself later.
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+    return {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": 30,
+    }
+
+
+def connect_redis(url: str, *, timeout_s: float) -> Redis:
+    return Redis.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
 
 
 def connect_redis_async(url: str, *, timeout_s: float) -> AsyncRedis:
     """The asyncio client of the API's read path, with the same fail-fast policy."""
-    return AsyncRedis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=AsyncRetry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+    return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), 1), **_fail_fast(timeout_s))
 
 
 # The read path in one round trip: resolve the active pointer (unless the version is given),

@@ -25,7 +25,7 @@ from models import assets
 from models.data import Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
-from models.instant import fit_vocab_map, instant_migrate
+from models.instant import LinearMap, fit_vocab_map, instant_migrate
 from models.loop import Examples, PromptTable, fit, index_users
 from models.migration import MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
@@ -179,11 +179,11 @@ def random_init_row(
 
 def adapter_row(
     method: str, *, preset: Preset, source_set: PromptSet, target: FoundationModel, task: Task,
-    splits: Splits, users: list[str], config: MigrationConfig, vocab_map: object,
+    splits: Splits, users: list[str], config: MigrationConfig, vocab_map: LinearMap,
 ) -> tuple[Row, PromptSet]:  # fmt: skip
     log(f"{method}: training the adapter on {len(users)} users")
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
-                           users=users, config=config, vocab_maps=[vocab_map], on_progress=progress(method))  # type: ignore[list-item]  # fmt: skip
+                           users=users, config=config, vocab_maps=[vocab_map], on_progress=progress(method))  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
     predictions = predict_set(target, task, migrated, splits.test)
     row = Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
