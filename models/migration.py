@@ -36,6 +36,9 @@ class MigrationConfig:
     dropout: float = 0.1
     patience: int = 2
     start_from_vocab_map: bool = True  # start the adapter's linear path at the instant map
+    # Centre and scale inputs by every source user's prompt: free (no LM pass), and the users'
+    # differences, not the shared start they were trained from, then reach the adapter at unit scale.
+    standardize_inputs: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ def train_adapter(
         d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
         dropout=config.dropout, out_std=target.embedding_std,
     ))  # fmt: skip
+    if config.standardize_inputs:
+        adapter.set_input_statistics(stack_sources(sources, common_users(sources)))
     if vocab_maps and config.start_from_vocab_map:
         linear = stacked_map(vocab_maps)
         adapter.init_skip(linear.weight, linear.target_mean - linear.source_mean @ linear.weight)

@@ -2,11 +2,16 @@
 
 All users' prompts live in one table and train together in one batched loop with the task head.
 Each prompt starts as real token embeddings of the model (an all-zero start gives NaN gradients).
+By default every user starts at the same word: a trained prompt is then that shared start plus
+what the user's data taught, so prompts differ only by preference. Random tokens per user would
+bury that signal under token identity, and a migration adapter fitted on a few users would learn
+the noise (and K-means would cluster token identities instead of tastes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ class PromptTrainingConfig:
     batch_size: int = 32
     patience: int = 2  # epochs without validation gain before stopping
     prompt_length: int = 1  # l: tokens per user; 1 in the reference, 8 for a TAP-PER-style prefix
+    init: Literal["shared", "random"] = "shared"  # one start word for all users, or random tokens
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -35,6 +41,9 @@ class PromptTrainingConfig:
                 raise ValueError(f"PromptTrainingConfig.{name} must be >= 1.")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError("PromptTrainingConfig learning rates must be positive.")
+        if self.init not in ("shared", "random"):
+            raise ValueError(f"PromptTrainingConfig.init must be 'shared' or 'random', got "
+                             f"{self.init!r}.")  # fmt: skip
 
 
 @dataclass
@@ -46,7 +55,10 @@ class TrainingResult:
     fit: FitResult | None = None
 
 
-def init_prompts(
+SHARED_START_WORD = " user"  # neutral where the template says "encoded in the feature <UserID>"
+
+
+def random_prompts(
     model: FoundationModel, *, n_users: int, prompt_length: int, seed: int
 ) -> torch.Tensor:
     """Random real token embeddings of ``model``: ``[n_users, l, d]`` fp32."""
@@ -54,6 +66,25 @@ def init_prompts(
     vocab = model.embedding_table.shape[0]
     ids = torch.randint(0, vocab, (n_users, prompt_length), generator=generator)
     return model.raw_embeddings(ids).cpu()
+
+
+def shared_start_prompts(
+    model: FoundationModel, *, n_users: int, prompt_length: int
+) -> torch.Tensor:
+    """Every user at the embeddings of ``SHARED_START_WORD``, cycled to ``l``: ``[n, l, d]``."""
+    ids = model.token_ids(SHARED_START_WORD) or [0]
+    row = torch.tensor([ids[i % len(ids)] for i in range(prompt_length)])
+    return model.raw_embeddings(row).cpu().expand(n_users, -1, -1).clone()
+
+
+def init_prompts(
+    model: FoundationModel, *, n_users: int, config: PromptTrainingConfig
+) -> torch.Tensor:
+    """Starting prompts as ``config.init`` says: ``[n_users, l, d]`` fp32."""
+    if config.init == "random":
+        return random_prompts(model, n_users=n_users, prompt_length=config.prompt_length,
+                              seed=config.seed)  # fmt: skip
+    return shared_start_prompts(model, n_users=n_users, prompt_length=config.prompt_length)
 
 
 def mean_target(splits: Splits) -> float:
@@ -83,8 +114,7 @@ def train_prompts(
     if initial is not None:
         start = initial.rows(users)
     else:
-        start = init_prompts(model, n_users=len(users), prompt_length=config.prompt_length,
-                             seed=config.seed)  # fmt: skip
+        start = init_prompts(model, n_users=len(users), config=config)
     table = PromptTable(start).to(model.device)
     head = task.make_head(mean_target=mean_target(splits)).to(model.device)
     if initial is not None:

@@ -1,9 +1,10 @@
 """The residual adapter Phi of PUMA.
 
-x1  = x + FFN_s(LN(x))            in d_in
+z   = (x - mean) / scale          in d_in: the source table's statistics (set_input_statistics)
+x1  = z + FFN_s(LN(z))            in d_in
 h   = FFN_up(LN(x1))              d_in -> d_out
 h2  = h + FFN_t(LN(h))            in d_out
-out = W_out(LN(h2)) [+ W_skip x]  d_out
+out = W_out(LN(h2)) [+ W_skip z]  d_out
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ class FeedForward(nn.Module):
 
 
 class PumaAdapter(nn.Module):
+    input_mean: torch.Tensor  # [d_in]
+    input_scale: torch.Tensor  # [] one scale for all features keeps the table's geometry
+
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
         self.config = config
         c = config
+        self.register_buffer("input_mean", torch.zeros(c.d_in))
+        self.register_buffer("input_scale", torch.ones(()))
         self.source_block = FeedForward(c.d_in, c.hidden, c.d_in, c.dropout)
         self.up = FeedForward(c.d_in, c.hidden, c.d_out, c.dropout)
         self.target_block = FeedForward(c.d_out, c.hidden, c.d_out, c.dropout)
@@ -50,18 +56,34 @@ class PumaAdapter(nn.Module):
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
 
+    @torch.no_grad()
+    def set_input_statistics(self, prompts: torch.Tensor) -> None:
+        """Centre and scale inputs by a whole source table ``[n, l, d_in]`` (every user, not only
+        the trained ones): prompts trained from one shared start differ from each other far less
+        than from the origin, and the adapter should see those differences at unit scale."""
+        flat = prompts.reshape(-1, prompts.shape[-1]).float()
+        if flat.shape[-1] != self.config.d_in or len(flat) < 2:
+            raise ShapeMismatchError(
+                f"Input statistics need at least two prompts of width {self.config.d_in}, got "
+                f"shape {tuple(prompts.shape)}."
+            )
+        self.input_mean.copy_(flat.mean(0))
+        self.input_scale.copy_((flat - flat.mean(0)).pow(2).mean().sqrt().clamp_min(1e-8))
+
     def init_skip(self, linear_map: torch.Tensor, offset: torch.Tensor | None = None) -> None:
-        """Start the linear path at ``x @ linear_map + offset`` (``[d_in, d_out]``, ``[d_out]``)."""
+        """Start the linear path at ``x @ linear_map + offset`` (``[d_in, d_out]``, ``[d_out]``)
+        for raw inputs ``x``; call after ``set_input_statistics``."""
         if self.skip is None or linear_map.shape != (self.config.d_in, self.config.d_out):
             raise ShapeMismatchError(
                 f"A linear map of shape {tuple(linear_map.shape)} cannot start an adapter "
                 f"{self.config.d_in} -> {self.config.d_out} (with linear_skip=True)."
             )
         with torch.no_grad():
-            self.skip.weight.copy_(linear_map.T)
+            # x @ M = (z * scale + mean) @ M: fold the input statistics into weight and bias.
+            self.skip.weight.copy_(linear_map.T * self.input_scale)
             self.out_proj.weight.mul_(0.1)  # the network now starts as a small correction
-            if offset is not None:
-                self.out_proj.bias.copy_(offset)
+            bias = self.input_mean @ linear_map
+            self.out_proj.bias.copy_(bias if offset is None else bias + offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., l, d_in]`` -> ``[..., l, d_out]``."""
@@ -69,11 +91,12 @@ class PumaAdapter(nn.Module):
             raise ShapeMismatchError(
                 f"Prompts of width {x.shape[-1]} given to an adapter for width {self.config.d_in}."
             )
-        x1 = x + self.source_block(x)
-        h = self.up(x1)
+        z = (x - self.input_mean) / self.input_scale
+        z1 = z + self.source_block(z)
+        h = self.up(z1)
         h = h + self.target_block(h)
         y = self.out_proj(self.out_norm(h))
-        return y + self.skip(x) if self.skip is not None else y
+        return y + self.skip(z) if self.skip is not None else y
 
 
 class AdapterPrompts(nn.Module):

@@ -39,6 +39,7 @@ def test_config_rejects_bad_dropout() -> None:
 
 def test_bytes_round_trip_gives_the_same_mapping() -> None:
     adapter = PumaAdapter(AdapterConfig(d_in=12, d_out=20, hidden=8)).eval()
+    adapter.set_input_statistics(torch.randn(10, 1, 12) * 0.1 + 3.0)
     x = torch.randn(3, 2, 12)
     restored = adapter_from_bytes(adapter_to_bytes(adapter))
     assert restored.config == adapter.config
@@ -53,3 +54,25 @@ def test_linear_path_can_start_from_a_given_map() -> None:
     torch.testing.assert_close(adapter.skip.weight, linear.T)
     with pytest.raises(ShapeMismatchError):
         adapter.init_skip(torch.randn(5, 6))
+
+
+def test_input_statistics_give_the_table_zero_mean_and_unit_scale() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=16, d_out=8, hidden=4))
+    table = torch.randn(200, 1, 16) * 0.01 + torch.randn(16)  # one shared start plus small deltas
+    adapter.set_input_statistics(table)
+    z = (table - adapter.input_mean) / adapter.input_scale
+    torch.testing.assert_close(z.mean((0, 1)), torch.zeros(16), atol=1e-4, rtol=0)
+    assert abs(float(z.pow(2).mean()) - 1.0) < 1e-3
+    with pytest.raises(ShapeMismatchError, match="width 16"):
+        adapter.set_input_statistics(torch.randn(5, 1, 15))
+
+
+def test_a_given_map_holds_for_raw_inputs_after_standardising() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=6, d_out=5, hidden=4)).eval()
+    table = torch.randn(50, 1, 6) * 0.2 + 1.0
+    adapter.set_input_statistics(table)
+    linear, offset = torch.randn(6, 5), torch.randn(5)
+    adapter.init_skip(linear, offset)
+    with torch.no_grad():
+        adapter.out_proj.weight.zero_()  # leave only the linear path and the bias
+        torch.testing.assert_close(adapter(table), table @ linear + offset, atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ from models.migration import MigrationConfig, migrate_all, stack_sources, train_
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task
-from models.training import PromptTrainingConfig, init_prompts, train_prompts
+from models.training import PromptTrainingConfig, random_prompts, train_prompts
 
 PROMPT_CONFIG = PromptTrainingConfig(epochs=8, lr=5e-2, head_lr=1e-2, patience=8)
 # Few users make few optimizer steps: small batches and a quick head keep the test short.
@@ -31,7 +31,7 @@ def rmse(model: FoundationModel, task: Task, prompts: PromptSet, splits: Splits)
 def randomised(prompt_set: PromptSet, model: FoundationModel) -> PromptSet:
     """The same users and head with random real-token prompts of ``model``."""
     n, length = len(prompt_set.user_ids), prompt_set.prompt_length
-    prompts = init_prompts(model, n_users=n, prompt_length=length, seed=99)
+    prompts = random_prompts(model, n_users=n, prompt_length=length, seed=99)
     return PromptSet(model.name, prompt_set.task, prompt_set.user_ids, prompts, prompt_set.head)
 
 
