@@ -31,7 +31,7 @@ from models.migration import MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task, get_task
-from models.training import PromptTrainingConfig, init_prompts, mean_target, train_prompts
+from models.training import PromptTrainingConfig, mean_target, random_prompts, train_prompts
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ PRESETS = {
     "cpu-small": Preset(
         name="cpu-small", dataset="movielens-100k", task="rating",
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=40,
-        # Two epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
-        prompt=PromptTrainingConfig(epochs=2, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
+        # Three epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
+        prompt=PromptTrainingConfig(epochs=3, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
         migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=3e-3, head_warmup_epochs=1),
         # 40 users give ~35 steps an epoch at batch 32: smaller batches give the adapter more.
         budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, batch_size=8,
@@ -158,7 +158,7 @@ def random_init_row(
 ) -> Row:
     """Random real-token prompts on the target; only the head is trained (one epoch)."""
     start = time.perf_counter()
-    prompts = init_prompts(target, n_users=len(users), prompt_length=preset.prompt.prompt_length,
+    prompts = random_prompts(target, n_users=len(users), prompt_length=preset.prompt.prompt_length,
                            seed=preset.prompt.seed + 1)  # fmt: skip
     table = PromptTable(prompts).to(target.device).requires_grad_(False)
     head = task.make_head(mean_target=mean_target(splits)).to(target.device)
