@@ -36,8 +36,8 @@ class MigrationConfig:
     dropout: float = 0.1
     patience: int = 2
     start_from_vocab_map: bool = True  # start the adapter's linear path at the instant map
-    # Centre and scale inputs by every source user's prompt: free (no LM pass), and the users'
-    # differences, not the shared start they were trained from, then reach the adapter at unit scale.
+    # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
+    # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
     seed: int = 0
 

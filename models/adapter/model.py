@@ -1,8 +1,8 @@
 """The residual adapter Phi of PUMA.
 
 z   = (x - mean) / scale          in d_in: the source table's statistics (set_input_statistics)
-x1  = z + FFN_s(LN(z))            in d_in
-h   = FFN_up(LN(x1))              d_in -> d_out
+z1  = z + FFN_s(LN(z))            in d_in
+h   = FFN_up(LN(z1))              d_in -> d_out
 h2  = h + FFN_t(LN(h))            in d_out
 out = W_out(LN(h2)) [+ W_skip z]  d_out
 """
@@ -59,8 +59,8 @@ class PumaAdapter(nn.Module):
     @torch.no_grad()
     def set_input_statistics(self, prompts: torch.Tensor) -> None:
         """Centre and scale inputs by a whole source table ``[n, l, d_in]`` (every user, not only
-        the trained ones): prompts trained from one shared start differ from each other far less
-        than from the origin, and the adapter should see those differences at unit scale."""
+        the trained ones): the users' differences carry the signal, not the start they share, so
+        the adapter sees the differences, at unit scale whatever the source model's scale."""
         flat = prompts.reshape(-1, prompts.shape[-1]).float()
         if flat.shape[-1] != self.config.d_in or len(flat) < 2:
             raise ShapeMismatchError(
