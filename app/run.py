@@ -23,16 +23,12 @@ from typing import Any
 
 import httpx
 
+from app.local_redis import LocalRedis, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / ".run"
 SOURCE, TARGET, DATASET = "smollm2-135m", "gemma-3-270m", "movielens-100k"
 TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Children:
@@ -44,6 +40,9 @@ class Children:
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (RUN_DIR / f"{name}.log").open("ab")
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
+        return self.adopt(name, proc)
+
+    def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         self.procs.append((name, proc))
         return proc
 
@@ -92,29 +91,22 @@ def redis_binary() -> str:
     return binary
 
 
-def start_redis(children: Children, env: dict[str, str]) -> str:
-    port = free_port()
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    args += ["--appendonly", "no", "--dir", str(RUN_DIR), "--maxmemory-policy", "noeviction"]
-    children.start("redis", args, env)
-    url = f"redis://127.0.0.1:{port}/0"
-    from redis import Redis
-
-    client = Redis.from_url(url, socket_connect_timeout=0.2)
-    for _ in range(100):
-        try:
-            client.ping()
-            return url
-        except Exception:
-            time.sleep(0.1)
-    raise SystemExit(f"redis-server did not start; see {RUN_DIR / 'redis.log'}")
+def start_redis(children: Children) -> str:
+    server = LocalRedis(redis_binary(), RUN_DIR, log=RUN_DIR / "redis.log")
+    try:
+        server.start()
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
+    assert server.proc is not None
+    children.adopt("redis", server.proc)
+    return server.url()
 
 
 def prepare_env(children: Children) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PM_ENVIRONMENT", "development")
     if not env.get("PM_REDIS_URL"):
-        env["PM_REDIS_URL"] = start_redis(children, env)
+        env["PM_REDIS_URL"] = start_redis(children)
         print(f"Started a local Redis at {env['PM_REDIS_URL']} (data is not persisted).")
     env.setdefault("PM_ADMIN_TOKEN", secrets.token_urlsafe(32))
     env.setdefault("PM_READ_TOKEN", secrets.token_urlsafe(32))

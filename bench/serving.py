@@ -31,7 +31,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,9 @@ from typing import Any
 import httpx
 import numpy as np
 import redis.asyncio as aredis
-from redis import Redis
 
 from app import codec
+from app.local_redis import LocalRedis, free_port
 from app.store import SetMeta, Store, _set_prefix, connect_redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +59,6 @@ NOTE = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_redis(url: str | None = None) -> Iterator[tuple[str, int | None]]:
     """``url`` as given, else a throwaway redis-server on a free port: ``(url, pid or None)``."""
@@ -75,27 +68,14 @@ def local_redis(url: str | None = None) -> Iterator[tuple[str, int | None]]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed; install it or pass --redis-url.")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="pm-bench-redis-") as workdir:
-        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", workdir, "--loglevel", "warning"]
-        args += ["--maxmemory-policy", "noeviction"]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = LocalRedis(binary, Path(workdir))
+        server.start()
         try:
-            client = Redis(port=port, socket_connect_timeout=0.2)
-            for _ in range(200):
-                try:
-                    client.ping()
-                    break
-                except Exception:
-                    time.sleep(0.05)
-            else:
-                raise RuntimeError("redis-server did not start")
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0", proc.pid
+            assert server.proc is not None
+            yield server.url(), server.proc.pid
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
 
 
 def cpu_seconds(pid: int | None) -> float | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from safetensors.torch import save as save_tensors
 
 from app import codec
 from app.config import Settings
+from app.local_redis import LocalRedis
 from app.store import SetMeta, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,45 +31,17 @@ READER = "test-read-token-0123456789abcdef01234567890"
 STORE_DB, BROKER_DB = 0, 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A throwaway redis-server; stop() and start() keep the same port (outage tests)."""
+class RedisServer(LocalRedis):
+    """The tests' redis-server; the store lives in db ``STORE_DB``."""
 
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self.binary = binary
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(binary, workdir)
 
     def url(self, db: int = STORE_DB) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = Redis(port=self.port, socket_connect_timeout=0.2)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        return super().url(db)
 
 
 @pytest.fixture(scope="session")
