@@ -26,7 +26,7 @@ from models.data import Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
 from models.instant import LinearMap, fit_vocab_map, instant_migrate
-from models.loop import Examples, PromptTable, fit, index_users
+from models.loop import Examples, PromptTable, fit_head, index_users
 from models.migration import MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
 from models.selection import select_users
@@ -68,10 +68,9 @@ PRESETS = {
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=40,
         # Three epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
         prompt=PromptTrainingConfig(epochs=3, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
-        migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=3e-3, head_warmup_epochs=1),
+        migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=3e-3),
         # 40 users give ~35 steps an epoch at batch 32: smaller batches give the adapter more.
-        budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, batch_size=8,
-                                         head_warmup_epochs=1),
+        budget_migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, batch_size=8),
         seeds=(0, 1),
     ),
     "gpu-full": Preset(
@@ -156,19 +155,21 @@ def source_prompts(
 def random_init_row(
     preset: Preset, target: FoundationModel, task: Task, splits: Splits, users: list[str]
 ) -> Row:
-    """Random real-token prompts on the target; only the head is trained (one epoch)."""
+    """Random real-token prompts on the target; only the head is trained, as the adapter's
+    warm-up trains it: on the label logits of a sample of examples, computed once."""
     start = time.perf_counter()
     prompts = random_prompts(target, n_users=len(users), prompt_length=preset.prompt.prompt_length,
                            seed=preset.prompt.seed + 1)  # fmt: skip
     table = PromptTable(prompts).to(target.device).requires_grad_(False)
     head = task.make_head(mean_target=mean_target(splits)).to(target.device)
     row_of = index_users(users)
-    result = fit(
+    result = fit_head(
         model=target, task=task, prompt_source=table, head=head,
-        optimizer=torch.optim.Adam(head.parameters(), lr=preset.prompt.head_lr),
         train=Examples.build(task, splits.train, row_of=row_of),
         val=Examples.build(task, splits.val, row_of=row_of),
-        epochs=1, batch_size=preset.prompt.batch_size, patience=1, seed=preset.prompt.seed,
+        epochs=max(1, preset.migration.head_warmup_epochs), lr=preset.prompt.head_lr,
+        batch_size=preset.prompt.batch_size, seed=preset.prompt.seed,
+        max_examples=preset.migration.head_warmup_examples,
     )  # fmt: skip
     prompt_set = PromptSet(target.name, task.name, users, prompts,
                            {k: v.detach().cpu() for k, v in head.state_dict().items()})  # fmt: skip

@@ -37,6 +37,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.prefixes)
 
+    def subset(self, rows: np.ndarray) -> Examples:
+        return Examples(
+            users=self.users[rows], prefixes=[self.prefixes[i] for i in rows],
+            targets=self.targets[rows], user_ids=[self.user_ids[i] for i in rows],
+        )  # fmt: skip
+
     @classmethod
     def build(
         cls, task: Task, part: dict[str, list[Interaction]], *, row_of: dict[str, int]
@@ -84,24 +90,44 @@ def _forward(
 
 
 @torch.no_grad()
+def label_logits(
+    model: FoundationModel, task: Task, prompt_source: nn.Module, examples: Examples, *,
+    batch_size: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """``[n, n_labels]`` fp32 label logits of every example, in order, without gradients."""
+    if len(examples) == 0:
+        raise DataError("Nothing to predict: the split holds no interactions for these users.")
+    label_ids = model.label_token_ids(task.labels)
+    prompt_source.eval()
+    # Sorting by prefix keeps batches of similar length: less padding.
+    order = np.argsort([len(p) for p in examples.prefixes], kind="stable")
+    out = torch.empty(len(examples), len(label_ids))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        users = torch.from_numpy(examples.users[rows]).to(model.device)
+        logits = model.label_logits(
+            [examples.prefixes[i] for i in rows], prompt_source(users),
+            suffix=task.template.suffix, label_ids=label_ids,
+        )  # fmt: skip
+        out[torch.from_numpy(rows)] = logits.float().cpu()
+    return out
+
+
+@torch.no_grad()
 def predict(
     model: FoundationModel, task: Task, prompt_source: nn.Module, head: nn.Module,
     examples: Examples, *, batch_size: int = 64,
 ) -> np.ndarray:  # fmt: skip
     """Predictions (ratings or probabilities) for every example, in order."""
-    if len(examples) == 0:
-        raise DataError("Nothing to predict: the split holds no interactions for these users.")
-    label_ids = model.label_token_ids(task.labels)
-    prompt_source.eval()
+    logits = label_logits(model, task, prompt_source, examples, batch_size=batch_size)
+    return _head_predictions(task, head, logits)
+
+
+def _head_predictions(task: Task, head: nn.Module, logits: torch.Tensor) -> np.ndarray:
     head.eval()
-    # Sorting by prefix keeps batches of similar length: less padding.
-    order = np.argsort([len(p) for p in examples.prefixes], kind="stable")
-    out = np.empty(len(examples), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        _, head_out = _forward(model, task, prompt_source, head, examples, rows, label_ids)
-        out[rows] = task.predict(head_out.float()).cpu().numpy()
-    return out
+    with torch.no_grad():
+        device = next(head.parameters()).device
+        return task.predict(head(logits.to(device)).float()).cpu().numpy()
 
 
 def score(task: Task, examples: Examples, predictions: np.ndarray) -> float:
@@ -110,6 +136,10 @@ def score(task: Task, examples: Examples, predictions: np.ndarray) -> float:
     )
     value = metrics[task.primary_metric]
     return float("nan") if value is None else value
+
+
+def _improves(task: Task, metric: float, best: float | None) -> bool:
+    return best is None or (metric < best if task.lower_is_better else metric > best)
 
 
 def fit(
@@ -167,10 +197,7 @@ def fit(
         if val is not None and len(val):
             metric = score(task, val, predict(model, task, prompt_source, head, val))
             record["val_" + task.primary_metric] = metric
-            better = result.best_metric is None or (
-                metric < result.best_metric if task.lower_is_better else metric > result.best_metric
-            )
-            if better:
+            if _improves(task, metric, result.best_metric):
                 result.best_metric, result.best_epoch, waited = metric, epoch, 0
                 best_state = copy.deepcopy((prompt_source.state_dict(), head.state_dict()))
             else:
@@ -181,6 +208,64 @@ def fit(
     if best_state is not None:
         prompt_source.load_state_dict(best_state[0])
         head.load_state_dict(best_state[1])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def fit_head(
+    *,
+    model: FoundationModel,
+    task: Task,
+    prompt_source: nn.Module,
+    head: nn.Module,
+    train: Examples,
+    val: Examples | None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_examples: int | None = None,
+) -> FitResult:
+    """Fit only the head, on label logits computed once.
+
+    With the prompts frozen the LM's logits are the same every epoch, so the LM runs once per
+    example, not once per example and epoch. ``max_examples`` samples the training set: a head of
+    a few hundred weights needs far fewer examples than the prompts do.
+    """
+    if len(train) == 0:
+        raise DataError("No training interactions for the chosen users: pick users with data.")
+    start = time.perf_counter()
+    generator = np.random.default_rng(seed)
+    if max_examples is not None and len(train) > max_examples:
+        train = train.subset(np.sort(generator.choice(len(train), max_examples, replace=False)))
+    logits = label_logits(model, task, prompt_source, train)
+    val_logits = (
+        label_logits(model, task, prompt_source, val) if val is not None and len(val) else None
+    )
+    device = next(head.parameters()).device
+    logits, targets = logits.to(device), torch.from_numpy(train.targets).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    result, best_state = FitResult(example_passes=len(train)), None
+    for epoch in range(epochs):
+        head.train()
+        order, losses = torch.from_numpy(generator.permutation(len(train))), []
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin : begin + batch_size]
+            loss = task.loss(logits[rows], head(logits[rows]).float(), targets[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        record = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
+        if val_logits is not None and val is not None:
+            metric = score(task, val, _head_predictions(task, head, val_logits))
+            record["val_" + task.primary_metric] = metric
+            if _improves(task, metric, result.best_metric):
+                result.best_metric, result.best_epoch = metric, epoch
+                best_state = copy.deepcopy(head.state_dict())
+        result.history.append(record)
+    if best_state is not None:
+        head.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
     return result
 

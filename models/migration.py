@@ -18,7 +18,7 @@ from models.data import Splits
 from models.errors import DataError, ShapeMismatchError
 from models.foundation import FoundationModel
 from models.instant import LinearMap, stacked_map
-from models.loop import Examples, FitResult, ProgressFn, StopFn, fit, index_users
+from models.loop import Examples, FitResult, ProgressFn, StopFn, fit, fit_head, index_users
 from models.prompts import PromptSet
 from models.tasks import Task
 from models.training import mean_target
@@ -30,7 +30,10 @@ class MigrationConfig:
     epochs: int = 4
     lr: float = 5e-4  # the adapter's; the reference uses 1e-4 for a 30x larger adapter
     head_lr: float = 1e-3
-    head_warmup_epochs: int = 1  # label logits differ in scale across models: fit the head first
+    # Label logits differ in scale across models: fit the head first, on logits computed once
+    # (epochs over them cost no LM pass) for a sample of the users' examples.
+    head_warmup_epochs: int = 10
+    head_warmup_examples: int = 2048
     batch_size: int = 32
     weight_decay: float = 0.01
     dropout: float = 0.1
@@ -46,7 +49,9 @@ class MigrationConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"MigrationConfig.{name} must be >= 1.")
         if self.head_warmup_epochs < 0:
-            raise ValueError("MigrationConfig.head_warmup_epochs must be >= 0.")
+            raise ValueError("MigrationConfig.head_warmup_epochs must be >= 0 (0: no warm-up).")
+        if self.head_warmup_examples < 1:
+            raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
 
 
 @dataclass
@@ -113,21 +118,25 @@ def train_adapter(
     row_of = index_users(users)
     train = Examples.build(task, splits.train, row_of=row_of)
     val = Examples.build(task, splits.val, row_of=row_of)
-    common = dict(model=target, task=task, prompt_source=source, head=head, train=train, val=val,
-                  batch_size=config.batch_size, seed=config.seed, should_stop=should_stop)  # fmt: skip
     phases: list[FitResult] = []
     if config.head_warmup_epochs:
-        adapter.requires_grad_(False)  # no backward through the LM while only the head learns
-        warm = torch.optim.AdamW(head.parameters(), lr=config.head_lr)
-        phases.append(fit(optimizer=warm, epochs=config.head_warmup_epochs, patience=1,
-                          on_progress=None, **common))  # type: ignore[arg-type]  # fmt: skip
-        adapter.requires_grad_(True)
+        warmup = fit_head(
+            model=target, task=task, prompt_source=source, head=head, train=train, val=val,
+            epochs=config.head_warmup_epochs, lr=config.head_lr, batch_size=config.batch_size,
+            seed=config.seed, max_examples=config.head_warmup_examples,
+        )  # fmt: skip
+        warmup.history = [record | {"head_only": 1.0} for record in warmup.history]
+        phases.append(warmup)
     optimizer = torch.optim.AdamW(
         [{"params": adapter.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
          {"params": head.parameters(), "lr": config.head_lr, "weight_decay": 0.0}]
     )  # fmt: skip
-    phases.append(fit(optimizer=optimizer, epochs=config.epochs, patience=config.patience,
-                      on_progress=on_progress, **common))  # type: ignore[arg-type]  # fmt: skip
+    phases.append(fit(
+        model=target, task=task, prompt_source=source, head=head, train=train, val=val,
+        optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
+        patience=config.patience, seed=config.seed, on_progress=on_progress,
+        should_stop=should_stop,
+    ))  # fmt: skip
     return AdapterResult(
         adapter=adapter.cpu().eval(),
         head={k: v.detach().float().cpu() for k, v in head.state_dict().items()},

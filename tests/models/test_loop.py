@@ -1,0 +1,54 @@
+import numpy as np
+import torch
+
+from models.data import Splits
+from models.foundation import FoundationModel
+from models.loop import Examples, PromptTable, fit_head, index_users, label_logits, predict, score
+from models.tasks import Task
+from models.training import mean_target, random_prompts
+
+
+def _setup(
+    model: FoundationModel, task: Task, splits: Splits
+) -> tuple[PromptTable, torch.nn.Module, Examples, Examples]:
+    row_of = index_users(splits.users)
+    prompts = random_prompts(model, n_users=len(splits.users), prompt_length=1, seed=0)
+    head = task.make_head(mean_target=1.0)  # far from the data's mean on purpose
+    return (
+        PromptTable(prompts).requires_grad_(False),
+        head,
+        Examples.build(task, splits.train, row_of=row_of),
+        Examples.build(task, splits.val, row_of=row_of),
+    )
+
+
+def test_label_logits_keep_example_order(
+    tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits
+) -> None:
+    table, _, train, _ = _setup(tiny_llama, rating, tiny_splits)
+    rows = np.arange(7)
+    batched = label_logits(tiny_llama, rating, table, train.subset(rows), batch_size=3)
+    one_by_one = torch.cat(
+        [label_logits(tiny_llama, rating, table, train.subset(rows[i : i + 1])) for i in rows]
+    )
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-4)
+
+
+def test_head_fit_on_cached_logits_improves_validation_and_counts_one_pass_per_example(
+    tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits
+) -> None:
+    table, head, train, val = _setup(tiny_llama, rating, tiny_splits)
+    before = score(rating, val, predict(tiny_llama, rating, table, head, val))
+    result = fit_head(
+        model=tiny_llama, task=rating, prompt_source=table, head=head, train=train, val=val,
+        epochs=30, lr=1e-2, batch_size=16, seed=0, max_examples=len(train) // 2,
+    )  # fmt: skip
+    after = score(rating, val, predict(tiny_llama, rating, table, head, val))
+    assert result.example_passes == len(train) // 2  # 30 epochs, one LM pass per sampled example
+    assert len(result.history) == 30
+    assert after == result.best_metric
+    assert after < before
+    assert (
+        abs(mean_target(tiny_splits) - float(predict(tiny_llama, rating, table, head, val).mean()))
+        < 0.5
+    )
