@@ -3,6 +3,7 @@
 Per-user prompt training and adapter training differ only in the module that turns a batch of
 user indices into prompts (a table, or an adapter over frozen source prompts) and in what the
 optimizer updates. Best epoch by the validation split's primary metric; early stop on patience.
+When only the head learns, ``fit_head`` runs the LM once per example and fits on those logits.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ def label_logits(
     return out
 
 
-@torch.no_grad()
 def predict(
     model: FoundationModel, task: Task, prompt_source: nn.Module, head: nn.Module,
     examples: Examples, *, batch_size: int = 64,

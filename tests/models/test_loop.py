@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
 from models.data import Splits
 from models.foundation import FoundationModel
 from models.loop import Examples, PromptTable, fit_head, index_users, label_logits, predict, score
+from models.migration import MigrationConfig
 from models.tasks import Task
 from models.training import mean_target, random_prompts
 
@@ -52,3 +54,9 @@ def test_head_fit_on_cached_logits_improves_validation_and_counts_one_pass_per_e
         abs(mean_target(tiny_splits) - float(predict(tiny_llama, rating, table, head, val).mean()))
         < 0.5
     )
+
+
+@pytest.mark.parametrize("field", ["head_warmup_examples", "epochs", "hidden"])
+def test_migration_config_names_the_field_to_fix(field: str) -> None:
+    with pytest.raises(ValueError, match=f"MigrationConfig.{field}"):
+        MigrationConfig(**{field: 0})  # type: ignore[arg-type]
