@@ -13,6 +13,7 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{<model>:<version>}:head``   task head, safetensors bytes
 - ``pm:{<model>:<version>}:users``  set   user ids
 - ``pm:{<model>:<version>}:u:<user>`` raw little-endian prompt bytes
+- ``pm:{<model>:<version>}:erased`` hash  users erased while the set was being written
 - ``pm:{job:<id>}``                 hash  job record, one JSON value per field
 - ``pm:{job:<id>}:chunks``          hash  chunk index -> JSON {count, digest} once written
 - ``pm:{job:<id>}:blob:<name>``     bytes (the trained adapter, the selected users)
@@ -33,6 +34,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import WatchError
 from redis.retry import Retry
 
 from app import codec
@@ -139,6 +141,24 @@ return {{3, model, version, table.concat(lengths, ','), table.concat(values)}}
 """
 
 
+# Erase one user from one set, atomically against seal_set's final step: a sealed set (or one
+# whose metadata is gone) loses the user at once; a set still being written gets a tombstone
+# instead, and seal_set removes the user when it seals, so a chunk written after the erasure
+# cannot bring the user back and the written set still verifies. KEYS: meta, the user's value
+# key, users set, tombstones; ARGV: user. Returns 1 when the user had a prompt in this set.
+_ERASE_LUA = f"""
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == '{WRITING}' then
+  redis.call('HSET', KEYS[4], ARGV[1], 1)
+  return redis.call('EXISTS', KEYS[2])
+end
+local deleted = redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+if deleted == 1 and state then redis.call('HINCRBY', KEYS[1], 'count', -1) end
+return deleted
+"""
+
+
 class Store:
     def __init__(
         self, redis: Redis, *, write_batch: int = 500, aredis: AsyncRedis | None = None
@@ -148,6 +168,7 @@ class Store:
         self._sealed: dict[tuple[str, str], SetMeta] = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         self._read_script = aredis.register_script(_READ_LUA) if aredis is not None else None
+        self._erase_script = redis.register_script(_ERASE_LUA)
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -368,14 +389,42 @@ class Store:
                 f"{model} version {version}: read back {len(items)} prompts with digest "
                 f"{digest[:12]}, expected {expected_count} with {expected_digest[:12]}."
             )
-        meta.count, meta.digest, meta.sealed_at = len(items), digest, time.time()
         meta.metrics = metrics or meta.metrics
-        meta.state = SEALED
-        key = f"{_set_prefix(model, version)}:meta"
-        doc = meta.public()
-        self.redis.hset(key, mapping={"doc": json.dumps(doc), "count": meta.count})
-        self.redis.hset(key, "state", SEALED)  # last: the set becomes visible only now
+        self._seal_without_erased(meta, items, digest=digest)
         return meta
+
+    def _seal_without_erased(
+        self, meta: SetMeta, items: list[tuple[str, bytes]], *, digest: str
+    ) -> None:
+        """Drop the users erased while the set was written, and make the set readable.
+
+        Both happen in one transaction that watches the tombstones: an erasure landing in
+        between makes it fail, and it runs again with that user dropped too.
+        """
+        prefix = _set_prefix(meta.model, meta.version)
+        tombstones = f"{prefix}:erased"
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(tombstones)
+                    erased = {str(_text(u)) for u in pipe.hkeys(tombstones)}
+                    kept = [(u, v) for u, v in items if u not in erased]
+                    dropped = [u for u, _ in items if u in erased]
+                    meta.count, meta.sealed_at = len(kept), time.time()
+                    meta.digest = codec.set_digest(kept) if dropped else digest
+                    meta.state = SEALED
+                    pipe.multi()
+                    if dropped:
+                        pipe.delete(*(f"{prefix}:u:{u}" for u in dropped))
+                        pipe.srem(f"{prefix}:users", *dropped)
+                    pipe.delete(tombstones)
+                    pipe.hset(f"{prefix}:meta", mapping={
+                        "doc": json.dumps(meta.public()), "count": meta.count, "state": SEALED,
+                    })  # fmt: skip
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     def update_metrics(self, model: str, version: str, metrics: dict[str, Any]) -> None:
         meta = self.get_meta(model, version)
@@ -417,18 +466,19 @@ class Store:
         return bool(added)
 
     def erase_user(self, user: str) -> int:
-        """Remove one user's prompt from every version of every model; returns keys removed."""
+        """Remove one user's prompt from every version of every model, including sets still
+        being written (see _ERASE_LUA); returns how many sets held a prompt of the user."""
         removed = 0
         for spec in self.list_models():
             for v in self.redis.zrange(f"{_REG}:versions:{spec['name']}", 0, -1):
                 prefix = _set_prefix(spec["name"], str(_text(v)))
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.delete(f"{prefix}:u:{user}")
-                pipe.srem(f"{prefix}:users", user)
-                deleted, _ = pipe.execute()
-                if deleted:
-                    self.redis.hincrby(f"{prefix}:meta", "count", -1)
-                removed += int(deleted)
+                keys = [
+                    f"{prefix}:meta",
+                    f"{prefix}:u:{user}",
+                    f"{prefix}:users",
+                    f"{prefix}:erased",
+                ]
+                removed += int(self._erase_script(keys=keys, args=[user]))
         return removed
 
     def delete_set(self, model: str, version: str) -> None:

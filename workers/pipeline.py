@@ -39,6 +39,7 @@ from models.evaluation import evaluate
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
 from models.migration import MigrationConfig, map_prompts, stack_sources, train_adapter
+from models.migration import common_users as users_in_every_set
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task, get_task
@@ -179,15 +180,23 @@ def load_splits(job: Job, *, task: str, users: list[str] | None = None) -> Split
 
 
 def load_set(
-    model: str, version: str, *, users: list[str] | None = None, db: Store | None = None
+    model: str,
+    version: str,
+    *,
+    users: list[str] | None = None,
+    db: Store | None = None,
+    skip_missing: bool = False,
 ) -> PromptSet:
+    """The stored set, or its ``users``; with ``skip_missing``, users without a prompt (erased
+    since they were planned) are left out instead of failing the load."""
     s = db or store()
     meta = s.get_meta(model, version)
     users = users if users is not None else s.set_users(model, version)
     values = s.get_prompts(model, version, users)
     missing = [u for u, v in zip(users, values, strict=True) if v is None]
-    if missing:
+    if missing and not skip_missing:
         raise DataError(f"{model} version {version} has no prompt for users {missing[:5]}.")
+    users = [u for u, v in zip(users, values, strict=True) if v is not None]
     shape = tuple(meta.shape)
     rows = [codec.decode(v, dtype=meta.dtype, shape=shape) for v in values if v is not None]
     prompts = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, *shape))
@@ -424,8 +433,11 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     started = time.perf_counter()
     if job.settings.chunk_delay_s:
         time.sleep(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
-    users = _chunks(job)[index]
-    sets = [load_set(s["model"], s["version"], users=users) for s in job.record["sources"]]
+    sets = [
+        load_set(s["model"], s["version"], users=_chunks(job)[index], skip_missing=True)
+        for s in job.record["sources"]
+    ]
+    users = users_in_every_set(sets)  # an erasure since planning leaves a user out
     mapped = map_prompts(_adapter(job), stack_sources(sets, users))
     items = encode_rows(users, mapped, dtype=str(job.request.get("dtype") or "float32"))
     model, version = job.target
@@ -467,7 +479,8 @@ def _finalize(job: Job) -> None:
     task = source_task(job.record["sources"])
     splits = load_splits(job, task=task.name, users=users)
     test_users = [u for u in users if u in splits.test]
-    migrated = load_set(model, version, users=test_users)
+    migrated = load_set(model, version, users=test_users, skip_missing=True)
+    test_users = migrated.user_ids
     migrated_metrics = evaluate(load_model(model), task, migrated, splits.test)
     source_metrics = {}
     for s in job.record["sources"]:
@@ -476,7 +489,7 @@ def _finalize(job: Job) -> None:
         if cached is not None:
             source_metrics[key] = cached
             continue
-        source_set = load_set(s["model"], s["version"], users=test_users)
+        source_set = load_set(s["model"], s["version"], users=test_users, skip_missing=True)
         source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, splits.test)
     job.check_cancel()
     gate = quality_gate(
@@ -486,7 +499,7 @@ def _finalize(job: Job) -> None:
         tolerance=gate_tolerance(job),
     )
     metrics = {"migrated": migrated_metrics, "sources": source_metrics, "task": task.name}
-    job.store.seal_set(
+    sealed = job.store.seal_set(
         model,
         version,
         expected_count=expected_count,
@@ -500,7 +513,8 @@ def _finalize(job: Job) -> None:
     job.store.purge_retired(grace_s=job.settings.version_grace_s)
     cost = dict(job.record.get("cost") or {})
     cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
-    cost["users_mapped"] = expected_count
+    cost["users_mapped"] = sealed.count
+    cost["users_erased_during_run"] = len(users) - sealed.count
     cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
     job.update(
         state=state,

@@ -53,3 +53,20 @@ def test_retired_versions_are_purged_after_grace(store: Store) -> None:
     assert store.purge_retired(grace_s=0) == [f"m-a/{old}"]
     assert store.get_prompt("m-a", old, "u1") is None
     assert store.get_prompt("m-a", new, "u1") is not None
+
+
+def test_erasure_while_a_set_is_written_holds_at_sealing(store: Store) -> None:
+    store.put_model("m-e", {"name": "m-e", "checkpoint": "m-e", "registered_at": 0})
+    items = [("u1", b"\0" * 32), ("u2", b"\1" * 32), ("u3", b"\2" * 32)]
+    store.begin_set(SetMeta(model="m-e", version="1", task="rating", shape=[1, 8]))
+    store.write_prompts("m-e", "1", items[:2])
+    assert store.erase_user("u1") == 1  # written already: tombstoned, the set still verifies
+    assert store.erase_user("u3") == 0  # not written yet: a later chunk's write is undone too
+    store.write_prompts("m-e", "1", items[2:])
+    meta = store.seal_set("m-e", "1", expected_count=3, expected_digest=codec.set_digest(items))
+    assert (meta.state, meta.count, meta.digest) == ("sealed", 1, codec.set_digest(items[1:2]))
+    assert store.set_users("m-e", "1") == ["u2"]
+    assert store.get_prompts("m-e", "1", ["u1", "u2", "u3"]) == [None, items[1][1], None]
+    assert store.get_meta("m-e", "1").count == 1
+    assert store.erase_user("u2") == 1  # sealed now: removed at once
+    assert store.set_users("m-e", "1") == [] and store.get_meta("m-e", "1").count == 0

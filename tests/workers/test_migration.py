@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -214,3 +215,26 @@ def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, stor
     assert len(response.content) == 2 * width
     expected = np.frombuffer(expected_prompts(store, done["id"])["u0"], "<f4")
     assert np.allclose(np.frombuffer(response.content, "<f2"), expected, rtol=1e-2, atol=1e-3)
+
+
+def test_erasure_during_a_migration_holds_and_the_set_still_seals(
+    client: TestClient, store: Store
+) -> None:
+    created = migrate(client, chunk_size=4)  # the worker waits 0.3 s before each chunk
+    wait_for(lambda: store.chunks_done(created["id"]), timeout=120, what="a first chunk")
+    plan = json.loads(store.get_blob(created["id"], "plan") or b"[]")
+    written = plan[min(store.chunks_done(created["id"]))][-1]  # in the set being written
+    planned = plan[-1][-1]  # most likely not mapped yet: the chunk skips the user
+    for user in (written, planned):
+        assert client.delete(f"/users/{user}", headers=admin()).status_code == 200
+    done = wait_done(client, created["id"])
+    assert done["state"] == "promoted", done
+    model, version = done["target"]["model"], done["target"]["version"]
+    expected = expected_prompts(store, done["id"])  # the sources no longer hold either user
+    assert {written, planned}.isdisjoint(expected)
+    assert_exact_set(store, model, version, expected)
+    assert store.get_meta(model, version).count == len(expected)
+    assert done["cost"]["users_mapped"] == len(expected)
+    assert done["cost"]["users_erased_during_run"] == 2
+    for user in (written, planned):
+        assert client.get(f"/users/{user}/prompt", headers=reader()).status_code == 404
