@@ -50,6 +50,11 @@ def combine_digests(digests: Iterable[str]) -> str:
     return f"{sum(int(d, 16) for d in digests) % _MOD:064x}"
 
 
+def digest_without(digest: str, items: Iterable[tuple[str, bytes]]) -> str:
+    """The set digest once ``items`` are taken out, without hashing the rest again."""
+    return f"{(int(digest, 16) - int(set_digest(items), 16)) % _MOD:064x}"
+
+
 def check_prompt(
     array: np.ndarray, *, shape: tuple[int, ...], dtype: str = "float32"
 ) -> np.ndarray:

@@ -408,15 +408,14 @@ class Store:
                 try:
                     pipe.watch(tombstones)
                     erased = {str(_text(u)) for u in pipe.hkeys(tombstones)}
-                    kept = [(u, v) for u, v in items if u not in erased]
-                    dropped = [u for u, _ in items if u in erased]
-                    meta.count, meta.sealed_at = len(kept), time.time()
-                    meta.digest = codec.set_digest(kept) if dropped else digest
+                    dropped = [(u, v) for u, v in items if u in erased]
+                    meta.count, meta.sealed_at = len(items) - len(dropped), time.time()
+                    meta.digest = codec.digest_without(digest, dropped)
                     meta.state = SEALED
                     pipe.multi()
                     if dropped:
-                        pipe.delete(*(f"{prefix}:u:{u}" for u in dropped))
-                        pipe.srem(f"{prefix}:users", *dropped)
+                        pipe.delete(*(f"{prefix}:u:{u}" for u, _ in dropped))
+                        pipe.srem(f"{prefix}:users", *(u for u, _ in dropped))
                     pipe.delete(tombstones)
                     pipe.hset(f"{prefix}:meta", mapping={
                         "doc": json.dumps(meta.public()), "count": meta.count, "state": SEALED,

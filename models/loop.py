@@ -77,17 +77,16 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _forward(
-    model: FoundationModel, task: Task, prompt_source: nn.Module, head: nn.Module,
-    examples: Examples, rows: np.ndarray, label_ids: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _batch_logits(
+    model: FoundationModel, task: Task, prompt_source: nn.Module, examples: Examples,
+    rows: np.ndarray, label_ids: list[int],
+) -> torch.Tensor:  # fmt: skip
+    """``[len(rows), n_labels]`` label logits of the examples at ``rows``."""
     users = torch.from_numpy(examples.users[rows]).to(model.device)
-    prompts = prompt_source(users)
-    logits = model.label_logits(
-        [examples.prefixes[i] for i in rows], prompts, suffix=task.template.suffix,
-        label_ids=label_ids,
+    return model.label_logits(
+        [examples.prefixes[i] for i in rows], prompt_source(users),
+        suffix=task.template.suffix, label_ids=label_ids,
     )  # fmt: skip
-    return logits, head(logits)
 
 
 @torch.no_grad()
@@ -105,11 +104,7 @@ def label_logits(
     out = torch.empty(len(examples), len(label_ids))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        users = torch.from_numpy(examples.users[rows]).to(model.device)
-        logits = model.label_logits(
-            [examples.prefixes[i] for i in rows], prompt_source(users),
-            suffix=task.template.suffix, label_ids=label_ids,
-        )  # fmt: skip
+        logits = _batch_logits(model, task, prompt_source, examples, rows, label_ids)
         out[torch.from_numpy(rows)] = logits.float().cpu()
     return out
 
@@ -180,9 +175,9 @@ def fit(
             if should_stop and should_stop():
                 raise Cancelled("stopped on request")
             rows = order[begin : begin + batch_size]
-            logits, head_out = _forward(model, task, prompt_source, head, train, rows, label_ids)
+            logits = _batch_logits(model, task, prompt_source, train, rows, label_ids)
             targets = torch.from_numpy(train.targets[rows]).to(model.device)
-            loss = task.loss(logits, head_out.float(), targets)
+            loss = task.loss(logits, head(logits).float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)

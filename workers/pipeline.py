@@ -196,12 +196,12 @@ def load_set(
     missing = [u for u, v in zip(users, values, strict=True) if v is None]
     if missing and not skip_missing:
         raise DataError(f"{model} version {version} has no prompt for users {missing[:5]}.")
-    users = [u for u, v in zip(users, values, strict=True) if v is not None]
+    found = [(u, v) for u, v in zip(users, values, strict=True) if v is not None]
     shape = tuple(meta.shape)
-    rows = [codec.decode(v, dtype=meta.dtype, shape=shape) for v in values if v is not None]
+    rows = [codec.decode(v, dtype=meta.dtype, shape=shape) for _, v in found]
     prompts = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, *shape))
     head = load_tensors(s.get_head(model, version))
-    return PromptSet(model, meta.task, list(users), prompts, head)
+    return PromptSet(model, meta.task, [u for u, _ in found], prompts, head)
 
 
 def write_set(
