@@ -42,6 +42,9 @@ class MigrationConfig:
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
+    # Top principal directions of the source table the adapter reads (None: every feature). Few
+    # users fit a map from a few directions; thousands can afford them all.
+    input_rank: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +53,11 @@ class MigrationConfig:
                 raise ValueError(f"MigrationConfig.{name} must be >= 1.")
         if self.head_warmup_epochs < 0:
             raise ValueError("MigrationConfig.head_warmup_epochs must be >= 0 (0: no warm-up).")
+        if self.input_rank is not None and self.input_rank < 1:
+            raise ValueError("MigrationConfig.input_rank must be >= 1, or None for every feature.")
+        if self.input_rank is not None and not self.standardize_inputs:
+            raise ValueError("MigrationConfig.input_rank needs standardize_inputs=True: the "
+                             "principal directions come from the source table's statistics.")  # fmt: skip
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
 
@@ -102,12 +110,16 @@ def train_adapter(
     if not users:
         raise DataError("None of the selected users has training interactions in this dataset.")
     inputs = stack_sources(sources, users)
+    table = stack_sources(sources, common_users(sources))  # every user: the input statistics
+    rank = config.input_rank
+    if rank is not None:  # a small table has fewer directions than asked for
+        rank = max(1, min(rank, inputs.shape[-1], table.shape[0] * table.shape[1] - 1))
     adapter = PumaAdapter(AdapterConfig(
         d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
-        dropout=config.dropout, out_std=target.embedding_std,
+        dropout=config.dropout, out_std=target.embedding_std, input_rank=rank,
     ))  # fmt: skip
     if config.standardize_inputs:
-        adapter.set_input_statistics(stack_sources(sources, common_users(sources)))
+        adapter.set_input_statistics(table)
     if vocab_maps and config.start_from_vocab_map:
         linear = stacked_map(vocab_maps)
         adapter.init_skip(linear.weight, linear.target_mean - linear.source_mean @ linear.weight)

@@ -314,7 +314,7 @@ def prepare_and_train(job: Job) -> int:
     splits = load_splits(job, task=task.name, users=users)
     selected = select(job, sources=sources, users=users, splits=splits)
     if job.store.get_blob(job.id, "adapter") is None:
-        train(job, sources=sources, task=task, splits=splits, selected=selected)
+        train(job, sources=sources, task=task, splits=splits, users=users, selected=selected)
     return plan_mapping(job, sources=sources, users=users, task=task)
 
 
@@ -356,13 +356,16 @@ def train(
     sources: list[dict[str, str]],
     task: Task,
     splits: Splits,
+    users: list[str],
     selected: list[str],
 ) -> None:
 
     target_name, _ = job.target
     job.update(stage="training", users_selected=len(selected))
     target = load_model(target_name)
-    sets = [load_set(s["model"], s["version"], users=selected) for s in sources]
+    # Every user's prompt, not only the selected ones: the adapter's input statistics (and its
+    # principal directions) describe the whole population it will map.
+    sets = [load_set(s["model"], s["version"], users=users) for s in sources]
     options = {k: v for k, v in job.request["adapter"].items() if v is not None}
     result = train_adapter(
         sources=sets,

@@ -17,6 +17,10 @@ class AdapterConfig:
     # A linear path x -> W x beside the residual network. Few users teach a linear map far more
     # readily than a deep one; it can start from the data-free vocabulary map (models.instant).
     linear_skip: bool = True
+    # Keep only the source table's top principal directions (set_input_statistics). A budget of a
+    # few dozen users cannot pin down a map from every source feature, while a handful of
+    # directions carry how users differ; None keeps all d_in features.
+    input_rank: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_out", "hidden"):
@@ -25,8 +29,16 @@ class AdapterConfig:
                                  f"{getattr(self, name)}.")  # fmt: skip
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must lie in [0, 1), got {self.dropout}.")
+        if self.input_rank is not None and not 1 <= self.input_rank <= self.d_in:
+            raise ValueError(f"AdapterConfig.input_rank must lie in 1..d_in={self.d_in} or be "
+                             f"None (all features), got {self.input_rank}.")  # fmt: skip
         if self.out_std <= 0:
             raise ValueError(f"AdapterConfig.out_std must be positive, got {self.out_std}.")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @property
+    def d_features(self) -> int:
+        """Width the networks see after the input projection."""
+        return self.input_rank or self.d_in

@@ -1,8 +1,9 @@
 """The residual adapter Phi of PUMA.
 
-z   = (x - mean) / scale          in d_in: the source table's statistics (set_input_statistics)
-z1  = z + FFN_s(LN(z))            in d_in
-h   = FFN_up(LN(z1))              d_in -> d_out
+z   = (x - mean) [@ V_r] / scale  d_in -> f: the source table's statistics (set_input_statistics);
+                                  V_r its top-r principal directions when input_rank = r, f = r
+z1  = z + FFN_s(LN(z))            in f
+h   = FFN_up(LN(z1))              f -> d_out
 h2  = h + FFN_t(LN(h))            in d_out
 out = W_out(LN(h2)) [+ W_skip z]  d_out
 """
@@ -34,21 +35,22 @@ class FeedForward(nn.Module):
 class PumaAdapter(nn.Module):
     input_mean: torch.Tensor  # [d_in]
     input_scale: torch.Tensor  # [] one scale for all features keeps the table's geometry
+    input_basis: torch.Tensor | None  # [d_in, input_rank] orthonormal columns, with input_rank
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
         self.config = config
-        c = config
+        c, f = config, config.d_features
         self.register_buffer("input_mean", torch.zeros(c.d_in))
         self.register_buffer("input_scale", torch.ones(()))
-        self.source_block = FeedForward(c.d_in, c.hidden, c.d_in, c.dropout)
-        self.up = FeedForward(c.d_in, c.hidden, c.d_out, c.dropout)
+        basis = torch.eye(c.d_in, f) if c.input_rank is not None else None
+        self.register_buffer("input_basis", basis)
+        self.source_block = FeedForward(f, c.hidden, f, c.dropout)
+        self.up = FeedForward(f, c.hidden, c.d_out, c.dropout)
         self.target_block = FeedForward(c.d_out, c.hidden, c.d_out, c.dropout)
         self.out_norm = nn.LayerNorm(c.d_out)
         self.out_proj = nn.Linear(c.d_out, c.d_out)
-        self.skip: nn.Linear | None = (
-            nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_skip else None
-        )
+        self.skip: nn.Linear | None = nn.Linear(f, c.d_out, bias=False) if c.linear_skip else None
         # LN gives unit-variance features, so weights of std out_std / sqrt(d) give outputs of
         # std out_std. The linear path starts at zero unless a map is given (init_skip).
         nn.init.normal_(self.out_proj.weight, std=c.out_std / c.d_out**0.5)
@@ -62,25 +64,37 @@ class PumaAdapter(nn.Module):
         the trained ones): the users' differences carry the signal, not the start they share, so
         the adapter sees the differences, at unit scale whatever the source model's scale."""
         flat = prompts.reshape(-1, prompts.shape[-1]).float()
-        if flat.shape[-1] != self.config.d_in or len(flat) < 2:
+        needed = max(2, (self.config.input_rank or 0) + 1)
+        if flat.shape[-1] != self.config.d_in or len(flat) < needed:
             raise ShapeMismatchError(
-                f"Input statistics need at least two prompts of width {self.config.d_in}, got "
-                f"shape {tuple(prompts.shape)}."
+                f"Input statistics need at least {needed} prompt vectors of width "
+                f"{self.config.d_in} (input_rank={self.config.input_rank}), got shape "
+                f"{tuple(prompts.shape)}: lower input_rank or give the whole source table."
             )
+        centred = flat - flat.mean(0)
+        if self.input_basis is not None:
+            # Right singular vectors of the centred table are its principal directions.
+            _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+            self.input_basis.copy_(vh[: self.config.d_features].T.float())
+            centred = centred @ self.input_basis
         self.input_mean.copy_(flat.mean(0))
-        self.input_scale.copy_((flat - flat.mean(0)).pow(2).mean().sqrt().clamp_min(1e-8))
+        self.input_scale.copy_(centred.pow(2).mean().sqrt().clamp_min(1e-8))
 
     def init_skip(self, linear_map: torch.Tensor, offset: torch.Tensor | None = None) -> None:
         """Start the linear path at ``x @ linear_map + offset`` (``[d_in, d_out]``, ``[d_out]``)
-        for raw inputs ``x``; call after ``set_input_statistics``."""
+        for raw inputs ``x`` (within the kept principal directions when ``input_rank`` is set);
+        call after ``set_input_statistics``."""
         if self.skip is None or linear_map.shape != (self.config.d_in, self.config.d_out):
             raise ShapeMismatchError(
                 f"A linear map of shape {tuple(linear_map.shape)} cannot start an adapter "
                 f"{self.config.d_in} -> {self.config.d_out} (with linear_skip=True)."
             )
         with torch.no_grad():
-            # x @ M = (z * scale + mean) @ M: fold the input statistics into weight and bias.
-            self.skip.weight.copy_(linear_map.T * self.input_scale)
+            # x @ M = (z * scale [@ V^T] + mean) @ M: fold the statistics into weight and bias.
+            weight = linear_map.T * self.input_scale
+            self.skip.weight.copy_(
+                weight if self.input_basis is None else weight @ self.input_basis
+            )
             self.out_proj.weight.mul_(0.1)  # the network now starts as a small correction
             bias = self.input_mean @ linear_map
             self.out_proj.bias.copy_(bias if offset is None else bias + offset)
@@ -91,7 +105,10 @@ class PumaAdapter(nn.Module):
             raise ShapeMismatchError(
                 f"Prompts of width {x.shape[-1]} given to an adapter for width {self.config.d_in}."
             )
-        z = (x - self.input_mean) / self.input_scale
+        z = x - self.input_mean
+        if self.input_basis is not None:
+            z = z @ self.input_basis
+        z = z / self.input_scale
         z1 = z + self.source_block(z)
         h = self.up(z1)
         h = h + self.target_block(h)

@@ -30,6 +30,11 @@ def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(tmp_path: Path
     assert rows["instant"]["example_passes"] == 0
     assert rows["puma_budget"]["users_trained"] == result["budget_users"]
     assert rows["puma_all"]["users_trained"] == result["n_users"]
+    # the budget rows pool their selection seeds: the pooled RMSE lies within the seeds' spread
+    for method in ("puma_budget", "random_budget"):
+        per_seed = rows[method]["rmse_per_seed"]
+        assert rows[method]["seeds"] == len(result["budget_seeds"]) == len(per_seed) > 1
+        assert min(per_seed) - 1e-6 <= rows[method]["rmse"] <= max(per_seed) + 1e-6
     # few users cost few passes: the point of the budget
     assert rows["puma_budget"]["example_passes"] < rows["puma_all"]["example_passes"]
     assert (tmp_path / "smoke.png").stat().st_size > 1000

@@ -76,3 +76,44 @@ def test_a_given_map_holds_for_raw_inputs_after_standardising() -> None:
     with torch.no_grad():
         adapter.out_proj.weight.zero_()  # leave only the linear path and the bias
         torch.testing.assert_close(adapter(table), table @ linear + offset, atol=1e-4, rtol=1e-4)
+
+
+def test_input_rank_keeps_the_tables_principal_directions() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=16, d_out=8, hidden=4, input_rank=3)).eval()
+    # Users differ along three directions of very different spread, plus faint noise.
+    directions = torch.linalg.qr(torch.randn(16, 3)).Q
+    coords = torch.randn(300, 3) * torch.tensor([3.0, 1.0, 0.3])
+    table = (coords @ directions.T + 0.001 * torch.randn(300, 16) + 5.0).unsqueeze(1)
+    adapter.set_input_statistics(table)
+    assert adapter.input_basis is not None
+    # The kept basis spans the three directions: projecting them on it loses nothing.
+    kept = adapter.input_basis @ adapter.input_basis.T @ directions
+    torch.testing.assert_close(kept, directions, atol=1e-2, rtol=0)
+    assert adapter(table).shape == (300, 1, 8)
+    assert adapter.source_block.net[1].in_features == 3
+
+
+def test_a_given_map_holds_within_the_kept_directions() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=6, d_out=5, hidden=4, input_rank=2)).eval()
+    table = (torch.randn(50, 2) @ torch.randn(2, 6) + 1.0).unsqueeze(1)  # rank 2 around a start
+    adapter.set_input_statistics(table)
+    linear, offset = torch.randn(6, 5), torch.randn(5)
+    adapter.init_skip(linear, offset)
+    with torch.no_grad():
+        adapter.out_proj.weight.zero_()
+        torch.testing.assert_close(adapter(table), table @ linear + offset, atol=1e-4, rtol=1e-4)
+
+
+def test_input_rank_round_trips_and_needs_enough_prompts() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=12, d_out=4, hidden=4, input_rank=5)).eval()
+    with pytest.raises(ShapeMismatchError, match="at least 6"):
+        adapter.set_input_statistics(torch.randn(4, 1, 12))
+    adapter.set_input_statistics(torch.randn(40, 1, 12))
+    x = torch.randn(3, 1, 12)
+    torch.testing.assert_close(adapter_from_bytes(adapter_to_bytes(adapter))(x), adapter(x))
+
+
+@pytest.mark.parametrize("rank", [0, 13])
+def test_config_rejects_an_input_rank_outside_the_width(rank: int) -> None:
+    with pytest.raises(ValueError, match="input_rank"):
+        AdapterConfig(d_in=12, d_out=4, input_rank=rank)

@@ -56,7 +56,12 @@ def test_head_fit_on_cached_logits_improves_validation_and_counts_one_pass_per_e
     )
 
 
-@pytest.mark.parametrize("field", ["head_warmup_examples", "epochs", "hidden"])
+@pytest.mark.parametrize("field", ["head_warmup_examples", "epochs", "hidden", "input_rank"])
 def test_migration_config_names_the_field_to_fix(field: str) -> None:
     with pytest.raises(ValueError, match=f"MigrationConfig.{field}"):
         MigrationConfig(**{field: 0})  # type: ignore[arg-type]
+
+
+def test_input_rank_needs_standardised_inputs() -> None:
+    with pytest.raises(ValueError, match="standardize_inputs=True"):
+        MigrationConfig(input_rank=8, standardize_inputs=False)
