@@ -238,13 +238,19 @@ def row_json(row: Row, task: Task, retrain: Predictions) -> dict[str, object]:
     } | row.extra  # fmt: skip
 
 
-def run(preset: Preset) -> dict[str, object]:
-    task = get_task(preset.task)
+def preset_splits(preset: Preset) -> Splits:
+    """The preset's users, each split chronologically into train / validation / test."""
     interactions = load_interactions(preset.dataset, task=preset.task, max_users=preset.max_users)
     splits = split_chronological(interactions, n_test=preset.n_test, n_val=preset.n_val,
                                  max_train=preset.max_train)  # fmt: skip
     log(f"{preset.dataset}: {len(splits.users)} users, {len(splits.skipped_users)} skipped, "
         f"{sum(map(len, splits.train.values()))} train interactions")  # fmt: skip
+    return splits
+
+
+def run(preset: Preset) -> dict[str, object]:
+    task = get_task(preset.task)
+    splits = preset_splits(preset)
     source = FoundationModel.load(preset.source_model, device=preset.device)
     source_set, source_meta = source_prompts(preset, source, task, splits)
     users = source_set.user_ids

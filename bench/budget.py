@@ -1,0 +1,137 @@
+"""Budget study: pick the budget adapter's configuration without reading the test split.
+
+    python -m bench.budget --preset cpu-small --input-ranks none,16 --seeds 0,1 \\
+        --out bench/results/budget-cpu-small.json
+
+For each variant of the preset's budget adapter (its ``input_rank``), each selection strategy and
+each seed: select the budget's users, train the adapter on them, map every user and score the
+VALIDATION ratings of every user, and of the users not selected (whom the adapter never saw).
+Test ratings are never read, so a choice made here leaves the quality benchmark's test figures
+unbiased. Reference rows on the same validation ratings: each user's mean training rating and the
+source prompts on the source model. The source set comes from the quality benchmark's cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.quality import PRESETS, Preset, baseline_rows, log, preset_splits, source_prompts
+from models.evaluation import Predictions, predict_set
+from models.foundation import FoundationModel
+from models.instant import fit_vocab_map
+from models.migration import migrate_all, train_adapter
+from models.selection import select_users
+from models.tasks import get_task
+
+
+def rmse(predictions: Predictions, *, keep: np.ndarray | None = None) -> float:
+    error = predictions.predictions - predictions.targets
+    return float(np.sqrt(np.mean(error[keep] ** 2 if keep is not None else error**2)))
+
+
+def run(
+    preset: Preset, *, input_ranks: list[int | None], strategies: list[str], seeds: list[int]
+) -> dict[str, object]:
+    if preset.task != "rating":
+        raise SystemExit("The budget study scores RMSE: use a preset of the rating task.")
+    task = get_task(preset.task)
+    splits = preset_splits(preset)
+    source = FoundationModel.load(preset.source_model, device=preset.device)
+    source_set, _ = source_prompts(preset, source, task, splits)
+    users = source_set.user_ids
+    source_val = predict_set(source, task, source_set, splits.val)
+    user_mean = next(r for r in baseline_rows(splits, source_val) if r.method == "user_mean")
+    assert user_mean.predictions is not None
+    reference = {"user_mean": rmse(user_mean.predictions), "source": rmse(source_val)}
+    log(f"validation reference: {reference}")
+    target = FoundationModel.load(preset.target_model, device=preset.device)
+    vocab_map = fit_vocab_map(source, target)
+    del source
+    labels = {u: [i.label for i in items] for u, items in splits.train.items()}
+    runs = []
+    for rank in input_ranks:
+        config = replace(preset.budget_migration, input_rank=rank)
+        for strategy in strategies:
+            for seed in seeds:
+                chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
+                                      user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
+                result = train_adapter(
+                    sources=[source_set], target=target, task=task, splits=splits, users=chosen,
+                    config=replace(config, seed=seed), vocab_maps=[vocab_map],
+                )  # fmt: skip
+                migrated = migrate_all([source_set], result, target=target.name)
+                val = predict_set(target, task, migrated, splits.val)
+                unseen = np.array([u not in set(chosen) for u in val.user_ids])
+                runs.append({
+                    "input_rank": rank, "strategy": strategy, "seed": seed,
+                    "val_rmse": rmse(val), "val_rmse_unselected": rmse(val, keep=unseen),
+                    "train_seconds": round(result.seconds, 1),
+                    "example_passes": result.example_passes,
+                    "history": result.history,
+                })  # fmt: skip
+                log(f"input_rank {rank} {strategy} seed {seed}: validation RMSE "
+                    f"{runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']:.4f}, "
+                    f"{result.seconds:.0f}s")  # fmt: skip
+    return {
+        "preset": preset.name, "split": "validation", "dataset": preset.dataset,
+        "source_model": preset.source_model, "target_model": preset.target_model,
+        "n_users": len(users), "budget_users": preset.budget, "reference": reference,
+        "summary": summarise(runs), "runs": runs,
+    }  # fmt: skip
+
+
+def summarise(runs: list[dict]) -> list[dict[str, object]]:
+    """Mean validation RMSE of each (input_rank, strategy) over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["input_rank"], r["strategy"]), []).append(r)
+    return [
+        {"input_rank": rank, "strategy": strategy,
+         "val_rmse_mean": float(np.mean([r["val_rmse"] for r in group])),
+         "val_rmse_per_seed": [r["val_rmse"] for r in group],
+         "val_rmse_unselected_mean": float(np.mean([r["val_rmse_unselected"] for r in group]))}
+        for (rank, strategy), group in groups.items()
+    ]  # fmt: skip
+
+
+def parse_rank(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
+    parser.add_argument("--strategies", default="puma,random")
+    parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
+    start = time.perf_counter()
+    result = run(
+        preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
+        strategies=args.strategies.split(","), seeds=seeds,
+    )  # fmt: skip
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nvalidation RMSE, budget {result['budget_users']}: {result['reference']}")
+    for row in result["summary"]:  # type: ignore[attr-defined]
+        seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
+        print(f"input_rank {row['input_rank']!s:>5} {row['strategy']:<7} "
+              f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
+              f"unselected {row['val_rmse_unselected_mean']:.4f}")  # fmt: skip
+    log(f"wrote {args.out} in {result['wall_seconds']}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The budget study runs on the smoke preset and never needs the test split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import budget, quality
+from models.data import Splits
+
+
+def test_budget_study_scores_validation_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def splits_without_test(preset: quality.Preset) -> Splits:
+        return replace(quality.preset_splits(preset), test={})
+
+    monkeypatch.setattr(budget, "preset_splits", splits_without_test)
+    out = tmp_path / "budget.json"
+    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--strategies", "puma",
+                 "--seeds", "0", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["split"] == "validation"
+    assert set(result["reference"]) == {"user_mean", "source"}
+    assert [(r["input_rank"], r["strategy"]) for r in result["summary"]] == [
+        (None, "puma"), (4, "puma")
+    ]  # fmt: skip
+    for run in result["runs"]:
+        assert 0 < run["val_rmse"] < 5 and 0 < run["val_rmse_unselected"] < 5
+        assert run["example_passes"] > 0
