@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from redis import Redis
 
 from app import codec
 from app.main import create_app
 from app.store import Store
+from models.adapter.model import adapter_from_bytes
 from tests.conftest import (
     RedisServer,
     Worker,
@@ -34,6 +36,7 @@ from tests.workers.helpers import (
     train_source,
     wait_done,
 )
+from workers.pipeline import load_set
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +206,22 @@ def test_ready_with_redis_and_a_worker(client: TestClient) -> None:
     assert ready.json()["checks"]["workers"] >= 1
     metrics = client.get("/metrics").text
     assert "pm_http_requests_total" in metrics and "pm_prompts_served_total" in metrics
+
+
+def test_low_rank_adapter_reads_every_source_users_directions(
+    client: TestClient, store: Store
+) -> None:
+    adapter = {"epochs": 1, "hidden": 16, "input_rank": 4}
+    done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
+    assert done["state"] == "awaiting_promotion", done
+    assert done["cost"]["users_trained"] == 8
+    trained = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
+    assert trained.config.input_rank == 4
+    source = store.get_job(done["id"])["sources"][0]
+    everyone = load_set(source["model"], source["version"], db=store).prompts
+    assert len(everyone) > 8  # the statistics cover every user, not only the 8 trained
+    torch.testing.assert_close(trained.input_mean, everyone.reshape(-1, everyone.shape[-1]).mean(0))
+    assert_exact_set(store, TARGET, done["target"]["version"], expected_prompts(store, done["id"]))
 
 
 def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, store: Store) -> None:
