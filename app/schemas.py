@@ -80,11 +80,6 @@ class AdapterOptions(Strict):
     hidden: int | None = Field(default=None, ge=1)
     lr: float | None = Field(default=None, gt=0)
     batch_size: int | None = Field(default=None, ge=1)
-    input_rank: int | None = Field(
-        default=None, ge=1, le=65_536,
-        description="Read only the source prompts' top principal directions (all users' table): "
-        "for small budgets, where a map from every feature overfits. Unset: every feature.",
-    )  # fmt: skip
 
 
 class QualityGate(Strict):

@@ -208,20 +208,16 @@ def test_ready_with_redis_and_a_worker(client: TestClient) -> None:
     assert "pm_http_requests_total" in metrics and "pm_prompts_served_total" in metrics
 
 
-def test_low_rank_adapter_reads_every_source_users_directions(
-    client: TestClient, store: Store
-) -> None:
-    adapter = {"epochs": 1, "hidden": 16, "input_rank": 4}
-    done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
+def test_adapter_statistics_cover_every_source_user(client: TestClient, store: Store) -> None:
+    done = wait_done(client, migrate(client, auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion", done
     assert done["cost"]["users_trained"] == 8
     trained = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
-    assert trained.config.input_rank == 4
     source = store.get_job(done["id"])["sources"][0]
     everyone = load_set(source["model"], source["version"], db=store).prompts
-    assert len(everyone) > 8  # the statistics cover every user, not only the 8 trained
-    torch.testing.assert_close(trained.input_mean, everyone.reshape(-1, everyone.shape[-1]).mean(0))
-    assert_exact_set(store, TARGET, done["target"]["version"], expected_prompts(store, done["id"]))
+    assert len(everyone) > 8  # the whole population the adapter maps, not the 8 it trained on
+    flat = everyone.reshape(-1, everyone.shape[-1])
+    torch.testing.assert_close(trained.input_mean, flat.mean(0))
 
 
 def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, store: Store) -> None:
