@@ -42,8 +42,8 @@ class MigrationConfig:
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
-    # Top principal directions of the source table the adapter reads (None: every feature). Few
-    # users fit a map from a few directions; thousands can afford them all.
+    # Top principal directions of the source table the adapter reads (None: every feature);
+    # measured worse at a budget of 40 users (bench.budget), so off unless asked for.
     input_rank: int | None = None
     seed: int = 0
 
