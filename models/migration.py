@@ -110,15 +110,16 @@ def train_adapter(
     if not users:
         raise DataError("None of the selected users has training interactions in this dataset.")
     inputs = stack_sources(sources, users)
-    table = stack_sources(sources, common_users(sources))  # every user: the input statistics
+    # Every user's prompt gives the input statistics; input_rank implies standardize_inputs.
+    table = stack_sources(sources, common_users(sources)) if config.standardize_inputs else None
     rank = config.input_rank
-    if rank is not None:  # a small table has fewer directions than asked for
+    if rank is not None and table is not None:  # a small table has fewer directions than asked
         rank = max(1, min(rank, inputs.shape[-1], table.shape[0] * table.shape[1] - 1))
     adapter = PumaAdapter(AdapterConfig(
         d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
         dropout=config.dropout, out_std=target.embedding_std, input_rank=rank,
     ))  # fmt: skip
-    if config.standardize_inputs:
+    if table is not None:
         adapter.set_input_statistics(table)
     if vocab_maps and config.start_from_vocab_map:
         linear = stacked_map(vocab_maps)
