@@ -16,23 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Set
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from bench.quality import PRESETS, Preset, baseline_rows, log, preset_splits, source_prompts
-from models.evaluation import Predictions, predict_set
+from models.evaluation import Predictions, metrics_of, predict_set
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
 from models.migration import migrate_all, train_adapter
 from models.selection import select_users
-from models.tasks import get_task
+from models.tasks import Task, get_task
 
 
-def rmse(predictions: Predictions, *, keep: np.ndarray | None = None) -> float:
-    error = predictions.predictions - predictions.targets
-    return float(np.sqrt(np.mean(error[keep] ** 2 if keep is not None else error**2)))
+def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset()) -> float:
+    """The task's RMSE over the predictions of users not in ``without``."""
+    keep = np.array([u not in without for u in predictions.user_ids])
+    kept = Predictions([u for u, k in zip(predictions.user_ids, keep, strict=True) if k],
+                       predictions.targets[keep], predictions.predictions[keep])  # fmt: skip
+    return float(metrics_of(task, kept)["rmse"] or 0.0)
 
 
 def run(
@@ -48,7 +52,7 @@ def run(
     source_val = predict_set(source, task, source_set, splits.val)
     user_mean = next(r for r in baseline_rows(splits, source_val) if r.method == "user_mean")
     assert user_mean.predictions is not None
-    reference = {"user_mean": rmse(user_mean.predictions), "source": rmse(source_val)}
+    reference = {"user_mean": rmse(task, user_mean.predictions), "source": rmse(task, source_val)}
     log(f"validation reference: {reference}")
     target = FoundationModel.load(preset.target_model, device=preset.device)
     vocab_map = fit_vocab_map(source, target)
@@ -67,10 +71,10 @@ def run(
                 )  # fmt: skip
                 migrated = migrate_all([source_set], result, target=target.name)
                 val = predict_set(target, task, migrated, splits.val)
-                unseen = np.array([u not in set(chosen) for u in val.user_ids])
                 runs.append({
                     "input_rank": rank, "strategy": strategy, "seed": seed,
-                    "val_rmse": rmse(val), "val_rmse_unselected": rmse(val, keep=unseen),
+                    "val_rmse": rmse(task, val),
+                    "val_rmse_unselected": rmse(task, val, without=set(chosen)),
                     "train_seconds": round(result.seconds, 1),
                     "example_passes": result.example_passes,
                     "history": result.history,

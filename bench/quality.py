@@ -283,13 +283,11 @@ def run(preset: Preset) -> dict[str, object]:
             chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                                   user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
-            row, _ = adapter_row(method, users=chosen, config=config, **common)  # type: ignore[arg-type]
-            assert row.predictions is not None
-            log(
-                f"{method} seed {seed}: {metrics_of(task, row.predictions)[task.primary_metric]:.4f}"
-            )
-            runs.append(row)
+            runs.append(adapter_row(method, users=chosen, config=config, **common)[0])  # type: ignore[arg-type]
         rows.append(pooled_row(method, runs, task=task))
+        log(
+            f"{method} per seed {preset.seeds}: {rows[-1].extra[task.primary_metric + '_per_seed']}"
+        )
     retrain_predictions = rows[3].predictions
     assert retrain_predictions is not None
     rows = baseline_rows(splits, retrain_predictions) + rows

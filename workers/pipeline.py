@@ -312,22 +312,22 @@ def prepare_and_train(job: Job) -> int:
         raise DataError("The source prompt sets share no users; nothing to migrate.")
     job.update(stage="loading", users_total=len(users))
     splits = load_splits(job, task=task.name, users=users)
-    selected = select(job, sources=sources, users=users, splits=splits)
     if job.store.get_blob(job.id, "adapter") is None:
-        train(job, sources=sources, task=task, splits=splits, users=users, selected=selected)
+        # One read of every user's prompts serves both stages: selection clusters the users with
+        # training data, training standardises by the whole population the adapter will map.
+        sets = [load_set(s["model"], s["version"], users=users) for s in sources]
+        selected = select(job, sets=sets, splits=splits)
+        train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected)
     return plan_mapping(job, sources=sources, users=users, task=task)
 
 
-def select(
-    job: Job, *, sources: list[dict[str, str]], users: list[str], splits: Splits
-) -> list[str]:
+def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> list[str]:
 
     stored = job.store.get_blob(job.id, "selected")
     if stored is not None:
         return list(json.loads(stored))
     job.update(stage="selecting")
-    trainable = [u for u in users if u in splits.train]
-    sets = [load_set(s["model"], s["version"], users=trainable) for s in sources]
+    trainable = [u for u in sets[0].user_ids if u in splits.train]
     selection = job.request["selection"]
     labels = {u: [i.label for i in splits.train[u]] for u in trainable}
     chosen = select_users(
@@ -354,18 +354,15 @@ def train(
     job: Job,
     *,
     sources: list[dict[str, str]],
+    sets: list[PromptSet],
     task: Task,
     splits: Splits,
-    users: list[str],
     selected: list[str],
 ) -> None:
-
+    """Train on the ``selected`` users; ``sets`` hold every user's prompts (input statistics)."""
     target_name, _ = job.target
     job.update(stage="training", users_selected=len(selected))
     target = load_model(target_name)
-    # Every user's prompt, not only the selected ones: the adapter's input statistics (and its
-    # principal directions) describe the whole population it will map.
-    sets = [load_set(s["model"], s["version"], users=users) for s in sources]
     options = {k: v for k, v in job.request["adapter"].items() if v is not None}
     result = train_adapter(
         sources=sets,
