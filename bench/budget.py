@@ -1,11 +1,13 @@
 """Budget study: pick the budget adapter's configuration without reading the test split.
 
-    python -m bench.budget --preset cpu-small --input-ranks none,16 --seeds 0,1 \\
+    python -m bench.budget --preset cpu-small --budgets 40:4,80:2 --seeds 0,1 \\
         --out bench/results/budget-cpu-small.json
 
-For each variant of the preset's budget adapter (its ``input_rank``), each selection strategy and
-each seed: select the budget's users, train the adapter on them, map every user and score the
-VALIDATION ratings of every user, and of the users not selected (whom the adapter never saw).
+For each variant of the preset's budget adapter (its ``input_rank``, and the number of users with
+the epoch cap: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``),
+each selection strategy and each seed: select the budget's users, train the adapter on them, map
+every user and score the VALIDATION ratings of every user, and of the users not selected (whom the
+adapter never saw).
 Test ratings are never read, so a choice made here leaves the quality benchmark's test figures
 unbiased. Reference rows on the same validation ratings: each user's mean training rating and the
 source prompts on the source model. The source set comes from the quality benchmark's cache.
@@ -14,6 +16,7 @@ source prompts on the source model. The source set comes from the quality benchm
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Set
@@ -40,8 +43,9 @@ def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset(
 
 
 def run(
-    preset: Preset, *, input_ranks: list[int | None], strategies: list[str], seeds: list[int]
-) -> dict[str, object]:
+    preset: Preset, *, input_ranks: list[int | None], budgets: list[tuple[int, int]],
+    strategies: list[str], seeds: list[int],
+) -> dict[str, object]:  # fmt: skip
     if preset.task != "rating":
         raise SystemExit("The budget study scores RMSE: use a preset of the rating task.")
     task = get_task(preset.task)
@@ -59,53 +63,67 @@ def run(
     del source
     labels = {u: [i.label for i in items] for u, items in splits.train.items()}
     runs = []
-    for rank in input_ranks:
-        config = replace(preset.budget_migration, input_rank=rank)
-        for strategy in strategies:
-            for seed in seeds:
-                chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
-                                      user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
-                result = train_adapter(
-                    sources=[source_set], target=target, task=task, splits=splits, users=chosen,
-                    config=replace(config, seed=seed), vocab_maps=[vocab_map],
-                )  # fmt: skip
-                migrated = migrate_all([source_set], result, target=target.name)
-                val = predict_set(target, task, migrated, splits.val)
-                runs.append({
-                    "input_rank": rank, "strategy": strategy, "seed": seed,
-                    "val_rmse": rmse(task, val),
-                    "val_rmse_unselected": rmse(task, val, without=set(chosen)),
-                    "train_seconds": round(result.seconds, 1),
-                    "example_passes": result.example_passes,
-                    "history": result.history,
-                })  # fmt: skip
-                log(f"input_rank {rank} {strategy} seed {seed}: validation RMSE "
-                    f"{runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']:.4f}, "
-                    f"{result.seconds:.0f}s")  # fmt: skip
+    for rank, (budget, epochs), strategy, seed in itertools.product(
+        input_ranks, budgets, strategies, seeds
+    ):
+        chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
+                              user_ids=users, budget=budget, seed=seed)  # fmt: skip
+        config = replace(preset.budget_migration, input_rank=rank, epochs=epochs, seed=seed)
+        result = train_adapter(
+            sources=[source_set], target=target, task=task, splits=splits, users=chosen,
+            config=config, vocab_maps=[vocab_map],
+        )  # fmt: skip
+        migrated = migrate_all([source_set], result, target=target.name)
+        val = predict_set(target, task, migrated, splits.val)
+        runs.append({
+            "input_rank": rank, "budget": budget, "epochs": epochs, "strategy": strategy,
+            "seed": seed, "val_rmse": rmse(task, val),
+            "val_rmse_unselected": rmse(task, val, without=set(chosen)),
+            "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
+            "history": result.history,
+        })  # fmt: skip
+        log(f"input_rank {rank} budget {budget}:{epochs} {strategy} seed {seed}: validation "
+            f"RMSE {runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']:.4f}, "
+            f"{result.seconds:.0f}s")  # fmt: skip
     return {
         "preset": preset.name, "split": "validation", "dataset": preset.dataset,
         "source_model": preset.source_model, "target_model": preset.target_model,
-        "n_users": len(users), "budget_users": preset.budget, "reference": reference,
+        "n_users": len(users), "reference": reference,
         "summary": summarise(runs), "runs": runs,
     }  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
-    """Mean validation RMSE of each (input_rank, strategy) over its seeds."""
+    """Mean validation RMSE and cost of each variant and strategy over its seeds."""
+    keys = ("input_rank", "budget", "epochs", "strategy")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["input_rank"], r["strategy"]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     return [
-        {"input_rank": rank, "strategy": strategy,
-         "val_rmse_mean": float(np.mean([r["val_rmse"] for r in group])),
-         "val_rmse_per_seed": [r["val_rmse"] for r in group],
-         "val_rmse_unselected_mean": float(np.mean([r["val_rmse_unselected"] for r in group]))}
-        for (rank, strategy), group in groups.items()
+        dict(zip(keys, key, strict=True)) | {
+            "val_rmse_mean": float(np.mean([r["val_rmse"] for r in group])),
+            "val_rmse_per_seed": [r["val_rmse"] for r in group],
+            "val_rmse_unselected_mean": float(np.mean([r["val_rmse_unselected"] for r in group])),
+            "train_seconds_mean": float(np.mean([r["train_seconds"] for r in group])),
+            "example_passes_mean": float(np.mean([r["example_passes"] for r in group])),
+        }
+        for key, group in groups.items()
     ]  # fmt: skip
 
 
 def parse_rank(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
+
+
+def parse_budgets(text: str) -> list[tuple[int, int]]:
+    """``"40:4,80:2"`` -> [(40 users, at most 4 epochs), (80 users, at most 2 epochs)]."""
+    budgets = []
+    for item in text.split(","):
+        users, _, epochs = item.partition(":")
+        if not (users.isdigit() and epochs.isdigit() and int(users) > 0 and int(epochs) > 0):
+            raise argparse.ArgumentTypeError(f"budget {item!r}: write USERS:EPOCHS, e.g. 80:2")
+        budgets.append((int(users), int(epochs)))
+    return budgets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,24 +132,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
+    parser.add_argument("--budgets", type=parse_budgets, default=None,
+                        help="comma-separated USERS:EPOCHS; default: the preset's")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
+    budgets = args.budgets or [(preset.budget, preset.budget_migration.epochs)]
     start = time.perf_counter()
     result = run(
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
-        strategies=args.strategies.split(","), seeds=seeds,
+        budgets=budgets, strategies=args.strategies.split(","), seeds=seeds,
     )  # fmt: skip
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nvalidation RMSE, budget {result['budget_users']}: {result['reference']}")
+    print(f"\nvalidation RMSE: {result['reference']}")
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
-        print(f"input_rank {row['input_rank']!s:>5} {row['strategy']:<7} "
+        print(f"input_rank {row['input_rank']!s:>5} budget {row['budget']}:{row['epochs']} "
+              f"{row['strategy']:<7} {row['train_seconds_mean']:.0f}s "
               f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
               f"unselected {row['val_rmse_unselected_mean']:.4f}")  # fmt: skip
     log(f"wrote {args.out} in {result['wall_seconds']}s")

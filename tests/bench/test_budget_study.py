@@ -20,14 +20,20 @@ def test_budget_study_scores_validation_only(
 
     monkeypatch.setattr(budget, "preset_splits", splits_without_test)
     out = tmp_path / "budget.json"
-    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--strategies", "puma",
-                 "--seeds", "0", "--out", str(out)])  # fmt: skip
+    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--budgets", "8:2,12:1",
+                 "--strategies", "puma", "--seeds", "0", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["split"] == "validation"
     assert set(result["reference"]) == {"user_mean", "source"}
-    assert [(r["input_rank"], r["strategy"]) for r in result["summary"]] == [
-        (None, "puma"), (4, "puma")
+    assert [(r["input_rank"], r["budget"], r["epochs"]) for r in result["summary"]] == [
+        (None, 8, 2), (None, 12, 1), (4, 8, 2), (4, 12, 1)
     ]  # fmt: skip
     for run in result["runs"]:
         assert 0 < run["val_rmse"] < 5 and 0 < run["val_rmse_unselected"] < 5
         assert run["example_passes"] > 0
+
+
+def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        budget.main(["--preset", "smoke", "--budgets", "80", "--out", "unused.json"])
+    assert "write USERS:EPOCHS" in capsys.readouterr().err
