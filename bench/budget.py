@@ -61,7 +61,7 @@ def run(
     target = FoundationModel.load(preset.target_model, device=preset.device)
     vocab_map = fit_vocab_map(source, target)
     del source
-    labels = {u: [i.label for i in items] for u, items in splits.train.items()}
+    labels = splits.train_labels()
     runs = []
     for rank, (budget, epochs), strategy, seed in itertools.product(
         input_ranks, budgets, strategies, seeds

@@ -123,7 +123,7 @@ def constant_row(method: str, test: Predictions, values: np.ndarray) -> Row:
 
 def baseline_rows(splits: Splits, test: Predictions) -> list[Row]:
     """Non-LLM sanity rows: the global mean rating and each user's own mean rating."""
-    labels = {u: [i.label for i in items] for u, items in splits.train.items()}
+    labels = splits.train_labels()
     global_mean = float(np.mean([x for v in labels.values() for x in v]))
     per_user = np.array([np.mean(labels[u]) for u in test.user_ids], dtype=np.float32)
     return [
@@ -276,7 +276,7 @@ def run(preset: Preset) -> dict[str, object]:
     common = dict(preset=preset, source_set=source_set, target=target, task=task, splits=splits,
                   vocab_map=vocab_map)  # fmt: skip
     rows.append(adapter_row("puma_all", users=users, config=preset.migration, **common)[0])  # type: ignore[arg-type]
-    labels = {u: [i.label for i in items] for u, items in splits.train.items()}
+    labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []
         for seed in preset.seeds:

@@ -45,6 +45,10 @@ class Splits:
     def users(self) -> list[str]:
         return list(self.train)
 
+    def train_labels(self) -> dict[str, list[float]]:
+        """Each user's training labels, the input of user selection and of the mean baselines."""
+        return {u: [i.label for i in items] for u, items in self.train.items()}
+
     def restrict(self, users: list[str]) -> Splits:
         keep = set(users)
         pick = lambda part: {u: v for u, v in part.items() if u in keep}  # noqa: E731

@@ -329,11 +329,10 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> list[str]:
     job.update(stage="selecting")
     trainable = [u for u in sets[0].user_ids if u in splits.train]
     selection = job.request["selection"]
-    labels = {u: [i.label for i in splits.train[u]] for u in trainable}
     chosen = select_users(
         selection["strategy"],
         prompts=stack_sources(sets, trainable),
-        labels=labels,
+        labels=splits.train_labels(),
         user_ids=trainable,
         budget=selection.get("budget"),
         seed=int(job.request.get("seed", 0)),

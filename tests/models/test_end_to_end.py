@@ -55,7 +55,7 @@ def test_migrated_prompts_beat_random_prompts_on_the_target(
     tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
     source_set: PromptSet, input_rank: int | None,
 ) -> None:  # fmt: skip
-    labels = {u: [i.label for i in v] for u, v in tiny_splits.train.items()}
+    labels = tiny_splits.train_labels()
     users = select_users("puma", prompts=source_set.prompts, labels=labels,
                          user_ids=source_set.user_ids, budget=12)  # fmt: skip
     config = replace(ADAPTER_CONFIG, input_rank=input_rank)
