@@ -48,9 +48,10 @@ bench-smoke: setup
 bench-cpu-small: setup
 	$(PY) -m bench.quality --preset cpu-small --out bench/results/quality-cpu-small.json
 
-# Chooses the budget adapter's input rank on validation ratings only (the test split stays unread).
+# Chooses the budget's size on validation ratings only (the test split stays unread).
 bench-budget: setup
-	$(PY) -m bench.budget --preset cpu-small --input-ranks none,16 --out bench/results/budget-cpu-small.json
+	$(PY) -m bench.budget --preset cpu-small --budgets 40:4,80:2 --strategies puma --seeds 0,1 \
+		--out bench/results/budget-sizes-cpu-small.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
