@@ -1,7 +1,7 @@
 """Budget study: pick the budget adapter's configuration without reading the test split.
 
-    python -m bench.budget --preset cpu-small --budgets 40:4,80:2 --seeds 0,1 \\
-        --out bench/results/budget-cpu-small.json
+    python -m bench.budget --preset cpu-small --budgets 40:4,80:2 --strategies puma --seeds 0,1 \\
+        --out bench/results/budget-sizes-cpu-small.json
 
 For each variant of the preset's budget adapter (its ``input_rank``, and the number of users with
 the epoch cap: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``),
