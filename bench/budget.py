@@ -25,11 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality import PRESETS, Preset, baseline_rows, log, preset_splits, source_prompts
+from bench.quality import (
+    PRESETS,
+    Preset,
+    baseline_rows,
+    log,
+    migrate_and_predict,
+    preset_splits,
+    source_prompts,
+)
 from models.evaluation import Predictions, metrics_of, predict_set
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
-from models.migration import migrate_all, train_adapter
 from models.selection import select_users
 from models.tasks import Task, get_task
 
@@ -69,12 +76,10 @@ def run(
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
         config = replace(preset.budget_migration, input_rank=rank, epochs=epochs, seed=seed)
-        result = train_adapter(
-            sources=[source_set], target=target, task=task, splits=splits, users=chosen,
-            config=config, vocab_maps=[vocab_map],
+        result, val = migrate_and_predict(
+            source_set=source_set, target=target, task=task, splits=splits, users=chosen,
+            config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
-        migrated = migrate_all([source_set], result, target=target.name)
-        val = predict_set(target, task, migrated, splits.val)
         runs.append({
             "input_rank": rank, "budget": budget, "epochs": epochs, "strategy": strategy,
             "seed": seed, "val_rmse": rmse(task, val),

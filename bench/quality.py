@@ -18,18 +18,19 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import assets
-from models.data import Splits, load_interactions, split_chronological
+from models.data import Interaction, Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
 from models.instant import LinearMap, fit_vocab_map, instant_migrate
-from models.loop import Examples, PromptTable, fit_head, index_users
-from models.migration import MigrationConfig, migrate_all, train_adapter
+from models.loop import Examples, ProgressFn, PromptTable, fit_head, index_users
+from models.migration import AdapterResult, MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task, get_task
@@ -187,18 +188,30 @@ def random_init_row(
                result.example_passes, len(users))  # fmt: skip
 
 
-def adapter_row(
-    method: str, *, preset: Preset, source_set: PromptSet, target: FoundationModel, task: Task,
-    splits: Splits, users: list[str], config: MigrationConfig, vocab_map: LinearMap,
-) -> tuple[Row, PromptSet]:  # fmt: skip
-    log(f"{method}: training the adapter on {len(users)} users")
+def migrate_and_predict(
+    *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
+    users: list[str], config: MigrationConfig, vocab_map: LinearMap,
+    part: dict[str, list[Interaction]], on_progress: ProgressFn | None = None,
+) -> tuple[AdapterResult, Predictions]:  # fmt: skip
+    """Train the adapter on ``users``, map every user, predict the interactions of ``part``."""
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
-                           users=users, config=config, vocab_maps=[vocab_map], on_progress=progress(method))  # fmt: skip
+                           users=users, config=config, vocab_maps=[vocab_map],
+                           on_progress=on_progress)  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
-    predictions = predict_set(target, task, migrated, splits.test)
-    row = Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
-              {"history": result.history})  # fmt: skip
-    return row, migrated
+    return result, predict_set(target, task, migrated, part)
+
+
+def adapter_row(
+    method: str, *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
+    users: list[str], config: MigrationConfig, vocab_map: LinearMap,
+) -> Row:  # fmt: skip
+    log(f"{method}: training the adapter on {len(users)} users")
+    result, predictions = migrate_and_predict(
+        source_set=source_set, target=target, task=task, splits=splits, users=users,
+        config=config, vocab_map=vocab_map, part=splits.test, on_progress=progress(method),
+    )  # fmt: skip
+    return Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
+               {"history": result.history})  # fmt: skip
 
 
 def pooled_row(method: str, runs: list[Row], *, task: Task) -> Row:
@@ -278,9 +291,9 @@ def run(preset: Preset) -> dict[str, object]:
     rows.append(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
                     retrained.seconds, retrained.example_passes, len(users),
                     {"history": retrained.history}))  # fmt: skip
-    common = dict(preset=preset, source_set=source_set, target=target, task=task, splits=splits,
-                  vocab_map=vocab_map)  # fmt: skip
-    rows.append(adapter_row("puma_all", users=users, config=preset.migration, **common)[0])  # type: ignore[arg-type]
+    migrated_row = partial(adapter_row, source_set=source_set, target=target, task=task,
+                           splits=splits, vocab_map=vocab_map)  # fmt: skip
+    rows.append(migrated_row("puma_all", users=users, config=preset.migration))
     labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []
@@ -288,7 +301,7 @@ def run(preset: Preset) -> dict[str, object]:
             chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                                   user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
-            runs.append(adapter_row(method, users=chosen, config=config, **common)[0])  # type: ignore[arg-type]
+            runs.append(migrated_row(method, users=chosen, config=config))
         rows.append(pooled_row(method, runs, task=task))
         log(
             f"{method} per seed {preset.seeds}: {rows[-1].extra[task.primary_metric + '_per_seed']}"
