@@ -3,6 +3,8 @@
     python -m bench.budget --preset cpu-small --budgets 40:4,80:2 --strategies puma --seeds 0,1 \\
         --out bench/results/budget-sizes-cpu-small.json
 
+With ``--base migration --strategies all`` the same study tunes the adapter on all users.
+
 For each variant of the preset's budget adapter (its ``input_rank``, and the number of users with
 the epoch cap: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``),
 each selection strategy and each seed: select the budget's users, train the adapter on them, map
@@ -51,7 +53,7 @@ def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset(
 
 def run(
     preset: Preset, *, input_ranks: list[int | None], budgets: list[tuple[int, int]],
-    strategies: list[str], seeds: list[int],
+    strategies: list[str], seeds: list[int], base: str = "budget_migration",
 ) -> dict[str, object]:  # fmt: skip
     if preset.task != "rating":
         raise SystemExit("The budget study scores RMSE: use a preset of the rating task.")
@@ -75,7 +77,7 @@ def run(
     ):
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
-        config = replace(preset.budget_migration, input_rank=rank, epochs=epochs, seed=seed)
+        config = replace(getattr(preset, base), input_rank=rank, epochs=epochs, seed=seed)
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
             config=config, vocab_map=vocab_map, part=splits.val,
@@ -83,17 +85,19 @@ def run(
         runs.append({
             "input_rank": rank, "budget": budget, "epochs": epochs, "strategy": strategy,
             "seed": seed, "val_rmse": rmse(task, val),
-            "val_rmse_unselected": rmse(task, val, without=set(chosen)),
+            "val_rmse_unselected": (
+                rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
+            ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "history": result.history,
         })  # fmt: skip
         log(f"input_rank {rank} budget {budget}:{epochs} {strategy} seed {seed}: validation "
-            f"RMSE {runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']:.4f}, "
+            f"RMSE {runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
     return {
         "preset": preset.name, "split": "validation", "dataset": preset.dataset,
         "source_model": preset.source_model, "target_model": preset.target_model,
-        "n_users": len(users), "reference": reference,
+        "n_users": len(users), "base": base, "reference": reference,
         "summary": summarise(runs), "runs": runs,
     }  # fmt: skip
 
@@ -108,12 +112,18 @@ def summarise(runs: list[dict]) -> list[dict[str, object]]:
         dict(zip(keys, key, strict=True)) | {
             "val_rmse_mean": float(np.mean([r["val_rmse"] for r in group])),
             "val_rmse_per_seed": [r["val_rmse"] for r in group],
-            "val_rmse_unselected_mean": float(np.mean([r["val_rmse_unselected"] for r in group])),
+            "val_rmse_unselected_mean": mean_or_none([r["val_rmse_unselected"] for r in group]),
             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in group])),
             "example_passes_mean": float(np.mean([r["example_passes"] for r in group])),
         }
         for key, group in groups.items()
     ]  # fmt: skip
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    """None when a variant selected every user: no one is left unseen by its adapter."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def parse_rank(text: str) -> int | None:
@@ -141,15 +151,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated USERS:EPOCHS; default: the preset's")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
+    parser.add_argument("--base", choices=("budget_migration", "migration"),
+                        default="budget_migration",
+                        help="the preset's adapter the variants start from: the budget's, or the "
+                             "one on all users (with --strategies all)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
-    budgets = args.budgets or [(preset.budget, preset.budget_migration.epochs)]
+    budgets = args.budgets or [(preset.budget, getattr(preset, args.base).epochs)]
     start = time.perf_counter()
     result = run(
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
-        budgets=budgets, strategies=args.strategies.split(","), seeds=seeds,
+        budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
     )  # fmt: skip
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"input_rank {row['input_rank']!s:>5} budget {row['budget']}:{row['epochs']} "
               f"{row['strategy']:<7} {row['train_seconds_mean']:.0f}s "
               f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
-              f"unselected {row['val_rmse_unselected_mean']:.4f}")  # fmt: skip
+              f"unselected {row['val_rmse_unselected_mean']}")  # fmt: skip
     log(f"wrote {args.out} in {result['wall_seconds']}s")
 
 

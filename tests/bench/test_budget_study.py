@@ -37,3 +37,15 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         budget.main(["--preset", "smoke", "--budgets", "80", "--out", "unused.json"])
     assert "write USERS:EPOCHS" in capsys.readouterr().err
+
+
+def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
+    out = tmp_path / "all.json"
+    budget.main(["--preset", "smoke", "--base", "migration", "--budgets", "1:1",
+                 "--strategies", "all", "--seeds", "0", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["base"] == "migration"
+    [run] = result["runs"]
+    assert run["strategy"] == "all" and run["val_rmse_unselected"] is None
+    assert run["example_passes"] > result["n_users"]  # every user's examples, not a budget's
+    assert result["summary"][0]["val_rmse_unselected_mean"] is None
