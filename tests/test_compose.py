@@ -58,7 +58,7 @@ def test_entrypoints_use_the_same_targets(script: str) -> None:
     line = next(x for x in text.splitlines() if x.startswith("exec "))
     target = _target(line.split()[1:])
     assert target in ("app.main:app", "workers.celery_app")
-    assert _resolve(target) is not None  # type: ignore[arg-type]
+    assert _resolve(target) is not None
     assert (
         f"/usr/local/bin/{script}"
         in (ROOT / "docker")

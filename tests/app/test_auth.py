@@ -36,7 +36,7 @@ def _routes() -> list[tuple[str, str]]:
     found = []
     for route in _api_routes(create_app().routes):
         if route.path not in PUBLIC:
-            found += [(method, route.path) for method in sorted(route.methods)]
+            found += [(method, route.path) for method in sorted(route.methods or ())]
     return found
 
 

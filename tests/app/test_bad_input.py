@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,11 @@ def _bad(response: object, status: int | tuple[int, ...], word: str) -> None:
     assert word.lower() in body["detail"].lower(), body
 
 
-VALID_MIGRATION = {"sources": [{"model": "m-a"}], "target": "m-b", "dataset": "synthetic-tiny"}
+VALID_MIGRATION: dict[str, object] = {
+    "sources": [{"model": "m-a"}],
+    "target": "m-b",
+    "dataset": "synthetic-tiny",
+}
 
 
 @pytest.mark.usefixtures("unchanged")
@@ -126,7 +131,7 @@ def test_large_but_finite_values_are_accepted(client: TestClient, store: Store) 
     assert ok.status_code == 200
 
 
-def test_register_dataset(client: TestClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_register_dataset(client: TestClient, tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text('{"user_id": "u1", "item_text": "x", "label": 4, "timestamp": 1}\n')
     response = client.post("/datasets", json={"name": "mine", "path": str(path)}, headers=admin())

@@ -32,7 +32,7 @@ def _hot_routes(client: TestClient) -> list[APIRoute]:
     while stack:
         route = stack.pop()
         if isinstance(route, APIRoute):
-            if any((m, route.path) in HOT for m in route.methods):
+            if any((m, route.path) in HOT for m in route.methods or ()):
                 routes.append(route)
         elif hasattr(route, "original_router"):
             stack += route.original_router.routes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -25,7 +26,7 @@ def test_503_while_redis_is_down_then_recovers(tmp_path: Path) -> None:
                 ("GET", "/migrations"),
                 ("POST", "/prompts/batch"),
             ]:
-                kwargs = {"json": {"user_ids": ["u1"]}} if method == "POST" else {}
+                kwargs: dict[str, Any] = {"json": {"user_ids": ["u1"]}} if method == "POST" else {}
                 response = client.request(method, path, headers=reader(), **kwargs)
                 assert response.status_code == 503, response.text
                 assert "Redis" in response.json()["detail"]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from app.config import Settings
 
@@ -18,18 +18,27 @@ def test_production_refuses_missing_tokens() -> None:
 
 def test_production_refuses_default_tokens() -> None:
     with pytest.raises(ValidationError, match="default"):
-        Settings(environment="production", admin_token="changeme", read_token="x" * 40)
+        Settings(
+            environment="production",
+            admin_token=SecretStr("changeme"),
+            read_token=SecretStr("x" * 40),
+        )
 
 
 def test_production_accepts_strong_tokens() -> None:
-    settings = Settings(environment="production", admin_token="a" * 40, read_token="b" * 40)
+    settings = Settings(
+        environment="production", admin_token=SecretStr("a" * 40), read_token=SecretStr("b" * 40)
+    )
     assert settings.admin_token is not None
 
 
 def test_production_refuses_the_test_slowdown() -> None:
     with pytest.raises(ValidationError, match="CHUNK_DELAY"):
         Settings(
-            environment="production", admin_token="a" * 40, read_token="b" * 40, chunk_delay_s=1
+            environment="production",
+            admin_token=SecretStr("a" * 40),
+            read_token=SecretStr("b" * 40),
+            chunk_delay_s=1,
         )
 
 

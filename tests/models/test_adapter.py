@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def test_wrong_input_width_is_refused() -> None:
 
 @pytest.mark.parametrize("field", ["d_in", "d_out", "hidden"])
 def test_config_rejects_non_positive_widths(field: str) -> None:
-    kwargs = {"d_in": 4, "d_out": 4, "hidden": 4} | {field: 0}
+    kwargs: dict[str, Any] = {"d_in": 4, "d_out": 4, "hidden": 4} | {field: 0}
     with pytest.raises(ValueError, match=field):
         AdapterConfig(**kwargs)
 
