@@ -1,12 +1,13 @@
 """Budget study: pick the budget adapter's configuration without reading the test split.
 
-    python -m bench.budget --preset cpu-small --budgets 40:4,80:2 --strategies puma --seeds 0,1 \\
-        --out bench/results/budget-sizes-cpu-small.json
+    python -m bench.budget --preset cpu-small --budgets 80:2,130:1,80:2:16 --strategies puma \\
+        --seeds 0,1,2 --out bench/results/budget-epochs-cpu-small.json
 
 With ``--base migration --strategies all`` the same study tunes the adapter on all users.
 
 For each variant of the preset's budget adapter (its ``input_rank``, and the number of users with
-the epoch cap: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``),
+the epoch cap, and optionally the batch size: ``80:2`` trains 80 users for at most 2 epochs, about
+the LM passes of ``40:4``; ``80:2:16`` does so in batches of 16),
 each selection strategy and each seed: select the budget's users, train the adapter on them, map
 every user and score the VALIDATION ratings of every user, and of the users not selected (whom the
 adapter never saw).
@@ -24,6 +25,7 @@ import time
 from collections.abc import Set
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +45,12 @@ from models.selection import select_users
 from models.tasks import Task, get_task
 
 
+class Budget(NamedTuple):
+    users: int
+    epochs: int  # the cap: the best validation epoch is kept
+    batch_size: int | None = None  # None: the base configuration's
+
+
 def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset()) -> float:
     """The task's RMSE over the predictions of users not in ``without``."""
     keep = np.array([u not in without for u in predictions.user_ids])
@@ -52,7 +60,7 @@ def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset(
 
 
 def run(
-    preset: Preset, *, input_ranks: list[int | None], budgets: list[tuple[int, int]],
+    preset: Preset, *, input_ranks: list[int | None], budgets: list[Budget],
     strategies: list[str], seeds: list[int], base: str = "budget_migration",
 ) -> dict[str, object]:  # fmt: skip
     if preset.task != "rating":
@@ -72,26 +80,28 @@ def run(
     del source
     labels = splits.train_labels()
     runs = []
-    for rank, (budget, epochs), strategy, seed in itertools.product(
+    for rank, (budget, epochs, batch), strategy, seed in itertools.product(
         input_ranks, budgets, strategies, seeds
     ):
+        base_config = getattr(preset, base)
+        batch = batch or base_config.batch_size
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
-        config = replace(getattr(preset, base), input_rank=rank, epochs=epochs, seed=seed)
+        config = replace(base_config, input_rank=rank, epochs=epochs, batch_size=batch, seed=seed)
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
             config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
         runs.append({
-            "input_rank": rank, "budget": budget, "epochs": epochs, "strategy": strategy,
-            "seed": seed, "val_rmse": rmse(task, val),
+            "input_rank": rank, "budget": budget, "epochs": epochs, "batch_size": batch,
+            "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "history": result.history,
         })  # fmt: skip
-        log(f"input_rank {rank} budget {budget}:{epochs} {strategy} seed {seed}: validation "
+        log(f"input_rank {rank} budget {budget}:{epochs}:{batch} {strategy} seed {seed}: validation "
             f"RMSE {runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
     return {
@@ -104,7 +114,7 @@ def run(
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
     """Mean validation RMSE and cost of each variant and strategy over its seeds."""
-    keys = ("input_rank", "budget", "epochs", "strategy")
+    keys = ("input_rank", "budget", "epochs", "batch_size", "strategy")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -130,14 +140,16 @@ def parse_rank(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
-def parse_budgets(text: str) -> list[tuple[int, int]]:
-    """``"40:4,80:2"`` -> [(40 users, at most 4 epochs), (80 users, at most 2 epochs)]."""
+def parse_budgets(text: str) -> list[Budget]:
+    """``"40:4,80:2:16"`` -> [40 users for at most 4 epochs, 80 for 2 in batches of 16]."""
     budgets = []
     for item in text.split(","):
-        users, _, epochs = item.partition(":")
-        if not (users.isdigit() and epochs.isdigit() and int(users) > 0 and int(epochs) > 0):
-            raise argparse.ArgumentTypeError(f"budget {item!r}: write USERS:EPOCHS, e.g. 80:2")
-        budgets.append((int(users), int(epochs)))
+        parts = item.split(":")
+        if not (2 <= len(parts) <= 3 and all(p.isdigit() and int(p) > 0 for p in parts)):
+            raise argparse.ArgumentTypeError(
+                f"budget {item!r}: write USERS:EPOCHS or USERS:EPOCHS:BATCH, e.g. 80:2 or 80:2:16"
+            )
+        budgets.append(Budget(*map(int, parts)))
     return budgets
 
 
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
     parser.add_argument("--budgets", type=parse_budgets, default=None,
-                        help="comma-separated USERS:EPOCHS; default: the preset's")  # fmt: skip
+                        help="comma-separated USERS:EPOCHS[:BATCH]; default: the preset's")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
     parser.add_argument("--base", choices=("budget_migration", "migration"),
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
-    budgets = args.budgets or [(preset.budget, getattr(preset, args.base).epochs)]
+    budgets = args.budgets or [Budget(preset.budget, getattr(preset, args.base).epochs)]
     start = time.perf_counter()
     result = run(
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
@@ -171,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nvalidation RMSE: {result['reference']}")
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
-        print(f"input_rank {row['input_rank']!s:>5} budget {row['budget']}:{row['epochs']} "
+        print(f"input_rank {row['input_rank']!s:>5} "
+              f"budget {row['budget']}:{row['epochs']}:{row['batch_size']} "
               f"{row['strategy']:<7} {row['train_seconds_mean']:.0f}s "
               f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
               f"unselected {row['val_rmse_unselected_mean']}")  # fmt: skip

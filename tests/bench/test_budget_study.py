@@ -20,14 +20,15 @@ def test_budget_study_scores_validation_only(
 
     monkeypatch.setattr(budget, "preset_splits", splits_without_test)
     out = tmp_path / "budget.json"
-    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--budgets", "8:2,12:1",
+    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--budgets", "8:2,12:1:4",
                  "--strategies", "puma", "--seeds", "0", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["split"] == "validation"
     assert set(result["reference"]) == {"user_mean", "source"}
-    assert [(r["input_rank"], r["budget"], r["epochs"]) for r in result["summary"]] == [
-        (None, 8, 2), (None, 12, 1), (4, 8, 2), (4, 12, 1)
-    ]  # fmt: skip
+    batch = quality.PRESETS["smoke"].budget_migration.batch_size
+    assert [
+        (r["input_rank"], r["budget"], r["epochs"], r["batch_size"]) for r in result["summary"]
+    ] == [(None, 8, 2, batch), (None, 12, 1, 4), (4, 8, 2, batch), (4, 12, 1, 4)]
     for run in result["runs"]:
         assert 0 < run["val_rmse"] < 5 and 0 < run["val_rmse_unselected"] < 5
         assert run["example_passes"] > 0
@@ -37,6 +38,9 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         budget.main(["--preset", "smoke", "--budgets", "80", "--out", "unused.json"])
     assert "write USERS:EPOCHS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        budget.main(["--preset", "smoke", "--budgets", "80:2:0", "--out", "unused.json"])
+    assert "USERS:EPOCHS:BATCH" in capsys.readouterr().err
 
 
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
