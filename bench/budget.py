@@ -41,6 +41,7 @@ from bench.quality import (
 from models.evaluation import Predictions, metrics_of, predict_set
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
+from models.migration import MigrationConfig
 from models.selection import select_users
 from models.tasks import Task, get_task
 
@@ -79,11 +80,11 @@ def run(
     vocab_map = fit_vocab_map(source, target)
     del source
     labels = splits.train_labels()
+    base_config: MigrationConfig = getattr(preset, base)
     runs = []
     for rank, (budget, epochs, batch), strategy, seed in itertools.product(
         input_ranks, budgets, strategies, seeds
     ):
-        base_config = getattr(preset, base)
         batch = batch or base_config.batch_size
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
