@@ -6,8 +6,9 @@
 With ``--base migration --strategies all`` the same study tunes the adapter on all users.
 
 For each variant of the preset's budget adapter (its ``input_rank``, and the number of users with
-the epoch cap, and optionally the batch size: ``80:2`` trains 80 users for at most 2 epochs, about
-the LM passes of ``40:4``; ``80:2:16`` does so in batches of 16),
+the epoch cap, and optionally the batch size and a cap on each user's training interactions:
+``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``; ``80:2:16`` does so
+in batches of 16; ``260:1:8:15`` trains 260 users on their latest 15 interactions each),
 each selection strategy and each seed: select the budget's users, train the adapter on them, map
 every user and score the VALIDATION ratings of every user, and of the users not selected (whom the
 adapter never saw).
@@ -50,6 +51,7 @@ class Budget(NamedTuple):
     users: int
     epochs: int  # the cap: the best validation epoch is kept
     batch_size: int | None = None  # None: the base configuration's
+    per_user: int | None = None  # latest training interactions per user; None: the base's
 
 
 def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset()) -> float:
@@ -82,27 +84,29 @@ def run(
     labels = splits.train_labels()
     base_config: MigrationConfig = getattr(preset, base)
     runs = []
-    for rank, (budget, epochs, batch), strategy, seed in itertools.product(
+    for rank, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
         input_ranks, budgets, strategies, seeds
     ):
         batch = batch or base_config.batch_size
+        per_user = per_user or base_config.max_train_per_user
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
-        config = replace(base_config, input_rank=rank, epochs=epochs, batch_size=batch, seed=seed)
+        config = replace(base_config, input_rank=rank, epochs=epochs, batch_size=batch,
+                         max_train_per_user=per_user, seed=seed)  # fmt: skip
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
             config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
         runs.append({
             "input_rank": rank, "budget": budget, "epochs": epochs, "batch_size": batch,
-            "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
+            "max_train_per_user": per_user, "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "history": result.history,
         })  # fmt: skip
-        log(f"input_rank {rank} budget {budget}:{epochs}:{batch} {strategy} seed {seed}: validation "
+        log(f"input_rank {rank} budget {budget}:{epochs}:{batch}:{per_user} {strategy} seed {seed}: validation "
             f"RMSE {runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
     return {
@@ -115,7 +119,7 @@ def run(
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
     """Mean validation RMSE and cost of each variant and strategy over its seeds."""
-    keys = ("input_rank", "budget", "epochs", "batch_size", "strategy")
+    keys = ("input_rank", "budget", "epochs", "batch_size", "max_train_per_user", "strategy")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -142,13 +146,16 @@ def parse_rank(text: str) -> int | None:
 
 
 def parse_budgets(text: str) -> list[Budget]:
-    """``"40:4,80:2:16"`` -> [40 users for at most 4 epochs, 80 for 2 in batches of 16]."""
+    """``"40:4,80:2:16,260:1:8:15"`` -> [40 users for at most 4 epochs, 80 for 2 in batches of
+    16, 260 for 1 in batches of 8 on their latest 15 interactions each]."""
     budgets = []
     for item in text.split(","):
         parts = item.split(":")
-        if not (2 <= len(parts) <= 3 and all(p.isdigit() and int(p) > 0 for p in parts)):
+        if not (2 <= len(parts) <= 4 and all(p.isdigit() and int(p) > 0 for p in parts)):
             raise argparse.ArgumentTypeError(
-                f"budget {item!r}: write USERS:EPOCHS or USERS:EPOCHS:BATCH, e.g. 80:2 or 80:2:16"
+                f"budget {item!r}: write USERS:EPOCHS, USERS:EPOCHS:BATCH or "
+                "USERS:EPOCHS:BATCH:PER_USER with positive integers, e.g. 80:2, 80:2:16 or "
+                "260:1:8:15"
             )
         budgets.append(Budget(*map(int, parts)))
     return budgets
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
     parser.add_argument("--budgets", type=parse_budgets, default=None,
-                        help="comma-separated USERS:EPOCHS[:BATCH]; default: the preset's")  # fmt: skip
+                        help="comma-separated USERS:EPOCHS[:BATCH[:PER_USER]]; default: the preset's")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
     parser.add_argument("--base", choices=("budget_migration", "migration"),
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
         print(f"input_rank {row['input_rank']!s:>5} "
-              f"budget {row['budget']}:{row['epochs']}:{row['batch_size']} "
+              f"budget {row['budget']}:{row['epochs']}:{row['batch_size']}:"
+              f"{row['max_train_per_user']} "
               f"{row['strategy']:<7} {row['train_seconds_mean']:.0f}s "
               f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
               f"unselected {row['val_rmse_unselected_mean']}")  # fmt: skip

@@ -45,6 +45,11 @@ class MigrationConfig:
     # Top principal directions of the source table the adapter reads (None: every feature);
     # measured worse at a budget of 40 users (bench.budget), so off unless asked for.
     input_rank: int | None = None
+    # Train on each user's latest N interactions only (None: all of them). LM passes are what a
+    # budget costs, and each user is one point of the map the adapter learns: a cap buys more
+    # distinct users for the same passes, and the latest interactions sit closest to what the
+    # migrated prompt will be asked next.
+    max_train_per_user: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +63,9 @@ class MigrationConfig:
         if self.input_rank is not None and not self.standardize_inputs:
             raise ValueError("MigrationConfig.input_rank needs standardize_inputs=True: the "
                              "principal directions come from the source table's statistics.")  # fmt: skip
+        if self.max_train_per_user is not None and self.max_train_per_user < 1:
+            raise ValueError("MigrationConfig.max_train_per_user must be >= 1, or None for every "
+                             "training interaction.")  # fmt: skip
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
 
@@ -129,7 +137,7 @@ def train_adapter(
     head = task.make_head(mean_target=mean_target(splits)).to(target.device)
     head.load_state_dict(sources[0].head)
     row_of = index_users(users)
-    train = Examples.build(task, splits.train, row_of=row_of)
+    train = Examples.build(task, splits.latest_train(config.max_train_per_user), row_of=row_of)
     val = Examples.build(task, splits.val, row_of=row_of)
     phases: list[FitResult] = []
     if config.head_warmup_epochs:

@@ -20,18 +20,22 @@ def test_budget_study_scores_validation_only(
 
     monkeypatch.setattr(budget, "preset_splits", splits_without_test)
     out = tmp_path / "budget.json"
-    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--budgets", "8:2,12:1:4",
+    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--budgets", "8:2,12:1:4:3",
                  "--strategies", "puma", "--seeds", "0", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["split"] == "validation"
     assert set(result["reference"]) == {"user_mean", "source"}
     batch = quality.PRESETS["smoke"].budget_migration.batch_size
-    assert [
-        (r["input_rank"], r["budget"], r["epochs"], r["batch_size"]) for r in result["summary"]
-    ] == [(None, 8, 2, batch), (None, 12, 1, 4), (4, 8, 2, batch), (4, 12, 1, 4)]
+    keys = ("input_rank", "budget", "epochs", "batch_size", "max_train_per_user")
+    assert [tuple(r[k] for k in keys) for r in result["summary"]] == [
+        (None, 8, 2, batch, None), (None, 12, 1, 4, 3), (4, 8, 2, batch, None), (4, 12, 1, 4, 3)
+    ]  # fmt: skip
     for run in result["runs"]:
         assert 0 < run["val_rmse"] < 5 and 0 < run["val_rmse_unselected"] < 5
         assert run["example_passes"] > 0
+    # The head's warm-up and one epoch, each over at most 3 interactions of 12 users.
+    capped = [r for r in result["runs"] if r["max_train_per_user"] == 3]
+    assert capped and all(r["example_passes"] <= 2 * 12 * 3 for r in capped)
 
 
 def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,6 +45,9 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         budget.main(["--preset", "smoke", "--budgets", "80:2:0", "--out", "unused.json"])
     assert "USERS:EPOCHS:BATCH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        budget.main(["--preset", "smoke", "--budgets", "80:2:8:15:1", "--out", "unused.json"])
+    assert "USERS:EPOCHS:BATCH:PER_USER" in capsys.readouterr().err
 
 
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:

@@ -23,6 +23,15 @@ def test_split_is_chronological_per_user() -> None:
     assert max(times(splits.train)) == sorted(r.timestamp for r in rows("a", 50))[39]
 
 
+def test_latest_train_keeps_each_users_most_recent_interactions() -> None:
+    splits = split_chronological(rows("a", 30) + rows("b", 13), n_test=5, n_val=5, max_train=20)
+    latest = splits.latest_train(2)
+    assert {u: len(v) for u, v in latest.items()} == {"a": 2, "b": 2}
+    assert latest["a"] == splits.train["a"][-2:]
+    assert splits.latest_train(None) == splits.train
+    assert splits.latest_train(50)["b"] == splits.train["b"]  # fewer than the cap: all of them
+
+
 def test_users_without_training_interactions_are_reported_not_dropped_silently() -> None:
     splits = split_chronological(rows("a", 20) + rows("b", 10), n_test=5, n_val=5)
     assert splits.users == ["a"]

@@ -70,6 +70,19 @@ def test_migrated_prompts_beat_random_prompts_on_the_target(
     assert rmse(tiny_gemma, rating, migrated, tiny_splits) < random - 0.15
 
 
+def test_a_per_user_cap_trains_on_each_users_latest_interactions_only(
+    tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits, source_set: PromptSet
+) -> None:
+    users = source_set.user_ids[:5]
+    config = replace(ADAPTER_CONFIG, epochs=1, head_warmup_epochs=0, max_train_per_user=3)
+    result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
+                           splits=tiny_splits, users=users, config=config)  # fmt: skip
+    assert all(len(tiny_splits.train[u]) > 3 for u in users)
+    assert result.example_passes == 5 * 3
+    with pytest.raises(ValueError, match="max_train_per_user must be >= 1"):
+        replace(config, max_train_per_user=0)
+
+
 def test_chain_and_round_trip_give_every_user_a_prompt(
     tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
     source_set: PromptSet,
