@@ -5,10 +5,11 @@
 
 With ``--base migration --strategies all`` the same study tunes the adapter on all users.
 
-For each variant of the preset's budget adapter (its ``input_rank``, and the number of users with
-the epoch cap, and optionally the batch size and a cap on each user's training interactions:
-``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``; ``80:2:16`` does so
-in batches of 16; ``260:1:8:15`` trains 260 users on their latest 15 interactions each),
+For each variant of the preset's budget adapter (its ``input_rank``, its learning rate, the number
+of users with the epoch cap, and optionally the batch size and a cap on each user's training
+interactions: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``;
+``80:2:16`` does so in batches of 16; ``260:1:8:15`` trains 260 users on their latest 15
+interactions each),
 each selection strategy and each seed: select the budget's users, train the adapter on them, map
 every user and score the VALIDATION ratings of every user, and of the users not selected (whom the
 adapter never saw).
@@ -63,8 +64,8 @@ def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset(
 
 
 def run(
-    preset: Preset, *, input_ranks: list[int | None], budgets: list[Budget],
-    strategies: list[str], seeds: list[int], base: str = "budget_migration",
+    preset: Preset, *, input_ranks: list[int | None], lrs: list[float | None],
+    budgets: list[Budget], strategies: list[str], seeds: list[int], base: str = "budget_migration",
 ) -> dict[str, object]:  # fmt: skip
     if preset.task != "rating":
         raise SystemExit("The budget study scores RMSE: use a preset of the rating task.")
@@ -84,30 +85,33 @@ def run(
     labels = splits.train_labels()
     base_config: MigrationConfig = getattr(preset, base)
     runs = []
-    for rank, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
-        input_ranks, budgets, strategies, seeds
+    for rank, lr, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
+        input_ranks, lrs, budgets, strategies, seeds
     ):
+        lr = lr or base_config.lr
         batch = batch or base_config.batch_size
         per_user = per_user or base_config.max_train_per_user
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
-        config = replace(base_config, input_rank=rank, epochs=epochs, batch_size=batch,
+        config = replace(base_config, input_rank=rank, lr=lr, epochs=epochs, batch_size=batch,
                          max_train_per_user=per_user, seed=seed)  # fmt: skip
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
             config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
         runs.append({
-            "input_rank": rank, "budget": budget, "epochs": epochs, "batch_size": batch,
-            "max_train_per_user": per_user, "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
+            "input_rank": rank, "lr": lr, "budget": budget, "epochs": epochs,
+            "batch_size": batch, "max_train_per_user": per_user, "strategy": strategy,
+            "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "history": result.history,
         })  # fmt: skip
-        log(f"input_rank {rank} budget {budget}:{epochs}:{batch}:{per_user} {strategy} seed {seed}: validation "
-            f"RMSE {runs[-1]['val_rmse']:.4f}, unselected {runs[-1]['val_rmse_unselected']}, "
+        log(f"input_rank {rank} lr {lr:g} budget {budget}:{epochs}:{batch}:{per_user} {strategy} "
+            f"seed {seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
+            f"unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
     return {
         "preset": preset.name, "split": "validation", "dataset": preset.dataset,
@@ -119,7 +123,7 @@ def run(
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
     """Mean validation RMSE and cost of each variant and strategy over its seeds."""
-    keys = ("input_rank", "budget", "epochs", "batch_size", "max_train_per_user", "strategy")
+    keys = ("input_rank", "lr", "budget", "epochs", "batch_size", "max_train_per_user", "strategy")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -145,6 +149,10 @@ def parse_rank(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def parse_lr(text: str) -> float | None:
+    return None if text.lower() == "preset" else float(text)
+
+
 def parse_budgets(text: str) -> list[Budget]:
     """``"40:4,80:2:16,260:1:8:15"`` -> [40 users for at most 4 epochs, 80 for 2 in batches of
     16, 260 for 1 in batches of 8 on their latest 15 interactions each]."""
@@ -167,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
+    parser.add_argument("--lrs", default="preset",
+                        help="comma-separated adapter learning rates; 'preset': the preset's")  # fmt: skip
     parser.add_argument("--budgets", type=parse_budgets, default=None,
                         help="comma-separated USERS:EPOCHS[:BATCH[:PER_USER]]; default: the preset's")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     result = run(
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
+        lrs=[parse_lr(lr) for lr in args.lrs.split(",")],
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
     )  # fmt: skip
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nvalidation RMSE: {result['reference']}")
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
-        print(f"input_rank {row['input_rank']!s:>5} "
+        print(f"input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
               f"budget {row['budget']}:{row['epochs']}:{row['batch_size']}:"
               f"{row['max_train_per_user']} "
               f"{row['strategy']:<7} {row['train_seconds_mean']:.0f}s "

@@ -31,6 +31,7 @@ def test_budget_study_scores_validation_only(
         (None, 8, 2, batch, None), (None, 12, 1, 4, 3), (4, 8, 2, batch, None), (4, 12, 1, 4, 3)
     ]  # fmt: skip
     for run in result["runs"]:
+        assert run["lr"] == quality.PRESETS["smoke"].budget_migration.lr  # the preset's, by default
         assert 0 < run["val_rmse"] < 5 and 0 < run["val_rmse_unselected"] < 5
         assert run["example_passes"] > 0
     # The head's warm-up and one epoch, each over at most 3 interactions of 12 users.
@@ -52,11 +53,12 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
 
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
     out = tmp_path / "all.json"
-    budget.main(["--preset", "smoke", "--base", "migration", "--budgets", "1:1",
+    budget.main(["--preset", "smoke", "--base", "migration", "--budgets", "1:1", "--lrs", "0.002",
                  "--strategies", "all", "--seeds", "0", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["base"] == "migration"
     [run] = result["runs"]
     assert run["strategy"] == "all" and run["val_rmse_unselected"] is None
+    assert run["lr"] == 0.002 != quality.PRESETS["smoke"].migration.lr
     assert run["example_passes"] > result["n_users"]  # every user's examples, not a budget's
     assert result["summary"][0]["val_rmse_unselected_mean"] is None
