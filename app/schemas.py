@@ -80,6 +80,11 @@ class AdapterOptions(Strict):
     hidden: int | None = Field(default=None, ge=1)
     lr: float | None = Field(default=None, gt=0)
     batch_size: int | None = Field(default=None, ge=1)
+    max_train_per_user: int | None = Field(
+        default=None, ge=1, le=10_000,
+        description="Train the adapter on each selected user's latest N interactions only: more "
+        "users for the same cost. None: all of the dataset's.",
+    )  # fmt: skip
 
 
 class QualityGate(Strict):

@@ -220,6 +220,17 @@ def test_adapter_statistics_cover_every_source_user(client: TestClient, store: S
     torch.testing.assert_close(trained.input_mean, flat.mean(0))
 
 
+def test_adapter_trains_on_each_users_latest_interactions_when_capped(
+    client: TestClient,
+) -> None:
+    adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2}
+    done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
+    assert done["state"] == "awaiting_promotion", done
+    assert done["cost"]["users_trained"] == 8
+    # The head's warm-up and one epoch, each over at most 2 interactions of 8 users.
+    assert 0 < done["cost"]["example_passes"] <= 2 * 8 * 2
+
+
 def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, store: Store) -> None:
     done = wait_done(client, migrate(client, dtype="float16", auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion", done
