@@ -50,8 +50,8 @@ bench-cpu-small: setup
 
 # Chooses the budget's size on validation ratings only (the test split stays unread).
 bench-budget: setup
-	$(PY) -m bench.budget --preset cpu-small --budgets 80:2,130:1,80:2:16 --strategies puma \
-		--seeds 0,1,2 --out bench/results/budget-epochs-cpu-small.json
+	$(PY) -m bench.budget --preset cpu-small --budgets 260:1:16:15,260:1:8:15,390:1:16:10 \
+		--strategies puma --seeds 0,1,2 --out bench/results/budget-per-user-cpu-small.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
