@@ -150,7 +150,21 @@ def parse_rank(text: str) -> int | None:
 
 
 def parse_lr(text: str) -> float | None:
-    return None if text.lower() == "preset" else float(text)
+    """A positive learning rate, or None for ``preset`` (the preset's own)."""
+    if text.lower() == "preset":
+        return None
+    message = f"learning rate {text!r}: write a positive number such as 1e-3, or 'preset'"
+    try:
+        lr = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0 < lr < float("inf"):
+        raise argparse.ArgumentTypeError(message)
+    return lr
+
+
+def parse_lrs(text: str) -> list[float | None]:
+    return [parse_lr(item) for item in text.split(",")]
 
 
 def parse_budgets(text: str) -> list[Budget]:
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
-    parser.add_argument("--lrs", default="preset",
+    parser.add_argument("--lrs", type=parse_lrs, default=[None],
                         help="comma-separated adapter learning rates; 'preset': the preset's")  # fmt: skip
     parser.add_argument("--budgets", type=parse_budgets, default=None,
                         help="comma-separated USERS:EPOCHS[:BATCH[:PER_USER]]; default: the preset's")  # fmt: skip
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     result = run(
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
-        lrs=[parse_lr(lr) for lr in args.lrs.split(",")],
+        lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
     )  # fmt: skip
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

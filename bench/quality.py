@@ -75,13 +75,13 @@ PRESETS = {
         # It peaked at its first epoch in the run of 3c26f15 (validation 1.1297, then 1.1349,
         # 1.1333): patience 1 ends a run whose validation has turned.
         migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, patience=1),
-        # The budget buys LM passes, and each user is one point of the map the adapter learns. On
-        # validation (bench/results/budget-per-user-cpu-small.json, seeds 0-2) 260 users on their
-        # latest 15 ratings scored 1.1443 in batches of 16 and 1.1437 in batches of 8, 390 users
-        # on their latest 10 1.1441, against 1.1508 for 130 users on all theirs (an earlier
-        # source set): the preset takes the fastest, batches of 16. The adapter's learning rate
-        # stays: 1e-3 and 2.5e-4 scored 1.1465 and 1.1489 (budget-lr-cpu-small.json). The head
-        # warm-up's passes count too: at most 1024.
+        # The budget buys LM passes. On validation (bench/results/budget-per-user-cpu-small.json,
+        # budget-130-cpu-small.json, seeds 0-2, one source set) 260 users on their latest 15
+        # ratings scored 1.1443 in batches of 16 and 1.1437 in batches of 8, 390 users on their
+        # latest 10 1.1441, and 130 users on all theirs 1.1442: equal. The preset takes 260 in
+        # batches of 16, as fast as 130 and with half their spread between seeds. The learning
+        # rate stays: 1e-3 and 2.5e-4 scored 1.1465 and 1.1489 (budget-lr-cpu-small.json). The
+        # head warm-up's passes count too: at most 1024.
         budget_migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=3e-3,
                                          batch_size=16, head_warmup_examples=1024,
                                          max_train_per_user=15),

@@ -49,6 +49,10 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         budget.main(["--preset", "smoke", "--budgets", "80:2:8:15:1", "--out", "unused.json"])
     assert "USERS:EPOCHS:BATCH:PER_USER" in capsys.readouterr().err
+    for bad_lr in ("fast", "-1e-3"):
+        with pytest.raises(SystemExit):
+            budget.main(["--preset", "smoke", "--lrs", f"preset,{bad_lr}", "--out", "unused.json"])
+        assert "write a positive number such as 1e-3" in capsys.readouterr().err
 
 
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
