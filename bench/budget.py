@@ -27,7 +27,7 @@ import time
 from collections.abc import Set
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -88,29 +88,26 @@ def run(
     for rank, lr, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
         input_ranks, lrs, budgets, strategies, seeds
     ):
-        lr = lr or base_config.lr
-        batch = batch or base_config.batch_size
-        per_user = per_user or base_config.max_train_per_user
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
-        config = replace(base_config, input_rank=rank, lr=lr, epochs=epochs, batch_size=batch,
-                         max_train_per_user=per_user, seed=seed)  # fmt: skip
+        given: dict[str, Any] = {"lr": lr, "batch_size": batch, "max_train_per_user": per_user}
+        config = replace(base_config, input_rank=rank, epochs=epochs, seed=seed,
+                         **{k: v for k, v in given.items() if v is not None})  # fmt: skip
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
             config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
         runs.append({
-            "input_rank": rank, "lr": lr, "budget": budget, "epochs": epochs,
-            "batch_size": batch, "max_train_per_user": per_user, "strategy": strategy,
-            "seed": seed, "val_rmse": rmse(task, val),
+            "input_rank": rank, "lr": config.lr, "budget": budget, "epochs": epochs,
+            "batch_size": config.batch_size, "max_train_per_user": config.max_train_per_user,
+            "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "history": result.history,
         })  # fmt: skip
-        log(f"input_rank {rank} lr {lr:g} budget {budget}:{epochs}:{batch}:{per_user} {strategy} "
-            f"seed {seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
+        log(f"{variant(runs[-1])} seed {seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
             f"unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
     return {
@@ -119,6 +116,13 @@ def run(
         "n_users": len(users), "base": base, "reference": reference,
         "summary": summarise(runs), "runs": runs,
     }  # fmt: skip
+
+
+def variant(row: dict) -> str:
+    """A run's or a summary row's variant, as the log and the summary print it."""
+    return (f"input_rank {row['input_rank']!s:>5} lr {row['lr']:g} budget {row['budget']}:"
+            f"{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']} "
+            f"{row['strategy']:<7}")  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
@@ -216,10 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nvalidation RMSE: {result['reference']}")
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
-        print(f"input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
-              f"budget {row['budget']}:{row['epochs']}:{row['batch_size']}:"
-              f"{row['max_train_per_user']} "
-              f"{row['strategy']:<7} {row['train_seconds_mean']:.0f}s "
+        print(f"{variant(row)} {row['train_seconds_mean']:.0f}s "
               f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
               f"unselected {row['val_rmse_unselected_mean']}")  # fmt: skip
     log(f"wrote {args.out} in {result['wall_seconds']}s")
