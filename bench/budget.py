@@ -9,10 +9,10 @@ For each variant of the preset's budget adapter (its ``input_rank``, its learnin
 of users with the epoch cap, and optionally the batch size and a cap on each user's training
 interactions: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``;
 ``80:2:16`` does so in batches of 16; ``260:1:8:15`` trains 260 users on their latest 15
-interactions each),
-each selection strategy and each seed: select the budget's users, train the adapter on them, map
-every user and score the VALIDATION ratings of every user, and of the users not selected (whom the
-adapter never saw).
+interactions each), any other fields given with ``--set`` (``--set dropout=0.3,weight_decay=0.1
+--set start_from_vocab_map=false`` is two variants), each selection strategy and each seed:
+select the budget's users, train the adapter on them, map every user and score the VALIDATION
+ratings of every user, and of the users not selected (whom the adapter never saw).
 Test ratings are never read, so a choice made here leaves the quality benchmark's test figures
 unbiased. Reference rows on the same validation ratings: each user's mean training rating and the
 source prompts on the source model. The source set comes from the quality benchmark's cache.
@@ -25,7 +25,7 @@ import itertools
 import json
 import time
 from collections.abc import Set
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,6 +66,7 @@ def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset(
 def run(
     preset: Preset, *, input_ranks: list[int | None], lrs: list[float | None],
     budgets: list[Budget], strategies: list[str], seeds: list[int], base: str = "budget_migration",
+    settings: list[dict[str, Any]] | None = None,
 ) -> dict[str, object]:  # fmt: skip
     if preset.task != "rating":
         raise SystemExit("The budget study scores RMSE: use a preset of the rating task.")
@@ -85,27 +86,28 @@ def run(
     labels = splits.train_labels()
     base_config: MigrationConfig = getattr(preset, base)
     runs = []
-    for rank, lr, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
-        input_ranks, lrs, budgets, strategies, seeds
+    for setting, rank, lr, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
+        settings or [{}], input_ranks, lrs, budgets, strategies, seeds
     ):
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
         given: dict[str, Any] = {"lr": lr, "batch_size": batch, "max_train_per_user": per_user}
         config = replace(base_config, input_rank=rank, epochs=epochs, seed=seed,
-                         **{k: v for k, v in given.items() if v is not None})  # fmt: skip
+                         **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
             config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
         runs.append({
-            "input_rank": rank, "lr": config.lr, "budget": budget, "epochs": epochs,
+            "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
+            "epochs": epochs,
             "batch_size": config.batch_size, "max_train_per_user": config.max_train_per_user,
             "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
-            "history": result.history,
+            "config": asdict(config), "history": result.history,
         })  # fmt: skip
         log(f"{variant(runs[-1])} seed {seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
             f"unselected {runs[-1]['val_rmse_unselected']}, "
@@ -120,14 +122,15 @@ def run(
 
 def variant(row: dict) -> str:
     """A run's or a summary row's variant, as the log and the summary print it."""
-    return (f"input_rank {row['input_rank']!s:>5} lr {row['lr']:g} budget {row['budget']}:"
+    return (f"{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} budget {row['budget']}:"
             f"{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']} "
             f"{row['strategy']:<7}")  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
     """Mean validation RMSE and cost of each variant and strategy over its seeds."""
-    keys = ("input_rank", "lr", "budget", "epochs", "batch_size", "max_train_per_user", "strategy")
+    keys = ("set", "input_rank", "lr", "budget", "epochs", "batch_size", "max_train_per_user",
+            "strategy")  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -171,6 +174,48 @@ def parse_lrs(text: str) -> list[float | None]:
     return [parse_lr(item) for item in text.split(",")]
 
 
+# Fields the study varies with their own options, or per seed.
+SET_ELSEWHERE = frozenset({"input_rank", "lr", "epochs", "batch_size", "max_train_per_user",
+                           "seed"})  # fmt: skip
+
+
+def parse_setting(text: str) -> dict[str, Any]:
+    """``"dropout=0.3,start_from_vocab_map=false"`` -> those fields of the base configuration,
+    converted to the fields' types; ``"preset"`` -> no change."""
+    if text.lower() == "preset":
+        return {}
+    types = {f.name: f.type for f in fields(MigrationConfig) if f.name not in SET_ELSEWHERE}
+    setting: dict[str, Any] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise argparse.ArgumentTypeError(
+                f"setting {item!r}: write FIELD=VALUE with FIELD one of {', '.join(types)}"
+            )
+        setting[name] = parse_value(name, str(types[name]), value)
+    return setting
+
+
+def parse_value(name: str, type_name: str, value: str) -> bool | int | float | None:
+    """A value of the type a MigrationConfig field is annotated with."""
+    try:
+        if value.lower() == "none" and "None" in type_name:
+            return None
+        if type_name.startswith("bool"):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        return int(value) if type_name.startswith("int") else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"setting {name}={value!r}: expected a value of type {type_name}"
+        ) from None
+
+
+def setting_text(setting: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in setting.items())
+
+
 def parse_budgets(text: str) -> list[Budget]:
     """``"40:4,80:2:16,260:1:8:15"`` -> [40 users for at most 4 epochs, 80 for 2 in batches of
     16, 260 for 1 in batches of 8 on their latest 15 interactions each]."""
@@ -197,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated adapter learning rates; 'preset': the preset's")  # fmt: skip
     parser.add_argument("--budgets", type=parse_budgets, default=None,
                         help="comma-separated USERS:EPOCHS[:BATCH[:PER_USER]]; default: the preset's")  # fmt: skip
+    parser.add_argument("--set", dest="settings", type=parse_setting, action="append",
+                        help="a variant of the base configuration, FIELD=VALUE[,FIELD=VALUE]; "
+                             "repeat for more variants, 'preset' for the base itself")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
     parser.add_argument("--base", choices=("budget_migration", "migration"),
@@ -213,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
         lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
+        settings=args.settings,
     )  # fmt: skip
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

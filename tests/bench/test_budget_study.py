@@ -55,6 +55,29 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
         assert "write a positive number such as 1e-3" in capsys.readouterr().err
 
 
+def test_budget_study_varies_any_field_of_the_configuration(tmp_path: Path) -> None:
+    out = tmp_path / "set.json"
+    budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma", "--seeds", "0",
+                 "--set", "preset", "--set", "dropout=0.3,start_from_vocab_map=false",
+                 "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    varied_text = "dropout=0.3,start_from_vocab_map=False"
+    assert [r["set"] for r in result["summary"]] == ["", varied_text]
+    preset_run, varied = result["runs"]
+    base = quality.PRESETS["smoke"].budget_migration
+    assert preset_run["config"]["dropout"] == base.dropout != 0.3
+    assert varied["config"]["dropout"] == 0.3 and varied["config"]["start_from_vocab_map"] is False
+
+
+def test_budget_study_rejects_a_malformed_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad, message in [("dropout", "write FIELD=VALUE"), ("colour=red", "write FIELD=VALUE"),
+                         ("lr=1e-3", "write FIELD=VALUE"), ("hidden=wide", "of type int"),
+                         ("start_from_vocab_map=yes", "of type bool")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            budget.main(["--preset", "smoke", "--set", bad, "--out", "unused.json"])
+        assert message in capsys.readouterr().err
+
+
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
     out = tmp_path / "all.json"
     budget.main(["--preset", "smoke", "--base", "migration", "--budgets", "1:1", "--lrs", "0.002",
