@@ -24,8 +24,9 @@ import argparse
 import itertools
 import json
 import time
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import asdict, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,7 +68,10 @@ def run(
     preset: Preset, *, input_ranks: list[int | None], lrs: list[float | None],
     budgets: list[Budget], strategies: list[str], seeds: list[int], base: str = "budget_migration",
     settings: list[dict[str, Any]] | None = None,
+    on_run: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:  # fmt: skip
+    """The study's result; ``on_run`` gets the result so far after every run, so a study cut
+    short still leaves the runs it finished."""
     if preset.task != "rating":
         raise SystemExit("The budget study scores RMSE: use a preset of the rating task.")
     task = get_task(preset.task)
@@ -85,9 +89,19 @@ def run(
     del source
     labels = splits.train_labels()
     base_config: MigrationConfig = getattr(preset, base)
-    runs = []
-    for setting, rank, lr, (budget, epochs, batch, per_user), strategy, seed in itertools.product(
-        settings or [{}], input_ranks, lrs, budgets, strategies, seeds
+    runs: list[dict[str, Any]] = []
+
+    def study() -> dict[str, object]:
+        return {
+            "preset": preset.name, "split": "validation", "dataset": preset.dataset,
+            "source_model": preset.source_model, "target_model": preset.target_model,
+            "n_users": len(users), "base": base, "reference": reference,
+            "summary": summarise(runs), "runs": runs,
+        }  # fmt: skip
+
+    # Seeds outermost: a study cut short holds every variant on the same seeds.
+    for seed, setting, rank, lr, (budget, epochs, batch, per_user), strategy in itertools.product(
+        seeds, settings or [{}], input_ranks, lrs, budgets, strategies
     ):
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed)  # fmt: skip
@@ -112,12 +126,9 @@ def run(
         log(f"{variant(runs[-1])} seed {seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
             f"unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
-    return {
-        "preset": preset.name, "split": "validation", "dataset": preset.dataset,
-        "source_model": preset.source_model, "target_model": preset.target_model,
-        "n_users": len(users), "base": base, "reference": reference,
-        "summary": summarise(runs), "runs": runs,
-    }  # fmt: skip
+        if on_run is not None:
+            on_run(study())
+    return study()
 
 
 def variant(row: dict) -> str:
@@ -257,22 +268,27 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
     budgets = args.budgets or [Budget(preset.budget, getattr(preset, args.base).epochs)]
     start = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(result: dict[str, object], *, complete: bool) -> None:
+        wall = round(time.perf_counter() - start, 1)
+        args.out.write_text(json.dumps(result | {"complete": complete, "wall_seconds": wall},
+                                       indent=2))  # fmt: skip
+
     result = run(
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
         lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
-        settings=args.settings,
+        settings=args.settings, on_run=partial(write, complete=False),
     )  # fmt: skip
-    result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write(result, complete=True)
     print(f"\nvalidation RMSE: {result['reference']}")
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
         print(f"{variant(row)} {row['train_seconds_mean']:.0f}s "
               f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
               f"unselected {row['val_rmse_unselected_mean']}")  # fmt: skip
-    log(f"wrote {args.out} in {result['wall_seconds']}s")
+    log(f"wrote {args.out} in {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,8 +57,22 @@ def test_budget_study_rejects_a_malformed_budget(capsys: pytest.CaptureFixture[s
         assert "write a positive number such as 1e-3" in capsys.readouterr().err
 
 
-def test_budget_study_varies_any_field_of_the_configuration(tmp_path: Path) -> None:
+def test_budget_study_varies_any_field_of_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "set.json"
+    written: list[tuple[int, bool]] = []  # after each run: runs in the file, and complete or not
+    study = budget.run
+
+    def run_recording_the_file(*args: Any, on_run: Callable[[dict], None], **kwargs: Any) -> dict:
+        def after_run(partial: dict) -> None:
+            on_run(partial)
+            on_disk = json.loads(out.read_text())
+            written.append((len(on_disk["runs"]), on_disk["complete"]))
+
+        return study(*args, on_run=after_run, **kwargs)
+
+    monkeypatch.setattr(budget, "run", run_recording_the_file)
     budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma", "--seeds", "0",
                  "--set", "preset", "--set", "dropout=0.3,start_from_vocab_map=false",
                  "--out", str(out)])  # fmt: skip
@@ -67,6 +83,8 @@ def test_budget_study_varies_any_field_of_the_configuration(tmp_path: Path) -> N
     base = quality.PRESETS["smoke"].budget_migration
     assert preset_run["config"]["dropout"] == base.dropout != 0.3
     assert varied["config"]["dropout"] == 0.3 and varied["config"]["start_from_vocab_map"] is False
+    # A study cut short keeps the runs it finished.
+    assert written == [(1, False), (2, False)] and result["complete"] is True
 
 
 def test_budget_study_rejects_a_malformed_setting(capsys: pytest.CaptureFixture[str]) -> None:
