@@ -19,6 +19,9 @@ def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(tmp_path: Path
     result = json.loads(out.read_text())
     assert {"preset", "dataset", "task", "source_model", "target_model", "n_users",
             "budget_users", "rows"} <= result.keys()  # fmt: skip
+    smoke = quality.PRESETS["smoke"]
+    assert result["configs"]["budget_migration"]["epochs"] == smoke.budget_migration.epochs
+    assert result["configs"]["prompt"]["lr"] == smoke.prompt.lr
     rows = {row["method"]: row for row in result["rows"]}
     assert set(rows) == METHODS
     for row in rows.values():
