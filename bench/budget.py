@@ -114,8 +114,7 @@ def run(
         )  # fmt: skip
         runs.append({
             "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
-            "epochs": epochs,
-            "batch_size": config.batch_size, "max_train_per_user": config.max_train_per_user,
+            "epochs": epochs, "batch_size": config.batch_size, "max_train_per_user": config.max_train_per_user,
             "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
@@ -133,8 +132,8 @@ def run(
 
 def variant(row: dict) -> str:
     """A run's or a summary row's variant, as the log and the summary print it."""
-    return (f"{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} budget {row['budget']}:"
-            f"{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']} "
+    return (f"{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
+            f"budget {row['budget']}:{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']} "
             f"{row['strategy']:<7}")  # fmt: skip
 
 
@@ -204,6 +203,10 @@ def parse_setting(text: str) -> dict[str, Any]:
                 f"setting {item!r}: write FIELD=VALUE with FIELD one of {', '.join(types)}"
             )
         setting[name] = parse_value(name, str(types[name]), value)
+    try:  # the configuration's own checks, before minutes of reference predictions
+        replace(MigrationConfig(), **setting)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"setting {text!r}: {error}") from None
     return setting
 
 

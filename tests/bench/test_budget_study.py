@@ -90,7 +90,8 @@ def test_budget_study_varies_any_field_of_the_configuration(
 def test_budget_study_rejects_a_malformed_setting(capsys: pytest.CaptureFixture[str]) -> None:
     for bad, message in [("dropout", "write FIELD=VALUE"), ("colour=red", "write FIELD=VALUE"),
                          ("lr=1e-3", "write FIELD=VALUE"), ("hidden=wide", "of type int"),
-                         ("start_from_vocab_map=yes", "of type bool")]:  # fmt: skip
+                         ("start_from_vocab_map=yes", "of type bool"),
+                         ("hidden=0", "must be >= 1")]:  # fmt: skip
         with pytest.raises(SystemExit):
             budget.main(["--preset", "smoke", "--set", bad, "--out", "unused.json"])
         assert message in capsys.readouterr().err
