@@ -114,7 +114,8 @@ def run(
         )  # fmt: skip
         runs.append({
             "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
-            "epochs": epochs, "batch_size": config.batch_size, "max_train_per_user": config.max_train_per_user,
+            "epochs": epochs, "batch_size": config.batch_size,
+            "max_train_per_user": config.max_train_per_user,
             "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
@@ -132,9 +133,9 @@ def run(
 
 def variant(row: dict) -> str:
     """A run's or a summary row's variant, as the log and the summary print it."""
+    budget = f"{row['budget']}:{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']}"
     return (f"{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
-            f"budget {row['budget']}:{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']} "
-            f"{row['strategy']:<7}")  # fmt: skip
+            f"budget {budget} {row['strategy']:<7}")  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
