@@ -391,9 +391,8 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], t
     model, version = job.target
     plan = job.store.get_blob(job.id, "plan")
     if plan is None:
-        size = int(job.request.get("chunk_size") or job.settings.chunk_size)
-        chunks = [users[i : i + size] for i in range(0, len(users), size)]
-        plan = json.dumps(chunks).encode()
+        job.update(users_planned=len(users))
+        plan = json.dumps(_split_chunks(job, users)).encode()
         job.store.put_blob(job.id, "plan", plan)
     first = job.store.get_meta(sources[0]["model"], sources[0]["version"])
     width = load_model(model).hidden_size
@@ -414,6 +413,33 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], t
 
 def _chunks(job: Job) -> list[list[str]]:
     return list(json.loads(job.store.get_blob(job.id, "plan") or b"[]"))
+
+
+def _split_chunks(job: Job, users: list[str]) -> list[list[str]]:
+    size = int(job.request.get("chunk_size") or job.settings.chunk_size)
+    return [users[i : i + size] for i in range(0, len(users), size)]
+
+
+def map_late_users(job: Job, *, rounds: int = 3) -> None:
+    """Map the users onboarded onto every source since the plan was made, as extra chunks.
+
+    Without this, promoting the new set would leave those users without a prompt on the model
+    they are served from. It runs while the set is still being written, so an erasure racing it
+    leaves a tombstone that sealing honours. Users onboarded onto a source after the last round
+    (or after sealing) have to be onboarded onto the new set as well.
+    """
+    for _ in range(rounds):
+        chunks = _chunks(job)
+        planned = {user for chunk in chunks for user in chunk}
+        late = [u for u in common_users(job.record["sources"]) if u not in planned]
+        if not late:
+            return
+        extra = _split_chunks(job, late)
+        job.store.put_blob(job.id, "plan", json.dumps([*chunks, *extra]).encode())
+        job.update(users_total=len(planned) + len(late))
+        for index in range(len(chunks), len(chunks) + len(extra)):
+            job.check_cancel()
+            map_chunk(job, index)
 
 
 def _adapter(job: Job) -> Any:
@@ -469,10 +495,7 @@ def _finalize(job: Job) -> None:
             map_chunk(job, index)
     job.check_cancel()
     job.update(stage="verifying", fraction=0.9)
-    done = job.store.chunks_done(job.id)
     model, version = job.target
-    expected_count = sum(count for count, _ in done.values())
-    expected_digest = codec.combine_digests(d for _, d in done.values())
     users = sorted(u for chunk in chunks for u in chunk)
     job.update(stage="evaluating", fraction=0.92)
     task = source_task(job.record["sources"])
@@ -498,6 +521,14 @@ def _finalize(job: Job) -> None:
         tolerance=gate_tolerance(job),
     )
     metrics = {"migrated": migrated_metrics, "sources": source_metrics, "task": task.name}
+    # Last before sealing, so the window in which a new user can still be missed stays short;
+    # a re-run after sealing must not write into the sealed set.
+    if job.store.get_meta(model, version).state != SEALED:
+        map_late_users(job)
+    done = job.store.chunks_done(job.id)
+    expected_count = sum(count for count, _ in done.values())
+    expected_digest = codec.combine_digests(d for _, d in done.values())
+    planned = sum(len(chunk) for chunk in _chunks(job))
     sealed = job.store.seal_set(
         model,
         version,
@@ -513,7 +544,8 @@ def _finalize(job: Job) -> None:
     cost = dict(job.record.get("cost") or {})
     cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
     cost["users_mapped"] = sealed.count
-    cost["users_erased_during_run"] = len(users) - sealed.count
+    cost["users_erased_during_run"] = planned - sealed.count
+    cost["users_onboarded_during_run"] = planned - int(job.record.get("users_planned") or planned)
     cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
     job.update(
         state=state,

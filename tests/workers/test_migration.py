@@ -264,3 +264,34 @@ def test_erasure_during_a_migration_holds_and_the_set_still_seals(
     assert done["cost"]["users_erased_during_run"] == 2
     for user in (written, planned):
         assert client.get(f"/users/{user}/prompt", headers=reader()).status_code == 404
+
+
+def test_a_user_onboarded_during_a_migration_is_in_the_new_set(
+    client: TestClient, store: Store
+) -> None:
+    created = migrate(client, chunk_size=4)  # the worker waits 0.3 s before each chunk
+    wait_for(lambda: store.chunks_done(created["id"]), timeout=120, what="a first chunk")
+    source = store.get_job(created["id"])["sources"][0]
+    assert store.resolve(SOURCE)[1] == source["version"]  # PUT onboards onto the active set
+    shape = store.get_meta(source["model"], source["version"]).shape
+    value = np.random.default_rng(0).standard_normal(shape).astype("<f4")
+    response = client.put(
+        "/users/late-user/prompt",
+        params={"model": SOURCE},
+        content=value.tobytes(),
+        headers=admin(),
+    )
+    assert response.status_code in (200, 201), response.text
+    done = wait_done(client, created["id"])
+    assert done["state"] == "promoted", done
+    model, version = done["target"]["model"], done["target"]["version"]
+    expected = expected_prompts(store, done["id"])
+    assert "late-user" in expected
+    assert_exact_set(store, model, version, expected)
+    assert store.get_meta(model, version).count == len(expected)
+    assert done["cost"]["users_onboarded_during_run"] == 1
+    assert done["cost"]["users_mapped"] == len(expected)
+    served = client.get("/users/late-user/prompt", headers=reader())
+    assert served.status_code == 200, served.text
+    assert served.headers["X-Prompt-Model"] == TARGET
+    assert client.delete("/users/late-user", headers=admin()).status_code == 200
