@@ -71,10 +71,12 @@ PRESETS = {
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=260,
         # Three epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
         prompt=PromptTrainingConfig(epochs=3, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
-        # The adapter on all users gets retraining's epoch cap; the best epoch is kept on validation.
-        # It peaked at its first epoch in the run of 3c26f15 (validation 1.1297, then 1.1349,
-        # 1.1333): patience 1 ends a run whose validation has turned.
-        migration=MigrationConfig(hidden=256, epochs=3, lr=5e-4, head_lr=3e-3, patience=1),
+        # The adapter on all users trains one epoch. Its validation peaked at the first epoch every
+        # time it was given more: 1.1297 then 1.1349, 1.1333 (run of 3c26f15); 1.1284 then 1.1333
+        # (quality-cpu-small.json of c1dffa1); and a one-epoch cap did no better than the first
+        # epoch of a three-epoch cap (all-epochs-cpu-small.json). The second epoch, run only to
+        # be thrown away, was about 13% of the benchmark's wall time.
+        migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=3e-3, patience=1),
         # The budget buys LM passes. On validation (bench/results/budget-per-user-cpu-small.json,
         # budget-130-cpu-small.json, seeds 0-2, one source set) 260 users on their latest 15
         # ratings scored 1.1443 in batches of 16 and 1.1437 in batches of 8, 390 users on their
