@@ -123,6 +123,7 @@ def train_adapter(
     rank = config.input_rank
     if rank is not None and table is not None:  # a small table has fewer directions than asked
         rank = max(1, min(rank, inputs.shape[-1], table.shape[0] * table.shape[1] - 1))
+    torch.manual_seed(config.seed)  # before the adapter's weights: a run reproduces from its seed
     adapter = PumaAdapter(AdapterConfig(
         d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
         dropout=config.dropout, out_std=target.embedding_std, input_rank=rank,
@@ -132,7 +133,6 @@ def train_adapter(
     if vocab_maps and config.start_from_vocab_map:
         linear = stacked_map(vocab_maps)
         adapter.init_skip(linear.weight, linear.target_mean - linear.source_mean @ linear.weight)
-    torch.manual_seed(config.seed)
     source = AdapterPrompts(adapter, inputs).to(target.device)
     head = task.make_head(mean_target=mean_target(splits)).to(target.device)
     head.load_state_dict(sources[0].head)

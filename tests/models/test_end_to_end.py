@@ -83,6 +83,21 @@ def test_a_per_user_cap_trains_on_each_users_latest_interactions_only(
         replace(config, max_train_per_user=0)
 
 
+def test_the_adapter_reproduces_from_its_seed_whatever_ran_before(
+    tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits, source_set: PromptSet
+) -> None:
+    config = MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0, seed=3)
+    runs = []
+    for unrelated in (1, 2):  # a worker process has drawn other numbers before each job
+        torch.manual_seed(unrelated)
+        torch.rand(unrelated)
+        result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
+                               splits=tiny_splits, users=source_set.user_ids[:6], config=config)  # fmt: skip
+        runs.append(result.adapter.state_dict())
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_chain_and_round_trip_give_every_user_a_prompt(
     tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
     source_set: PromptSet,
