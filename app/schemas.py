@@ -85,6 +85,12 @@ class AdapterOptions(Strict):
         description="Train the adapter on each selected user's latest N interactions only: more "
         "users for the same cost. None: all of the dataset's.",
     )  # fmt: skip
+    start_from_vocab_map: bool | None = Field(
+        default=None,
+        description="Start the adapter's linear path at the map between the models' token "
+        "embeddings (true, the default) or at zero (false: measured better and reproducible run to "
+        "run for a budget of a few hundred users; see the README).",
+    )  # fmt: skip
 
 
 class QualityGate(Strict):

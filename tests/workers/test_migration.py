@@ -26,6 +26,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.workers.helpers import (
+    FAST_ADAPTER,
     SOURCE,
     TARGET,
     assert_exact_set,
@@ -229,6 +230,22 @@ def test_adapter_trains_on_each_users_latest_interactions_when_capped(
     assert done["cost"]["users_trained"] == 8
     # The head's warm-up and one epoch, each over at most 2 interactions of 8 users.
     assert 0 < done["cost"]["example_passes"] <= 2 * 8 * 2
+
+
+def test_adapter_started_at_zero_is_its_own_start_and_reproduces(
+    client: TestClient, store: Store
+) -> None:
+    def adapter_state(*, start_from_vocab_map: bool) -> dict[str, torch.Tensor]:
+        adapter = FAST_ADAPTER | {"start_from_vocab_map": start_from_vocab_map}
+        done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
+        assert done["state"] == "awaiting_promotion", done
+        return adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"").state_dict()
+
+    at_zero = adapter_state(start_from_vocab_map=False)
+    for name, value in adapter_state(start_from_vocab_map=False).items():
+        torch.testing.assert_close(value, at_zero[name], rtol=0, atol=0, msg=name)
+    at_map = adapter_state(start_from_vocab_map=True)
+    assert not torch.equal(at_map["skip.weight"], at_zero["skip.weight"])
 
 
 def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, store: Store) -> None:
