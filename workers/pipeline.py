@@ -434,10 +434,18 @@ def map_late_users(job: Job, *, rounds: int = 3) -> None:
         late = [u for u in common_users(job.record["sources"]) if u not in planned]
         if not late:
             return
-        extra = _split_chunks(job, late)
-        job.store.put_blob(job.id, "plan", json.dumps([*chunks, *extra]).encode())
+        plan = [*chunks, *_split_chunks(job, late)]
+        job.store.put_blob(job.id, "plan", json.dumps(plan).encode())
         job.update(users_total=len(planned) + len(late))
-        for index in range(len(chunks), len(chunks) + len(extra)):
+        _map_missing_chunks(job)
+
+
+def _map_missing_chunks(job: Job) -> None:
+    """Map, here, every chunk of the plan not done yet (one a lost chord message never ran, or
+    one added after the chord)."""
+    done = job.store.chunks_done(job.id)
+    for index in range(len(_chunks(job))):
+        if index not in done:  # map_chunk checks again: a chord task may finish it meanwhile
             job.check_cancel()
             map_chunk(job, index)
 
@@ -488,11 +496,8 @@ def finalize(job: Job) -> None:
 
 def _finalize(job: Job) -> None:
 
+    _map_missing_chunks(job)
     chunks = _chunks(job)
-    for index in range(len(chunks)):  # heals chunks a lost chord message never ran
-        if index not in job.store.chunks_done(job.id):
-            job.check_cancel()
-            map_chunk(job, index)
     job.check_cancel()
     job.update(stage="verifying", fraction=0.9)
     model, version = job.target
