@@ -10,7 +10,9 @@ of users with the epoch cap, and optionally the batch size and a cap on each use
 interactions: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes of ``40:4``;
 ``80:2:16`` does so in batches of 16; ``260:1:8:15`` trains 260 users on their latest 15
 interactions each), any other fields given with ``--set`` (``--set dropout=0.3,weight_decay=0.1
---set start_from_vocab_map=false`` is two variants), each selection strategy and each seed:
+--set start_from_vocab_map=false`` is two variants), each variant of puma's selection
+(``--selection floor_share=0.375``; random users are drawn once per seed, with the preset's own
+selection), each selection strategy and each seed:
 select the budget's users, train the adapter on them, map every user and score the VALIDATION
 ratings of every user, and of the users not selected (whom the adapter never saw).
 Test ratings are never read, so a choice made here leaves the quality benchmark's test figures
@@ -45,7 +47,7 @@ from models.evaluation import Predictions, metrics_of, predict_set
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
 from models.migration import MigrationConfig
-from models.selection import select_users
+from models.selection import SelectionConfig, select_users
 from models.tasks import Task, get_task
 
 
@@ -68,6 +70,7 @@ def run(
     preset: Preset, *, input_ranks: list[int | None], lrs: list[float | None],
     budgets: list[Budget], strategies: list[str], seeds: list[int], base: str = "budget_migration",
     settings: list[dict[str, Any]] | None = None,
+    selections: list[dict[str, Any]] | None = None,
     on_run: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:  # fmt: skip
     """The study's result; ``on_run`` gets the result so far after every run, so a study cut
@@ -100,11 +103,15 @@ def run(
         }  # fmt: skip
 
     # Seeds outermost: a study cut short holds every variant on the same seeds.
-    for seed, setting, rank, lr, (budget, epochs, batch, per_user), strategy in itertools.product(
-        seeds, settings or [{}], input_ranks, lrs, budgets, strategies
-    ):
+    grid = itertools.product(
+        seeds, selections or [{}], settings or [{}], input_ranks, lrs, budgets, strategies
+    )
+    for seed, picking, setting, rank, lr, (budget, epochs, batch, per_user), strategy in grid:
+        if picking and strategy != "puma":
+            continue  # the selection options change puma's users only
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
-                              user_ids=users, budget=budget, seed=seed)  # fmt: skip
+                              user_ids=users, budget=budget, seed=seed,
+                              config=replace(preset.selection, **picking))  # fmt: skip
         given: dict[str, Any] = {"lr": lr, "batch_size": batch, "max_train_per_user": per_user}
         config = replace(base_config, input_rank=rank, epochs=epochs, seed=seed,
                          **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
@@ -113,7 +120,7 @@ def run(
             config=config, vocab_map=vocab_map, part=splits.val,
         )  # fmt: skip
         runs.append({
-            "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
+            "selection": setting_text(picking), "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
             "epochs": epochs, "batch_size": config.batch_size,
             "max_train_per_user": config.max_train_per_user,
             "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
@@ -134,13 +141,14 @@ def run(
 def variant(row: dict) -> str:
     """A run's or a summary row's variant, as the log and the summary print it."""
     budget = f"{row['budget']}:{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']}"
-    return (f"{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
+    picking = f"selection {row['selection']} " if row.get("selection") else ""
+    return (f"{picking}{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
             f"budget {budget} {row['strategy']:<7}")  # fmt: skip
 
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
     """Mean validation RMSE and cost of each variant and strategy over its seeds."""
-    keys = ("set", "input_rank", "lr", "budget", "epochs", "batch_size", "max_train_per_user",
+    keys = ("selection", "set", "input_rank", "lr", "budget", "epochs", "batch_size", "max_train_per_user",
             "strategy")  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -190,12 +198,12 @@ SET_ELSEWHERE = frozenset({"input_rank", "lr", "epochs", "batch_size", "max_trai
                            "seed"})  # fmt: skip
 
 
-def parse_setting(text: str) -> dict[str, Any]:
+def parse_setting(text: str, config_type: type = MigrationConfig) -> dict[str, Any]:
     """``"dropout=0.3,start_from_vocab_map=false"`` -> those fields of the base configuration,
     converted to the fields' types; ``"preset"`` -> no change."""
     if text.lower() == "preset":
         return {}
-    types = {f.name: f.type for f in fields(MigrationConfig) if f.name not in SET_ELSEWHERE}
+    types = {f.name: f.type for f in fields(config_type) if f.name not in SET_ELSEWHERE}
     setting: dict[str, Any] = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
@@ -205,17 +213,19 @@ def parse_setting(text: str) -> dict[str, Any]:
             )
         setting[name] = parse_value(name, str(types[name]), value)
     try:  # the configuration's own checks, before minutes of reference predictions
-        replace(MigrationConfig(), **setting)
+        replace(config_type(), **setting)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"setting {text!r}: {error}") from None
     return setting
 
 
-def parse_value(name: str, type_name: str, value: str) -> bool | int | float | None:
-    """A value of the type a MigrationConfig field is annotated with."""
+def parse_value(name: str, type_name: str, value: str) -> bool | int | float | str | None:
+    """A value of the type a configuration field is annotated with."""
     try:
         if value.lower() == "none" and "None" in type_name:
             return None
+        if type_name.startswith("Literal"):
+            return value  # the configuration's own check names the choices
         if type_name.startswith("bool"):
             if value.lower() not in ("true", "false"):
                 raise ValueError
@@ -260,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="settings", type=parse_setting, action="append",
                         help="a variant of the base configuration, FIELD=VALUE[,FIELD=VALUE]; "
                              "repeat for more variants, 'preset' for the base itself")  # fmt: skip
+    parser.add_argument("--selection", dest="selections", action="append",
+                        type=partial(parse_setting, config_type=SelectionConfig),
+                        help="a variant of the preset's puma selection, FIELD=VALUE[,FIELD=VALUE] "
+                             "(e.g. floor_share=0.375,variance_weighting=uniform); repeat for "
+                             "more variants, 'preset' for the preset's own")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
     parser.add_argument("--base", choices=("budget_migration", "migration"),
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
         lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
-        settings=args.settings, on_run=partial(write, complete=False),
+        settings=args.settings, selections=args.selections, on_run=partial(write, complete=False),
     )  # fmt: skip
     write(result, complete=True)
     print(f"\nvalidation RMSE: {result['reference']}")

@@ -32,7 +32,7 @@ from models.instant import LinearMap, fit_vocab_map, instant_migrate
 from models.loop import Examples, ProgressFn, PromptTable, fit_head, index_users
 from models.migration import AdapterResult, MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
-from models.selection import select_users
+from models.selection import SelectionConfig, select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, mean_target, random_prompts, train_prompts
 
@@ -54,6 +54,7 @@ class Preset:
     max_train: int = 30
     seeds: tuple[int, ...] = (0,)  # selection seeds for the budget rows: their spread is reported
     device: str | None = None
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # puma_budget's users
 
 
 PRESETS = {
@@ -310,7 +311,8 @@ def run(preset: Preset) -> dict[str, object]:
         runs = []
         for seed in preset.seeds:
             chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
-                                  user_ids=users, budget=preset.budget, seed=seed)  # fmt: skip
+                                  user_ids=users, budget=preset.budget, seed=seed,
+                                  config=preset.selection)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
             runs.append(migrated_row(method, users=chosen, config=config))
         rows.append(pooled_row(method, runs, task=task))
@@ -330,7 +332,8 @@ def run(preset: Preset) -> dict[str, object]:
         "budget_seeds": list(preset.seeds),
         # The recipe each row was trained with, so a result file says what it measured.
         "configs": {"prompt": asdict(preset.prompt), "migration": asdict(preset.migration),
-                    "budget_migration": asdict(preset.budget_migration)},
+                    "budget_migration": asdict(preset.budget_migration),
+                    "selection": asdict(preset.selection)},
     }  # fmt: skip
 
 

@@ -8,6 +8,9 @@ cluster size, then a random top-up to exactly the budget. Seeded and determinist
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
@@ -16,7 +19,35 @@ from sklearn.decomposition import PCA
 from models.errors import BudgetError, DataError
 
 STRATEGIES = ("puma", "random", "all")
-BIN_WEIGHTS = np.array([0.079, 0.237, 0.369, 0.237, 0.079])  # a normal curve over 5 quantiles
+BIN_WEIGHTS = {
+    "normal": np.array([0.079, 0.237, 0.369, 0.237, 0.079]),  # a normal curve over 5 quantiles
+    "uniform": np.full(5, 0.2),
+}
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How ``puma`` spends a budget (``random`` and ``all`` ignore it)."""
+
+    n_clusters: int = 15  # the reference's K
+    floor: int = 50  # users first taken from every cluster, so that small groups are represented
+    # Share of the budget the floors may take when it cannot pay every cluster's full floor. The
+    # reference's 2000 users spend 750 (15 x 50) on floors and the rest in proportion to cluster
+    # size; 1.0 lets floors take a whole small budget: as many users from every cluster. Every
+    # cluster still gets one user whenever the budget has one per cluster.
+    floor_share: float = 1.0
+    # Medium-variance users weighted most ("normal", the reference) or not at all ("uniform").
+    variance_weighting: Literal["normal", "uniform"] = "normal"
+
+    def __post_init__(self) -> None:
+        if self.n_clusters < 1 or self.floor < 0:
+            raise ValueError("SelectionConfig needs n_clusters >= 1 and floor >= 0.")
+        if not 0.0 <= self.floor_share <= 1.0:
+            raise ValueError(f"SelectionConfig.floor_share must lie in [0, 1], got "
+                             f"{self.floor_share}.")  # fmt: skip
+        if self.variance_weighting not in BIN_WEIGHTS:
+            raise ValueError(f"SelectionConfig.variance_weighting must be one of "
+                             f"{sorted(BIN_WEIGHTS)}, got {self.variance_weighting!r}.")  # fmt: skip
 
 
 def label_variance(labels: dict[str, list[float]], user_ids: list[str]) -> np.ndarray:
@@ -35,11 +66,11 @@ def cluster_users(prompts: torch.Tensor, *, n_clusters: int, seed: int) -> np.nd
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)
 
 
-def _variance_weights(variance: np.ndarray) -> np.ndarray:
+def _variance_weights(variance: np.ndarray, bin_weights: np.ndarray) -> np.ndarray:
     """Weight by quantile bin of variance within the group; ranks make ties split evenly."""
     ranks = np.argsort(np.argsort(variance, kind="stable"), kind="stable")
-    bins = ranks * len(BIN_WEIGHTS) // max(len(variance), 1)
-    return BIN_WEIGHTS[bins]
+    bins = ranks * len(bin_weights) // max(len(variance), 1)
+    return bin_weights[bins]
 
 
 def _weighted_take(
@@ -52,15 +83,17 @@ def _weighted_take(
 
 
 def puma_select(
-    *, clusters: np.ndarray, variance: np.ndarray, budget: int, seed: int, floor: int = 50
-) -> np.ndarray:
+    *, clusters: np.ndarray, variance: np.ndarray, budget: int, seed: int,
+    config: SelectionConfig = SelectionConfig(),
+) -> np.ndarray:  # fmt: skip
     """Row indices of exactly ``budget`` users."""
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
     weights = np.zeros(len(variance))
     for rows in groups:
-        weights[rows] = _variance_weights(variance[rows])
-    per_group_floor = min(floor, budget // len(groups))
+        weights[rows] = _variance_weights(variance[rows], BIN_WEIGHTS[config.variance_weighting])
+    floors_budget = max(len(groups), round(config.floor_share * budget))  # one user per cluster
+    per_group_floor = min(config.floor, floors_budget // len(groups), budget // len(groups))
     chosen = np.zeros(len(variance), dtype=bool)
     for rows in groups:
         chosen[_weighted_take(rng, rows, weights[rows], per_group_floor)] = True
@@ -83,7 +116,7 @@ def select_users(
     user_ids: list[str],
     budget: int | None,
     seed: int = 0,
-    n_clusters: int = 15,
+    config: SelectionConfig = SelectionConfig(),
 ) -> list[str]:
     """Users to train the adapter on, in the order of ``user_ids``."""
     if strategy not in STRATEGIES:
@@ -100,7 +133,7 @@ def select_users(
     if strategy == "random":
         rows = np.sort(np.random.default_rng(seed).choice(len(user_ids), budget, replace=False))
     else:
-        clusters = cluster_users(prompts, n_clusters=n_clusters, seed=seed)
+        clusters = cluster_users(prompts, n_clusters=config.n_clusters, seed=seed)
         rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
-                           budget=budget, seed=seed)  # fmt: skip
+                           budget=budget, seed=seed, config=config)  # fmt: skip
     return [user_ids[i] for i in rows]

@@ -108,3 +108,26 @@ def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
     assert run["lr"] == 0.002 != quality.PRESETS["smoke"].migration.lr
     assert run["example_passes"] > result["n_users"]  # every user's examples, not a budget's
     assert result["summary"][0]["val_rmse_unselected_mean"] is None
+
+
+def test_budget_study_varies_puma_selection_and_runs_random_once(tmp_path: Path) -> None:
+    out = tmp_path / "selection.json"
+    budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma,random",
+                 "--seeds", "0", "--selection", "preset",
+                 "--selection", "floor_share=0.0,variance_weighting=uniform",
+                 "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    varied = "floor_share=0.0,variance_weighting=uniform"
+    assert [(r["selection"], r["strategy"]) for r in result["runs"]] == [
+        ("", "puma"), ("", "random"), (varied, "puma")
+    ]  # fmt: skip
+    assert all(0 < r["val_rmse"] < 5 for r in result["runs"])
+
+
+def test_budget_study_rejects_a_malformed_selection(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad, message in [("floor_share=2", "floor_share must lie in [0, 1]"),
+                         ("variance_weighting=high", "must be one of"),
+                         ("dropout=0.3", "write FIELD=VALUE")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            budget.main(["--preset", "smoke", "--selection", bad, "--out", "unused.json"])
+        assert message in capsys.readouterr().err

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.errors import BudgetError, DataError
-from models.selection import cluster_users, select_users
+from models.selection import SelectionConfig, cluster_users, select_users
 
 
 def population(
@@ -29,7 +29,7 @@ def test_exact_budget_of_distinct_users(strategy: str, budget: int) -> None:
 def test_budget_below_the_cluster_floors_is_still_exact() -> None:
     prompts, labels, users = population(n=40)
     chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=3,
-                          n_clusters=15)  # fmt: skip
+                          config=SelectionConfig(n_clusters=15))  # fmt: skip
     assert len(chosen) == 3
 
 
@@ -74,3 +74,40 @@ def test_unknown_strategy_is_refused() -> None:
     prompts, labels, users = population(n=10)
     with pytest.raises(DataError, match="strategy"):
         select_users("best", prompts=prompts, labels=labels, user_ids=users, budget=2)
+
+
+def cluster_shares(floor_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each cluster's share of a population of uneven clusters, and of a budget of 60 from it."""
+    prompts, labels, users = population(n=600)
+    clusters = cluster_users(prompts, n_clusters=15, seed=0)
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=60,
+                          config=SelectionConfig(floor_share=floor_share))  # fmt: skip
+    picked = clusters[[users.index(u) for u in chosen]]
+    ids = np.unique(clusters)
+    population_share = np.array([np.mean(clusters == c) for c in ids])
+    return population_share, np.array([np.mean(picked == c) for c in ids])
+
+
+def test_full_floors_spread_a_small_budget_evenly_and_a_small_share_follows_cluster_size() -> None:
+    population_share, even = cluster_shares(1.0)
+    _, proportional = cluster_shares(0.0)
+    assert np.ptp(even) <= 1 / 60 < np.ptp(population_share)
+    assert np.abs(proportional - population_share).sum() < np.abs(even - population_share).sum()
+    assert (proportional > 0).all()  # one user per cluster, whatever the share
+
+
+def test_uniform_variance_weighting_does_not_favour_medium_variance() -> None:
+    prompts, labels, users = population(n=600)
+    variance = {u: np.var(v, ddof=1) if len(v) > 1 else 0.0 for u, v in labels.items()}
+    ranks = {u: r for r, u in enumerate(sorted(users, key=variance.__getitem__))}
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=200,
+                          config=SelectionConfig(variance_weighting="uniform"))  # fmt: skip
+    middle = sum(1 for u in chosen if 0.2 <= ranks[u] / len(users) < 0.8)
+    assert middle / len(chosen) < 0.7
+
+
+@pytest.mark.parametrize("fields", [{"floor_share": 1.5}, {"variance_weighting": "high"},
+                                    {"n_clusters": 0}])  # fmt: skip
+def test_a_bad_selection_config_says_which_field(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        SelectionConfig(**fields)  # type: ignore[arg-type]
