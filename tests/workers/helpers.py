@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,21 @@ def job(client: TestClient, job_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-def wait_done(client: TestClient, job_id: str, *, timeout: float = 240) -> dict[str, Any]:
+def wait_done(
+    client: TestClient, job_id: str, *, timeout: float = 240, worker_log: Path | None = None
+) -> dict[str, Any]:
+    """The job's record once it ends; on a timeout the error shows where it stood, and the end of
+    the worker's log when given, so a slow or stuck run can be told apart after the fact."""
+
     def finished() -> dict[str, Any] | None:
         record = job(client, job_id)
         return record if record["state"] in TERMINAL else None
 
-    result: dict[str, Any] = wait_for(finished, timeout=timeout, what=f"job {job_id}")
+    try:
+        result: dict[str, Any] = wait_for(finished, timeout=timeout, what=f"job {job_id}")
+    except AssertionError as error:
+        tail = worker_log.read_text(errors="replace")[-4000:] if worker_log else ""
+        raise AssertionError(f"{error}; last record {job(client, job_id)}\n{tail}") from None
     return result
 
 

@@ -35,7 +35,8 @@ def test_killed_worker_resumes_without_losing_or_duplicating_users(
     )
     Redis.from_url(settings.redis_url).flushdb()
     Redis.from_url(settings.broker).flushdb()
-    worker = Worker(settings, tmp_path / "worker.log")
+    worker_log = tmp_path / "worker.log"
+    worker = Worker(settings, worker_log)
     worker.start()
     app = create_app(settings)
     try:
@@ -54,7 +55,7 @@ def test_killed_worker_resumes_without_losing_or_duplicating_users(
             total = partial["progress"]["users_total"]
             assert 0 < partial["progress"]["users_mapped"] < total
             worker.start()
-            done = wait_done(client, created["id"], timeout=180)
+            done = wait_done(client, created["id"], timeout=180, worker_log=worker_log)
             assert done["state"] == "promoted", done
             assert done["progress"]["users_mapped"] == total
             store = app.state.store
