@@ -71,6 +71,7 @@ def run(
     budgets: list[Budget], strategies: list[str], seeds: list[int], base: str = "budget_migration",
     settings: list[dict[str, Any]] | None = None,
     selections: list[dict[str, Any]] | None = None,
+    adapter_seeds: list[int] | None = None,
     on_run: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:  # fmt: skip
     """The study's result; ``on_run`` gets the result so far after every run, so a study cut
@@ -103,17 +104,23 @@ def run(
         }  # fmt: skip
 
     # Seeds outermost: a study cut short holds every variant on the same seeds.
+    # An adapter seed apart from the selection seed tells the users' share of the spread from the
+    # adapter's own (its initial weights and the order it sees examples in).
+    same_as_selection: list[int | None] = [None]
     grid = itertools.product(
-        seeds, selections or [{}], settings or [{}], input_ranks, lrs, budgets, strategies
-    )
-    for seed, picking, setting, rank, lr, (budget, epochs, batch, per_user), strategy in grid:
+        seeds, adapter_seeds or same_as_selection, selections or [{}], settings or [{}],
+        input_ranks, lrs, budgets, strategies,
+    )  # fmt: skip
+    for seed, adapter_seed, picking, setting, rank, lr, budget_, strategy in grid:
+        budget, epochs, batch, per_user = budget_
         if picking and strategy != "puma":
             continue  # the selection options change puma's users only
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=users, budget=budget, seed=seed,
                               config=replace(preset.selection, **picking))  # fmt: skip
         given: dict[str, Any] = {"lr": lr, "batch_size": batch, "max_train_per_user": per_user}
-        config = replace(base_config, input_rank=rank, epochs=epochs, seed=seed,
+        config = replace(base_config, input_rank=rank, epochs=epochs,
+                         seed=seed if adapter_seed is None else adapter_seed,
                          **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
         result, val = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, users=chosen,
@@ -123,14 +130,14 @@ def run(
             "selection": setting_text(picking), "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
             "epochs": epochs, "batch_size": config.batch_size,
             "max_train_per_user": config.max_train_per_user,
-            "strategy": strategy, "seed": seed, "val_rmse": rmse(task, val),
+            "strategy": strategy, "seed": seed, "adapter_seed": config.seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
                 rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "config": asdict(config), "history": result.history,
         })  # fmt: skip
-        log(f"{variant(runs[-1])} seed {seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
+        log(f"{variant(runs[-1])} seed {seed} adapter seed {config.seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
             f"unselected {runs[-1]['val_rmse_unselected']}, "
             f"{result.seconds:.0f}s")  # fmt: skip
         if on_run is not None:
@@ -277,6 +284,10 @@ def main(argv: list[str] | None = None) -> None:
                              "more variants, 'preset' for the preset's own")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
+    parser.add_argument("--adapter-seeds", default=None,
+                        help="comma-separated seeds of the adapter's initial weights and example "
+                             "order, each run with every selection seed; default: the selection "
+                             "seed")  # fmt: skip
     parser.add_argument("--base", choices=("budget_migration", "migration"),
                         default="budget_migration",
                         help="the preset's adapter the variants start from: the budget's, or the "
@@ -298,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
         lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
-        settings=args.settings, selections=args.selections, on_run=partial(write, complete=False),
+        settings=args.settings, selections=args.selections,
+        adapter_seeds=[int(s) for s in args.adapter_seeds.split(",")] if args.adapter_seeds else None,
+        on_run=partial(write, complete=False),
     )  # fmt: skip
     write(result, complete=True)
     print(f"\nvalidation RMSE: {result['reference']}")

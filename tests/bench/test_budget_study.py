@@ -131,3 +131,14 @@ def test_budget_study_rejects_a_malformed_selection(capsys: pytest.CaptureFixtur
         with pytest.raises(SystemExit):
             budget.main(["--preset", "smoke", "--selection", bad, "--out", "unused.json"])
         assert message in capsys.readouterr().err
+
+
+def test_budget_study_separates_the_adapter_seed_from_the_users(tmp_path: Path) -> None:
+    out = tmp_path / "adapter-seeds.json"
+    budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma", "--seeds", "0",
+                 "--adapter-seeds", "0,1", "--out", str(out)])  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["seed"], r["adapter_seed"], r["config"]["seed"]) for r in runs] == [
+        (0, 0, 0), (0, 1, 1)
+    ]  # fmt: skip
+    assert runs[0]["val_rmse"] != runs[1]["val_rmse"]  # same users, another adapter
