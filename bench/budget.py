@@ -111,8 +111,8 @@ def run(
         seeds, adapter_seeds or same_as_selection, selections or [{}], settings or [{}],
         input_ranks, lrs, budgets, strategies,
     )  # fmt: skip
-    for seed, adapter_seed, picking, setting, rank, lr, budget_, strategy in grid:
-        budget, epochs, batch, per_user = budget_
+    for seed, adapter_seed, picking, setting, rank, lr, spec, strategy in grid:
+        budget, epochs, batch, per_user = spec
         if picking and strategy != "puma":
             continue  # the selection options change puma's users only
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
@@ -194,6 +194,13 @@ def parse_lr(text: str) -> float | None:
     if not 0 < lr < float("inf"):
         raise argparse.ArgumentTypeError(message)
     return lr
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: write integers such as 0,1,2") from None
 
 
 def parse_lrs(text: str) -> list[float | None]:
@@ -283,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(e.g. floor_share=0.375,variance_weighting=uniform); repeat for "
                              "more variants, 'preset' for the preset's own")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
-    parser.add_argument("--seeds", default=None, help="comma-separated; default: the preset's")
-    parser.add_argument("--adapter-seeds", default=None,
+    parser.add_argument("--seeds", type=parse_seeds, default=None,
+                        help="comma-separated; default: the preset's")  # fmt: skip
+    parser.add_argument("--adapter-seeds", type=parse_seeds, default=None,
                         help="comma-separated seeds of the adapter's initial weights and example "
                              "order, each run with every selection seed; default: the selection "
                              "seed")  # fmt: skip
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
+    seeds = args.seeds or list(preset.seeds)
     budgets = args.budgets or [Budget(preset.budget, getattr(preset, args.base).epochs)]
     start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
         settings=args.settings, selections=args.selections,
-        adapter_seeds=[int(s) for s in args.adapter_seeds.split(",")] if args.adapter_seeds else None,
+        adapter_seeds=args.adapter_seeds,
         on_run=partial(write, complete=False),
     )  # fmt: skip
     write(result, complete=True)

@@ -87,14 +87,20 @@ def test_budget_study_varies_any_field_of_the_configuration(
     assert written == [(1, False), (2, False)] and result["complete"] is True
 
 
-def test_budget_study_rejects_a_malformed_setting(capsys: pytest.CaptureFixture[str]) -> None:
-    for bad, message in [("dropout", "write FIELD=VALUE"), ("colour=red", "write FIELD=VALUE"),
-                         ("lr=1e-3", "write FIELD=VALUE"), ("hidden=wide", "of type int"),
-                         ("start_from_vocab_map=yes", "of type bool"),
-                         ("hidden=0", "must be >= 1")]:  # fmt: skip
-        with pytest.raises(SystemExit):
-            budget.main(["--preset", "smoke", "--set", bad, "--out", "unused.json"])
-        assert message in capsys.readouterr().err
+@pytest.mark.parametrize("option, bad, message", [
+    ("--set", "dropout", "write FIELD=VALUE"), ("--set", "colour=red", "write FIELD=VALUE"),
+    ("--set", "lr=1e-3", "write FIELD=VALUE"), ("--set", "hidden=wide", "of type int"),
+    ("--set", "start_from_vocab_map=yes", "of type bool"), ("--set", "hidden=0", "must be >= 1"),
+    ("--selection", "floor_share=2", "floor_share must lie in [0, 1]"),
+    ("--selection", "variance_weighting=high", "must be one of"),
+    ("--selection", "dropout=0.3", "write FIELD=VALUE"),
+])  # fmt: skip
+def test_budget_study_rejects_a_malformed_variant(
+    option: str, bad: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        budget.main(["--preset", "smoke", option, bad, "--out", "unused.json"])
+    assert message in capsys.readouterr().err
 
 
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
@@ -122,15 +128,6 @@ def test_budget_study_varies_puma_selection_and_runs_random_once(tmp_path: Path)
         ("", "puma"), ("", "random"), (varied, "puma")
     ]  # fmt: skip
     assert all(0 < r["val_rmse"] < 5 for r in result["runs"])
-
-
-def test_budget_study_rejects_a_malformed_selection(capsys: pytest.CaptureFixture[str]) -> None:
-    for bad, message in [("floor_share=2", "floor_share must lie in [0, 1]"),
-                         ("variance_weighting=high", "must be one of"),
-                         ("dropout=0.3", "write FIELD=VALUE")]:  # fmt: skip
-        with pytest.raises(SystemExit):
-            budget.main(["--preset", "smoke", "--selection", bad, "--out", "unused.json"])
-        assert message in capsys.readouterr().err
 
 
 def test_budget_study_separates_the_adapter_seed_from_the_users(tmp_path: Path) -> None:
