@@ -11,8 +11,8 @@ interactions: ``80:2`` trains 80 users for at most 2 epochs, about the LM passes
 ``80:2:16`` does so in batches of 16; ``260:1:8:15`` trains 260 users on their latest 15
 interactions each), any other fields given with ``--set`` (``--set dropout=0.3,weight_decay=0.1
 --set start_from_vocab_map=false`` is two variants), each variant of puma's selection
-(``--selection floor_share=0.375``; random users are drawn once per seed, with the preset's own
-selection), each selection strategy and each seed:
+(``--selection floor_share=0.375``; random users are drawn once per seed, and only where
+``--selection preset`` or no ``--selection`` is given), each selection strategy and each seed:
 select the budget's users, train the adapter on them, map every user and score the VALIDATION
 ratings of every user, and of the users not selected (whom the adapter never saw).
 Test ratings are never read, so a choice made here leaves the quality benchmark's test figures
@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                         type=partial(parse_setting, config_type=SelectionConfig),
                         help="a variant of the preset's puma selection, FIELD=VALUE[,FIELD=VALUE] "
                              "(e.g. floor_share=0.375,variance_weighting=uniform); repeat for "
-                             "more variants, 'preset' for the preset's own")  # fmt: skip
+                             "more variants, 'preset' for the preset's own (random users run "
+                             "only with that one)")  # fmt: skip
     parser.add_argument("--strategies", default="puma,random")
     parser.add_argument("--seeds", type=parse_seeds, default=None,
                         help="comma-separated; default: the preset's")  # fmt: skip
