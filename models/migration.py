@@ -48,7 +48,7 @@ class MigrationConfig:
     # Train on each user's latest N interactions only (None: all of them). LM passes are what a
     # budget costs, and each user is one point of the map the adapter learns: a cap buys more
     # distinct users for the same passes, and the latest interactions sit closest to what the
-    # migrated prompt will be asked next. On cpu-small it scored level with no cap (README).
+    # migrated prompt will be asked next. On cpu-small it scored level with no cap (bench/README.md).
     max_train_per_user: int | None = None
     seed: int = 0
 

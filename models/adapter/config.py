@@ -19,7 +19,7 @@ class AdapterConfig:
     linear_skip: bool = True
     # Keep only the source table's top principal directions (set_input_statistics): fewer inputs
     # for an adapter fitted on few users. None keeps all d_in features; at a budget of 40
-    # MovieLens users, 16 directions did worse than all 576 (README, budget study).
+    # MovieLens users, 16 directions did worse than all 576 (bench/README.md).
     input_rank: int | None = None
 
     def __post_init__(self) -> None:
