@@ -93,9 +93,13 @@ PRESETS = {
         # selection seed (1.1504 [1.1468, 1.1487, 1.1558] against 1.1573 [1.1475, 1.1492,
         # 1.1752], budget-head-lr-cpu-small.json) and on every adapter seed of one selection
         # (range 0.010 against 0.024, budget-adapter-stability-cpu-small.json).
+        # It reads the source table's top 64 principal directions, not all 576 features: 1.1472
+        # [1.1472, 1.1426, 1.1516] against 1.1551 [1.1527, 1.1724, 1.1402], 1.1549 against 1.1665
+        # on the users not selected; 16 directions scored 1.1528 (budget-input-rank-cpu-small.json).
         budget_migration=MigrationConfig(hidden=256, epochs=1, lr=5e-4, head_lr=1e-3,
                                          batch_size=16, head_warmup_examples=1024,
-                                         max_train_per_user=15, start_from_vocab_map=False),
+                                         max_train_per_user=15, start_from_vocab_map=False,
+                                         input_rank=64),
         seeds=(0, 1, 2),
     ),
     "gpu-full": Preset(

@@ -42,8 +42,8 @@ class MigrationConfig:
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
-    # Top principal directions of the source table the adapter reads (None: every feature);
-    # measured worse at a budget of 40 users (bench.budget), so off unless asked for.
+    # Top principal directions of the source table the adapter reads (None: every feature).
+    # Fewer inputs help a budget adapter only with enough users to fit them (bench/README.md).
     input_rank: int | None = None
     # Train on each user's latest N interactions only (None: all of them). LM passes are what a
     # budget costs, and each user is one point of the map the adapter learns: a cap buys more

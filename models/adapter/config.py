@@ -18,8 +18,8 @@ class AdapterConfig:
     # readily than a deep one; it can start from the data-free vocabulary map (models.instant).
     linear_skip: bool = True
     # Keep only the source table's top principal directions (set_input_statistics): fewer inputs
-    # for an adapter fitted on few users. None keeps all d_in features; at a budget of 40
-    # MovieLens users, 16 directions did worse than all 576 (bench/README.md).
+    # for an adapter fitted on few users. None keeps all d_in features. On MovieLens, 16
+    # directions did worse than all 576 at 40 users; 64 did better at 260 (bench/README.md).
     input_rank: int | None = None
 
     def __post_init__(self) -> None:
