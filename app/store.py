@@ -9,7 +9,9 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{registry}:seq``             hash  model -> last allocated version number
 - ``pm:{registry}:datasets``        hash  dataset name -> JSON spec
 - ``pm:{registry}:retired``         zset  "model/version" -> purge-after time
-- ``pm:{<model>:<version>}:meta``   hash  doc (JSON: shape, dtype, task, lineage, ...), state, count
+- ``pm:{<model>:<version>}:meta``   hash  doc (JSON: shape, dtype, task, lineage, ...), state, and
+                                    the set's current count and digest (onboarding and erasure
+                                    keep both up to date)
 - ``pm:{<model>:<version>}:head``   task head, safetensors bytes
 - ``pm:{<model>:<version>}:users``  set   user ids
 - ``pm:{<model>:<version>}:u:<user>`` raw little-endian prompt bytes
@@ -34,7 +36,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import WatchError
+from redis.client import Pipeline
 from redis.retry import Retry
 
 from app import codec
@@ -141,24 +143,6 @@ return {{3, model, version, table.concat(lengths, ','), table.concat(values)}}
 """
 
 
-# Erase one user from one set, atomically against seal_set's final step: a sealed set (or one
-# whose metadata is gone) loses the user at once; a set still being written gets a tombstone
-# instead, and seal_set removes the user when it seals, so a chunk written after the erasure
-# cannot bring the user back and the written set still verifies. KEYS: meta, the user's value
-# key, users set, tombstones; ARGV: user. Returns 1 when the user had a prompt in this set.
-_ERASE_LUA = f"""
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == '{WRITING}' then
-  redis.call('HSET', KEYS[4], ARGV[1], 1)
-  return redis.call('EXISTS', KEYS[2])
-end
-local deleted = redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
-if deleted == 1 and state then redis.call('HINCRBY', KEYS[1], 'count', -1) end
-return deleted
-"""
-
-
 class Store:
     def __init__(
         self, redis: Redis, *, write_batch: int = 500, aredis: AsyncRedis | None = None
@@ -168,7 +152,6 @@ class Store:
         self._sealed: dict[tuple[str, str], SetMeta] = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         self._read_script = aredis.register_script(_READ_LUA) if aredis is not None else None
-        self._erase_script = redis.register_script(_ERASE_LUA)
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -403,27 +386,24 @@ class Store:
         """
         prefix = _set_prefix(meta.model, meta.version)
         tombstones = f"{prefix}:erased"
-        while True:
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(tombstones)
-                    erased = {str(_text(u)) for u in pipe.hkeys(tombstones)}
-                    dropped = [(u, v) for u, v in items if u in erased]
-                    meta.count, meta.sealed_at = len(items) - len(dropped), time.time()
-                    meta.digest = codec.digest_without(digest, dropped)
-                    meta.state = SEALED
-                    pipe.multi()
-                    if dropped:
-                        pipe.delete(*(f"{prefix}:u:{u}" for u, _ in dropped))
-                        pipe.srem(f"{prefix}:users", *(u for u, _ in dropped))
-                    pipe.delete(tombstones)
-                    pipe.hset(f"{prefix}:meta", mapping={
-                        "doc": json.dumps(meta.public()), "count": meta.count, "state": SEALED,
-                    })  # fmt: skip
-                    pipe.execute()
-                    return
-                except WatchError:
-                    continue
+
+        def seal(pipe: Pipeline) -> None:
+            erased = {str(_text(u)) for u in pipe.hkeys(tombstones)}
+            dropped = [(u, v) for u, v in items if u in erased]
+            meta.count, meta.sealed_at = len(items) - len(dropped), time.time()
+            meta.digest = codec.digest_without(digest, dropped)
+            meta.state = SEALED
+            pipe.multi()
+            if dropped:
+                pipe.delete(*(f"{prefix}:u:{u}" for u, _ in dropped))
+                pipe.srem(f"{prefix}:users", *(u for u, _ in dropped))
+            pipe.delete(tombstones)
+            pipe.hset(f"{prefix}:meta", mapping={
+                "doc": json.dumps(meta.public()), "count": meta.count,
+                "digest": meta.digest, "state": SEALED,
+            })  # fmt: skip
+
+        self.redis.transaction(seal, tombstones)
 
     def update_metrics(self, model: str, version: str, metrics: dict[str, Any]) -> None:
         meta = self.get_meta(model, version)
@@ -454,31 +434,78 @@ class Store:
         return sum(1 for _ in self.redis.scan_iter(match=pattern, count=1000))
 
     def onboard(self, model: str, version: str, user: str, value: bytes) -> bool:
-        """Add or replace one user's prompt in a sealed set; True when the user is new."""
+        """Add or replace one user's prompt in a sealed set; True when the user is new.
+
+        The value, the users set, the count and the digest change in one transaction, so the
+        set's count and digest always describe what it holds.
+        """
         prefix = _set_prefix(model, version)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(f"{prefix}:u:{user}", value)
-        pipe.sadd(f"{prefix}:users", user)
-        _, added = pipe.execute()
-        if added:
-            self.redis.hincrby(f"{prefix}:meta", "count", 1)
-        return bool(added)
+        meta_key, value_key = f"{prefix}:meta", f"{prefix}:u:{user}"
+        created = False
+
+        def write(pipe: Pipeline) -> None:
+            nonlocal created
+            raw = pipe.hgetall(meta_key)
+            if not raw:
+                raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
+            meta = _parse_meta(raw)
+            if meta.state != SEALED:
+                raise ConflictError(f"{model} version {version} is {meta.state}, not sealed: "
+                                    "onboard users onto a readable set.")  # fmt: skip
+            old = _bytes(pipe.get(value_key))
+            digest = codec.combine_digests([meta.digest, codec.set_digest([(user, value)])])
+            pipe.multi()
+            pipe.set(value_key, value)
+            pipe.sadd(f"{prefix}:users", user)
+            if old is None:
+                pipe.hincrby(meta_key, "count", 1)
+            else:
+                digest = codec.digest_without(digest, [(user, old)])
+            pipe.hset(meta_key, "digest", digest)
+            created = old is None
+
+        self.redis.transaction(write, meta_key, value_key)
+        return created
 
     def erase_user(self, user: str) -> int:
         """Remove one user's prompt from every version of every model, including sets still
-        being written (see _ERASE_LUA); returns how many sets held a prompt of the user."""
-        removed = 0
-        for spec in self.list_models():
-            for v in self.redis.zrange(f"{_REG}:versions:{spec['name']}", 0, -1):
-                prefix = _set_prefix(spec["name"], str(_text(v)))
-                keys = [
-                    f"{prefix}:meta",
-                    f"{prefix}:u:{user}",
-                    f"{prefix}:users",
-                    f"{prefix}:erased",
-                ]
-                removed += int(self._erase_script(keys=keys, args=[user]))
-        return removed
+        being written; returns how many sets held a prompt of the user."""
+        return sum(
+            self._erase_from_set(spec["name"], str(_text(v)), user)
+            for spec in self.list_models()
+            for v in self.redis.zrange(f"{_REG}:versions:{spec['name']}", 0, -1)
+        )
+
+    def _erase_from_set(self, model: str, version: str, user: str) -> bool:
+        """Erase one user from one set, atomically against sealing: this watches the metadata
+        that sealing writes, sealing watches the tombstones that this writes.
+
+        A sealed set loses the user, its count and its digest at once. A set still being
+        written gets a tombstone instead, and sealing removes the user, so a chunk written after
+        the erasure cannot bring the user back and the written set still verifies.
+        """
+        prefix = _set_prefix(model, version)
+        meta_key, value_key = f"{prefix}:meta", f"{prefix}:u:{user}"
+        held = False
+
+        def erase(pipe: Pipeline) -> None:
+            nonlocal held
+            raw = pipe.hgetall(meta_key)
+            old = _bytes(pipe.get(value_key))
+            pipe.multi()
+            if raw and _parse_meta(raw).state == WRITING:
+                pipe.hset(f"{prefix}:erased", user, 1)
+            elif old is not None:
+                pipe.delete(value_key)
+                pipe.srem(f"{prefix}:users", user)
+                if raw:
+                    pipe.hincrby(meta_key, "count", -1)
+                    pipe.hset(meta_key, "digest",
+                              codec.digest_without(_parse_meta(raw).digest, [(user, old)]))  # fmt: skip
+            held = old is not None
+
+        self.redis.transaction(erase, meta_key, value_key)
+        return held
 
     def delete_set(self, model: str, version: str) -> None:
         prefix = _set_prefix(model, version)
@@ -605,6 +632,7 @@ def _parse_meta(raw: dict[Any, Any]) -> SetMeta:
     meta = SetMeta(**json.loads(str(fields["doc"])))
     meta.state = str(fields.get("state", WRITING))
     meta.count = int(fields.get("count") or 0)
+    meta.digest = str(fields.get("digest") or meta.digest)
     return meta
 
 

@@ -70,3 +70,23 @@ def test_erasure_while_a_set_is_written_holds_at_sealing(store: Store) -> None:
     assert store.get_meta("m-e", "1").count == 1
     assert store.erase_user("u2") == 1  # sealed now: removed at once
     assert store.set_users("m-e", "1") == [] and store.get_meta("m-e", "1").count == 0
+
+
+def test_onboarding_and_erasure_keep_the_sealed_count_and_digest_current(store: Store) -> None:
+    version, held = seed_set(store, model="m-d", users=["u1", "u2"])
+    replaced, added = b"\x07" * len(held["u1"]), b"\x08" * len(held["u1"])
+    assert store.onboard("m-d", version, "u1", replaced) is False
+    assert store.onboard("m-d", version, "u3", added) is True
+    assert store.erase_user("u2") == 1
+    expected = codec.set_digest([("u1", replaced), ("u3", added)])
+    meta = store.get_meta("m-d", version)
+    assert (meta.count, meta.digest) == (2, expected)
+    assert [m.digest for m in store.list_versions("m-d")] == [expected]
+
+
+def test_onboarding_refuses_a_set_still_being_written(store: Store) -> None:
+    store.put_model("m-w", {"name": "m-w", "checkpoint": "m-w", "registered_at": 0})
+    store.begin_set(SetMeta(model="m-w", version="1", task="rating", shape=[1, 8]))
+    with pytest.raises(ConflictError, match="not sealed"):
+        store.onboard("m-w", "1", "u1", b"\0" * 32)
+    assert store.get_prompt("m-w", "1", "u1") is None
