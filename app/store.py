@@ -491,18 +491,20 @@ class Store:
         def erase(pipe: Pipeline) -> None:
             nonlocal held
             raw = pipe.hgetall(meta_key)
+            meta = _parse_meta(raw) if raw else None
             old = _bytes(pipe.get(value_key))
-            pipe.multi()
-            if raw and _parse_meta(raw).state == WRITING:
-                pipe.hset(f"{prefix}:erased", user, 1)
-            elif old is not None:
-                pipe.delete(value_key)
-                pipe.srem(f"{prefix}:users", user)
-                if raw:
-                    pipe.hincrby(meta_key, "count", -1)
-                    pipe.hset(meta_key, "digest",
-                              codec.digest_without(_parse_meta(raw).digest, [(user, old)]))  # fmt: skip
             held = old is not None
+            pipe.multi()
+            if meta is not None and meta.state == WRITING:
+                pipe.hset(f"{prefix}:erased", user, 1)
+                return
+            if old is None:
+                return
+            pipe.delete(value_key)
+            pipe.srem(f"{prefix}:users", user)
+            if meta is not None:
+                pipe.hincrby(meta_key, "count", -1)
+                pipe.hset(meta_key, "digest", codec.digest_without(meta.digest, [(user, old)]))
 
         self.redis.transaction(erase, meta_key, value_key)
         return held
