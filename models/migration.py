@@ -45,6 +45,8 @@ class MigrationConfig:
     # Top principal directions of the source table the adapter reads (None: every feature).
     # Fewer inputs help a budget adapter only with enough users to fit them (bench/README.md).
     input_rank: int | None = None
+    # The adapter's linear path alone, without the residual network (AdapterConfig.linear_only).
+    linear_only: bool = False
     # Train on each user's latest N interactions only (None: all of them). LM passes are what a
     # budget costs, and each user is one point of the map the adapter learns: a cap buys more
     # distinct users for the same passes, and the latest interactions sit closest to what the
@@ -127,6 +129,7 @@ def train_adapter(
     adapter = PumaAdapter(AdapterConfig(
         d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
         dropout=config.dropout, out_std=target.embedding_std, input_rank=rank,
+        linear_only=config.linear_only,
     ))  # fmt: skip
     if table is not None:
         adapter.set_input_statistics(table)

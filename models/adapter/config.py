@@ -21,6 +21,9 @@ class AdapterConfig:
     # for an adapter fitted on few users. None keeps all d_in features. On MovieLens, 16
     # directions did worse than all 576 at 40 users; 64 did better at 260 (bench/README.md).
     input_rank: int | None = None
+    # The linear path alone (with a bias), no residual network: the map with fewest weights,
+    # for an adapter fitted on few users (bench/README.md).
+    linear_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_out", "hidden"):
@@ -32,6 +35,9 @@ class AdapterConfig:
         if self.input_rank is not None and not 1 <= self.input_rank <= self.d_in:
             raise ValueError(f"AdapterConfig.input_rank must lie in 1..d_in={self.d_in} or be "
                              f"None (all features), got {self.input_rank}.")  # fmt: skip
+        if self.linear_only and not self.linear_skip:
+            raise ValueError("AdapterConfig.linear_only needs linear_skip=True: the linear path "
+                             "is then the whole adapter.")  # fmt: skip
         if self.out_std <= 0:
             raise ValueError(f"AdapterConfig.out_std must be positive, got {self.out_std}.")
 

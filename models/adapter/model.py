@@ -2,10 +2,10 @@
 
 z   = (x - mean) [@ V_r] / scale  d_in -> f: the source table's statistics (set_input_statistics);
                                   V_r its top-r principal directions when input_rank = r, f = r
-z1  = z + FFN_s(LN(z))            in f
-h   = FFN_up(LN(z1))              f -> d_out
-h2  = h + FFN_t(LN(h))            in d_out
-out = W_out(LN(h2)) [+ W_skip z]  d_out
+z1  = z + FFN_s(LN(z))            in f       } the residual network,
+h   = FFN_up(LN(z1))              f -> d_out } left out when linear_only
+h2  = h + FFN_t(LN(h))            in d_out   }
+out = W_out(LN(h2)) [+ W_skip z]  d_out      (linear_only: out = W_skip z + b)
 """
 
 from __future__ import annotations
@@ -32,6 +32,29 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class ResidualNetwork(nn.Module):
+    """The paper's residual blocks around an up-projection: ``[..., f]`` -> ``[..., d_out]``."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        c, f = config, config.d_features
+        self.source_block = FeedForward(f, c.hidden, f, c.dropout)
+        self.up = FeedForward(f, c.hidden, c.d_out, c.dropout)
+        self.target_block = FeedForward(c.d_out, c.hidden, c.d_out, c.dropout)
+        self.out_norm = nn.LayerNorm(c.d_out)
+        self.out_proj = nn.Linear(c.d_out, c.d_out)
+        # LN gives unit-variance features, so weights of std out_std / sqrt(d) give outputs of
+        # std out_std.
+        nn.init.normal_(self.out_proj.weight, std=c.out_std / c.d_out**0.5)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z1 = z + self.source_block(z)
+        h = self.up(z1)
+        h = h + self.target_block(h)
+        return self.out_proj(self.out_norm(h))
+
+
 class PumaAdapter(nn.Module):
     input_mean: torch.Tensor  # [d_in]
     input_scale: torch.Tensor  # [] one scale for all features keeps the table's geometry
@@ -45,18 +68,15 @@ class PumaAdapter(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
         basis = torch.eye(c.d_in, f) if c.input_rank is not None else None
         self.register_buffer("input_basis", basis)
-        self.source_block = FeedForward(f, c.hidden, f, c.dropout)
-        self.up = FeedForward(f, c.hidden, c.d_out, c.dropout)
-        self.target_block = FeedForward(c.d_out, c.hidden, c.d_out, c.dropout)
-        self.out_norm = nn.LayerNorm(c.d_out)
-        self.out_proj = nn.Linear(c.d_out, c.d_out)
-        self.skip: nn.Linear | None = nn.Linear(f, c.d_out, bias=False) if c.linear_skip else None
-        # LN gives unit-variance features, so weights of std out_std / sqrt(d) give outputs of
-        # std out_std. The linear path starts at zero unless a map is given (init_skip).
-        nn.init.normal_(self.out_proj.weight, std=c.out_std / c.d_out**0.5)
-        nn.init.zeros_(self.out_proj.bias)
+        self.network = None if c.linear_only else ResidualNetwork(c)
+        # Alone, the linear path carries the offset the network's output layer would have.
+        self.skip = nn.Linear(f, c.d_out, bias=c.linear_only) if c.linear_skip else None
+        # The linear path starts at zero unless a map is given (init_skip); alone, it starts at
+        # one prompt for everyone, a random vector of the target embeddings' spread.
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
+        if self.skip is not None and self.skip.bias is not None:
+            nn.init.normal_(self.skip.bias, std=c.out_std)
 
     @torch.no_grad()
     def set_input_statistics(self, prompts: torch.Tensor) -> None:
@@ -95,9 +115,13 @@ class PumaAdapter(nn.Module):
             self.skip.weight.copy_(
                 weight if self.input_basis is None else weight @ self.input_basis
             )
-            self.out_proj.weight.mul_(0.1)  # the network now starts as a small correction
-            bias = self.input_mean @ linear_map
-            self.out_proj.bias.copy_(bias if offset is None else bias + offset)
+            bias = self.input_mean @ linear_map + (0.0 if offset is None else offset)
+            if self.network is None:
+                assert self.skip.bias is not None  # linear_only gives the linear path a bias
+                self.skip.bias.copy_(bias)
+                return
+            self.network.out_proj.weight.mul_(0.1)  # the network now starts as a small correction
+            self.network.out_proj.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., l, d_in]`` -> ``[..., l, d_out]``."""
@@ -109,10 +133,10 @@ class PumaAdapter(nn.Module):
         if self.input_basis is not None:
             z = z @ self.input_basis
         z = z / self.input_scale
-        z1 = z + self.source_block(z)
-        h = self.up(z1)
-        h = h + self.target_block(h)
-        y = self.out_proj(self.out_norm(h))
+        if self.network is None:
+            assert self.skip is not None  # AdapterConfig: linear_only needs linear_skip
+            return self.skip(z)
+        y = self.network(z)
         return y + self.skip(z) if self.skip is not None else y
 
 

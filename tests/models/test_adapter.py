@@ -76,7 +76,8 @@ def test_a_given_map_holds_for_raw_inputs_after_standardising() -> None:
     linear, offset = torch.randn(6, 5), torch.randn(5)
     adapter.init_skip(linear, offset)
     with torch.no_grad():
-        adapter.out_proj.weight.zero_()  # leave only the linear path and the bias
+        assert adapter.network is not None
+        adapter.network.out_proj.weight.zero_()  # leave only the linear path and the bias
         torch.testing.assert_close(adapter(table), table @ linear + offset, atol=1e-4, rtol=1e-4)
 
 
@@ -92,7 +93,8 @@ def test_input_rank_keeps_the_tables_principal_directions() -> None:
     kept = adapter.input_basis @ adapter.input_basis.T @ directions
     torch.testing.assert_close(kept, directions, atol=1e-2, rtol=0)
     assert adapter(table).shape == (300, 1, 8)
-    assert adapter.source_block.net[1].in_features == 3
+    assert adapter.network is not None
+    assert adapter.network.source_block.net[1].in_features == 3
 
 
 def test_a_given_map_holds_within_the_kept_directions() -> None:
@@ -101,8 +103,9 @@ def test_a_given_map_holds_within_the_kept_directions() -> None:
     adapter.set_input_statistics(table)
     linear, offset = torch.randn(6, 5), torch.randn(5)
     adapter.init_skip(linear, offset)
+    assert adapter.network is not None
     with torch.no_grad():
-        adapter.out_proj.weight.zero_()
+        adapter.network.out_proj.weight.zero_()
         torch.testing.assert_close(adapter(table), table @ linear + offset, atol=1e-4, rtol=1e-4)
 
 
@@ -119,3 +122,36 @@ def test_input_rank_round_trips_and_needs_enough_prompts() -> None:
 def test_config_rejects_an_input_rank_outside_the_width(rank: int) -> None:
     with pytest.raises(ValueError, match="input_rank"):
         AdapterConfig(d_in=12, d_out=4, input_rank=rank)
+
+
+def test_linear_only_adapter_is_one_affine_map_of_its_input() -> None:
+    config = AdapterConfig(d_in=10, d_out=6, input_rank=4, linear_only=True, out_std=0.04)
+    adapter = PumaAdapter(config).eval()
+    adapter.set_input_statistics(torch.randn(40, 1, 10))
+    assert adapter.network is None
+    assert sum(p.numel() for p in adapter.parameters()) == 4 * 6 + 6
+    out = adapter(torch.randn(5, 1, 10)).detach()
+    assert out.shape == (5, 1, 6)
+    # The linear path starts at zero, so every user starts from one prompt of the given spread.
+    torch.testing.assert_close(out, out[:1].expand_as(out))
+    assert 0.01 < float(out.std()) < 0.1
+    assert adapter.skip is not None
+    with torch.no_grad():
+        adapter.skip.weight.normal_()
+    a, b = torch.randn(2, 3, 1, 10)
+    torch.testing.assert_close(adapter(0.3 * a + 0.7 * b), 0.3 * adapter(a) + 0.7 * adapter(b))
+    torch.testing.assert_close(adapter_from_bytes(adapter_to_bytes(adapter))(a), adapter(a))
+
+
+def test_linear_only_adapter_starts_exactly_at_a_given_map() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=6, d_out=5, linear_only=True)).eval()
+    table = torch.randn(50, 1, 6) * 0.2 + 1.0
+    adapter.set_input_statistics(table)
+    linear, offset = torch.randn(6, 5), torch.randn(5)
+    adapter.init_skip(linear, offset)
+    torch.testing.assert_close(adapter(table), table @ linear + offset, atol=1e-4, rtol=1e-4)
+
+
+def test_config_refuses_linear_only_without_the_linear_path() -> None:
+    with pytest.raises(ValueError, match="linear_only needs linear_skip"):
+        AdapterConfig(d_in=4, d_out=4, linear_only=True, linear_skip=False)
