@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--input-ranks", default="none", help="comma-separated; 'none': all")
+    parser.add_argument("--input-ranks", default=None,
+                        help="comma-separated; 'none': every feature; default: the preset's")  # fmt: skip
     parser.add_argument("--lrs", type=parse_lrs, default=[None],
                         help="comma-separated adapter learning rates; 'preset': the preset's")  # fmt: skip
     parser.add_argument("--budgets", type=parse_budgets, default=None,
@@ -305,7 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     seeds = args.seeds or list(preset.seeds)
-    budgets = args.budgets or [Budget(preset.budget, getattr(preset, args.base).epochs)]
+    base = getattr(preset, args.base)
+    budgets = args.budgets or [Budget(preset.budget, base.epochs)]
+    ranks = (
+        [parse_rank(r) for r in args.input_ranks.split(",")]
+        if args.input_ranks
+        else [base.input_rank]
+    )
     start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -315,8 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                                        indent=2))  # fmt: skip
 
     result = run(
-        preset, input_ranks=[parse_rank(r) for r in args.input_ranks.split(",")],
-        lrs=args.lrs,
+        preset, input_ranks=ranks, lrs=args.lrs,
         budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
         settings=args.settings, selections=args.selections,
         adapter_seeds=args.adapter_seeds,
