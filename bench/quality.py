@@ -1,6 +1,10 @@
 """Quality benchmark: what users get after a model upgrade, method by method.
 
     python -m bench.quality --preset smoke|cpu-small|gpu-full --out FILE.json
+    python -m bench.quality --preset gpu-full --device cpu --max-users 24 --out FILE.json
+
+The second is a rehearsal: the preset's recipe on its first users and another device, a check
+that it runs end to end before the machine it is meant for is at hand, not a measurement.
 
 Every row is scored on the same held-out test interactions of the same users, with a paired
 bootstrap interval (over users) of its RMSE minus retraining's. The budget rows pool every
@@ -20,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,6 +116,24 @@ PRESETS = {
         seeds=(0, 1, 2), device="cuda",
     ),
 }  # fmt: skip
+
+
+def rehearsal(preset: Preset, *, max_users: int | None, device: str | None) -> Preset:
+    """``preset`` on its first ``max_users`` users and/or on ``device``, renamed so its results
+    are never taken for the preset's. The budget is capped at a quarter of the users, so that
+    selection still chooses."""
+    if max_users is None and device is None:
+        return preset
+    if max_users is not None and max_users < 8:
+        raise ValueError(
+            f"A rehearsal needs at least 8 users to split and select, got {max_users}."
+        )
+    changes: dict[str, Any] = {"name": f"{preset.name}-rehearsal"}
+    if max_users is not None:
+        changes |= {"max_users": max_users, "budget": min(preset.budget, max_users // 4)}
+    if device is not None:
+        changes["device"] = device
+    return replace(preset, **changes)
 
 
 @dataclass
@@ -411,15 +434,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--show", type=Path, help="print a saved result as a Markdown table")
+    parser.add_argument("--max-users", type=int, help="rehearse the preset on its first N users")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="rehearse it on this device")
     args = parser.parse_args(argv)
     if args.show:
         print(markdown_table(json.loads(args.show.read_text())))
         return
     if not (args.preset and args.out):
         parser.error("--preset and --out are required to run the benchmark")
-    preset = PRESETS[args.preset]
+    try:
+        preset = rehearsal(PRESETS[args.preset], max_users=args.max_users, device=args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if preset.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("The gpu-full preset needs a CUDA device; none is visible here.")
+        sys.exit(f"The {preset.name} preset needs a CUDA device and none is visible here: run it "
+                 "on a GPU machine, or rehearse it with --device cpu --max-users 24.")  # fmt: skip
     start = time.perf_counter()
     result = run(preset)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

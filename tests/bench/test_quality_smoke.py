@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import quality
 
 METHODS = {"global_mean", "user_mean", "source", "instant", "random_init", "retrain",
@@ -41,3 +43,14 @@ def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(tmp_path: Path
     # few users cost few passes: the point of the budget
     assert rows["puma_budget"]["example_passes"] < rows["puma_all"]["example_passes"]
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+
+
+def test_a_rehearsal_keeps_the_recipe_on_fewer_users_and_never_passes_for_the_preset() -> None:
+    full = quality.PRESETS["gpu-full"]
+    assert quality.rehearsal(full, max_users=None, device=None) is full
+    small = quality.rehearsal(full, max_users=24, device="cpu")
+    assert small.name == "gpu-full-rehearsal"
+    assert (small.max_users, small.budget, small.device) == (24, 6, "cpu")
+    assert small.prompt == full.prompt and small.budget_migration == full.budget_migration
+    with pytest.raises(ValueError, match="at least 8 users"):
+        quality.rehearsal(full, max_users=3, device=None)
