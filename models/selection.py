@@ -3,7 +3,9 @@
 ``puma``: K-means on the prompt table (after PCA: raw prompts give one giant cluster), then within
 each cluster users are weighted by the quantile bin of their label variance, medium variance
 weighted most; a floor of users per cluster first, then the rest of the budget proportional to
-cluster size, then a random top-up to exactly the budget. Seeded and deterministic.
+cluster size, then a random top-up to exactly the budget. A budget smaller than K clusters into
+as many groups as it has users, so it still takes one user from each group rather than a random
+draw. Seeded and deterministic.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def select_users(
     if strategy == "random":
         rows = np.sort(np.random.default_rng(seed).choice(len(user_ids), budget, replace=False))
     else:
-        clusters = cluster_users(prompts, n_clusters=config.n_clusters, seed=seed)
+        k = min(config.n_clusters, budget)  # more groups than users would leave groups unpaid
+        clusters = cluster_users(prompts, n_clusters=k, seed=seed)
         rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
                            budget=budget, seed=seed, config=config)  # fmt: skip
     return [user_ids[i] for i in rows]

@@ -33,6 +33,21 @@ def test_budget_below_the_cluster_floors_is_still_exact() -> None:
     assert len(chosen) == 3
 
 
+def test_a_budget_smaller_than_k_still_spreads_over_the_groups() -> None:
+    # Three well-separated groups, one holding most users: at a budget of 3 with K = 15, each
+    # group must give one user, where a random draw of 3 mostly stays in the large group.
+    rng = np.random.default_rng(1)
+    centres = np.eye(3, 16) * 50
+    prompts = torch.tensor(np.repeat(centres, [40, 4, 4], axis=0) + rng.normal(size=(48, 16)))
+    users = [f"u{i}" for i in range(48)]
+    labels = {u: [1.0, 3.0, 5.0] for u in users}
+    group = {u: 0 if i < 40 else 1 if i < 44 else 2 for i, u in enumerate(users)}
+    for seed in range(5):
+        chosen = select_users("puma", prompts=prompts.unsqueeze(1).float(), labels=labels,
+                              user_ids=users, budget=3, seed=seed)  # fmt: skip
+        assert sorted(group[u] for u in chosen) == [0, 1, 2]
+
+
 def test_every_cluster_is_represented() -> None:
     prompts, labels, users = population()
     clusters = cluster_users(prompts, n_clusters=15, seed=0)
