@@ -214,7 +214,8 @@ def random_init_row(
     prompts = random_prompts(target, n_users=len(users), prompt_length=preset.prompt.prompt_length,
                            seed=preset.prompt.seed + 1)  # fmt: skip
     table = PromptTable(prompts).to(target.device).requires_grad_(False)
-    head = task.make_head(mean_target=mean_target(splits)).to(target.device)
+    head = task.make_head(mean_target=mean_target(splits), seed=preset.prompt.seed)
+    head = head.to(target.device)
     row_of = index_users(users)
     result = fit_head(
         model=target, task=task, prompt_source=table, head=head,

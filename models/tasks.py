@@ -83,10 +83,14 @@ class Task:
     primary_metric: str
     lower_is_better: bool
 
-    def make_head(self, *, mean_target: float) -> nn.Module:
-        if self.name == "rating":
-            return RatingHead(mean_rating=mean_target)
-        return BinaryHead(base_rate=mean_target)
+    def make_head(self, *, mean_target: float, seed: int = 0) -> nn.Module:
+        """A new head whose initial weights come from ``seed`` alone, whatever the process drew
+        before (a worker runs many jobs), leaving the global random state as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.name == "rating":
+                return RatingHead(mean_rating=mean_target)
+            return BinaryHead(base_rate=mean_target)
 
     def loss(
         self, logits: torch.Tensor, head_out: torch.Tensor, targets: torch.Tensor

@@ -116,7 +116,7 @@ def train_prompts(
     else:
         start = init_prompts(model, n_users=len(users), config=config)
     table = PromptTable(start).to(model.device)
-    head = task.make_head(mean_target=mean_target(splits)).to(model.device)
+    head = task.make_head(mean_target=mean_target(splits), seed=config.seed).to(model.device)
     if initial is not None:
         head.load_state_dict(initial.head)
     optimizer = torch.optim.Adam(
