@@ -33,7 +33,7 @@ from models import assets
 from models.data import Interaction, Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
-from models.instant import LinearMap, fit_vocab_map, instant_migrate
+from models.instant import LinearMap, fit_vocab_map, instant_migrate, transfer_head
 from models.loop import Examples, ProgressFn, PromptTable, fit_head, index_users
 from models.migration import AdapterResult, MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
@@ -322,10 +322,15 @@ def run(preset: Preset) -> dict[str, object]:
     target = FoundationModel.load(preset.target_model, device=preset.device)
     start = time.perf_counter()
     vocab_map = fit_vocab_map(source, target)
-    map_seconds = time.perf_counter() - start
     instant = instant_migrate([source_set], [vocab_map], target=target.name)
-    rows.append(Row("instant", predict_set(target, task, instant, splits.test), map_seconds, 0, 0,
-                    {"shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3)}))  # fmt: skip
+    items = [i.item_text for part in splits.train.values() for i in part]
+    head = transfer_head(task, source=source, source_set=source_set, target=target,
+                         target_set=instant, item_texts=items, seed=preset.prompt.seed)  # fmt: skip
+    instant = replace(instant, head=head.state)
+    instant_seconds = time.perf_counter() - start
+    rows.append(Row("instant", predict_set(target, task, instant, splits.test), instant_seconds, 0, 0,
+                    {"shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3),
+                     "head_r2": round(head.r2, 3), "inference_passes": head.passes}))  # fmt: skip
     del source
     rows.append(random_init_row(preset, target, task, splits, users))
     log("retrain: training every user's prompt on the target")

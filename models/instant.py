@@ -3,17 +3,25 @@
 Both vocabularies share many strings ("the", " movie", digits...). A ridge least-squares fit of
 target rows on source rows over those shared strings gives a map that sends any source prompt
 to a plausible target prompt at once, with no training and no user data.
+
+The source head was fitted to the source model's label logits; the target's come on another
+scale. ``transfer_head`` runs mapped prompts with catalogue items through both models and folds
+a least-squares fit between their logits into the head: item text only, no ratings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from models.errors import DataError
 from models.foundation import FoundationModel
+from models.loop import Examples, PromptTable, label_logits
 from models.prompts import PromptSet
+from models.tasks import Task
 
 _SPACE_MARKERS = ("Ġ", "▁")  # byte-level BPE and SentencePiece spell a leading space so
 
@@ -53,15 +61,28 @@ def fit_vocab_map(
             f"{source.name} and {target.name} share only {len(shared)} token strings: too few "
             "for an instant map. Use adapter migration instead."
         )
-    x = source.raw_embeddings(torch.tensor([source_vocab[s] for s in shared])).cpu().double()
-    y = target.raw_embeddings(torch.tensor([target_vocab[s] for s in shared])).cpu().double()
+    x = source.raw_embeddings(torch.tensor([source_vocab[s] for s in shared])).cpu()
+    y = target.raw_embeddings(torch.tensor([target_vocab[s] for s in shared])).cpu()
+    weight, x_mean, y_mean, r2 = _ridge_fit(x, y, ridge=ridge)
+    return LinearMap(weight.float(), x_mean.float(), y_mean.float(), len(shared), r2)
+
+
+def _ridge_fit(
+    x: torch.Tensor, y: torch.Tensor, *, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``y - y_mean ~ (x - x_mean) @ weight`` for x ``[n, p]``, y ``[n, q]``, in float64.
+
+    Returns ``weight`` ``[p, q]``, ``x_mean``, ``y_mean`` and the fit's R^2. The penalty scales
+    with ``n`` and the variance of x, so one ``ridge`` suits any scale.
+    """
+    x, y = x.double(), y.double()
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc + ridge * len(shared) * torch.eye(x.shape[1], dtype=x.dtype) * xc.var()
+    gram = xc.T @ xc + ridge * len(x) * float(xc.var()) * torch.eye(x.shape[1], dtype=x.dtype)
     weight = torch.linalg.solve(gram, xc.T @ yc)
     residual = yc - xc @ weight
-    r2 = 1.0 - float(residual.pow(2).sum() / yc.pow(2).sum())
-    return LinearMap(weight.float(), x_mean.float(), y_mean.float(), len(shared), r2)
+    r2 = 1.0 - float(residual.pow(2).sum() / yc.pow(2).sum().clamp(min=1e-12))
+    return weight, x_mean, y_mean, r2
 
 
 def stacked_map(maps: list[LinearMap]) -> LinearMap:
@@ -81,3 +102,54 @@ def instant_migrate(sources: list[PromptSet], maps: list[LinearMap], *, target: 
     users = sources[0].user_ids
     mapped = torch.stack([m(s.rows(users)) for s, m in zip(sources, maps, strict=True)]).mean(0)
     return PromptSet(target, sources[0].task, list(users), mapped, dict(sources[0].head))
+
+
+@dataclass(frozen=True)
+class TransferredHead:
+    """The source head reading the target's logits; ``r2`` of the logit fit, ``passes`` run."""
+
+    state: dict[str, torch.Tensor]
+    r2: float
+    passes: int
+
+
+def _catalogue_pairs(
+    task: Task, prompt_set: PromptSet, item_texts: Sequence[str], *, n_pairs: int, seed: int
+) -> Examples:
+    rng = np.random.default_rng(seed)
+    catalogue = sorted(set(item_texts))
+    if not catalogue:
+        raise DataError("No item texts to calibrate the head on: give the catalogue's items.")
+    # Few distinct items bound the frozen models' prefix work; many users cover the prompts.
+    items = rng.choice(len(catalogue), size=min(len(catalogue), 256), replace=False)
+    rows = rng.integers(len(prompt_set.user_ids), size=n_pairs)
+    return Examples(
+        users=rows,
+        prefixes=[task.template.prefix_for(catalogue[i]) for i in rng.choice(items, n_pairs)],
+        targets=np.zeros(n_pairs, dtype=np.float32),
+        user_ids=[prompt_set.user_ids[r] for r in rows],
+    )
+
+
+def transfer_head(
+    task: Task, *, source: FoundationModel, source_set: PromptSet, target: FoundationModel,
+    target_set: PromptSet, item_texts: Sequence[str], n_pairs: int = 1024, ridge: float = 1e-3,
+    seed: int = 0,
+) -> TransferredHead:  # fmt: skip
+    """The source set's head, made to read ``target``'s label logits for ``target_set``.
+
+    ``target_set`` holds the same users as ``source_set`` (e.g. its instant migration). Random
+    (user, catalogue item) pairs go through both models; the head's input features on the source
+    are fitted by ridge least squares on those on the target, and the fit is folded into the head.
+    """
+    examples = _catalogue_pairs(task, source_set, item_texts, n_pairs=n_pairs, seed=seed)
+    head = task.make_head(mean_target=0.0)
+    head.load_state_dict(source_set.head)
+    features = []
+    for model, prompt_set in ((source, source_set), (target, target_set)):
+        table = PromptTable(prompt_set.rows(source_set.user_ids)).to(model.device)
+        features.append(head.features(label_logits(model, task, table, examples)))
+    weight, target_mean, source_mean, r2 = _ridge_fit(features[1], features[0], ridge=ridge)
+    head.precompose(weight.float(), (source_mean - target_mean @ weight).float())
+    state = {name: value.detach().clone() for name, value in head.state_dict().items()}
+    return TransferredHead(state, r2, passes=2 * n_pairs)

@@ -57,8 +57,23 @@ class RatingHead(nn.Module):
         nn.init.constant_(last.bias, mean_rating)
         self.mlp = nn.Sequential(nn.Linear(5, 32), nn.SiLU(), nn.Linear(32, 12), nn.SiLU(), last)
 
+    @staticmethod
+    def features(logits: torch.Tensor) -> torch.Tensor:  # [B, 5] -> [B, 5]
+        return logits - logits.mean(-1, keepdim=True)
+
+    def read(self, features: torch.Tensor) -> torch.Tensor:  # [B, 5] -> [B]
+        return self.mlp(features).squeeze(-1)
+
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # [B, 5] -> [B]
-        return self.mlp(logits - logits.mean(-1, keepdim=True)).squeeze(-1)
+        return self.read(self.features(logits))
+
+    @torch.no_grad()
+    def precompose(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Afterwards ``read(f)`` gives what ``read(f @ weight + bias)`` gave; weight ``[5, 5]``."""
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        first.bias.add_(first.weight @ bias)
+        first.weight.copy_(first.weight @ weight.T)
 
 
 class BinaryHead(nn.Module):
@@ -70,8 +85,21 @@ class BinaryHead(nn.Module):
         rate = min(max(base_rate, 1e-3), 1 - 1e-3)
         self.bias = nn.Parameter(torch.tensor(float(np.log(rate / (1 - rate)))))
 
+    @staticmethod
+    def features(logits: torch.Tensor) -> torch.Tensor:  # [B, 2] -> [B, 1]
+        return logits[:, 1:] - logits[:, :1]
+
+    def read(self, features: torch.Tensor) -> torch.Tensor:  # [B, 1] -> [B]
+        return self.scale * features.squeeze(-1) + self.bias
+
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # [B, 2] -> [B]
-        return self.scale * (logits[:, 1] - logits[:, 0]) + self.bias
+        return self.read(self.features(logits))
+
+    @torch.no_grad()
+    def precompose(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Afterwards ``read(f)`` gives what ``read(f @ weight + bias)`` gave; weight ``[1, 1]``."""
+        self.bias.add_(self.scale * bias.squeeze())
+        self.scale.mul_(weight.squeeze())
 
 
 @dataclass(frozen=True)
@@ -83,7 +111,7 @@ class Task:
     primary_metric: str
     lower_is_better: bool
 
-    def make_head(self, *, mean_target: float, seed: int = 0) -> nn.Module:
+    def make_head(self, *, mean_target: float, seed: int = 0) -> RatingHead | BinaryHead:
         """A new head whose initial weights come from ``seed`` alone, whatever the process drew
         before (a worker runs many jobs), leaving the global random state as it was."""
         with torch.random.fork_rng(devices=[]):
