@@ -159,9 +159,16 @@ def adapter_to_bytes(adapter: PumaAdapter) -> bytes:
     return save(state, metadata={"config": json.dumps(adapter.config.to_dict())})
 
 
+# Adapters stored before the residual blocks moved into ``network`` name them at the top level.
+_NETWORK_PARTS = ("source_block.", "up.", "target_block.", "out_norm.", "out_proj.")
+
+
 def adapter_from_bytes(data: bytes) -> PumaAdapter:
     header_len = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + header_len])["__metadata__"]  # safetensors header
     adapter = PumaAdapter(AdapterConfig(**json.loads(meta["config"])))
-    adapter.load_state_dict(load(data))
+    state = {
+        f"network.{k}" if k.startswith(_NETWORK_PARTS) else k: v for k, v in load(data).items()
+    }
+    adapter.load_state_dict(state)
     return adapter.eval()

@@ -1,7 +1,9 @@
+import json
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save
 
 from models.adapter import AdapterConfig, PumaAdapter, adapter_from_bytes, adapter_to_bytes
 from models.errors import ShapeMismatchError
@@ -45,6 +47,16 @@ def test_bytes_round_trip_gives_the_same_mapping() -> None:
     x = torch.randn(3, 2, 12)
     restored = adapter_from_bytes(adapter_to_bytes(adapter))
     assert restored.config == adapter.config
+    torch.testing.assert_close(restored(x), adapter(x))
+
+
+def test_an_adapter_stored_before_the_network_module_still_loads() -> None:
+    """Blobs of jobs in flight across an upgrade name the residual blocks at the top level."""
+    adapter = PumaAdapter(AdapterConfig(d_in=12, d_out=20, hidden=8)).eval()
+    old_state = {k.removeprefix("network."): v for k, v in adapter.state_dict().items()}
+    config = json.dumps({k: v for k, v in adapter.config.to_dict().items() if k != "linear_only"})
+    restored = adapter_from_bytes(save(old_state, metadata={"config": config}))
+    x = torch.randn(3, 1, 12)
     torch.testing.assert_close(restored(x), adapter(x))
 
 
