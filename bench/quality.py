@@ -323,9 +323,9 @@ def run(preset: Preset) -> dict[str, object]:
     start = time.perf_counter()
     vocab_map = fit_vocab_map(source, target)
     instant = instant_migrate([source_set], [vocab_map], target=target.name)
-    items = [i.item_text for part in splits.train.values() for i in part]
     head = transfer_head(task, source=source, source_set=source_set, target=target,
-                         target_set=instant, item_texts=items, seed=preset.prompt.seed)  # fmt: skip
+                         target_set=instant, item_texts=splits.train_item_texts(),
+                         seed=preset.prompt.seed)  # fmt: skip
     instant = replace(instant, head=head.state)
     instant_seconds = time.perf_counter() - start
     rows.append(Row("instant", predict_set(target, task, instant, splits.test), instant_seconds, 0, 0,

@@ -49,6 +49,10 @@ class Splits:
         """Each user's training labels, the input of user selection and of the mean baselines."""
         return {u: [i.label for i in items] for u, items in self.train.items()}
 
+    def train_item_texts(self) -> list[str]:
+        """The distinct texts of every item in the training split: a catalogue without labels."""
+        return sorted({i.item_text for items in self.train.values() for i in items})
+
     def latest_train(self, n: int | None) -> dict[str, list[Interaction]]:
         """Each user's latest ``n`` training interactions; every one when ``n`` is None."""
         return self.train if n is None else {u: items[-n:] for u, items in self.train.items()}

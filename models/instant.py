@@ -117,7 +117,7 @@ def _catalogue_pairs(
     task: Task, prompt_set: PromptSet, item_texts: Sequence[str], *, n_pairs: int, seed: int
 ) -> Examples:
     rng = np.random.default_rng(seed)
-    catalogue = sorted(set(item_texts))
+    catalogue = sorted(set(item_texts))  # any order and repeats in, one draw per seed out
     if not catalogue:
         raise DataError("No item texts to calibrate the head on: give the catalogue's items.")
     # Few distinct items bound the frozen models' prefix work; many users cover the prompts.
@@ -143,8 +143,7 @@ def transfer_head(
     are fitted by ridge least squares on those on the target, and the fit is folded into the head.
     """
     examples = _catalogue_pairs(task, source_set, item_texts, n_pairs=n_pairs, seed=seed)
-    head = task.make_head(mean_target=0.0)
-    head.load_state_dict(source_set.head)
+    head = task.load_head(source_set.head)
     features = []
     for model, prompt_set in ((source, source_set), (target, target_set)):
         table = PromptTable(prompt_set.rows(source_set.user_ids)).to(model.device)

@@ -21,7 +21,6 @@ from models.instant import LinearMap, stacked_map
 from models.loop import Examples, FitResult, ProgressFn, StopFn, fit, fit_head, index_users
 from models.prompts import PromptSet
 from models.tasks import Task
-from models.training import mean_target
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,7 @@ def train_adapter(
         linear = stacked_map(vocab_maps)
         adapter.init_skip(linear.weight, linear.target_mean - linear.source_mean @ linear.weight)
     source = AdapterPrompts(adapter, inputs).to(target.device)
-    head = task.make_head(mean_target=mean_target(splits)).to(target.device)
-    head.load_state_dict(sources[0].head)
+    head = task.load_head(sources[0].head).to(target.device)
     row_of = index_users(users)
     train = Examples.build(task, splits.latest_train(config.max_train_per_user), row_of=row_of)
     val = Examples.build(task, splits.val, row_of=row_of)

@@ -120,6 +120,12 @@ class Task:
                 return RatingHead(mean_rating=mean_target)
             return BinaryHead(base_rate=mean_target)
 
+    def load_head(self, state: dict[str, torch.Tensor]) -> RatingHead | BinaryHead:
+        """A head holding the weights of a stored prompt set's ``head``."""
+        head = self.make_head(mean_target=0.0)
+        head.load_state_dict(state)
+        return head
+
     def loss(
         self, logits: torch.Tensor, head_out: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:

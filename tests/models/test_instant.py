@@ -15,10 +15,6 @@ from models.tasks import Task
 from models.training import random_prompts
 
 
-def catalogue(splits: Splits) -> list[str]:
-    return [i.item_text for part in splits.train.values() for i in part]
-
-
 @pytest.fixture(scope="module")
 def source_set(tiny_llama: FoundationModel, rating: Task) -> PromptSet:
     """Random real-token prompts of the tiny set's 24 users and a head seeded apart."""
@@ -33,13 +29,11 @@ def test_a_head_transferred_to_its_own_model_predicts_as_before(
 ) -> None:
     """Target = source: the logit fit is the identity on the head's features."""
     transferred = transfer_head(rating, source=tiny_llama, source_set=source_set,
-                                target=tiny_llama, target_set=source_set, item_texts=catalogue(tiny_splits),
+                                target=tiny_llama, target_set=source_set, item_texts=tiny_splits.train_item_texts(),
                                 n_pairs=128)  # fmt: skip
     assert transferred.r2 > 0.99
     assert transferred.passes == 256
-    before, after = rating.make_head(mean_target=0.0), rating.make_head(mean_target=0.0)
-    before.load_state_dict(source_set.head)
-    after.load_state_dict(transferred.state)
+    before, after = rating.load_head(source_set.head), rating.load_head(transferred.state)
     logits = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(after(logits), before(logits), rtol=0.01, atol=0.01)
 
@@ -53,7 +47,7 @@ def test_a_head_transferred_across_models_moves_toward_the_source_predictions(
     instant = instant_migrate([source_set], [fit_vocab_map(tiny_llama, tiny_gemma)],
                               target=tiny_gemma.name)  # fmt: skip
     head = transfer_head(rating, source=tiny_llama, source_set=source_set, target=tiny_gemma,
-                         target_set=instant, item_texts=catalogue(tiny_splits), n_pairs=256)  # fmt: skip
+                         target_set=instant, item_texts=tiny_splits.train_item_texts(), n_pairs=256)  # fmt: skip
     assert 0.0 <= head.r2 <= 1.0
     reference = predict_set(tiny_llama, rating, source_set, tiny_splits.test).predictions
     unchanged = predict_set(tiny_gemma, rating, instant, tiny_splits.test).predictions
