@@ -70,6 +70,8 @@ def resolve_sources(store: Store, body: MigrationCreate) -> list[dict[str, str]]
 
 def check_budget(store: Store, body: MigrationCreate, sources: list[dict[str, str]]) -> None:
     budget = body.selection.budget
+    if body.method == "instant":
+        return  # no users are selected: every user is mapped
     if budget is None:
         if body.selection.strategy != "all":
             raise InvalidInputError(

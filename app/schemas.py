@@ -88,8 +88,8 @@ class AdapterOptions(Strict):
     start_from_vocab_map: bool | None = Field(
         default=None,
         description="Start the adapter's linear path at the map between the models' token "
-        "embeddings (true, the default) or at zero (false: measured better and reproducible run to "
-        "run for a budget of a few hundred users; see the README).",
+        "embeddings (true) or at zero (false, the default: measured better for a budget of a few "
+        "hundred users; see the README).",
     )  # fmt: skip
 
 
@@ -103,6 +103,13 @@ class MigrationCreate(Strict):
     sources: list[SourceRef] = Field(min_length=1, max_length=8)
     target: str = Field(pattern=MODEL_NAME_PATTERN)
     dataset: str = Field(examples=["movielens-100k"])
+    method: Literal["adapter", "instant"] = Field(
+        default="adapter",
+        description="`adapter`: PUMA, an adapter trained through the target on the selected "
+        "users. `instant`: no training and no ratings: the map between the models' token "
+        "embeddings, with the source head refitted to the target on the dataset's item texts; "
+        "ready in seconds, less accurate (see the README).",
+    )  # fmt: skip
     max_users: int | None = Field(default=None, ge=1)
     max_train_per_user: int = Field(
         default=30, ge=1, le=10_000, description="Most recent training interactions per user."
@@ -124,6 +131,12 @@ class MigrationCreate(Strict):
             raise ValueError(
                 "source and target are the same model; a migration makes a set for a different "
                 "model (to retrain the same model, use POST /models/{name}/train)"
+            )
+        trains = {"selection", "adapter"} & self.model_fields_set
+        if self.method == "instant" and trains:
+            raise ValueError(
+                f"{' and '.join(sorted(trains))} apply to adapter training, which an instant "
+                "migration does not do: drop them, or use method 'adapter'"
             )
         return self
 

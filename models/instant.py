@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.adapter import AdapterConfig, PumaAdapter
 from models.errors import DataError
 from models.foundation import FoundationModel
 from models.loop import Examples, PromptTable, label_logits
@@ -38,6 +39,18 @@ class LinearMap:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.source_mean) @ self.weight + self.target_mean
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """``b`` of the same map written ``y = x @ weight + b``: ``[d_t]``."""
+        return self.target_mean - self.source_mean @ self.weight
+
+    def as_adapter(self) -> PumaAdapter:
+        """This map as a linear-only adapter, stored, loaded and applied like a trained one."""
+        d_in, d_out = self.weight.shape
+        adapter = PumaAdapter(AdapterConfig(d_in=d_in, d_out=d_out, dropout=0.0, linear_only=True))
+        adapter.init_skip(self.weight, self.offset)
+        return adapter.eval()
 
 
 def _normalised_vocab(model: FoundationModel) -> dict[str, int]:

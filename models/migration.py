@@ -37,7 +37,9 @@ class MigrationConfig:
     weight_decay: float = 0.01
     dropout: float = 0.1
     patience: int = 2
-    start_from_vocab_map: bool = True  # start the adapter's linear path at the instant map
+    # Start the adapter's linear path at the instant map (needs vocab_maps) instead of at zero. On
+    # cpu-small's budget of 260 users zero scored better on validation, 1.1430 against 1.1572.
+    start_from_vocab_map: bool = False
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
@@ -134,7 +136,7 @@ def train_adapter(
         adapter.set_input_statistics(table)
     if vocab_maps and config.start_from_vocab_map:
         linear = stacked_map(vocab_maps)
-        adapter.init_skip(linear.weight, linear.target_mean - linear.source_mean @ linear.weight)
+        adapter.init_skip(linear.weight, linear.offset)
     source = AdapterPrompts(adapter, inputs).to(target.device)
     head = task.load_head(sources[0].head).to(target.device)
     row_of = index_users(users)

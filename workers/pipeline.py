@@ -37,13 +37,16 @@ from models.data import Splits, load_interactions, split_chronological
 from models.errors import Cancelled, DataError, MigrationError
 from models.evaluation import evaluate
 from models.foundation import FoundationModel
-from models.instant import fit_vocab_map
+from models.instant import fit_vocab_map, stacked_map, transfer_head
 from models.migration import MigrationConfig, map_prompts, stack_sources, train_adapter
 from models.migration import common_users as users_in_every_set
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, train_prompts
+
+# Users whose prompts calibrate an instant migration's head: transfer_head draws 1,024 pairs.
+_HEAD_SAMPLE_USERS = 1024
 
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
 _adapters: dict[str, Any] = {}
@@ -316,8 +319,11 @@ def prepare_and_train(job: Job) -> int:
         # One read of every user's prompts serves both stages: selection clusters the users with
         # training data, training standardises by the whole population the adapter will map.
         sets = [load_set(s["model"], s["version"], users=users) for s in sources]
-        selected = select(job, sets=sets, splits=splits)
-        train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected)
+        if job.request.get("method") == "instant":
+            fit_instant(job, sources=sources, sets=sets, task=task, splits=splits)
+        else:
+            selected = select(job, sets=sets, splits=splits)
+            train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected)
     return plan_mapping(job, sources=sources, users=users, task=task)
 
 
@@ -349,6 +355,45 @@ def _vocab_maps(sources: list[dict[str, str]], target: FoundationModel) -> list[
         return None  # too few shared tokens: the adapter starts from scratch
 
 
+def fit_instant(
+    job: Job, *, sources: list[dict[str, str]], sets: list[PromptSet], task: Task, splits: Splits
+) -> None:
+    """The data-free map and a head refitted to read the target, stored as the job's adapter.
+
+    No ratings and no training: the map comes from the two vocabularies, the head from both
+    models' label logits for a sample of users on catalogue items (their text only).
+    """
+    target_name, _ = job.target
+    job.update(stage="fitting", users_selected=0)
+    started = time.perf_counter()
+    target = load_model(target_name)
+    source = load_model(sources[0]["model"])
+    maps = [fit_vocab_map(load_model(s["model"]), target) for s in sources]
+    adapter = stacked_map(maps).as_adapter()
+    rng = np.random.default_rng(int(job.request.get("seed", 0)))
+    users = sets[0].user_ids
+    rows = rng.choice(len(users), size=min(len(users), _HEAD_SAMPLE_USERS), replace=False)
+    sample = [users[i] for i in sorted(rows)]
+    sampled = PromptSet(source.name, task.name, sample, sets[0].rows(sample), sets[0].head)
+    mapped = map_prompts(adapter, stack_sources(sets, sample))
+    head = transfer_head(
+        task, source=source, source_set=sampled, target=target,
+        target_set=PromptSet(target_name, task.name, sample, mapped, {}),
+        item_texts=splits.train_item_texts(), seed=int(job.request.get("seed", 0)),
+    )  # fmt: skip
+    job.store.put_blob(job.id, "head", save_tensors(head.state))
+    job.update(
+        cost={
+            "train_seconds": 0.0,
+            "example_passes": 0,
+            "users_trained": 0,
+            "fit_seconds": round(time.perf_counter() - started, 3),
+            "inference_passes": head.passes,
+        },
+    )
+    job.store.put_blob(job.id, "adapter", adapter_to_bytes(adapter))
+
+
 def train(
     job: Job,
     *,
@@ -363,14 +408,15 @@ def train(
     job.update(stage="training", users_selected=len(selected))
     target = load_model(target_name)
     options = {k: v for k, v in job.request["adapter"].items() if v is not None}
+    config = MigrationConfig(seed=int(job.request.get("seed", 0)), **options)
     result = train_adapter(
         sources=sets,
         target=target,
         task=task,
         splits=splits.restrict(selected),
         users=selected,
-        config=MigrationConfig(seed=int(job.request.get("seed", 0)), **options),
-        vocab_maps=_vocab_maps(sources, target),
+        config=config,
+        vocab_maps=_vocab_maps(sources, target) if config.start_from_vocab_map else None,
         on_progress=job.progress(0.0, 0.5),
         should_stop=job.should_stop,
     )

@@ -124,6 +124,12 @@ class TestRefusedAndNothingChanges:
         body = VALID_MIGRATION | {"colour": "red"}
         _bad(client.post("/migrations", json=body, headers=admin()), 422, "colour")
 
+    def test_instant_migration_takes_no_training_options(self, client: TestClient) -> None:
+        body = VALID_MIGRATION | {"method": "instant", "adapter": {"epochs": 2}}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "drop them")
+        body = VALID_MIGRATION | {"method": "retrain"}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "method")
+
 
 def test_large_but_finite_values_are_accepted(client: TestClient, store: Store) -> None:
     seed_set(store, model="m-a", users=USERS)

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from models.adapter.model import adapter_from_bytes, adapter_to_bytes
 from models.data import Splits
 from models.evaluation import predict_set
 from models.foundation import FoundationModel
-from models.instant import fit_vocab_map, instant_migrate, transfer_head
+from models.instant import fit_vocab_map, instant_migrate, stacked_map, transfer_head
+from models.migration import map_prompts
 from models.prompts import PromptSet
 from models.tasks import Task
 from models.training import random_prompts
@@ -56,3 +58,20 @@ def test_a_head_transferred_across_models_moves_toward_the_source_predictions(
     assert ((transferred >= 1) & (transferred <= 5)).all()
     gap = lambda p: float(np.sqrt(np.mean((p - reference) ** 2)))  # noqa: E731
     assert gap(transferred) < gap(unchanged)
+
+
+def test_the_map_as_an_adapter_maps_like_the_map_after_a_round_trip(
+    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, source_set: PromptSet
+) -> None:
+    """The service stores an instant migration as an adapter: it must be the same map."""
+    maps = [fit_vocab_map(tiny_llama, tiny_gemma)] * 2  # aggregated: two sources
+    stored = adapter_from_bytes(adapter_to_bytes(stacked_map(maps).as_adapter()))
+    sources = torch.cat([source_set.prompts, 2 * source_set.prompts], dim=-1)
+    expected = instant_migrate(
+        [source_set, PromptSet(source_set.model, source_set.task, source_set.user_ids,
+                               2 * source_set.prompts, source_set.head)],
+        maps, target=tiny_gemma.name,
+    ).prompts  # fmt: skip
+    got = map_prompts(stored, sources)
+    assert got.shape == (24, 1, tiny_gemma.hidden_size)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

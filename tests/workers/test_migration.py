@@ -17,6 +17,8 @@ from app import codec
 from app.main import create_app
 from app.store import Store
 from models.adapter.model import adapter_from_bytes
+from models.foundation import FoundationModel
+from models.instant import fit_vocab_map
 from tests.conftest import (
     RedisServer,
     Worker,
@@ -26,6 +28,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.workers.helpers import (
+    DATASET,
     FAST_ADAPTER,
     SOURCE,
     TARGET,
@@ -199,6 +202,43 @@ def test_chained_and_aggregated_migration_lineage(client: TestClient, store: Sto
     assert_exact_set(
         store, "tiny-llama-b", done["target"]["version"], expected_prompts(store, done["id"])
     )
+
+
+def test_instant_migration_maps_everyone_with_no_training(client: TestClient, store: Store) -> None:
+    body = {
+        "sources": [{"model": SOURCE}],
+        "target": TARGET,
+        "dataset": DATASET,
+        "method": "instant",
+        "quality_gate": {"tolerance": 100.0},
+        "auto_promote": False,
+    }
+    response = client.post("/migrations", json=body, headers=admin())
+    assert response.status_code == 201, response.text
+    done = wait_done(client, response.json()["id"])
+    assert done["state"] == "awaiting_promotion", done
+    cost = done["cost"]
+    assert cost["train_seconds"] == 0 and cost["example_passes"] == 0
+    assert cost["users_trained"] == 0 and cost["inference_passes"] > 0
+    # The stored adapter is the vocabulary map, and every source user got its output.
+    adapter = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
+    assert adapter.config.linear_only
+    source = store.get_job(done["id"])["sources"][0]
+    source_set = load_set(source["model"], source["version"], db=store)
+    vocab_map = fit_vocab_map(FoundationModel.load(SOURCE), FoundationModel.load(TARGET))
+    expected = expected_prompts(store, done["id"])
+    assert sorted(expected) == sorted(source_set.user_ids)
+    for user in source_set.user_ids[:3]:
+        got = np.frombuffer(expected[user], "<f4")
+        want = vocab_map(source_set.rows([user]))[0, 0].numpy()
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-5), user
+    model, version = done["target"]["model"], done["target"]["version"]
+    assert_exact_set(store, model, version, expected)
+    # The head was refitted to read the target: not the source head carried over.
+    source_head = load_set(source["model"], source["version"], users=[], db=store).head
+    migrated_head = load_set(model, version, users=[], db=store).head
+    assert any(not torch.equal(source_head[k], migrated_head[k]) for k in source_head)
+    assert set(done["metrics"]["migrated"]) >= {"rmse", "mae"}
 
 
 def test_ready_with_redis_and_a_worker(client: TestClient) -> None:
