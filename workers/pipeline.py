@@ -449,7 +449,12 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], t
         shape=[first.shape[0], int(width)],
         dtype=str(job.request.get("dtype") or "float32"),
         template=first.template,
-        lineage={"job": job.id, "kind": "migration", "parents": sources},
+        lineage={
+            "job": job.id,
+            "kind": "migration",
+            "method": job.request.get("method") or "adapter",
+            "parents": sources,
+        },
     )
     job.store.begin_set(meta)
     job.store.put_head(model, version, job.store.get_blob(job.id, "head") or b"")

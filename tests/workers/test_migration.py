@@ -234,6 +234,7 @@ def test_instant_migration_maps_everyone_with_no_training(client: TestClient, st
         assert np.allclose(got, want, rtol=1e-4, atol=1e-5), user
     model, version = done["target"]["model"], done["target"]["version"]
     assert_exact_set(store, model, version, expected)
+    assert store.get_meta(model, version).lineage["method"] == "instant"
     # The head was refitted to read the target: not the source head carried over.
     source_head = load_set(source["model"], source["version"], users=[], db=store).head
     migrated_head = load_set(model, version, users=[], db=store).head
