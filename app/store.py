@@ -84,6 +84,20 @@ class SetMeta:
     def public(self) -> dict[str, Any]:
         return asdict(self)
 
+    def format(self) -> SetFormat:
+        return SetFormat(self.model, self.version, list(self.shape), self.dtype)
+
+
+@dataclass(frozen=True)
+class SetFormat:
+    """What a reader needs of a sealed set: none of it changes once sealed, unlike the set's count
+    and digest, which onboarding and erasure keep current, so readers may cache it."""
+
+    model: str
+    version: str
+    shape: list[int]
+    dtype: str
+
 
 def _fail_fast(timeout_s: float) -> dict[str, Any]:
     # Fail fast when Redis is down (callers answer 503) and reconnect by itself later.
@@ -149,7 +163,7 @@ class Store:
     ) -> None:
         self.redis = redis
         self.write_batch = write_batch
-        self._sealed: dict[tuple[str, str], SetMeta] = {}
+        self._sealed: dict[tuple[str, str], SetFormat] = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         self._read_script = aredis.register_script(_READ_LUA) if aredis is not None else None
 
@@ -253,8 +267,8 @@ class Store:
             raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
         return _parse_meta(raw)
 
-    def sealed_meta(self, model: str, version: str) -> SetMeta | None:
-        """A readable set's metadata; cached, as a sealed set's shape and dtype never change."""
+    def sealed_format(self, model: str, version: str) -> SetFormat | None:
+        """A readable set's format (cached); None while the set is not sealed."""
         key = (model, version)
         if key not in self._sealed:
             meta = self.get_meta(model, version)
@@ -263,20 +277,20 @@ class Store:
             self._cache_sealed(meta)
         return self._sealed[key]
 
-    def _cache_sealed(self, meta: SetMeta) -> SetMeta:
+    def _cache_sealed(self, meta: SetMeta) -> SetFormat:
         if len(self._sealed) > 1024:
             self._sealed.clear()
-        self._sealed[(meta.model, meta.version)] = meta
-        return meta
+        self._sealed[(meta.model, meta.version)] = meta.format()
+        return self._sealed[(meta.model, meta.version)]
 
     # ---- the asyncio read path (API) ----------------------------------------------------------
 
     async def read_prompts(
         self, model: str | None, version: str | None, users: Sequence[str]
-    ) -> tuple[SetMeta, list[bytes | None]]:
+    ) -> tuple[SetFormat, list[bytes | None]]:
         """The readable set readers get and the users' values in it, in one atomic round trip.
 
-        Same rules as resolve() + sealed_meta() + get_prompts(): the active version of the model
+        Same rules as resolve() + sealed_format() + get_prompts(): the active version of the model
         (the default model if none) unless ``version`` is given; only sealed sets are readable.
         """
         if self.aredis is None or self._read_script is None:
@@ -306,12 +320,12 @@ class Store:
             raise NotFoundError(
                 f"{found_model} version {found_version} is not sealed yet; it cannot be read."
             )
-        meta = self._sealed.get((found_model, found_version))
-        if meta is None:
+        found = self._sealed.get((found_model, found_version))
+        if found is None:
             meta = await self._aget_meta(found_model, found_version)
-            if meta.state == SEALED:  # it is: the script saw it sealed, and sealing is final
-                self._cache_sealed(meta)
-        return meta, _split(bytes(reply[3]), bytes(reply[4]))
+            # The script saw the set sealed, and sealing is final.
+            found = self._cache_sealed(meta) if meta.state == SEALED else meta.format()
+        return found, _split(bytes(reply[3]), bytes(reply[4]))
 
     async def _aget_meta(self, model: str, version: str) -> SetMeta:
         assert self.aredis is not None

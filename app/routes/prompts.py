@@ -17,7 +17,7 @@ from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
 from app.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 from app.metrics import PROMPTS_SERVED
 from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
-from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, SetMeta, Store
+from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, SetFormat, Store
 
 router = APIRouter(tags=["prompts"])
 
@@ -32,15 +32,15 @@ VersionQuery = Annotated[
 ]
 
 
-def _readable(store: Store, model: str | None, version: str | None) -> SetMeta:
+def _readable(store: Store, model: str | None, version: str | None) -> SetFormat:
     model, version = store.resolve(model, version)
-    meta = store.sealed_meta(model, version)
+    meta = store.sealed_format(model, version)
     if meta is None:
         raise NotFoundError(f"{model} version {version} is not sealed yet; it cannot be read.")
     return meta
 
 
-def _headers(meta: SetMeta, user: str, digest: str) -> dict[str, str]:
+def _headers(meta: SetFormat, user: str, digest: str) -> dict[str, str]:
     return {
         "X-Prompt-User": user,
         "X-Prompt-Model": meta.model,
@@ -162,7 +162,7 @@ def erase_user(user_id: UserId, store: StoreDep, _: AdminDep) -> Erased:
 _INLINE_ENCODE_BYTES = 1 << 20
 
 
-def _batch_json(meta: SetMeta, users: list[str], values: list[bytes | None]) -> tuple[bytes, int]:
+def _batch_json(meta: SetFormat, users: list[str], values: list[bytes | None]) -> tuple[bytes, int]:
     """BatchOut as JSON bytes, built directly (no re-validation), and the prompts it holds.
 
     ``prompts`` is joined by hand: user ids match USER_ID_PATTERN (BatchRequest checks) and
