@@ -280,8 +280,8 @@ class Store:
     def _cache_sealed(self, meta: SetMeta) -> SetFormat:
         if len(self._sealed) > 1024:
             self._sealed.clear()
-        self._sealed[(meta.model, meta.version)] = meta.format()
-        return self._sealed[(meta.model, meta.version)]
+        found = self._sealed[(meta.model, meta.version)] = meta.format()
+        return found
 
     # ---- the asyncio read path (API) ----------------------------------------------------------
 

@@ -33,7 +33,7 @@ from models import assets
 from models.data import Interaction, Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
-from models.instant import LinearMap, fit_vocab_map, instant_migrate, transfer_head
+from models.instant import LinearMap, fit_instant, instant_migrate
 from models.loop import Examples, ProgressFn, PromptTable, fit_head, index_users
 from models.migration import AdapterResult, MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
@@ -330,13 +330,12 @@ def run(preset: Preset) -> dict[str, object]:
     log(f"source: {metrics_of(task, rows[0].predictions)}")  # type: ignore[arg-type]
     target = FoundationModel.load(preset.target_model, device=preset.device)
     start = time.perf_counter()
-    vocab_map = fit_vocab_map(source, target)
-    instant = instant_migrate([source_set], [vocab_map], target=target.name)
-    head = transfer_head(task, source=source, source_set=source_set, target=target,
-                         target_set=instant, item_texts=splits.train_item_texts(),
-                         seed=preset.prompt.seed)  # fmt: skip
-    instant = replace(instant, head=head.state)
+    fitted = fit_instant(task, sources=[source_set], source_models=[source], target=target,
+                         item_texts=splits.train_item_texts(), seed=preset.prompt.seed)  # fmt: skip
+    instant = replace(instant_migrate([source_set], fitted.maps, target=target.name),
+                      head=fitted.head.state)  # fmt: skip
     instant_seconds = time.perf_counter() - start
+    vocab_map, head = fitted.maps[0], fitted.head
     # No training: its cost is a fit over the vocabularies and inference passes, reported apart.
     rows.append(Row("instant", predict_set(target, task, instant, splits.test), 0.0, 0, 0,
                     {"fit_seconds": round(instant_seconds, 2), "inference_passes": head.passes,

@@ -165,3 +165,41 @@ def transfer_head(
     head.precompose(weight.float(), (source_mean - target_mean @ weight).float())
     state = {name: value.detach().clone() for name, value in head.state_dict().items()}
     return TransferredHead(state, r2, passes=2 * n_pairs)
+
+
+@dataclass(frozen=True)
+class InstantFit:
+    """What an instant migration fits: one vocabulary map per source and the transferred head."""
+
+    maps: list[LinearMap]
+    head: TransferredHead
+
+    @property
+    def linear(self) -> LinearMap:
+        """The maps as one map of the sources' concatenated features."""
+        return stacked_map(self.maps)
+
+
+def fit_instant(
+    task: Task, *, sources: list[PromptSet], source_models: list[FoundationModel],
+    target: FoundationModel, item_texts: Sequence[str], calibration_users: int = 1024,
+    seed: int = 0,
+) -> InstantFit:  # fmt: skip
+    """Fit the maps from ``source_models`` to ``target`` and the first source's head for them.
+
+    ``sources`` hold the same users in the same order. The head is calibrated on a seeded sample
+    of at most ``calibration_users`` of them: what it costs does not grow with the population.
+    """
+    maps = [fit_vocab_map(model, target) for model in source_models]
+    users = sources[0].user_ids
+    rows = np.random.default_rng(seed).choice(
+        len(users), size=min(len(users), calibration_users), replace=False
+    )
+    sample = [users[i] for i in sorted(rows)]
+    calibration = [s.subset(sample) for s in sources]
+    head = transfer_head(
+        task, source=source_models[0], source_set=calibration[0], target=target,
+        target_set=instant_migrate(calibration, maps, target=target.name),
+        item_texts=item_texts, seed=seed,
+    )  # fmt: skip
+    return InstantFit(maps, head)

@@ -62,6 +62,10 @@ class PromptSet:
             )
         return self.prompts[[index[u] for u in users]]
 
+    def subset(self, users: list[str]) -> PromptSet:
+        """The same set restricted to ``users``, in that order."""
+        return PromptSet(self.model, self.task, list(users), self.rows(users), self.head)
+
     def to_bytes(self) -> bytes:
         tensors = {"prompts": self.prompts.contiguous()}
         tensors |= {_HEAD_PREFIX + k: v.contiguous() for k, v in self.head.items()}

@@ -37,16 +37,13 @@ from models.data import Splits, load_interactions, split_chronological
 from models.errors import Cancelled, DataError, MigrationError
 from models.evaluation import evaluate
 from models.foundation import FoundationModel
-from models.instant import fit_vocab_map, stacked_map, transfer_head
+from models.instant import fit_instant, fit_vocab_map
 from models.migration import MigrationConfig, map_prompts, stack_sources, train_adapter
 from models.migration import common_users as users_in_every_set
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, train_prompts
-
-# Users whose prompts calibrate an instant migration's head: transfer_head draws 1,024 pairs.
-_HEAD_SAMPLE_USERS = 1024
 
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
 _adapters: dict[str, Any] = {}
@@ -320,7 +317,7 @@ def prepare_and_train(job: Job) -> int:
         # training data, training standardises by the whole population the adapter will map.
         sets = [load_set(s["model"], s["version"], users=users) for s in sources]
         if job.request.get("method") == "instant":
-            fit_instant(job, sources=sources, sets=sets, task=task, splits=splits)
+            fit_map(job, sources=sources, sets=sets, task=task, splits=splits)
         else:
             selected = select(job, sets=sets, splits=splits)
             train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected)
@@ -355,43 +352,30 @@ def _vocab_maps(sources: list[dict[str, str]], target: FoundationModel) -> list[
         return None  # too few shared tokens: the adapter starts from scratch
 
 
-def fit_instant(
+def fit_map(
     job: Job, *, sources: list[dict[str, str]], sets: list[PromptSet], task: Task, splits: Splits
 ) -> None:
-    """The data-free map and a head refitted to read the target, stored as the job's adapter.
-
-    No ratings and no training: the map comes from the two vocabularies, the head from both
-    models' label logits for a sample of users on catalogue items (their text only).
-    """
+    """The data-free map, stored as the job's adapter, and the head refitted to read the target:
+    no ratings and no training (models.instant.fit_instant)."""
     target_name, _ = job.target
     job.update(stage="fitting", users_selected=0)
     started = time.perf_counter()
-    target = load_model(target_name)
-    source = load_model(sources[0]["model"])
-    maps = [fit_vocab_map(load_model(s["model"]), target) for s in sources]
-    adapter = stacked_map(maps).as_adapter()
-    rng = np.random.default_rng(int(job.request.get("seed", 0)))
-    users = sets[0].user_ids
-    rows = rng.choice(len(users), size=min(len(users), _HEAD_SAMPLE_USERS), replace=False)
-    sample = [users[i] for i in sorted(rows)]
-    sampled = PromptSet(source.name, task.name, sample, sets[0].rows(sample), sets[0].head)
-    mapped = map_prompts(adapter, stack_sources(sets, sample))
-    head = transfer_head(
-        task, source=source, source_set=sampled, target=target,
-        target_set=PromptSet(target_name, task.name, sample, mapped, {}),
-        item_texts=splits.train_item_texts(), seed=int(job.request.get("seed", 0)),
+    fitted = fit_instant(
+        task, sources=sets, source_models=[load_model(s["model"]) for s in sources],
+        target=load_model(target_name), item_texts=splits.train_item_texts(),
+        seed=int(job.request.get("seed", 0)),
     )  # fmt: skip
-    job.store.put_blob(job.id, "head", save_tensors(head.state))
+    job.store.put_blob(job.id, "head", save_tensors(fitted.head.state))
     job.update(
         cost={
             "train_seconds": 0.0,
             "example_passes": 0,
             "users_trained": 0,
             "fit_seconds": round(time.perf_counter() - started, 3),
-            "inference_passes": head.passes,
+            "inference_passes": fitted.head.passes,
         },
     )
-    job.store.put_blob(job.id, "adapter", adapter_to_bytes(adapter))
+    job.store.put_blob(job.id, "adapter", adapter_to_bytes(fitted.linear.as_adapter()))
 
 
 def train(
