@@ -123,8 +123,8 @@ def run(
                          seed=seed if adapter_seed is None else adapter_seed,
                          **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
         result, val = migrate_and_predict(
-            source_set=source_set, target=target, task=task, splits=splits, users=chosen,
-            config=config, vocab_map=vocab_map, part=splits.val,
+            source_set=source_set, target=target, task=task, splits=splits, users=chosen.users,
+            config=config, vocab_map=vocab_map, part=splits.val, user_weights=chosen.weights,
         )  # fmt: skip
         runs.append({
             "selection": setting_text(picking), "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
@@ -132,7 +132,7 @@ def run(
             "max_train_per_user": config.max_train_per_user,
             "strategy": strategy, "seed": seed, "adapter_seed": config.seed, "val_rmse": rmse(task, val),
             "val_rmse_unselected": (
-                rmse(task, val, without=set(chosen)) if len(chosen) < len(users) else None
+                rmse(task, val, without=set(chosen.users)) if len(chosen.users) < len(users) else None
             ),
             "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
             "config": asdict(config), "history": result.history,

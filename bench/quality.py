@@ -20,7 +20,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -244,12 +244,13 @@ def random_init_row(
 def migrate_and_predict(
     *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
     users: list[str], config: MigrationConfig, vocab_map: LinearMap,
-    part: dict[str, list[Interaction]], on_progress: ProgressFn | None = None,
+    part: dict[str, list[Interaction]], user_weights: Mapping[str, float] | None = None,
+    on_progress: ProgressFn | None = None,
 ) -> tuple[AdapterResult, Predictions]:  # fmt: skip
     """Train the adapter on ``users``, map every user, predict the interactions of ``part``."""
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
                            users=users, config=config, vocab_maps=[vocab_map],
-                           on_progress=on_progress)  # fmt: skip
+                           user_weights=user_weights, on_progress=on_progress)  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
     return result, predict_set(target, task, migrated, part)
 
@@ -257,11 +258,13 @@ def migrate_and_predict(
 def adapter_row(
     method: str, *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
     users: list[str], config: MigrationConfig, vocab_map: LinearMap,
+    user_weights: Mapping[str, float] | None = None,
 ) -> Row:  # fmt: skip
     log(f"{method}: training the adapter on {len(users)} users")
     result, predictions = migrate_and_predict(
         source_set=source_set, target=target, task=task, splits=splits, users=users,
-        config=config, vocab_map=vocab_map, part=splits.test, on_progress=progress(method),
+        config=config, vocab_map=vocab_map, part=splits.test, user_weights=user_weights,
+        on_progress=progress(method),
     )  # fmt: skip
     return Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
                {"history": result.history})  # fmt: skip
@@ -361,7 +364,8 @@ def run(preset: Preset) -> dict[str, object]:
                                   user_ids=users, budget=preset.budget, seed=seed,
                                   config=preset.selection)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
-            runs.append(migrated_row(method, users=chosen, config=config))
+            runs.append(migrated_row(method, users=chosen.users, config=config,
+                                     user_weights=chosen.weights))  # fmt: skip
         rows.append(pooled_row(method, runs, task=task))
         log(
             f"{method} per seed {preset.seeds}: {rows[-1].extra[task.primary_metric + '_per_seed']}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,8 @@ class Examples:
     prefixes: list[str]
     targets: np.ndarray  # [n] float32
     user_ids: list[str]
+    # [n] float32: each example's weight in the training loss; None weighs all alike.
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prefixes)
@@ -42,18 +44,29 @@ class Examples:
         return Examples(
             users=self.users[rows], prefixes=[self.prefixes[i] for i in rows],
             targets=self.targets[rows], user_ids=[self.user_ids[i] for i in rows],
+            weights=None if self.weights is None else self.weights[rows],
         )  # fmt: skip
+
+    def batch_weights(self, rows: np.ndarray, device: torch.device) -> torch.Tensor | None:
+        return None if self.weights is None else torch.from_numpy(self.weights[rows]).to(device)
 
     @classmethod
     def build(
-        cls, task: Task, part: dict[str, list[Interaction]], *, row_of: dict[str, int]
-    ) -> Examples:
+        cls, task: Task, part: dict[str, list[Interaction]], *, row_of: dict[str, int],
+        user_weights: Mapping[str, float] | None = None,
+    ) -> Examples:  # fmt: skip
+        """Every interaction of the users in ``row_of``; ``user_weights`` weighs each user's
+        examples in the training loss (a user missing from it weighs 1)."""
         rows = [(row_of[u], i) for u, items in part.items() if u in row_of for i in items]
+        weights = None
+        if user_weights is not None:
+            weights = np.array([user_weights.get(i.user_id, 1.0) for _, i in rows], np.float32)
         return cls(
             users=np.array([r for r, _ in rows], dtype=np.int64),
             prefixes=[task.template.prefix_for(i.item_text) for _, i in rows],
             targets=np.array([i.label for _, i in rows], dtype=np.float32),
             user_ids=[i.user_id for _, i in rows],
+            weights=weights,
         )
 
 
@@ -177,7 +190,8 @@ def fit(
             rows = order[begin : begin + batch_size]
             logits = _batch_logits(model, task, prompt_source, train, rows, label_ids)
             targets = torch.from_numpy(train.targets[rows]).to(model.device)
-            loss = task.loss(logits, head(logits).float(), targets)
+            loss = task.loss(logits, head(logits).float(), targets,
+                             train.batch_weights(rows, model.device))  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -246,7 +260,8 @@ def fit_head(
         order, losses = torch.from_numpy(generator.permutation(len(train))), []
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
-            loss = task.loss(logits[rows], head(logits[rows]).float(), targets[rows])
+            loss = task.loss(logits[rows], head(logits[rows]).float(), targets[rows],
+                             train.batch_weights(rows.numpy(), device))  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

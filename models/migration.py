@@ -8,6 +8,7 @@ next source; aggregated migration concatenates several sources' prompts along th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -113,10 +114,12 @@ def train_adapter(
     users: list[str],
     config: MigrationConfig,
     vocab_maps: list[LinearMap] | None = None,
+    user_weights: Mapping[str, float] | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> AdapterResult:
-    """Train the adapter on ``users`` (their source prompts and interactions)."""
+    """Train the adapter on ``users`` (their source prompts and interactions), each user's
+    examples weighted in the loss by ``user_weights`` (``Selection.weights``; None: alike)."""
     users = [u for u in users if u in splits.train]
     if not users:
         raise DataError("None of the selected users has training interactions in this dataset.")
@@ -140,7 +143,8 @@ def train_adapter(
     source = AdapterPrompts(adapter, inputs).to(target.device)
     head = task.load_head(sources[0].head).to(target.device)
     row_of = index_users(users)
-    train = Examples.build(task, splits.latest_train(config.max_train_per_user), row_of=row_of)
+    train = Examples.build(task, splits.latest_train(config.max_train_per_user), row_of=row_of,
+                           user_weights=user_weights)  # fmt: skip
     val = Examples.build(task, splits.val, row_of=row_of)
     phases: list[FitResult] = []
     if config.head_warmup_epochs:

@@ -6,6 +6,12 @@ weighted most; a floor of users per cluster first, then the rest of the budget p
 cluster size, then a random top-up to exactly the budget. A budget smaller than K clusters into
 as many groups as it has users, so it still takes one user from each group rather than a random
 draw. Seeded and deterministic.
+
+Floors give a small group as many users as a large one, so a small budget over-represents small
+groups. ``post_stratify`` gives the adapter's loss weights that undo this: each selected user
+weighs its cluster's share of the population over its share of the selection, so every group
+counts as much as it has users, while the users who stand for it were still chosen the
+reference's way.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class SelectionConfig:
     floor_share: float = 1.0
     # Medium-variance users weighted most ("normal", the reference) or not at all ("uniform").
     variance_weighting: Literal["normal", "uniform"] = "normal"
+    # Weigh each selected user's examples by its cluster's population share over its selection
+    # share (the training objective then weighs groups as the population does).
+    post_stratify: bool = False
 
     def __post_init__(self) -> None:
         if self.n_clusters < 1 or self.floor < 0:
@@ -50,6 +59,21 @@ class SelectionConfig:
         if self.variance_weighting not in BIN_WEIGHTS:
             raise ValueError(f"SelectionConfig.variance_weighting must be one of "
                              f"{sorted(BIN_WEIGHTS)}, got {self.variance_weighting!r}.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The users who train the adapter, and the weight of each one's examples in its loss."""
+
+    users: list[str]
+    weights: dict[str, float]  # mean 1 over ``users``; all 1 unless puma post-stratifies
+
+
+def stratum_weights(clusters: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per selected row: its cluster's share of everyone over its share of ``rows`` (mean 1)."""
+    population = np.bincount(clusters, minlength=clusters.max() + 1) / len(clusters)
+    selected = np.bincount(clusters[rows], minlength=clusters.max() + 1) / len(rows)
+    return population[clusters[rows]] / selected[clusters[rows]]
 
 
 def label_variance(labels: dict[str, list[float]], user_ids: list[str]) -> np.ndarray:
@@ -119,14 +143,14 @@ def select_users(
     budget: int | None,
     seed: int = 0,
     config: SelectionConfig = SelectionConfig(),
-) -> list[str]:
-    """Users to train the adapter on, in the order of ``user_ids``."""
+) -> Selection:
+    """Users to train the adapter on, in the order of ``user_ids``, with their loss weights."""
     if strategy not in STRATEGIES:
         raise DataError(f"Unknown selection strategy {strategy!r}: use one of {STRATEGIES}.")
     if not user_ids:
         raise DataError("No users to select from: the source prompt set is empty.")
     if strategy == "all":
-        return list(user_ids)
+        return Selection(list(user_ids), dict.fromkeys(user_ids, 1.0))
     if budget is None or not 1 <= budget <= len(user_ids):
         raise BudgetError(
             f"Budget {budget} is outside 1..{len(user_ids)} (the users with prompts): lower it or "
@@ -134,9 +158,12 @@ def select_users(
         )
     if strategy == "random":
         rows = np.sort(np.random.default_rng(seed).choice(len(user_ids), budget, replace=False))
+        weights = np.ones(budget)
     else:
         k = min(config.n_clusters, budget)  # more groups than users would leave groups unpaid
         clusters = cluster_users(prompts, n_clusters=k, seed=seed)
         rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
                            budget=budget, seed=seed, config=config)  # fmt: skip
-    return [user_ids[i] for i in rows]
+        weights = stratum_weights(clusters, rows) if config.post_stratify else np.ones(budget)
+    users = [user_ids[i] for i in rows]
+    return Selection(users, {u: float(w) for u, w in zip(users, weights, strict=True)})

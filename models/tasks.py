@@ -127,13 +127,23 @@ class Task:
         return head
 
     def loss(
-        self, logits: torch.Tensor, head_out: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """logits ``[B, n_labels]``, head_out ``[B]``, targets ``[B]`` -> scalar loss."""
+        self, logits: torch.Tensor, head_out: torch.Tensor, targets: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """logits ``[B, n_labels]``, head_out ``[B]``, targets ``[B]`` -> scalar loss.
+
+        ``weights`` ``[B]``: each example's share of a weighted mean (None: all equal).
+        """
+        reduction = "mean" if weights is None else "none"
         if self.name == "rating":
             classes = (targets.round().long() - 1).clamp(0, 4)
-            return 0.2 * F.cross_entropy(logits, classes) + 0.8 * F.mse_loss(head_out, targets)
-        return F.binary_cross_entropy_with_logits(head_out, targets)
+            ce = F.cross_entropy(logits, classes, reduction=reduction)
+            loss = 0.2 * ce + 0.8 * F.mse_loss(head_out, targets, reduction=reduction)
+        else:
+            loss = F.binary_cross_entropy_with_logits(head_out, targets, reduction=reduction)
+        if weights is None:
+            return loss
+        return (loss * weights).sum() / weights.sum()
 
     def predict(self, head_out: torch.Tensor) -> torch.Tensor:
         """Head output -> a rating in [1, 5] or a probability of Yes."""

@@ -41,7 +41,7 @@ from models.instant import fit_instant, fit_vocab_map
 from models.migration import MigrationConfig, map_prompts, stack_sources, train_adapter
 from models.migration import common_users as users_in_every_set
 from models.prompts import PromptSet
-from models.selection import select_users
+from models.selection import Selection, select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, train_prompts
 
@@ -324,11 +324,13 @@ def prepare_and_train(job: Job) -> int:
     return plan_mapping(job, sources=sources, users=users, task=task)
 
 
-def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> list[str]:
-
+def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
+    """The users who train the adapter and their loss weights, stored once: a redelivered
+    stage trains on the same users."""
     stored = job.store.get_blob(job.id, "selected")
     if stored is not None:
-        return list(json.loads(stored))
+        weights = json.loads(stored)  # user -> loss weight, in selection order
+        return Selection(list(weights), weights)
     job.update(stage="selecting")
     trainable = [u for u in sets[0].user_ids if u in splits.train]
     selection = job.request["selection"]
@@ -340,7 +342,7 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> list[str]:
         budget=selection.get("budget"),
         seed=int(job.request.get("seed", 0)),
     )
-    job.store.put_blob(job.id, "selected", json.dumps(chosen).encode())
+    job.store.put_blob(job.id, "selected", json.dumps(chosen.weights).encode())
     return chosen
 
 
@@ -385,11 +387,11 @@ def train(
     sets: list[PromptSet],
     task: Task,
     splits: Splits,
-    selected: list[str],
+    selected: Selection,
 ) -> None:
     """Train on the ``selected`` users; ``sets`` hold every user's prompts (input statistics)."""
     target_name, _ = job.target
-    job.update(stage="training", users_selected=len(selected))
+    job.update(stage="training", users_selected=len(selected.users))
     target = load_model(target_name)
     options = {k: v for k, v in job.request["adapter"].items() if v is not None}
     config = MigrationConfig(seed=int(job.request.get("seed", 0)), **options)
@@ -397,8 +399,9 @@ def train(
         sources=sets,
         target=target,
         task=task,
-        splits=splits.restrict(selected),
-        users=selected,
+        splits=splits.restrict(selected.users),
+        users=selected.users,
+        user_weights=selected.weights,
         config=config,
         vocab_maps=_vocab_maps(sources, target) if config.start_from_vocab_map else None,
         on_progress=job.progress(0.0, 0.5),

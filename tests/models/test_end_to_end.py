@@ -57,7 +57,7 @@ def test_migrated_prompts_beat_random_prompts_on_the_target(
 ) -> None:  # fmt: skip
     labels = tiny_splits.train_labels()
     users = select_users("puma", prompts=source_set.prompts, labels=labels,
-                         user_ids=source_set.user_ids, budget=12)  # fmt: skip
+                         user_ids=source_set.user_ids, budget=12).users  # fmt: skip
     config = replace(ADAPTER_CONFIG, input_rank=input_rank, linear_only=linear_only)
     result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
                            splits=tiny_splits, users=users, config=config)  # fmt: skip

@@ -56,6 +56,28 @@ def test_head_fit_on_cached_logits_improves_validation_and_counts_one_pass_per_e
     )
 
 
+def test_user_weights_pull_the_fitted_head_towards_the_heavy_users(
+    tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits
+) -> None:
+    labels = tiny_splits.train_labels()
+    generous = {u for u in tiny_splits.users if np.mean(labels[u]) >= mean_target(tiny_splits)}
+    weights = {u: 20.0 if u in generous else 1.0 for u in tiny_splits.users}
+    row_of = index_users(tiny_splits.users)
+    weighted = Examples.build(rating, tiny_splits.train, row_of=row_of, user_weights=weights)
+    assert weighted.weights is not None
+    assert [w == 20.0 for w in weighted.weights] == [u in generous for u in weighted.user_ids]
+    assert np.array_equal(weighted.subset(np.arange(5)).weights, weighted.weights[:5])
+
+    def mean_prediction(train: Examples) -> float:
+        table, head, _, val = _setup(tiny_llama, rating, tiny_splits)
+        fit_head(model=tiny_llama, task=rating, prompt_source=table, head=head, train=train,
+                 val=None, epochs=30, lr=1e-2, batch_size=16, seed=0)  # fmt: skip
+        return float(predict(tiny_llama, rating, table, head, val).mean())
+
+    plain = Examples.build(rating, tiny_splits.train, row_of=row_of)
+    assert mean_prediction(weighted) > mean_prediction(plain) + 0.1
+
+
 @pytest.mark.parametrize("field", ["head_warmup_examples", "epochs", "hidden", "input_rank"])
 def test_migration_config_names_the_field_to_fix(field: str) -> None:
     with pytest.raises(ValueError, match=f"MigrationConfig.{field}"):

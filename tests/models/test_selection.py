@@ -21,7 +21,9 @@ def population(
 @pytest.mark.parametrize("strategy", ["puma", "random"])
 def test_exact_budget_of_distinct_users(strategy: str, budget: int) -> None:
     prompts, labels, users = population()
-    chosen = select_users(strategy, prompts=prompts, labels=labels, user_ids=users, budget=budget)
+    chosen = select_users(
+        strategy, prompts=prompts, labels=labels, user_ids=users, budget=budget
+    ).users
     assert len(chosen) == budget == len(set(chosen))
     assert set(chosen) <= set(users)
 
@@ -29,7 +31,7 @@ def test_exact_budget_of_distinct_users(strategy: str, budget: int) -> None:
 def test_budget_below_the_cluster_floors_is_still_exact() -> None:
     prompts, labels, users = population(n=40)
     chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=3,
-                          config=SelectionConfig(n_clusters=15))  # fmt: skip
+                          config=SelectionConfig(n_clusters=15)).users  # fmt: skip
     assert len(chosen) == 3
 
 
@@ -44,14 +46,14 @@ def test_a_budget_smaller_than_k_still_spreads_over_the_groups() -> None:
     group = {u: 0 if i < 40 else 1 if i < 44 else 2 for i, u in enumerate(users)}
     for seed in range(5):
         chosen = select_users("puma", prompts=prompts.unsqueeze(1).float(), labels=labels,
-                              user_ids=users, budget=3, seed=seed)  # fmt: skip
+                              user_ids=users, budget=3, seed=seed).users  # fmt: skip
         assert sorted(group[u] for u in chosen) == [0, 1, 2]
 
 
 def test_every_cluster_is_represented() -> None:
     prompts, labels, users = population()
     clusters = cluster_users(prompts, n_clusters=15, seed=0)
-    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=30)
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=30).users
     rows = [users.index(u) for u in chosen]
     assert set(clusters[rows]) == set(clusters)
 
@@ -59,7 +61,7 @@ def test_every_cluster_is_represented() -> None:
 def test_same_seed_same_users_and_other_seed_other_users() -> None:
     prompts, labels, users = population()
     pick = lambda seed: select_users("puma", prompts=prompts, labels=labels, user_ids=users,  # noqa: E731
-                                     budget=50, seed=seed)  # fmt: skip
+                                     budget=50, seed=seed).users  # fmt: skip
     assert pick(3) == pick(3)
     assert pick(3) != pick(4)
 
@@ -68,14 +70,17 @@ def test_medium_variance_users_are_favoured() -> None:
     prompts, labels, users = population(n=600)
     variance = {u: np.var(v, ddof=1) if len(v) > 1 else 0.0 for u, v in labels.items()}
     ranks = {u: r for r, u in enumerate(sorted(users, key=variance.__getitem__))}
-    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=200)
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=200).users
     middle = sum(1 for u in chosen if 0.2 <= ranks[u] / len(users) < 0.8)
     assert middle / len(chosen) > 0.7  # uniform sampling would give 0.6
 
 
 def test_all_returns_everyone() -> None:
     prompts, labels, users = population(n=20)
-    assert select_users("all", prompts=prompts, labels=labels, user_ids=users, budget=None) == users
+    assert (
+        select_users("all", prompts=prompts, labels=labels, user_ids=users, budget=None).users
+        == users
+    )
 
 
 @pytest.mark.parametrize("budget", [0, 301, None])
@@ -96,7 +101,7 @@ def cluster_shares(floor_share: float) -> tuple[np.ndarray, np.ndarray]:
     prompts, labels, users = population(n=600)
     clusters = cluster_users(prompts, n_clusters=15, seed=0)
     chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=60,
-                          config=SelectionConfig(floor_share=floor_share))  # fmt: skip
+                          config=SelectionConfig(floor_share=floor_share)).users  # fmt: skip
     picked = clusters[[users.index(u) for u in chosen]]
     ids = np.unique(clusters)
     population_share = np.array([np.mean(clusters == c) for c in ids])
@@ -116,7 +121,7 @@ def test_uniform_variance_weighting_does_not_favour_medium_variance() -> None:
     variance = {u: np.var(v, ddof=1) if len(v) > 1 else 0.0 for u, v in labels.items()}
     ranks = {u: r for r, u in enumerate(sorted(users, key=variance.__getitem__))}
     chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=200,
-                          config=SelectionConfig(variance_weighting="uniform"))  # fmt: skip
+                          config=SelectionConfig(variance_weighting="uniform")).users  # fmt: skip
     middle = sum(1 for u in chosen if 0.2 <= ranks[u] / len(users) < 0.8)
     assert middle / len(chosen) < 0.7
 
@@ -126,3 +131,25 @@ def test_uniform_variance_weighting_does_not_favour_medium_variance() -> None:
 def test_a_bad_selection_config_says_which_field(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(fields))):
         SelectionConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_post_stratified_weights_give_each_cluster_its_population_share() -> None:
+    prompts, labels, users = population(n=600)
+    clusters = dict(zip(users, cluster_users(prompts, n_clusters=15, seed=0), strict=True))
+    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=60,
+                          config=SelectionConfig(post_stratify=True))  # fmt: skip
+    weights = np.array([chosen.weights[u] for u in chosen.users])
+    assert np.isclose(weights.mean(), 1.0) and np.ptp(weights) > 0.5  # the floors are uneven
+    for cluster in set(clusters.values()):
+        members = [u for u in chosen.users if clusters[u] == cluster]
+        weighted_share = sum(chosen.weights[u] for u in members) / len(chosen.users)
+        population_share = sum(1 for c in clusters.values() if c == cluster) / len(users)
+        assert np.isclose(weighted_share, population_share)
+
+
+@pytest.mark.parametrize("strategy", ["random", "puma"])
+def test_weights_are_one_without_post_stratification(strategy: str) -> None:
+    prompts, labels, users = population()
+    chosen = select_users(strategy, prompts=prompts, labels=labels, user_ids=users, budget=40)
+    assert list(chosen.weights) == chosen.users
+    assert set(chosen.weights.values()) == {1.0}

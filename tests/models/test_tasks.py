@@ -23,3 +23,22 @@ def test_a_precomposed_head_reads_features_as_the_head_read_their_affine_map(
     expected = head.read(head.features(logits) @ weight + bias)
     head.precompose(weight, bias)
     torch.testing.assert_close(head(logits), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("task_name", "n_labels"), [("rating", 5), ("binary", 2)])
+def test_weighted_loss_counts_an_example_of_weight_two_as_two_examples(
+    task_name: str, n_labels: int
+) -> None:
+    task = get_task(task_name)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, n_labels, generator=generator)
+    head_out = torch.randn(3, generator=generator)
+    targets = (
+        torch.tensor([1.0, 4.0, 5.0]) if task_name == "rating" else torch.tensor([0.0, 1.0, 1.0])
+    )
+    repeated = [0, 0, 1, 2]  # example 0 twice
+    unweighted = task.loss(logits[repeated], head_out[repeated], targets[repeated])
+    weighted = task.loss(logits, head_out, targets, torch.tensor([2.0, 1.0, 1.0]))
+    torch.testing.assert_close(weighted, unweighted)
+    even = task.loss(logits, head_out, targets, torch.full((3,), 0.5))
+    torch.testing.assert_close(even, task.loss(logits, head_out, targets))
