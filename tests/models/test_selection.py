@@ -150,6 +150,13 @@ def test_post_stratified_weights_give_each_cluster_its_population_share() -> Non
 @pytest.mark.parametrize("strategy", ["random", "puma"])
 def test_weights_are_one_without_post_stratification(strategy: str) -> None:
     prompts, labels, users = population()
-    chosen = select_users(strategy, prompts=prompts, labels=labels, user_ids=users, budget=40)
+    chosen = select_users(strategy, prompts=prompts, labels=labels, user_ids=users, budget=40,
+                          config=SelectionConfig(post_stratify=False))  # fmt: skip
     assert list(chosen.weights) == chosen.users
+    assert set(chosen.weights.values()) == {1.0}
+
+
+def test_random_users_all_weigh_one() -> None:
+    prompts, labels, users = population()
+    chosen = select_users("random", prompts=prompts, labels=labels, user_ids=users, budget=40)
     assert set(chosen.weights.values()) == {1.0}
