@@ -73,6 +73,11 @@ class SourceRef(Strict):
 class Selection(Strict):
     strategy: Literal["puma", "random", "all"] = "puma"
     budget: int | None = Field(default=None, ge=1, description="Users trained on; None = all.")
+    post_stratify: bool = Field(
+        default=True,
+        description="puma: weigh each selected user's examples by its cluster's population share "
+        "over its selection share, so small clusters' floors do not skew the adapter's loss.",
+    )
 
 
 class AdapterOptions(Strict):

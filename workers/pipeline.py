@@ -41,7 +41,7 @@ from models.instant import fit_instant, fit_vocab_map
 from models.migration import MigrationConfig, map_prompts, stack_sources, train_adapter
 from models.migration import common_users as users_in_every_set
 from models.prompts import PromptSet
-from models.selection import Selection, select_users
+from models.selection import Selection, SelectionConfig, select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, train_prompts
 
@@ -341,6 +341,7 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
         user_ids=trainable,
         budget=selection.get("budget"),
         seed=int(job.request.get("seed", 0)),
+        config=SelectionConfig(post_stratify=selection.get("post_stratify", True)),
     )
     job.store.put_blob(job.id, "selected", json.dumps(chosen.weights).encode())
     return chosen

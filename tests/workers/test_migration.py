@@ -289,6 +289,26 @@ def test_adapter_started_at_zero_is_its_own_start_and_reproduces(
     assert not torch.equal(at_map["skip.weight"], at_zero["skip.weight"])
 
 
+def test_puma_trains_with_post_stratified_weights_unless_asked_not_to(
+    client: TestClient, store: Store
+) -> None:
+    def stored(post_stratify: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        selection = {"strategy": "puma", "budget": 8, "post_stratify": post_stratify}
+        done = wait_done(client, migrate(client, selection=selection, auto_promote=False)["id"])
+        assert done["state"] == "awaiting_promotion", done
+        weights = json.loads(store.get_blob(done["id"], "selected") or b"{}")
+        adapter = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
+        return weights, adapter.state_dict()
+
+    weighted, weighted_adapter = stored(True)
+    plain, plain_adapter = stored(False)
+    assert list(weighted) == list(plain) and len(plain) == 8  # the same users either way
+    assert set(plain.values()) == {1.0}
+    assert np.isclose(np.mean(list(weighted.values())), 1.0)
+    assert len(set(weighted.values())) > 1  # the tiny population's clusters differ in size
+    assert any(not torch.equal(v, plain_adapter[k]) for k, v in weighted_adapter.items())
+
+
 def test_float16_set_is_stored_and_served_at_half_width(client: TestClient, store: Store) -> None:
     done = wait_done(client, migrate(client, dtype="float16", auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion", done
