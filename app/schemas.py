@@ -74,9 +74,10 @@ class Selection(Strict):
     strategy: Literal["puma", "random", "all"] = "puma"
     budget: int | None = Field(default=None, ge=1, description="Users trained on; None = all.")
     post_stratify: bool = Field(
-        default=True,
+        default=False,
         description="puma: weigh each selected user's examples by its cluster's population share "
-        "over its selection share, so small clusters' floors do not skew the adapter's loss.",
+        "over its selection share, so small clusters' floors do not skew the adapter's loss "
+        "(ahead on cpu-small's validation, behind on its test; see bench/README.md).",
     )
 
 

@@ -341,7 +341,7 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
         user_ids=trainable,
         budget=selection.get("budget"),
         seed=int(job.request.get("seed", 0)),
-        config=SelectionConfig(post_stratify=selection.get("post_stratify", True)),
+        config=SelectionConfig(post_stratify=selection.get("post_stratify", False)),
     )
     job.store.put_blob(job.id, "selected", json.dumps(chosen.weights).encode())
     return chosen
