@@ -280,8 +280,8 @@ class Store:
     def _cache_sealed(self, meta: SetMeta) -> SetFormat:
         if len(self._sealed) > 1024:
             self._sealed.clear()
-        found = self._sealed[(meta.model, meta.version)] = meta.format()
-        return found
+        self._sealed[(meta.model, meta.version)] = meta.format()
+        return self._sealed[(meta.model, meta.version)]
 
     # ---- the asyncio read path (API) ----------------------------------------------------------
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +37,7 @@ from models.instant import LinearMap, fit_instant, instant_migrate
 from models.loop import Examples, ProgressFn, PromptTable, fit_head, index_users
 from models.migration import AdapterResult, MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
-from models.selection import SelectionConfig, select_users
+from models.selection import Selection, SelectionConfig, select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, mean_target, random_prompts, train_prompts
 
@@ -243,28 +243,25 @@ def random_init_row(
 
 def migrate_and_predict(
     *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
-    users: list[str], config: MigrationConfig, vocab_map: LinearMap,
-    part: dict[str, list[Interaction]], user_weights: Mapping[str, float] | None = None,
-    on_progress: ProgressFn | None = None,
+    selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
+    part: dict[str, list[Interaction]], on_progress: ProgressFn | None = None,
 ) -> tuple[AdapterResult, Predictions]:  # fmt: skip
-    """Train the adapter on ``users``, map every user, predict the interactions of ``part``."""
+    """Train the adapter on the selection, map every user, predict the interactions of ``part``."""
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
-                           users=users, config=config, vocab_maps=[vocab_map],
-                           user_weights=user_weights, on_progress=on_progress)  # fmt: skip
+                           users=selection.users, user_weights=selection.weights, config=config,
+                           vocab_maps=[vocab_map], on_progress=on_progress)  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
     return result, predict_set(target, task, migrated, part)
 
 
 def adapter_row(
     method: str, *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
-    users: list[str], config: MigrationConfig, vocab_map: LinearMap,
-    user_weights: Mapping[str, float] | None = None,
+    selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
 ) -> Row:  # fmt: skip
-    log(f"{method}: training the adapter on {len(users)} users")
+    log(f"{method}: training the adapter on {len(selection.users)} users")
     result, predictions = migrate_and_predict(
-        source_set=source_set, target=target, task=task, splits=splits, users=users,
-        config=config, vocab_map=vocab_map, part=splits.test, user_weights=user_weights,
-        on_progress=progress(method),
+        source_set=source_set, target=target, task=task, splits=splits, selection=selection,
+        config=config, vocab_map=vocab_map, part=splits.test, on_progress=progress(method),
     )  # fmt: skip
     return Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
                {"history": result.history})  # fmt: skip
@@ -355,7 +352,8 @@ def run(preset: Preset) -> dict[str, object]:
                     {"history": retrained.history}))  # fmt: skip
     migrated_row = partial(adapter_row, source_set=source_set, target=target, task=task,
                            splits=splits, vocab_map=vocab_map)  # fmt: skip
-    rows.append(migrated_row("puma_all", users=users, config=preset.migration))
+    rows.append(migrated_row("puma_all", selection=Selection.unweighted(users),
+                             config=preset.migration))  # fmt: skip
     labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []
@@ -364,8 +362,7 @@ def run(preset: Preset) -> dict[str, object]:
                                   user_ids=users, budget=preset.budget, seed=seed,
                                   config=preset.selection)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
-            runs.append(migrated_row(method, users=chosen.users, config=config,
-                                     user_weights=chosen.weights))  # fmt: skip
+            runs.append(migrated_row(method, selection=chosen, config=config))
         rows.append(pooled_row(method, runs, task=task))
         log(
             f"{method} per seed {preset.seeds}: {rows[-1].extra[task.primary_metric + '_per_seed']}"

@@ -47,9 +47,6 @@ class Examples:
             weights=None if self.weights is None else self.weights[rows],
         )  # fmt: skip
 
-    def batch_weights(self, rows: np.ndarray, device: torch.device) -> torch.Tensor | None:
-        return None if self.weights is None else torch.from_numpy(self.weights[rows]).to(device)
-
     @classmethod
     def build(
         cls, task: Task, part: dict[str, list[Interaction]], *, row_of: dict[str, int],
@@ -190,8 +187,11 @@ def fit(
             rows = order[begin : begin + batch_size]
             logits = _batch_logits(model, task, prompt_source, train, rows, label_ids)
             targets = torch.from_numpy(train.targets[rows]).to(model.device)
-            loss = task.loss(logits, head(logits).float(), targets,
-                             train.batch_weights(rows, model.device))  # fmt: skip
+            weights = (
+                None if train.weights is None
+                else torch.from_numpy(train.weights[rows]).to(model.device)
+            )  # fmt: skip
+            loss = task.loss(logits, head(logits).float(), targets, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -253,6 +253,7 @@ def fit_head(
     )
     device = next(head.parameters()).device
     logits, targets = logits.to(device), torch.from_numpy(train.targets).to(device)
+    weights = None if train.weights is None else torch.from_numpy(train.weights).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     result, best_state = FitResult(example_passes=len(train)), None
     for epoch in range(epochs):
@@ -261,7 +262,7 @@ def fit_head(
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
             loss = task.loss(logits[rows], head(logits[rows]).float(), targets[rows],
-                             train.batch_weights(rows.numpy(), device))  # fmt: skip
+                             None if weights is None else weights[rows])  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

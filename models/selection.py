@@ -65,10 +65,18 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class Selection:
-    """The users who train the adapter, and the weight of each one's examples in its loss."""
+    """The users who train the adapter, in order, each with the weight of its examples in the
+    adapter's loss (mean 1; all 1 unless puma post-stratifies)."""
 
-    users: list[str]
-    weights: dict[str, float]  # mean 1 over ``users``; all 1 unless puma post-stratifies
+    weights: dict[str, float]
+
+    @classmethod
+    def unweighted(cls, users: list[str]) -> Selection:
+        return cls(dict.fromkeys(users, 1.0))
+
+    @property
+    def users(self) -> list[str]:
+        return list(self.weights)
 
 
 def stratum_weights(clusters: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -152,7 +160,7 @@ def select_users(
     if not user_ids:
         raise DataError("No users to select from: the source prompt set is empty.")
     if strategy == "all":
-        return Selection(list(user_ids), dict.fromkeys(user_ids, 1.0))
+        return Selection.unweighted(user_ids)
     if budget is None or not 1 <= budget <= len(user_ids):
         raise BudgetError(
             f"Budget {budget} is outside 1..{len(user_ids)} (the users with prompts): lower it or "
@@ -160,12 +168,13 @@ def select_users(
         )
     if strategy == "random":
         rows = np.sort(np.random.default_rng(seed).choice(len(user_ids), budget, replace=False))
-        weights = np.ones(budget)
-    else:
-        k = min(config.n_clusters, budget)  # more groups than users would leave groups unpaid
-        clusters = cluster_users(prompts, n_clusters=k, seed=seed)
-        rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
-                           budget=budget, seed=seed, config=config)  # fmt: skip
-        weights = stratum_weights(clusters, rows) if config.post_stratify else np.ones(budget)
+        return Selection.unweighted([user_ids[i] for i in rows])
+    k = min(config.n_clusters, budget)  # more groups than users would leave groups unpaid
+    clusters = cluster_users(prompts, n_clusters=k, seed=seed)
+    rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
+                       budget=budget, seed=seed, config=config)  # fmt: skip
     users = [user_ids[i] for i in rows]
-    return Selection(users, {u: float(w) for u, w in zip(users, weights, strict=True)})
+    if not config.post_stratify:
+        return Selection.unweighted(users)
+    weights = stratum_weights(clusters, rows)
+    return Selection({u: float(w) for u, w in zip(users, weights, strict=True)})

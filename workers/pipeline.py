@@ -329,8 +329,7 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
     stage trains on the same users."""
     stored = job.store.get_blob(job.id, "selected")
     if stored is not None:
-        weights = json.loads(stored)  # user -> loss weight, in selection order
-        return Selection(list(weights), weights)
+        return Selection(json.loads(stored))  # user -> loss weight, in selection order
     job.update(stage="selecting")
     trainable = [u for u in sets[0].user_ids if u in splits.train]
     selection = job.request["selection"]
@@ -341,7 +340,9 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
         user_ids=trainable,
         budget=selection.get("budget"),
         seed=int(job.request.get("seed", 0)),
-        config=SelectionConfig(post_stratify=selection.get("post_stratify", False)),
+        config=SelectionConfig(
+            post_stratify=selection.get("post_stratify", SelectionConfig.post_stratify)
+        ),
     )
     job.store.put_blob(job.id, "selected", json.dumps(chosen.weights).encode())
     return chosen
