@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,9 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     redis_url: str = DEFAULT_REDIS_URL
+    # True when PM_REDIS_URL names a node of a Redis Cluster (the store's keys are laid out for
+    # one); Celery cannot use a Cluster, so the broker and result backend then need their own.
+    redis_cluster: bool = False
     # Production keeps the broker on its own noeviction Redis; empty means "same as redis_url".
     broker_url: str = ""
     result_backend: str = ""
@@ -39,6 +43,19 @@ class Settings(BaseSettings):
     quality_tolerance: float = Field(default=0.05, ge=0)
     version_grace_s: int = Field(default=24 * 3600, ge=0)
     model_cache_size: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_broker(self) -> Settings:
+        if self.redis_cluster and not (self.broker_url and self.result_backend):
+            raise ValueError(
+                "PM_REDIS_CLUSTER is on, and Celery cannot use a Redis Cluster: set "
+                "PM_BROKER_URL and PM_RESULT_BACKEND to a plain Redis (or RabbitMQ for the broker)."
+            )
+        if self.redis_cluster and urlparse(self.redis_url).path.strip("/") not in ("", "0"):
+            raise ValueError(
+                "A Redis Cluster has only database 0: drop the database number from PM_REDIS_URL."
+            )
+        return self
 
     @model_validator(mode="after")
     def _tokens(self) -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from redis import Redis
@@ -23,10 +24,13 @@ def free_port() -> int:
 class LocalRedis:
     """``start()`` and ``stop()`` keep the same port, so a restart looks like an outage."""
 
-    def __init__(self, binary: str, workdir: Path, *, log: Path | None = None) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, *, log: Path | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.binary = binary
         self.workdir = workdir
         self.log = log
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -36,7 +40,7 @@ class LocalRedis:
     def start(self, *, timeout_s: float = 10.0) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"]
-        args += ["--maxmemory-policy", "noeviction"]
+        args += ["--maxmemory-policy", "noeviction", *self.extra_args]
         out = self.log.open("ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=out)
         client = Redis(port=self.port, socket_connect_timeout=0.2)

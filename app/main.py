@@ -32,10 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    url, timeout_s, cluster = settings.redis_url, settings.redis_timeout_s, settings.redis_cluster
+    redis = connect_redis(url, timeout_s=timeout_s, cluster=cluster)
     # The read hot path (GET /users/{id}/prompt, POST /prompts/batch) uses the asyncio client;
     # the other routes and the workers use the sync one.
-    aredis = connect_redis_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    aredis = connect_redis_async(url, timeout_s=timeout_s, cluster=cluster)
     app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
     handlers.install(app)

@@ -34,9 +34,11 @@ from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from app import codec
@@ -108,28 +110,37 @@ def _fail_fast(timeout_s: float) -> dict[str, Any]:
     }
 
 
-def connect_redis(url: str, *, timeout_s: float) -> Redis:
-    return Redis.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
+def connect_redis(url: str, *, timeout_s: float, cluster: bool = False) -> Redis | RedisCluster:
+    """A client for ``url``; with ``cluster``, for the Redis Cluster that ``url`` is a node of."""
+    client = RedisCluster if cluster else Redis
+    return client.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
 
 
-def connect_redis_async(url: str, *, timeout_s: float) -> AsyncRedis:
+def connect_redis_async(
+    url: str, *, timeout_s: float, cluster: bool = False
+) -> AsyncRedis | AsyncRedisCluster:
     """The asyncio client of the API's read path, with the same fail-fast policy."""
-    return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), 1), **_fail_fast(timeout_s))
+    client = AsyncRedisCluster if cluster else AsyncRedis
+    return client.from_url(url, retry=AsyncRetry(NoBackoff(), 1), **_fail_fast(timeout_s))
 
 
-# The read path in one round trip: resolve the active pointer (unless the version is given),
-# check that the set is sealed and GET the users' values, all inside one script, so Redis runs it
-# atomically: a promotion (one HSET of the pointers hash) lands either before or after it, and a
-# set that is still being written is never read. ARGV: model or "", version or "", users...
+# The read path. On a single Redis it is one script and one round trip: resolve the active
+# pointer (unless the version is given), check that the set is sealed and GET the users' values;
+# Redis runs a script atomically, so a promotion (one HSET of the pointers hash) lands either
+# before or after it, and a set that is still being written is never read. The value keys depend
+# on the pointer, so that script cannot declare them. Redis Cluster refuses undeclared keys in
+# another node's slots, so there the read takes two scripts: _RESOLVE_LUA on the registry's slot,
+# then _READ_SET_LUA with the set's keys declared (one slot, one hash tag). A promotion between
+# the two hands the reader the previous version, which stays sealed and readable for the grace
+# period: never a half-written set.
+# ARGV: model or "", version or "", then users (the one-script read) or nothing.
 # Reply: {0} no default model; {1, model} model has no active version; {2, model, version, state}
 # set missing ("") or not sealed; {3, model, version, lengths, values}: "lengths" is one length
 # per user, comma-separated, -1 for no value, "values" the found values concatenated (one bulk
 # reply instead of one per user: parsing a reply element costs far more than slicing bytes).
-# The value keys depend on the pointer, so the script cannot declare them (only the pointers hash
-# is in KEYS): fine on a single Redis (what connect_redis* returns); on Redis Cluster the keys
-# live in other slots, so a Cluster deployment would resolve first and then run the script with
-# the set's keys declared (two round trips). Key names must match _set_prefix().
-_READ_LUA = f"""
+# _RESOLVE_LUA replies {3, model, version} when the pointer resolves. Key names match
+# _set_prefix().
+_RESOLVE_FRAGMENT = f"""
 local model = ARGV[1]
 if model == '' then
   model = redis.call('HGET', KEYS[1], '{_DEFAULT}')
@@ -140,32 +151,56 @@ if version == '' then
   version = redis.call('HGET', KEYS[1], model)
   if not version then return {{1, model}} end
 end
-local prefix = 'pm:{{' .. model .. ':' .. version .. '}}'
-local state = redis.call('HGET', prefix .. ':meta', 'state')
+"""
+
+
+def _read_set_fragment(*, meta_key: str, value_key: str, first: int, last: str) -> str:
+    """Lua that checks the set is sealed and packs the values of ``value_key`` for ``i`` in
+    ``first..last`` (see the reply above)."""
+    return f"""
+local state = redis.call('HGET', {meta_key}, 'state')
 if state ~= '{SEALED}' then return {{2, model, version, state or ''}} end
 local lengths, values = {{}}, {{}}
-for i = 3, #ARGV do
-  local value = redis.call('GET', prefix .. ':u:' .. ARGV[i])
+for i = {first}, {last} do
+  local value = redis.call('GET', {value_key})
   if value then
     values[#values + 1] = value
-    lengths[i - 2] = #value
+    lengths[#lengths + 1] = #value
   else
-    lengths[i - 2] = -1
+    lengths[#lengths + 1] = -1
   end
 end
 return {{3, model, version, table.concat(lengths, ','), table.concat(values)}}
 """
 
 
+_READ_LUA = (
+    _RESOLVE_FRAGMENT
+    + "local prefix = 'pm:{' .. model .. ':' .. version .. '}'\n"
+    + _read_set_fragment(meta_key="prefix .. ':meta'", value_key="prefix .. ':u:' .. ARGV[i]",
+                         first=3, last="#ARGV")
+)  # fmt: skip
+_RESOLVE_LUA = _RESOLVE_FRAGMENT + "return {3, model, version}\n"
+# KEYS: the set's meta key, then one value key per user; ARGV: model, version.
+_READ_SET_LUA = "local model, version = ARGV[1], ARGV[2]\n" + _read_set_fragment(
+    meta_key="KEYS[1]", value_key="KEYS[i]", first=2, last="#KEYS"
+)
+
+
 class Store:
     def __init__(
-        self, redis: Redis, *, write_batch: int = 500, aredis: AsyncRedis | None = None
-    ) -> None:
+        self, redis: Redis | RedisCluster, *, write_batch: int = 500,
+        aredis: AsyncRedis | AsyncRedisCluster | None = None,
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.write_batch = write_batch
         self._sealed: dict[tuple[str, str], SetFormat] = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
-        self._read_script = aredis.register_script(_READ_LUA) if aredis is not None else None
+        self._cluster = isinstance(aredis, AsyncRedisCluster)
+        if aredis is not None:
+            self._read_script = aredis.register_script(_READ_LUA)
+            self._resolve_script = aredis.register_script(_RESOLVE_LUA)
+            self._read_set_script = aredis.register_script(_READ_SET_LUA)
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -293,11 +328,13 @@ class Store:
         Same rules as resolve() + sealed_format() + get_prompts(): the active version of the model
         (the default model if none) unless ``version`` is given; only sealed sets are readable.
         """
-        if self.aredis is None or self._read_script is None:
+        if self.aredis is None:
             raise RuntimeError("Store was built without an asyncio client")
-        reply = await self._read_script(
-            keys=[f"{_REG}:active"], args=[model or "", version or "", *users]
-        )
+        pointer = [model or "", version or ""]
+        if self._cluster:
+            reply = await self._read_in_two_steps(pointer, users)
+        else:
+            reply = await self._read_script(keys=[f"{_REG}:active"], args=[*pointer, *users])
         code = int(reply[0])
         if code == 0:
             raise NotFoundError("No model is active yet; promote a migration or activate a model.")
@@ -326,6 +363,17 @@ class Store:
             # The script saw the set sealed, and sealing is final.
             found = self._cache_sealed(meta) if meta.state == SEALED else meta.format()
         return found, _split(bytes(reply[3]), bytes(reply[4]))
+
+    async def _read_in_two_steps(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
+        """The read script's reply, on Redis Cluster: resolve on the registry's slot, then read
+        on the set's (see _READ_LUA)."""
+        resolved = await self._resolve_script(keys=[f"{_REG}:active"], args=pointer)
+        if int(resolved[0]) != 3:
+            return list(resolved)
+        model, version = str(_text(resolved[1])), str(_text(resolved[2]))
+        prefix = _set_prefix(model, version)
+        keys = [f"{prefix}:meta", *(f"{prefix}:u:{user}" for user in users)]
+        return list(await self._read_set_script(keys=keys, args=[model, version]))
 
     async def _aget_meta(self, model: str, version: str) -> SetMeta:
         assert self.aredis is not None

@@ -54,7 +54,11 @@ def store() -> Store:
     global _store
     if _store is None:
         settings = get_settings()
-        redis = connect_redis(settings.redis_url, timeout_s=max(settings.redis_timeout_s, 10))
+        redis = connect_redis(
+            settings.redis_url,
+            timeout_s=max(settings.redis_timeout_s, 10),
+            cluster=settings.redis_cluster,
+        )
         _store = Store(redis, write_batch=settings.write_batch)
     return _store
 

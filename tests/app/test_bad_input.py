@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis.cluster import RedisCluster
 
 from app.store import Store
 from tests.conftest import admin, reader, seed_set
@@ -16,7 +17,7 @@ from tests.conftest import admin, reader, seed_set
 USERS = ["u1", "u2"]
 
 
-def _snapshot(redis: Redis) -> dict[bytes, object]:
+def _snapshot(redis: Redis | RedisCluster) -> dict[bytes, object]:
     out: dict[bytes, object] = {}
     for key in redis.scan_iter(count=1000):
         kind = redis.type(key)

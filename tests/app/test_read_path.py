@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -18,6 +19,12 @@ from tests.conftest import admin, reader, seed_set
 
 USERS = ["u1", "u2", "u3"]
 HOT = {("GET", "/users/{user_id}/prompt"), ("POST", "/prompts/batch")}
+
+
+@pytest.fixture
+def client(either_client: TestClient) -> TestClient:
+    """Every test here runs on a single Redis and on a Redis Cluster."""
+    return either_client
 
 
 def _calls(dependant: Dependant) -> Iterator[Any]:

@@ -8,7 +8,15 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.conftest import RedisServer, admin, make_settings, reader, seed_set
+from tests.conftest import (
+    RedisClusterServer,
+    RedisServer,
+    admin,
+    make_settings,
+    reader,
+    seed_set,
+    wait_for,
+)
 
 
 def test_503_while_redis_is_down_then_recovers(tmp_path: Path) -> None:
@@ -39,3 +47,33 @@ def test_503_while_redis_is_down_then_recovers(tmp_path: Path) -> None:
             assert client.get("/users/u1/prompt", headers=reader()).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_cluster_node_down_is_503_then_recovers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    cluster = RedisClusterServer(tmp_path, node_timeout_ms=500)
+    cluster.start()
+    try:
+        settings = make_settings(redis_server, redis_url=cluster.url, redis_cluster=True)
+        app = create_app(settings)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            store = app.state.store
+            version, _ = seed_set(store, model="m-a", users=["u1"])
+            port = store.redis.get_node_from_key(f"pm:{{m-a:{version}}}:meta").port
+            down = next(node for node in cluster.nodes if node.port == port)
+            survivor = next(node for node in cluster.nodes if node.port != port)
+            down.stop()
+            response = client.get("/users/u1/prompt", headers=reader())
+            assert response.status_code == 503, response.text  # the set's node is gone
+            # Once the others notice, they refuse every slot: CLUSTERDOWN is an outage too.
+            wait_for(lambda: cluster.state(survivor) == "fail", timeout=30, what="CLUSTERDOWN")
+            response = client.get("/models", headers=reader())
+            assert response.status_code == 503, response.text
+            assert "Redis" in response.json()["detail"]
+            down.start()  # same port and node identity, empty data (no persistence here)
+            cluster.wait_ready()
+            seed_set(store, model="m-a", users=["u1"])
+            assert client.get("/users/u1/prompt", headers=reader()).status_code == 200
+    finally:
+        cluster.stop()

@@ -61,3 +61,24 @@ def test_api_process_refuses_to_start_in_production_without_tokens() -> None:
     )
     assert result.returncode != 0
     assert "PM_ADMIN_TOKEN" in result.stderr
+
+
+def test_cluster_needs_its_own_broker_and_result_backend() -> None:
+    with pytest.raises(ValidationError, match="PM_BROKER_URL and PM_RESULT_BACKEND"):
+        Settings(redis_url="redis://node-1:6379", redis_cluster=True)
+    with pytest.raises(ValidationError, match="PM_BROKER_URL and PM_RESULT_BACKEND"):
+        Settings(redis_cluster=True, broker_url="redis://broker:6379/0")
+
+
+def test_cluster_url_names_no_database() -> None:
+    broker, backend = "redis://broker:6379/0", "redis://broker:6379/1"
+    with pytest.raises(ValidationError, match="only database 0"):
+        Settings(
+            redis_url="redis://node-1:6379/2", redis_cluster=True, broker_url=broker,
+            result_backend=backend,
+        )  # fmt: skip
+    settings = Settings(
+        redis_url="redis://node-1:6379/0", redis_cluster=True, broker_url=broker,
+        result_backend=backend,
+    )  # fmt: skip
+    assert settings.redis_cluster

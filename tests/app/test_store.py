@@ -5,11 +5,18 @@ from __future__ import annotations
 import time
 
 import pytest
+from fastapi.testclient import TestClient
 
 from app import codec
 from app.errors import ConflictError, IntegrityError
 from app.store import SetMeta, Store
 from tests.conftest import seed_set
+
+
+@pytest.fixture
+def client(either_client: TestClient) -> TestClient:
+    """Every test here runs on a single Redis and on a Redis Cluster."""
+    return either_client
 
 
 def test_seal_refuses_a_set_that_does_not_verify(store: Store) -> None:
