@@ -1,4 +1,4 @@
-"""A throwaway redis-server on a free port: for ``make run``, the benchmarks and the tests.
+"""Throwaway redis-servers on free ports: for ``make run``, the benchmarks and the tests.
 
 Nothing is persisted and eviction is off (the store must never lose a key to memory pressure).
 Production points ``PM_REDIS_URL`` at a managed Redis instead.
@@ -37,6 +37,10 @@ class LocalRedis:
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None else []
+
     def start(self, *, timeout_s: float = 10.0) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"]
@@ -62,3 +66,66 @@ class LocalRedis:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of ``nodes`` local primaries, every slot assigned, no replicas."""
+
+    SLOT_COUNT = 16384
+
+    def __init__(
+        self, binary: str, workdir: Path, *, nodes: int = 3, node_timeout_ms: int = 15000
+    ) -> None:
+        self.nodes: list[LocalRedis] = []
+        # The cluster bus defaults to port + 10000, which a free port near 65535 overflows.
+        self.bus_ports = [free_port() for _ in range(nodes)]
+        for i, bus_port in enumerate(self.bus_ports):
+            node_dir = workdir / f"node-{i}"
+            node_dir.mkdir()
+            args = ["--cluster-enabled", "yes", "--cluster-port", str(bus_port)]
+            args += ["--cluster-node-timeout", str(node_timeout_ms)]
+            self.nodes.append(LocalRedis(binary, node_dir, extra_args=args))
+
+    def url(self) -> str:
+        """One node's address: cluster clients discover the others from it."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.pids]
+
+    def start(self, *, timeout_s: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        share = self.SLOT_COUNT // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = self.SLOT_COUNT - 1 if i == len(self.nodes) - 1 else (i + 1) * share - 1
+            with Redis(port=node.port) as client:
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        with Redis(port=self.nodes[0].port) as first:
+            for node, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus_port)
+        self.wait_ready(timeout_s=timeout_s)
+
+    def state(self, node: LocalRedis) -> str:
+        """``ok`` once the node knows every other node and sees every slot served, else ``fail``."""
+        with Redis(port=node.port, decode_responses=True) as client:
+            info = client.cluster("INFO")
+        known = int(info["cluster_known_nodes"]) == len(self.nodes)
+        return str(info["cluster_state"]) if known else "fail"
+
+    def wait_ready(self, *, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(self.state(node) == "ok" for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster's nodes did not agree on their slots")
+            time.sleep(0.1)
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            with Redis(port=node.port) as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

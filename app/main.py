@@ -19,8 +19,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
         store: Store = app.state.store
+        await store.connect()
+        yield
         store.redis.close()
         if store.aredis is not None:
             await store.aredis.aclose()

@@ -25,6 +25,7 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -39,6 +40,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from app import codec
@@ -204,6 +206,15 @@ class Store:
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
+
+    async def connect(self) -> None:
+        """Discover a Redis Cluster's nodes before serving. The asyncio Cluster client otherwise
+        discovers them on first use, and concurrent first reads race: redis-py (8.1) then drops
+        connections still in use and the errors feed on themselves. A Cluster that is down now
+        is discovered on first use instead, once it is back."""
+        if isinstance(self.aredis, AsyncRedisCluster):
+            with contextlib.suppress(RedisError):
+                await self.aredis.initialize()
 
     # ---- models -------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Serving throughput: raw Redis GETs against the API's single-GET and batch reads, in one run.
 
     python -m bench.serving --out bench/results/serving.json [--users 2000 --concurrency 16
-        --seconds 10 --batch-size 64 --api-workers 1 --redis-url URL]
+        --seconds 10 --batch-size 64 --api-workers 1 --redis-url URL --cluster]
 
-Starts its own redis-server on a free port (unless ``--redis-url``), writes ``--users`` random
+Starts its own redis-server on a free port (unless ``--redis-url``; with ``--cluster``, a
+three-node Redis Cluster, and a plain redis-server for the API's Celery client), writes ``--users`` random
 prompts of shape ``[1, 640]`` fp32 (Gemma's width) into a sealed, active prompt set through
 ``app.store.Store`` (the write path the workers use), starts the real API (``uvicorn
 app.main:app`` in a subprocess), then measures, each for ``--seconds`` at ``--concurrency``
@@ -42,11 +43,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from app import codec
-from app.local_redis import LocalRedis, free_port
-from app.store import SetMeta, Store, _set_prefix, connect_redis
+from app.local_redis import LocalRedis, LocalRedisCluster, free_port
+from app.store import SetMeta, Store, _set_prefix, connect_redis, connect_redis_async
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-serving"
@@ -60,27 +61,29 @@ NOTE = (
 
 
 @contextlib.contextmanager
-def local_redis(url: str | None = None) -> Iterator[tuple[str, int | None]]:
-    """``url`` as given, else a throwaway redis-server on a free port: ``(url, pid or None)``."""
+def local_redis(
+    url: str | None = None, *, cluster: bool = False
+) -> Iterator[tuple[str, list[int]]]:
+    """``url`` as given, else a throwaway redis-server (or Cluster) on free ports: ``(url, pids)``,
+    no pids for ``url``."""
     if url:
-        yield url, None
+        yield url, []
         return
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed; install it or pass --redis-url.")
     with tempfile.TemporaryDirectory(prefix="pm-bench-redis-") as workdir:
-        server = LocalRedis(binary, Path(workdir))
-        server.start()
+        servers = (LocalRedisCluster if cluster else LocalRedis)(binary, Path(workdir))
+        servers.start()
         try:
-            assert server.proc is not None
-            yield server.url(), server.proc.pid
+            yield servers.url(), servers.pids
         finally:
-            server.stop()
+            servers.stop()
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU of a process and its direct children (uvicorn workers), from /proc."""
-    if pid is None:
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU of processes and their direct children (uvicorn workers), from /proc."""
+    if not pids:
         return None
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -94,7 +97,7 @@ def cpu_seconds(pid: int | None) -> float | None:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
             # fields[0] is state: ppid is fields[1], utime fields[11], stime fields[12]
-            if int(entry.name) == pid or int(fields[1]) == pid:
+            if int(entry.name) in pids or int(fields[1]) in pids:
                 total += (int(fields[11]) + int(fields[12])) / tick
     except OSError:
         return None
@@ -167,7 +170,7 @@ async def drive(
     concurrency: int,
     seconds: float,
     warmup_s: float,
-    pids: dict[str, int | None],
+    pids: dict[str, list[int]],
 ) -> Phase:
     """``concurrency`` loops calling ``request`` until the deadline; latency of each call."""
 
@@ -206,7 +209,9 @@ async def drive(
 class Api:
     """``uvicorn app.main:app`` as a subprocess, as in production."""
 
-    def __init__(self, *, redis_url: str, workers: int, log: Path) -> None:
+    def __init__(
+        self, *, redis_url: str, cluster: bool, broker_url: str, workers: int, log: Path
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.read_token = secrets.token_urlsafe(32)
@@ -214,8 +219,9 @@ class Api:
         env |= {
             "PM_ENVIRONMENT": "production",
             "PM_REDIS_URL": redis_url,
-            "PM_BROKER_URL": redis_url,
-            "PM_RESULT_BACKEND": redis_url,
+            "PM_REDIS_CLUSTER": str(cluster).lower(),
+            "PM_BROKER_URL": broker_url,
+            "PM_RESULT_BACKEND": broker_url,
             "PM_ADMIN_TOKEN": secrets.token_urlsafe(32),
             "PM_READ_TOKEN": self.read_token,
             "PYTHONUNBUFFERED": "1",
@@ -263,12 +269,13 @@ async def measure(
     ids: list[str],
     value_bytes: int,
     args: argparse.Namespace,
-    pids: dict[str, int | None],
+    pids: dict[str, list[int]],
 ) -> dict[str, Phase]:
     conc, secs, batch = args.concurrency, args.seconds, args.batch_size
     common: dict[str, Any] = dict(concurrency=conc, seconds=secs, warmup_s=args.warmup, pids=pids)
-    pool = aredis.ConnectionPool.from_url(redis_url, max_connections=conc)
-    client = aredis.Redis(connection_pool=pool)
+    client = connect_redis_async(redis_url, timeout_s=30, cluster=args.cluster)
+    if isinstance(client, AsyncRedisCluster):
+        await client.initialize()  # before the burst, as the API does (Store.connect)
     keys = [value_key(version, u) for u in ids]
     phases: dict[str, Phase] = {}
 
@@ -290,7 +297,6 @@ async def measure(
         )
     finally:
         await client.aclose()
-        await pool.aclose()
 
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
     async with httpx.AsyncClient(
@@ -347,8 +353,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--batch-size must not exceed --users.")
     started = time.time()
     load_before = os.getloadavg()
-    with local_redis(args.redis_url) as (redis_url, redis_pid):
-        redis = connect_redis(redis_url, timeout_s=10)
+    with contextlib.ExitStack() as stack:
+        redis_url, redis_pids = stack.enter_context(
+            local_redis(args.redis_url, cluster=args.cluster)
+        )
+        # Celery cannot use a Cluster; the API's client of it needs a plain Redis (never used).
+        broker_url = stack.enter_context(local_redis())[0] if args.cluster else redis_url
+        redis = connect_redis(redis_url, timeout_s=10, cluster=args.cluster)
         store = Store(redis)
         t0 = time.perf_counter()
         version, ids, value_bytes = seed_prompts(store, users=args.users, seed=args.seed)
@@ -357,10 +368,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("value_key() no longer matches app.store's key layout")
         redis.close()
         with tempfile.TemporaryDirectory(prefix="pm-bench-api-") as logdir:
-            api = Api(redis_url=redis_url, workers=args.api_workers, log=Path(logdir) / "api.log")
+            api = Api(
+                redis_url=redis_url, cluster=args.cluster, broker_url=broker_url,
+                workers=args.api_workers, log=Path(logdir) / "api.log",
+            )  # fmt: skip
             try:
                 api.wait_ready(f"/users/{ids[0]}/prompt?model={MODEL}")
-                pids = {"api": api.proc.pid, "redis": redis_pid}
+                pids = {"api": [api.proc.pid], "redis": redis_pids}
                 phases = asyncio.run(
                     measure(redis_url=redis_url, api=api, version=version, ids=ids,
                             value_bytes=value_bytes, args=args, pids=pids)
@@ -384,7 +398,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "api_workers": args.api_workers,
             "api": "uvicorn app.main:app (PM_ENVIRONMENT=production, --no-access-log)",
             "client": "one asyncio process: redis.asyncio for Redis, httpx.AsyncClient for the API",
-            "redis": "external (--redis-url)" if args.redis_url else "own redis-server",
+            "redis": ("external (--redis-url)" if args.redis_url else "own redis-server")
+            + (", Redis Cluster of 3 primaries" if args.cluster else ""),
             "uvloop": importlib.util.find_spec("uvloop") is not None,
             "httptools": importlib.util.find_spec("httptools") is not None,
             "hiredis": importlib.util.find_spec("hiredis") is not None,
@@ -423,6 +438,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="users per batch request")
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn --workers")
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server")
+    parser.add_argument(
+        "--cluster", action="store_true", help="a Redis Cluster (three local nodes by default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("users", "concurrency", "batch_size", "api_workers"):

@@ -22,7 +22,7 @@ from safetensors.torch import save as save_tensors
 
 from app import codec
 from app.config import Settings
-from app.local_redis import LocalRedis, free_port
+from app.local_redis import LocalRedis, LocalRedisCluster
 from app.store import SetMeta, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,62 +52,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-class RedisClusterServer:
-    """A real three-node Redis Cluster, every slot assigned, no replicas: what the store's hash
-    tags and the read path must work on."""
+class RedisClusterServer(LocalRedisCluster):
+    """A real three-node Redis Cluster: what the store's hash tags and the read path must work
+    on."""
 
-    SLOT_COUNT = 16384
-
-    def __init__(self, workdir: Path, *, nodes: int = 3, node_timeout_ms: int = 15000) -> None:
-        self.nodes: list[RedisServer] = []
-        # The cluster bus defaults to port + 10000, which a free port near 65535 overflows.
-        self.bus_ports = [free_port() for _ in range(nodes)]
-        for i, bus_port in enumerate(self.bus_ports):
-            node_dir = workdir / f"node-{i}"
-            node_dir.mkdir()
-            node = RedisServer(node_dir)
-            node.extra_args = ["--cluster-enabled", "yes", "--cluster-port", str(bus_port)]
-            node.extra_args += ["--cluster-node-timeout", str(node_timeout_ms)]
-            self.nodes.append(node)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.nodes[0].port}"
-
-    def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        share = self.SLOT_COUNT // len(self.nodes)
-        for i, node in enumerate(self.nodes):
-            last = self.SLOT_COUNT - 1 if i == len(self.nodes) - 1 else (i + 1) * share - 1
-            with Redis(port=node.port) as client:
-                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
-        with Redis(port=self.nodes[0].port) as first:
-            for node, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus_port)
-        self.wait_ready()
-
-    def _ready(self) -> bool:
-        return all(self.state(node) == "ok" for node in self.nodes)
-
-    def state(self, node: RedisServer) -> str:
-        """``ok`` once the node knows every other node and sees every slot served, else ``fail``."""
-        with Redis(port=node.port, decode_responses=True) as client:
-            info = client.cluster("INFO")
-        known = int(info["cluster_known_nodes"]) == len(self.nodes)
-        return str(info["cluster_state"]) if known else "fail"
-
-    def wait_ready(self) -> None:
-        wait_for(self._ready, timeout=30, what="the Redis Cluster to agree on its slots")
-
-    def flush(self) -> None:
-        for node in self.nodes:
-            with Redis(port=node.port) as client:
-                client.flushall()
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+    def __init__(self, workdir: Path, *, node_timeout_ms: int = 15000) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        super().__init__(binary, workdir, node_timeout_ms=node_timeout_ms)
 
 
 @pytest.fixture(scope="session")
@@ -182,7 +135,7 @@ def cluster_client(
     from app.main import create_app
 
     redis_cluster.flush()
-    settings = make_settings(redis_server, redis_url=redis_cluster.url, redis_cluster=True)
+    settings = make_settings(redis_server, redis_url=redis_cluster.url(), redis_cluster=True)
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 import re
@@ -188,3 +189,22 @@ def test_batch_all_missing_and_repeated_ids(client: TestClient, store: Store) ->
         "u1": values["u1"],
     }
     assert body["missing"] == ["x"]
+
+
+def test_concurrent_reads_right_after_start_all_succeed(client: TestClient, store: Store) -> None:
+    """A burst of concurrent reads on a fresh API: on a Redis Cluster this is where a client
+    that discovers the nodes lazily races with itself and drops connections in use."""
+    _, values = seed_set(store, model="m-a", users=USERS)
+
+    async def burst() -> list[BaseException]:
+        async def read_many(worker: int) -> None:
+            for i in range(100):
+                user = USERS[(worker + i) % len(USERS)]
+                _, (value,) = await store.read_prompts(None, None, [user])
+                assert value == values[user]
+
+        done = await asyncio.gather(*(read_many(w) for w in range(16)), return_exceptions=True)
+        return [error for error in done if isinstance(error, BaseException)]
+
+    assert client.portal is not None  # the client is started (lifespan run)
+    assert client.portal.call(burst) == []

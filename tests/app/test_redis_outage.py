@@ -55,7 +55,7 @@ def test_a_cluster_node_down_is_503_then_recovers(
     cluster = RedisClusterServer(tmp_path, node_timeout_ms=500)
     cluster.start()
     try:
-        settings = make_settings(redis_server, redis_url=cluster.url, redis_cluster=True)
+        settings = make_settings(redis_server, redis_url=cluster.url(), redis_cluster=True)
         app = create_app(settings)
         with TestClient(app, raise_server_exceptions=False) as client:
             store = app.state.store

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench import apply, serving
-from tests.conftest import RedisServer
+from tests.conftest import RedisClusterServer, RedisServer
 
 BENCH_DB = 3  # apart from the store (0) and broker (1) databases other tests flush
 
@@ -46,6 +46,21 @@ def test_serving_measures_raw_redis_and_the_api_in_one_run(
     raw = result["measurements"]["raw_redis_get"]["requests_per_s"]
     single = result["measurements"]["api_single"]["requests_per_s"]
     assert abs(ratios["api_single_vs_raw"] - single / raw) < 1e-3
+
+
+def test_serving_on_a_redis_cluster_reads_every_phase_without_errors(
+    redis_cluster: RedisClusterServer, tmp_path: Path
+) -> None:
+    redis_cluster.flush()
+    out = tmp_path / "serving-cluster.json"
+    argv = ["--out", str(out), "--users", "60", "--concurrency", "2", "--seconds", "0.4",
+            "--warmup", "0.1", "--batch-size", "8", "--redis-url", redis_cluster.url(),
+            "--cluster"]  # fmt: skip
+    result = serving.main(argv)
+    assert "Cluster" in result["config"]["redis"]
+    assert set(result["measurements"]) == PHASES
+    for name, m in result["measurements"].items():
+        assert m["errors"] == 0 and m["requests"] > 0, name
 
 
 def test_apply_maps_writes_seals_and_cleans_up(redis_server: RedisServer, tmp_path: Path) -> None:

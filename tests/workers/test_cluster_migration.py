@@ -34,7 +34,7 @@ def env(
 ) -> Iterator[tuple[TestClient, Store]]:
     redis_cluster.flush()
     settings = make_settings(
-        redis_server, redis_url=redis_cluster.url, redis_cluster=True, chunk_size=5
+        redis_server, redis_url=redis_cluster.url(), redis_cluster=True, chunk_size=5
     )
     Redis.from_url(settings.broker).flushdb()
     worker = Worker(settings, tmp_path_factory.mktemp("cluster-worker") / "worker.log")
