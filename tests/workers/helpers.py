@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
+from redis import Redis
 
+from app.config import Settings
 from app.jobs import TERMINAL
+from app.main import create_app
 from app.store import Store
-from tests.conftest import admin, reader, wait_for
+from tests.conftest import Worker, admin, reader, wait_for
 
 SOURCE, TARGET, DATASET = "tiny-llama", "tiny-gemma", "synthetic-tiny"
 FAST_ADAPTER = {"epochs": 2, "hidden": 16}
@@ -94,3 +99,26 @@ def assert_exact_set(store: Store, model: str, version: str, expected: dict[str,
         got = np.frombuffer(value, "<f4")
         want = np.frombuffer(expected[user], "<f4")
         assert np.allclose(got, want, rtol=1e-5, atol=1e-6), user
+
+
+class Service(NamedTuple):
+    client: TestClient
+    store: Store
+    worker: Worker
+    source: dict[str, Any]  # the finished job that trained the source set
+
+
+@contextlib.contextmanager
+def service_with_source(settings: Settings, worker_log: Path) -> Iterator[Service]:
+    """A real worker and the API on ``settings`` (store already emptied by the caller, broker
+    emptied here), both models registered and the source set trained."""
+    Redis.from_url(settings.broker).flushdb()
+    worker = Worker(settings, worker_log)
+    worker.start()
+    app = create_app(settings)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            register(client, SOURCE, TARGET)
+            yield Service(client, app.state.store, worker, train_source(client))
+    finally:
+        worker.stop()

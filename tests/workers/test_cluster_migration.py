@@ -9,19 +9,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from redis import Redis
 
-from app.main import create_app
 from app.store import Store
-from tests.conftest import RedisClusterServer, RedisServer, Worker, make_settings, reader
+from tests.conftest import RedisClusterServer, RedisServer, make_settings, reader
 from tests.workers.helpers import (
-    SOURCE,
-    TARGET,
     assert_exact_set,
     expected_prompts,
     migrate,
-    register,
-    train_source,
+    service_with_source,
     wait_done,
 )
 
@@ -36,17 +31,9 @@ def env(
     settings = make_settings(
         redis_server, redis_url=redis_cluster.url(), redis_cluster=True, chunk_size=5
     )
-    Redis.from_url(settings.broker).flushdb()
-    worker = Worker(settings, tmp_path_factory.mktemp("cluster-worker") / "worker.log")
-    worker.start()
-    app = create_app(settings)
-    try:
-        with TestClient(app, raise_server_exceptions=False) as client:
-            register(client, SOURCE, TARGET)
-            train_source(client)
-            yield client, app.state.store
-    finally:
-        worker.stop()
+    log = tmp_path_factory.mktemp("cluster-worker") / "worker.log"
+    with service_with_source(settings, log) as service:
+        yield service.client, service.store
 
 
 def test_migration_is_sealed_promoted_and_served_on_the_cluster(

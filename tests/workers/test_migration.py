@@ -14,14 +14,12 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from app import codec
-from app.main import create_app
 from app.store import Store
 from models.adapter.model import adapter_from_bytes
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
 from tests.conftest import (
     RedisServer,
-    Worker,
     admin,
     make_settings,
     reader,
@@ -36,8 +34,7 @@ from tests.workers.helpers import (
     expected_prompts,
     job,
     migrate,
-    register,
-    train_source,
+    service_with_source,
     wait_done,
 )
 from workers.pipeline import load_set
@@ -49,20 +46,14 @@ def env(
 ) -> Iterator[dict[str, Any]]:
     settings = make_settings(redis_server, chunk_size=5, chunk_delay_s=0.3)
     Redis.from_url(settings.redis_url).flushdb()
-    Redis.from_url(settings.broker).flushdb()
-    worker = Worker(settings, tmp_path_factory.mktemp("worker") / "worker.log")
-    worker.start()
-    app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        register(client, SOURCE, TARGET)
-        source_job = train_source(client)
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with service_with_source(settings, log) as service:
         yield {
-            "client": client,
-            "store": app.state.store,
+            "client": service.client,
+            "store": service.store,
             "settings": settings,
-            "source": source_job,
+            "source": service.source,
         }
-    worker.stop()
 
 
 @pytest.fixture

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.main import create_app
-from tests.conftest import RedisServer, Worker, make_settings, wait_for
+from tests.conftest import RedisServer, make_settings, wait_for
 from tests.workers.helpers import (
-    SOURCE,
     TARGET,
     assert_exact_set,
     expected_prompts,
     job,
     migrate,
-    register,
-    train_source,
+    service_with_source,
     wait_done,
 )
 
@@ -34,35 +30,23 @@ def test_killed_worker_resumes_without_losing_or_duplicating_users(
         restore_interval_s=1,
     )
     Redis.from_url(settings.redis_url).flushdb()
-    Redis.from_url(settings.broker).flushdb()
     worker_log = tmp_path / "worker.log"
-    worker = Worker(settings, worker_log)
-    worker.start()
-    app = create_app(settings)
-    try:
-        with TestClient(app, raise_server_exceptions=False) as client:
-            register(client, SOURCE, TARGET)
-            train_source(client)
-            created = migrate(client)
+    with service_with_source(settings, worker_log) as (client, store, worker, _):
+        created = migrate(client)
 
-            def mid_mapping() -> bool:
-                record = job(client, created["id"])
-                return record["stage"] == "mapping" and record["progress"]["users_mapped"] >= 3
+        def mid_mapping() -> bool:
+            record = job(client, created["id"])
+            return record["stage"] == "mapping" and record["progress"]["users_mapped"] >= 3
 
-            wait_for(mid_mapping, timeout=120, interval=0.05, what="mapping under way")
-            worker.kill()
-            partial = job(client, created["id"])
-            total = partial["progress"]["users_total"]
-            assert 0 < partial["progress"]["users_mapped"] < total
-            worker.start()
-            done = wait_done(client, created["id"], timeout=180, worker_log=worker_log)
-            assert done["state"] == "promoted", done
-            assert done["progress"]["users_mapped"] == total
-            store = app.state.store
-            target = done["target"]
-            assert target["model"] == TARGET
-            assert_exact_set(
-                store, TARGET, target["version"], expected_prompts(store, created["id"])
-            )
-    finally:
-        worker.stop()
+        wait_for(mid_mapping, timeout=120, interval=0.05, what="mapping under way")
+        worker.kill()
+        partial = job(client, created["id"])
+        total = partial["progress"]["users_total"]
+        assert 0 < partial["progress"]["users_mapped"] < total
+        worker.start()
+        done = wait_done(client, created["id"], timeout=180, worker_log=worker_log)
+        assert done["state"] == "promoted", done
+        assert done["progress"]["users_mapped"] == total
+        target = done["target"]
+        assert target["model"] == TARGET
+        assert_exact_set(store, TARGET, target["version"], expected_prompts(store, created["id"]))
