@@ -38,7 +38,7 @@ def measure(name: str, *, batch: int, repeats: int) -> dict[str, object]:
     rows = load_interactions("movielens-100k", task="rating")[: batch * 4]
     prefixes = [task.template.prefix_for(r.item_text) for r in rows][:batch]
     model = FoundationModel.load(name)
-    labels = model.label_token_ids(task.labels)
+    answer = model.answer_tokens(task.template.suffix, task.labels)
     prompts = torch.randn(batch, 1, model.hidden_size) * model.embedding_std
     start = time.perf_counter()
     model.warm_prefixes(prefixes)
@@ -53,11 +53,11 @@ def measure(name: str, *, batch: int, repeats: int) -> dict[str, object]:
 
         def train_step(score: Callable[..., torch.Tensor] = score) -> None:
             p = prompts.clone().requires_grad_()
-            score(prefixes, p, suffix=task.template.suffix, label_ids=labels).sum().backward()
+            score(prefixes, p, answer=answer).sum().backward()
 
         def infer(score: Callable[..., torch.Tensor] = score) -> None:
             with torch.no_grad():
-                score(prefixes, prompts, suffix=task.template.suffix, label_ids=labels)
+                score(prefixes, prompts, answer=answer)
 
         timings[f"{label}_train_ms"] = _time(train_step, repeats=repeats) / batch * 1e3
         timings[f"{label}_infer_ms"] = _time(infer, repeats=repeats) / batch * 1e3

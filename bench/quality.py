@@ -194,8 +194,11 @@ def source_prompts(
     preset: Preset, model: FoundationModel, task: Task, splits: Splits
 ) -> tuple[PromptSet, dict]:
     """The source set before the upgrade, trained once and cached by its exact recipe."""
+    # The scored tokens are part of the recipe: a set trained to other positions is another set.
+    answer = model.answer_tokens(task.template.suffix, task.labels)
     recipe = json.dumps([preset.dataset, preset.task, preset.source_model, preset.max_users,
-                         preset.n_test, preset.n_val, preset.max_train, asdict(preset.prompt)])  # fmt: skip
+                         preset.n_test, preset.n_val, preset.max_train, asdict(preset.prompt),
+                         task.template.prefix, asdict(answer)])  # fmt: skip
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     folder = assets.cache_dir() / "bench"
     path, meta_path = folder / f"source-{key}.safetensors", folder / f"source-{key}.json"

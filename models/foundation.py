@@ -7,6 +7,9 @@ runs only the ``l + len(suffix)`` tokens that do depend on the user. ``label_log
 the plain full-sequence forward the cache is measured and tested against.
 
 Only the label tokens' logits at the answer position are computed: never the full vocabulary.
+Where the tokenizer spells every label as shared leading tokens plus one token (" 1" is a space
+token and a digit for SmolLM2 and Gemma), the shared tokens are part of what runs before the
+answer position (``AnswerTokens``): the label's own token is scored where the model predicts it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ from transformers import (
 
 from models.errors import CheckpointError, ShapeMismatchError
 from models.registry import resolve_checkpoint
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """What runs after the user's prompt (``suffix_ids``) and the label tokens scored at its
+    last position (``label_ids``, one per label, in the task's order)."""
+
+    suffix_ids: list[int]
+    label_ids: list[int]
 
 
 def default_device() -> torch.device:
@@ -103,12 +115,20 @@ class FoundationModel:
     def token_ids(self, text: str, *, special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def label_token_ids(self, labels: tuple[str, ...]) -> list[int]:
-        """One token per label word: the last token of " word" (how it follows "Answer:")."""
-        ids = [self.token_ids(" " + label)[-1] for label in labels]
-        if len(set(ids)) != len(ids):
-            raise CheckpointError(f"Labels {labels} do not map to distinct tokens in {self.name}.")
-        return ids
+    def answer_tokens(self, suffix: str, labels: tuple[str, ...]) -> AnswerTokens:
+        """The suffix's tokens, then the leading tokens all of " label" share, and each label's
+        last token: one scored token per label, at the position where the model predicts it."""
+        spelled = [self.token_ids(" " + label) for label in labels]
+        leads = {tuple(ids[:-1]) for ids in spelled}
+        label_ids = [ids[-1] for ids in spelled]
+        if len(leads) != 1 or len(set(label_ids)) != len(label_ids):
+            pieces = [self.tokenizer.convert_ids_to_tokens(ids) for ids in spelled]
+            raise CheckpointError(
+                f"Labels {labels} are spelled {pieces} by {self.name}'s tokenizer: each must be "
+                "one distinct token after leading tokens all labels share. Use such label words."
+            )
+        return AnswerTokens(suffix_ids=self.token_ids(suffix) + list(leads.pop()),
+                            label_ids=label_ids)  # fmt: skip
 
     def raw_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the input embedding table, unscaled, fp32: ``[..., d]``."""
@@ -172,23 +192,23 @@ class FoundationModel:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _suffix_embeddings(self, prompts: torch.Tensor, suffix: str) -> torch.Tensor:
-        suffix_ids = torch.tensor(self.token_ids(suffix), device=self.device)
-        tail = self.embeddings(suffix_ids).expand(prompts.shape[0], -1, -1)
+    def _suffix_embeddings(self, prompts: torch.Tensor, suffix_ids: list[int]) -> torch.Tensor:
+        tail = self.embeddings(torch.tensor(suffix_ids, device=self.device))
+        tail = tail.expand(prompts.shape[0], -1, -1)
         users = prompts.to(device=self.device, dtype=self.dtype) * self.embed_scale
         return torch.cat([users, tail.to(self.dtype)], dim=1)
 
     def label_logits(
-        self, prefixes: list[str], prompts: torch.Tensor, *, suffix: str, label_ids: list[int]
+        self, prefixes: list[str], prompts: torch.Tensor, *, answer: AnswerTokens
     ) -> torch.Tensor:
-        """Logits of the label tokens after ``prefix + prompt + suffix``.
+        """Logits of the label tokens after ``prefix + prompt + answer.suffix_ids``.
 
         prefixes: one text per example (the item part of the template); prompts: ``[B, l, d]``
         in raw embedding space. Returns ``[B, n_labels]`` fp32, differentiable in ``prompts``.
         """
         self.check_prompts(prompts)
         cache, prefix_mask, lengths = self._batched_prefix(prefixes)
-        inputs = self._suffix_embeddings(prompts, suffix)
+        inputs = self._suffix_embeddings(prompts, answer.suffix_ids)
         steps = torch.arange(inputs.shape[1], device=self.device)
         mask = torch.cat(
             [prefix_mask, torch.ones_like(prefix_mask[:, :1]).expand(-1, len(steps))], 1
@@ -200,10 +220,10 @@ class FoundationModel:
             past_key_values=cache,
             use_cache=True,
         )
-        return self._label_head(out.last_hidden_state[:, -1], label_ids)
+        return self._label_head(out.last_hidden_state[:, -1], answer.label_ids)
 
     def label_logits_full(
-        self, prefixes: list[str], prompts: torch.Tensor, *, suffix: str, label_ids: list[int]
+        self, prefixes: list[str], prompts: torch.Tensor, *, answer: AnswerTokens
     ) -> torch.Tensor:
         """The same scores by one plain forward over the whole sequence (no prefix reuse)."""
         self.check_prompts(prompts)
@@ -215,9 +235,9 @@ class FoundationModel:
             [[0] * (width - len(p)) + [1] * len(p) for p in prefix_ids], device=self.device
         )
         head = self.embeddings(ids).to(self.dtype)
-        inputs = torch.cat([head, self._suffix_embeddings(prompts, suffix)], dim=1)
+        inputs = torch.cat([head, self._suffix_embeddings(prompts, answer.suffix_ids)], dim=1)
         mask = torch.cat([mask, torch.ones(len(prefixes), inputs.shape[1] - width,
                                            dtype=mask.dtype, device=self.device)], 1)  # fmt: skip
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
-        return self._label_head(out.last_hidden_state[:, -1], label_ids)
+        return self._label_head(out.last_hidden_state[:, -1], answer.label_ids)

@@ -19,7 +19,7 @@ from torch import nn
 
 from models.data import Interaction
 from models.errors import Cancelled, DataError
-from models.foundation import FoundationModel
+from models.foundation import AnswerTokens, FoundationModel
 from models.tasks import Task
 
 ProgressFn = Callable[[dict[str, float]], None]
@@ -88,15 +88,14 @@ class FitResult:
 
 
 def _batch_logits(
-    model: FoundationModel, task: Task, prompt_source: nn.Module, examples: Examples,
-    rows: np.ndarray, label_ids: list[int],
+    model: FoundationModel, prompt_source: nn.Module, examples: Examples, rows: np.ndarray,
+    answer: AnswerTokens,
 ) -> torch.Tensor:  # fmt: skip
     """``[len(rows), n_labels]`` label logits of the examples at ``rows``."""
     users = torch.from_numpy(examples.users[rows]).to(model.device)
     return model.label_logits(
-        [examples.prefixes[i] for i in rows], prompt_source(users),
-        suffix=task.template.suffix, label_ids=label_ids,
-    )  # fmt: skip
+        [examples.prefixes[i] for i in rows], prompt_source(users), answer=answer
+    )
 
 
 @torch.no_grad()
@@ -107,14 +106,14 @@ def label_logits(
     """``[n, n_labels]`` fp32 label logits of every example, in order, without gradients."""
     if len(examples) == 0:
         raise DataError("Nothing to predict: the split holds no interactions for these users.")
-    label_ids = model.label_token_ids(task.labels)
+    answer = model.answer_tokens(task.template.suffix, task.labels)
     prompt_source.eval()
     # Sorting by prefix keeps batches of similar length: less padding.
     order = np.argsort([len(p) for p in examples.prefixes], kind="stable")
-    out = torch.empty(len(examples), len(label_ids))
+    out = torch.empty(len(examples), len(answer.label_ids))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        logits = _batch_logits(model, task, prompt_source, examples, rows, label_ids)
+        logits = _batch_logits(model, prompt_source, examples, rows, answer)
         out[torch.from_numpy(rows)] = logits.float().cpu()
     return out
 
@@ -166,7 +165,7 @@ def fit(
     """Train for up to ``epochs``; keep the state of the best validation epoch."""
     if len(train) == 0:
         raise DataError("No training interactions for the chosen users: pick users with data.")
-    label_ids = model.label_token_ids(task.labels)
+    answer = model.answer_tokens(task.template.suffix, task.labels)
     model.warm_prefixes(train.prefixes + (val.prefixes if val else []))
     steps_per_epoch = -(-len(train) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -185,7 +184,7 @@ def fit(
             if should_stop and should_stop():
                 raise Cancelled("stopped on request")
             rows = order[begin : begin + batch_size]
-            logits = _batch_logits(model, task, prompt_source, train, rows, label_ids)
+            logits = _batch_logits(model, prompt_source, train, rows, answer)
             targets = torch.from_numpy(train.targets[rows]).to(model.device)
             weights = (
                 None if train.weights is None

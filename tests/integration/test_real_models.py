@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models import assets
+from models.errors import CheckpointError
 from models.foundation import FoundationModel
 from models.registry import REAL_MODELS
 from models.tasks import get_task
@@ -24,8 +25,8 @@ def test_real_model_trains_a_prompt_with_finite_gradients(name: str) -> None:
     prompts = start.clone().requires_grad_()
     head = task.make_head(mean_target=3.5)
     optimizer = torch.optim.Adam([prompts, *head.parameters()], lr=1e-2)
-    logits = model.label_logits(prefixes, prompts, suffix=task.template.suffix,
-                                label_ids=model.label_token_ids(task.labels))  # fmt: skip
+    answer = model.answer_tokens(task.template.suffix, task.labels)
+    logits = model.label_logits(prefixes, prompts, answer=answer)
     loss = task.loss(logits, head(logits), torch.tensor([5.0, 1.0]))
     loss.backward()
     assert torch.isfinite(loss)
@@ -33,3 +34,20 @@ def test_real_model_trains_a_prompt_with_finite_gradients(name: str) -> None:
     assert prompts.grad.abs().sum() > 0
     optimizer.step()
     assert not torch.equal(prompts.detach(), start)
+
+
+@pytest.mark.parametrize("task_name", ["rating", "binary"])
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_each_label_is_scored_where_the_model_predicts_it(name: str, task_name: str) -> None:
+    """Both tokenizers spell " 1" as a space token and a digit: the space must run before the
+    answer position, or the digit is scored where the model expects the space."""
+    if not (assets.model_dir(name) / "config.json").exists():
+        pytest.fail(f"{name} is missing from the asset cache: run `make setup` first.")
+    model = FoundationModel.load(name)
+    task = get_task(task_name)
+    answer = model.answer_tokens(task.template.suffix, task.labels)
+    for label, label_id in zip(task.labels, answer.label_ids, strict=True):
+        spelled = model.token_ids(task.template.suffix + " " + label)
+        assert [*answer.suffix_ids, label_id] == spelled, label
+    with pytest.raises(CheckpointError, match="one distinct token"):
+        model.answer_tokens(task.template.suffix, ("1", "10"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.errors import CheckpointError, ShapeMismatchError, UnknownModelError
-from models.foundation import FoundationModel
+from models.foundation import AnswerTokens, FoundationModel
 from models.tasks import Task
 
 ITEMS = ["item3 comedy", "item12 drama action 1995", "item7"]
@@ -18,10 +18,9 @@ def test_prefix_reuse_scores_like_the_full_forward(
     model: FoundationModel = request.getfixturevalue(fixture)
     prefixes = [rating.template.prefix_for(item) for item in ITEMS]  # different lengths: padding
     prompts = torch.randn(len(ITEMS), length, model.hidden_size) * 0.05
-    labels = model.label_token_ids(rating.labels)
-    suffix = rating.template.suffix
-    cached = model.label_logits(prefixes, prompts, suffix=suffix, label_ids=labels)
-    full = model.label_logits_full(prefixes, prompts, suffix=suffix, label_ids=labels)
+    answer = model.answer_tokens(rating.template.suffix, rating.labels)
+    cached = model.label_logits(prefixes, prompts, answer=answer)
+    full = model.label_logits_full(prefixes, prompts, answer=answer)
     assert cached.shape == (len(ITEMS), 5)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
@@ -31,10 +30,8 @@ def test_scores_depend_on_the_prompt_and_its_gradient_is_finite(
 ) -> None:
     prefixes = [rating.template.prefix_for(item) for item in ITEMS]
     prompts = (torch.randn(3, 1, tiny_gemma.hidden_size) * 0.05).requires_grad_()
-    labels = tiny_gemma.label_token_ids(rating.labels)
-    logits = tiny_gemma.label_logits(
-        prefixes, prompts, suffix=rating.template.suffix, label_ids=labels
-    )
+    answer = tiny_gemma.answer_tokens(rating.template.suffix, rating.labels)
+    logits = tiny_gemma.label_logits(prefixes, prompts, answer=answer)
     logits.sum().backward()
     assert prompts.grad is not None and torch.isfinite(prompts.grad).all()
     assert prompts.grad.abs().sum() > 0
@@ -47,7 +44,7 @@ def test_frozen_weights_get_no_gradient(tiny_llama: FoundationModel) -> None:
 def test_prompts_of_another_width_are_refused(tiny_llama: FoundationModel, rating: Task) -> None:
     with pytest.raises(ShapeMismatchError, match="Migrate them"):
         tiny_llama.label_logits(["x"], torch.zeros(1, 1, tiny_llama.hidden_size + 1),
-                                suffix=":", label_ids=[1])  # fmt: skip
+                                answer=AnswerTokens(suffix_ids=[1], label_ids=[1]))  # fmt: skip
 
 
 def test_unknown_model_name_says_what_exists() -> None:
