@@ -46,7 +46,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cluster_needs_a_broker(self) -> Settings:
-        if self.redis_cluster and not (self.broker_url and self.result_backend):
+        celery_urls = {self.broker_url, self.result_backend}
+        if self.redis_cluster and ("" in celery_urls or self.redis_url in celery_urls):
             raise ValueError(
                 "PM_REDIS_CLUSTER is on, and Celery cannot use a Redis Cluster: set "
                 "PM_BROKER_URL and PM_RESULT_BACKEND to a plain Redis (or RabbitMQ for the broker)."

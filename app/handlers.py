@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import ClusterDownError
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import Headers
@@ -81,8 +81,10 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
-    # A Redis Cluster that lost a node's slots answers CLUSTERDOWN on the nodes still up.
+    # A Redis Cluster that lost a node's slots answers CLUSTERDOWN on the nodes still up, and
+    # one with no node answering raises RedisClusterException.
     app.add_exception_handler(ClusterDownError, _redis_down)
+    app.add_exception_handler(RedisClusterException, _redis_down)
 
 
 class BodyLimitMiddleware:

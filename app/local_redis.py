@@ -95,6 +95,13 @@ class LocalRedisCluster:
         return [pid for node in self.nodes for pid in node.pids]
 
     def start(self, *, timeout_s: float = 30.0) -> None:
+        try:
+            self._start(timeout_s)
+        except Exception:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
         for node in self.nodes:
             node.start()
         share = self.SLOT_COUNT // len(self.nodes)

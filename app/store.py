@@ -25,7 +25,7 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import re
 import time
@@ -40,7 +40,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from app import codec
@@ -112,10 +113,26 @@ def _fail_fast(timeout_s: float) -> dict[str, Any]:
     }
 
 
+# What an unreachable store raises: a Redis Cluster with no node answering raises
+# RedisClusterException, which is not a RedisError.
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
+
+
 def connect_redis(url: str, *, timeout_s: float, cluster: bool = False) -> Redis | RedisCluster:
-    """A client for ``url``; with ``cluster``, for the Redis Cluster that ``url`` is a node of."""
-    client = RedisCluster if cluster else Redis
-    return client.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
+    """A client for ``url``; with ``cluster``, for the Redis Cluster that ``url`` is a node of.
+
+    A Cluster client discovers the nodes at once, so the Cluster must answer now; a single
+    Redis is connected to on first use.
+    """
+    if not cluster:
+        return Redis.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
+    try:
+        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
+    except RedisClusterException as exc:
+        raise RedisConnectionError(
+            f"No node of the Redis Cluster at {url} answered ({exc}); start it or fix "
+            "PM_REDIS_URL, then start again."
+        ) from exc
 
 
 def connect_redis_async(
@@ -199,6 +216,8 @@ class Store:
         self._sealed: dict[tuple[str, str], SetFormat] = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         self._cluster = isinstance(aredis, AsyncRedisCluster)
+        self._rediscover = False  # a Cluster read failed: rediscover the nodes before the next
+        self._discovery = asyncio.Lock()
         if aredis is not None:
             self._read_script = aredis.register_script(_READ_LUA)
             self._resolve_script = aredis.register_script(_RESOLVE_LUA)
@@ -210,11 +229,13 @@ class Store:
     async def connect(self) -> None:
         """Discover a Redis Cluster's nodes before serving. The asyncio Cluster client otherwise
         discovers them on first use, and concurrent first reads race: redis-py (8.1) then drops
-        connections still in use and the errors feed on themselves. A Cluster that is down now
-        is discovered on first use instead, once it is back."""
-        if isinstance(self.aredis, AsyncRedisCluster):
-            with contextlib.suppress(RedisError):
+        connections still in use and the errors feed on themselves. If the Cluster cannot be
+        reached now, the first read discovers it (see _read_on_cluster)."""
+        if self._cluster and self.aredis is not None:
+            try:
                 await self.aredis.initialize()
+            except REDIS_DOWN:
+                self._rediscover = True
 
     # ---- models -------------------------------------------------------------------------------
 
@@ -343,7 +364,7 @@ class Store:
             raise RuntimeError("Store was built without an asyncio client")
         pointer = [model or "", version or ""]
         if self._cluster:
-            reply = await self._read_in_two_steps(pointer, users)
+            reply = await self._read_on_cluster(pointer, users)
         else:
             reply = await self._read_script(keys=[f"{_REG}:active"], args=[*pointer, *users])
         code = int(reply[0])
@@ -375,13 +396,37 @@ class Store:
             found = self._cache_sealed(meta) if meta.state == SEALED else meta.format()
         return found, _split(bytes(reply[3]), bytes(reply[4]))
 
+    async def _read_on_cluster(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
+        """The read script's reply, on Redis Cluster (see _READ_LUA). After a failure the
+        client rediscovers the nodes once, before any other read: redis-py (8.1) would let every
+        concurrent read rediscover at once, and those races drop connections still in use."""
+        assert self.aredis is not None
+        if self._rediscover:
+            async with self._discovery:
+                if self._rediscover:
+                    await self.aredis.initialize()
+                    self._rediscover = False
+        try:
+            return await self._read_in_two_steps(pointer, users)
+        except REDIS_DOWN:
+            self._rediscover = True
+            raise
+
     async def _read_in_two_steps(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
-        """The read script's reply, on Redis Cluster: resolve on the registry's slot, then read
-        on the set's (see _READ_LUA)."""
-        resolved = await self._resolve_script(keys=[f"{_REG}:active"], args=pointer)
-        if int(resolved[0]) != 3:
-            return list(resolved)
-        model, version = str(_text(resolved[1])), str(_text(resolved[2]))
+        reply = await self._resolve_then_read(pointer, users)
+        if int(reply[0]) == 2 and not reply[3] and not pointer[1]:
+            # The version the pointer named is gone: promoted away and purged between the steps.
+            reply = await self._resolve_then_read(pointer, users)
+        return reply
+
+    async def _resolve_then_read(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
+        """Resolve on the registry's slot unless the version is given, then read on the set's."""
+        model, version = pointer
+        if not (model and version):
+            resolved = await self._resolve_script(keys=[f"{_REG}:active"], args=pointer)
+            if int(resolved[0]) != 3:
+                return list(resolved)
+            model, version = str(_text(resolved[1])), str(_text(resolved[2]))
         prefix = _set_prefix(model, version)
         keys = [f"{prefix}:meta", *(f"{prefix}:u:{user}" for user in users)]
         return list(await self._read_set_script(keys=keys, args=[model, version]))
@@ -586,6 +631,8 @@ class Store:
         prefix = _set_prefix(model, version)
         if self.active_pointers().get(model) == version:
             raise ConflictError(f"{model} version {version} is active; activate another first.")
+        # The metadata goes first: from then on readers find no set, never a set missing users.
+        self.redis.delete(f"{prefix}:meta")
         for batch in _batched(self.redis.scan_iter(match=f"{prefix}:*", count=1000), 500):
             self.redis.delete(*batch)
         self.redis.zrem(f"{_REG}:versions:{model}", version)

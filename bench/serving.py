@@ -74,8 +74,8 @@ def local_redis(
         raise SystemExit("redis-server is not installed; install it or pass --redis-url.")
     with tempfile.TemporaryDirectory(prefix="pm-bench-redis-") as workdir:
         servers = (LocalRedisCluster if cluster else LocalRedis)(binary, Path(workdir))
-        servers.start()
         try:
+            servers.start()
             yield servers.url(), servers.pids
         finally:
             servers.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -179,6 +180,27 @@ def seed_set(
 def store(client: TestClient) -> Store:
     s: Store = client.app.state.store  # type: ignore[attr-defined]
     return s
+
+
+def read_burst_errors(
+    client: TestClient, store: Store, values: dict[str, bytes], *, tasks: int = 16, reads: int = 100
+) -> list[BaseException]:
+    """``tasks`` concurrent readers of the active set on the API's event loop, ``reads`` each;
+    the first error of each reader that failed (a wrong value counts)."""
+    users = sorted(values)
+
+    async def read_many(worker: int) -> None:
+        for i in range(reads):
+            user = users[(worker + i) % len(users)]
+            _, (value,) = await store.read_prompts(None, None, [user])
+            assert value == values[user]
+
+    async def burst() -> list[BaseException]:
+        done = await asyncio.gather(*(read_many(w) for w in range(tasks)), return_exceptions=True)
+        return [error for error in done if isinstance(error, BaseException)]
+
+    assert client.portal is not None, "start the client first (with TestClient(...) as client)"
+    return client.portal.call(burst)
 
 
 def admin() -> dict[str, str]:

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from redis.exceptions import RedisError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -31,7 +30,7 @@ from app.jobs import (
     SUCCEEDED,
     TERMINAL,
 )
-from app.store import SEALED, SetMeta, Store, connect_redis
+from app.store import REDIS_DOWN, SEALED, SetMeta, Store, connect_redis
 from models.adapter.model import adapter_from_bytes, adapter_to_bytes
 from models.data import Splits, load_interactions, split_chronological
 from models.errors import Cancelled, DataError, MigrationError
@@ -140,7 +139,7 @@ def run_guarded(job_id: str, stage: Callable[[Job], Any]) -> Any:
         abandon(job)
     except (MigrationError, ServiceError) as exc:
         abandon(job, error=str(exc))
-    except RedisError:
+    except REDIS_DOWN:
         raise  # transient: the task is retried, the job stays as it is
     except Exception as exc:
         abandon(job, error=f"internal error: {exc!r}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from celery import chord, group
-from redis.exceptions import RedisError
 
+from app.store import REDIS_DOWN
 from workers import pipeline
 from workers.celery_app import app
 
 # A Redis outage is transient: retry with backoff; every stage is idempotent.
-RETRY = {"autoretry_for": (RedisError,), "retry_backoff": True, "max_retries": 8}
+RETRY = {"autoretry_for": REDIS_DOWN, "retry_backoff": True, "max_retries": 8}
 
 
 @app.task(name="workers.tasks.train_prompt_set", **RETRY)

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 
 from app.deps import CeleryDep, StoreDep
+from app.store import REDIS_DOWN
 
 router = APIRouter(tags=["health"])
 
@@ -24,7 +24,7 @@ def readyz(store: StoreDep, celery: CeleryDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:
         checks["redis"] = "ok" if store.ping() else "no answer"
-    except RedisError as exc:
+    except REDIS_DOWN as exc:
         checks["redis"] = f"unreachable: {exc}"
     try:
         replies = celery.control.ping(timeout=1.0) or []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import inspect
 import re
@@ -16,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.schemas import BatchOut
 from app.store import SetMeta, Store
-from tests.conftest import admin, reader, seed_set
+from tests.conftest import admin, read_burst_errors, reader, seed_set
 
 USERS = ["u1", "u2", "u3"]
 HOT = {("GET", "/users/{user_id}/prompt"), ("POST", "/prompts/batch")}
@@ -195,16 +194,4 @@ def test_concurrent_reads_right_after_start_all_succeed(client: TestClient, stor
     """A burst of concurrent reads on a fresh API: on a Redis Cluster this is where a client
     that discovers the nodes lazily races with itself and drops connections in use."""
     _, values = seed_set(store, model="m-a", users=USERS)
-
-    async def burst() -> list[BaseException]:
-        async def read_many(worker: int) -> None:
-            for i in range(100):
-                user = USERS[(worker + i) % len(USERS)]
-                _, (value,) = await store.read_prompts(None, None, [user])
-                assert value == values[user]
-
-        done = await asyncio.gather(*(read_many(w) for w in range(16)), return_exceptions=True)
-        return [error for error in done if isinstance(error, BaseException)]
-
-    assert client.portal is not None  # the client is started (lifespan run)
-    assert client.portal.call(burst) == []
+    assert read_burst_errors(client, store, values) == []

@@ -68,6 +68,9 @@ def test_cluster_needs_its_own_broker_and_result_backend() -> None:
         Settings(redis_url="redis://node-1:6379", redis_cluster=True)
     with pytest.raises(ValidationError, match="PM_BROKER_URL and PM_RESULT_BACKEND"):
         Settings(redis_cluster=True, broker_url="redis://broker:6379/0")
+    node = "redis://node-1:6379"
+    with pytest.raises(ValidationError, match="PM_BROKER_URL and PM_RESULT_BACKEND"):
+        Settings(redis_url=node, redis_cluster=True, broker_url=node, result_backend=node)
 
 
 def test_cluster_url_names_no_database() -> None:
