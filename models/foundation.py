@@ -156,7 +156,12 @@ class FoundationModel:
             ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.device)
             mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded],
                                 device=self.device)  # fmt: skip
-            out = self.decoder(input_ids=ids, attention_mask=mask, use_cache=True)
+            # A cache without the config keeps every position on every layer: a sliding-window
+            # layer's cache (Gemma-3's local layers) would keep only the batch's last positions,
+            # not each text's own.
+            out = self.decoder(
+                input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True
+            )
             layers = out.past_key_values.layers
             for row, (text, tokens) in enumerate(zip(chunk, encoded, strict=True)):
                 n = len(tokens)

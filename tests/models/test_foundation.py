@@ -61,3 +61,22 @@ def test_checkpoint_without_weights_is_refused(tmp_path: Path) -> None:
 def test_directory_without_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"config\.json"):
         FoundationModel.load(str(tmp_path))
+
+
+def test_prefixes_around_the_sliding_window_score_like_the_full_forward(
+    tiny_gemma: FoundationModel, rating: Task
+) -> None:
+    """Gemma-3's local layers see the last ``sliding_window`` tokens only. Prefixes shorter and
+    longer than the window, cached in one batch (the short ones padded to the longest), score
+    as the plain forward does."""
+    window = int(tiny_gemma.model.config.sliding_window)
+    items = [" ".join(ITEMS * repeats) for repeats in (1, window // 3, window // 6, window // 4)]
+    prefixes = [rating.template.prefix_for(item) for item in items]
+    assert max(len(tiny_gemma.token_ids(p, special=True)) for p in prefixes) > window
+    tiny_gemma.warm_prefixes(prefixes)
+    answer = tiny_gemma.answer_tokens(rating.template.suffix, rating.labels)
+    for length in (1, 8):
+        prompts = torch.randn(len(prefixes), length, tiny_gemma.hidden_size) * 0.05
+        cached = tiny_gemma.label_logits(prefixes, prompts, answer=answer)
+        full = tiny_gemma.label_logits_full(prefixes, prompts, answer=answer)
+        torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
