@@ -57,6 +57,18 @@ class Splits:
         """Each user's latest ``n`` training interactions; every one when ``n`` is None."""
         return self.train if n is None else {u: items[-n:] for u, items in self.train.items()}
 
+    def require_training_data(self, users: list[str]) -> None:
+        """Refuse users with no training interactions: nothing would train them, yet they would
+        come back with prompts that look trained."""
+        missing = [u for u in users if not self.train.get(u)]
+        if missing:
+            more = ", ..." if len(missing) > 5 else ""
+            raise DataError(
+                f"{len(missing)} of {len(users)} users have no training interactions in this "
+                f"dataset ({', '.join(missing[:5])}{more}): leave them out, or add their "
+                "interactions to the dataset first."
+            )
+
     def restrict(self, users: list[str]) -> Splits:
         keep = set(users)
         pick = lambda part: {u: v for u, v in part.items() if u in keep}  # noqa: E731

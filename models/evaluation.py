@@ -45,8 +45,11 @@ def evaluate(
     model: FoundationModel, task: Task, prompt_set: PromptSet,
     interactions: dict[str, list[Interaction]],
 ) -> dict[str, float | None]:  # fmt: skip
-    """Task metrics over all given interactions, computed globally."""
-    return metrics_of(task, predict_set(model, task, prompt_set, interactions))
+    """Task metrics over the interactions of the set's users, computed globally, and how many
+    users with interactions have no prompt in the set (they are not scored)."""
+    without_prompt = set(interactions) - set(prompt_set.user_ids)
+    metrics = metrics_of(task, predict_set(model, task, prompt_set, interactions))
+    return metrics | {"n_users_without_prompt": float(len(without_prompt))}
 
 
 def paired_bootstrap_rmse_diff(

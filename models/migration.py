@@ -120,9 +120,9 @@ def train_adapter(
 ) -> AdapterResult:
     """Train the adapter on ``users`` (their source prompts and interactions), each user's
     examples weighted in the loss by ``user_weights`` (``Selection.weights``; None: alike)."""
-    users = [u for u in users if u in splits.train]
     if not users:
-        raise DataError("None of the selected users has training interactions in this dataset.")
+        raise DataError("No users to train the adapter on: select at least one user.")
+    splits.require_training_data(users)
     inputs = stack_sources(sources, users)
     # Every user's prompt gives the input statistics; input_rank implies standardize_inputs.
     table = stack_sources(sources, common_users(sources)) if config.standardize_inputs else None

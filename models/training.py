@@ -110,6 +110,7 @@ def train_prompts(
     ``initial`` continues from an existing set of the same model (its rows and head).
     """
     users = users or splits.users
+    splits.require_training_data(users)
     row_of = index_users(users)
     if initial is not None:
         start = initial.rows(users)

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from models.data import Splits
+from models.errors import DataError
+from models.evaluation import evaluate
 from models.foundation import FoundationModel
+from models.migration import MigrationConfig, train_adapter
 from models.tasks import Task
 from models.training import PromptTrainingConfig, init_prompts, train_prompts
 
@@ -41,3 +44,21 @@ def test_training_reproduces_from_its_seed_whatever_ran_before(
     torch.testing.assert_close(runs[1].prompts, runs[0].prompts, rtol=0, atol=0)
     for name, value in runs[0].head.items():
         torch.testing.assert_close(runs[1].head[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_users_without_training_data_are_refused_not_returned_untrained(
+    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits
+) -> None:
+    users = [*tiny_splits.users[:2], "ghost"]
+    with pytest.raises(DataError, match=r"1 of 3 users have no training .* \(ghost\)"):
+        train_prompts(tiny_llama, rating, tiny_splits, config=PromptTrainingConfig(epochs=1),
+                      users=users)  # fmt: skip
+    source = train_prompts(tiny_llama, rating, tiny_splits, config=PromptTrainingConfig(epochs=1),
+                           users=users[:2]).prompt_set  # fmt: skip
+    for selected in (users, []):
+        with pytest.raises(DataError, match=r"ghost|No users"):
+            train_adapter(sources=[source], target=tiny_gemma, task=rating, splits=tiny_splits,
+                          users=selected, config=MigrationConfig(epochs=1, hidden=8))  # fmt: skip
+    metrics = evaluate(tiny_llama, rating, source, tiny_splits.test)
+    assert metrics["n_users_without_prompt"] == len(tiny_splits.users) - 2
+    assert metrics["n_users"] == 2
