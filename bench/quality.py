@@ -3,8 +3,9 @@
     python -m bench.quality --preset smoke|cpu-small|gpu-full --out FILE.json
     python -m bench.quality --preset gpu-full --device cpu --max-users 24 --out FILE.json
 
-The second is a rehearsal: the preset's recipe on its first users and another device, a check
-that it runs end to end before the machine it is meant for is at hand, not a measurement.
+The second is a rehearsal: the preset's recipe on a seeded sample of its users and another
+device, a check that it runs end to end before the machine it is meant for is at hand, not a
+measurement.
 
 Every row is scored on the same held-out test interactions of the same users, with a paired
 bootstrap interval (over users) of its RMSE minus retraining's. The budget rows pool every
@@ -128,9 +129,9 @@ PRESETS = {
 
 
 def rehearsal(preset: Preset, *, max_users: int | None, device: str | None) -> Preset:
-    """``preset`` on its first ``max_users`` users and/or on ``device``, renamed so its results
-    are never taken for the preset's. The budget is capped at a quarter of the users, so that
-    selection still chooses."""
+    """``preset`` on a seeded sample of ``max_users`` users and/or on ``device``, renamed so its
+    results are never taken for the preset's. The budget is capped at a quarter of the users, so
+    that selection still chooses."""
     if max_users is None and device is None:
         return preset
     if max_users is not None and max_users < 8:
@@ -370,7 +371,7 @@ def run(preset: Preset) -> dict[str, object]:
         log(
             f"{method} per seed {preset.seeds}: {rows[-1].extra[task.primary_metric + '_per_seed']}"
         )
-    retrain_predictions = rows[3].predictions
+    retrain_predictions = next(row.predictions for row in rows if row.method == "retrain")
     assert retrain_predictions is not None
     rows = baseline_rows(splits, retrain_predictions) + rows
     return {
@@ -454,7 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--show", type=Path, help="print a saved result as a Markdown table")
-    parser.add_argument("--max-users", type=int, help="rehearse the preset on its first N users")
+    parser.add_argument(
+        "--max-users", type=int, help="rehearse the preset on a seeded sample of N users"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="rehearse it on this device")
     args = parser.parse_args(argv)
     if args.show:
