@@ -323,15 +323,25 @@ def preset_splits(preset: Preset) -> Splits:
     return splits
 
 
+def keep_row(rows: list[Row], row: Row, *, task: Task) -> None:
+    """Keep ``row`` and log what it measured at once: a run cut short still shows its rows."""
+    rows.append(row)
+    assert row.predictions is not None
+    per_seed = row.extra.get(task.primary_metric + "_per_seed")
+    seeds = f", per seed {per_seed}" if per_seed else ""
+    log(f"{row.method}: {metrics_of(task, row.predictions)}, {row.train_seconds:.0f} s{seeds}")
+
+
 def run(preset: Preset) -> dict[str, object]:
     task = get_task(preset.task)
     splits = preset_splits(preset)
     source = FoundationModel.load(preset.source_model, device=preset.device)
     source_set, source_meta = source_prompts(preset, source, task, splits)
     users = source_set.user_ids
-    rows = [Row("source", predict_set(source, task, source_set, splits.test),
-                source_meta["train_seconds"], source_meta["example_passes"], len(users))]  # fmt: skip
-    log(f"source: {metrics_of(task, rows[0].predictions)}")  # type: ignore[arg-type]
+    rows: list[Row] = []
+    keep = partial(keep_row, rows, task=task)
+    keep(Row("source", predict_set(source, task, source_set, splits.test),
+             source_meta["train_seconds"], source_meta["example_passes"], len(users)))  # fmt: skip
     target = FoundationModel.load(preset.target_model, device=preset.device)
     start = time.perf_counter()
     fitted = fit_instant(task, sources=[source_set], source_models=[source], target=target,
@@ -341,23 +351,22 @@ def run(preset: Preset) -> dict[str, object]:
     instant_seconds = time.perf_counter() - start
     vocab_map, head = fitted.maps[0], fitted.head
     # No training: its cost is a fit over the vocabularies and inference passes, reported apart.
-    rows.append(Row("instant", predict_set(target, task, instant, splits.test), 0.0, 0, 0,
-                    {"fit_seconds": round(instant_seconds, 2), "inference_passes": head.passes,
-                     "shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3),
-                     "head_r2": round(head.r2, 3)}))  # fmt: skip
+    keep(Row("instant", predict_set(target, task, instant, splits.test), 0.0, 0, 0,
+             {"fit_seconds": round(instant_seconds, 2), "inference_passes": head.passes,
+              "shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3),
+              "head_r2": round(head.r2, 3)}))  # fmt: skip
     del source
-    rows.append(random_init_row(preset, target, task, splits, users))
+    keep(random_init_row(preset, target, task, splits, users))
     log("retrain: training every user's prompt on the target")
     retrained = train_prompts(
         target, task, splits, config=preset.prompt, on_progress=progress("retrain")
     )
-    rows.append(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
-                    retrained.seconds, retrained.example_passes, len(users),
-                    {"history": retrained.history}))  # fmt: skip
+    keep(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
+             retrained.seconds, retrained.example_passes, len(users),
+             {"history": retrained.history}))  # fmt: skip
     migrated_row = partial(adapter_row, source_set=source_set, target=target, task=task,
                            splits=splits, vocab_map=vocab_map)  # fmt: skip
-    rows.append(migrated_row("puma_all", selection=Selection.unweighted(users),
-                             config=preset.migration))  # fmt: skip
+    keep(migrated_row("puma_all", selection=Selection.unweighted(users), config=preset.migration))
     labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []
@@ -367,10 +376,7 @@ def run(preset: Preset) -> dict[str, object]:
                                   config=preset.selection)  # fmt: skip
             config = replace(preset.budget_migration, seed=seed)
             runs.append(migrated_row(method, selection=chosen, config=config))
-        rows.append(pooled_row(method, runs, task=task))
-        log(
-            f"{method} per seed {preset.seeds}: {rows[-1].extra[task.primary_metric + '_per_seed']}"
-        )
+        keep(pooled_row(method, runs, task=task))
     retrain_predictions = next(row.predictions for row in rows if row.method == "retrain")
     assert retrain_predictions is not None
     rows = baseline_rows(splits, retrain_predictions) + rows
