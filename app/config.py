@@ -46,13 +46,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cluster_needs_a_broker(self) -> Settings:
+        if not self.redis_cluster:
+            return self
         celery_urls = {self.broker_url, self.result_backend}
-        if self.redis_cluster and ("" in celery_urls or self.redis_url in celery_urls):
+        if "" in celery_urls or self.redis_url in celery_urls:
             raise ValueError(
                 "PM_REDIS_CLUSTER is on, and Celery cannot use a Redis Cluster: set "
                 "PM_BROKER_URL and PM_RESULT_BACKEND to a plain Redis (or RabbitMQ for the broker)."
             )
-        if self.redis_cluster and urlparse(self.redis_url).path.strip("/") not in ("", "0"):
+        if urlparse(self.redis_url).path.strip("/") not in ("", "0"):
             raise ValueError(
                 "A Redis Cluster has only database 0: drop the database number from PM_REDIS_URL."
             )

@@ -19,9 +19,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store: Store = app.state.store
-        await store.connect()
         yield
+        store: Store = app.state.store
         store.redis.close()
         if store.aredis is not None:
             await store.aredis.aclose()

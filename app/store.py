@@ -124,10 +124,11 @@ def connect_redis(url: str, *, timeout_s: float, cluster: bool = False) -> Redis
     A Cluster client discovers the nodes at once, so the Cluster must answer now; a single
     Redis is connected to on first use.
     """
+    options = {"retry": Retry(NoBackoff(), 1), **_fail_fast(timeout_s)}
     if not cluster:
-        return Redis.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
+        return Redis.from_url(url, **options)
     try:
-        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 1), **_fail_fast(timeout_s))
+        return RedisCluster.from_url(url, **options)
     except RedisClusterException as exc:
         raise RedisConnectionError(
             f"No node of the Redis Cluster at {url} answered ({exc}); start it or fix "
@@ -216,7 +217,9 @@ class Store:
         self._sealed: dict[tuple[str, str], SetFormat] = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         self._cluster = isinstance(aredis, AsyncRedisCluster)
-        self._rediscover = False  # a Cluster read failed: rediscover the nodes before the next
+        # Discover a Cluster's nodes before the first read and after a failed one (see
+        # _read_on_cluster).
+        self._rediscover = self._cluster
         self._discovery = asyncio.Lock()
         if aredis is not None:
             self._read_script = aredis.register_script(_READ_LUA)
@@ -225,17 +228,6 @@ class Store:
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
-
-    async def connect(self) -> None:
-        """Discover a Redis Cluster's nodes before serving. The asyncio Cluster client otherwise
-        discovers them on first use, and concurrent first reads race: redis-py (8.1) then drops
-        connections still in use and the errors feed on themselves. If the Cluster cannot be
-        reached now, the first read discovers it (see _read_on_cluster)."""
-        if self._cluster and self.aredis is not None:
-            try:
-                await self.aredis.initialize()
-            except REDIS_DOWN:
-                self._rediscover = True
 
     # ---- models -------------------------------------------------------------------------------
 
@@ -397,9 +389,10 @@ class Store:
         return found, _split(bytes(reply[3]), bytes(reply[4]))
 
     async def _read_on_cluster(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
-        """The read script's reply, on Redis Cluster (see _READ_LUA). After a failure the
-        client rediscovers the nodes once, before any other read: redis-py (8.1) would let every
-        concurrent read rediscover at once, and those races drop connections still in use."""
+        """The read script's reply, on Redis Cluster (see _READ_LUA). Before the first read and
+        after a failed one the client discovers the nodes once, while other reads wait: redis-py
+        (8.1) would let every concurrent read discover them at once, and those races drop
+        connections still in use."""
         assert self.aredis is not None
         if self._rediscover:
             async with self._discovery:

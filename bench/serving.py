@@ -4,11 +4,11 @@
         --seconds 10 --batch-size 64 --api-workers 1 --redis-url URL --cluster]
 
 Starts its own redis-server on a free port (unless ``--redis-url``; with ``--cluster``, a
-three-node Redis Cluster, and a plain redis-server for the API's Celery client), writes ``--users`` random
-prompts of shape ``[1, 640]`` fp32 (Gemma's width) into a sealed, active prompt set through
-``app.store.Store`` (the write path the workers use), starts the real API (``uvicorn
-app.main:app`` in a subprocess), then measures, each for ``--seconds`` at ``--concurrency``
-concurrent requests from one asyncio client:
+three-node Redis Cluster, and a plain redis-server for the API's Celery client), writes
+``--users`` random prompts of shape ``[1, 640]`` fp32 (Gemma's width) into a sealed, active
+prompt set through ``app.store.Store`` (the write path the workers use), starts the real API
+(``uvicorn app.main:app`` in a subprocess), then measures, each for ``--seconds`` at
+``--concurrency`` concurrent requests from one asyncio client:
 
 1. ``raw_redis_get``: redis-py GETs of the same value keys (the baseline for single reads);
 2. ``raw_redis_pipeline``: ``--batch-size`` GETs per pipeline (the baseline for batch reads);
@@ -275,7 +275,8 @@ async def measure(
     common: dict[str, Any] = dict(concurrency=conc, seconds=secs, warmup_s=args.warmup, pids=pids)
     client = connect_redis_async(redis_url, timeout_s=30, cluster=args.cluster)
     if isinstance(client, AsyncRedisCluster):
-        await client.initialize()  # before the burst, as the API does (Store.connect)
+        await client.initialize()  # before the burst, as the API's store does before its first
+        # read: concurrent first commands would each discover the nodes and race
     keys = [value_key(version, u) for u in ids]
     phases: dict[str, Phase] = {}
 
