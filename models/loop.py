@@ -142,8 +142,37 @@ def score(task: Task, examples: Examples, predictions: np.ndarray) -> float:
     return float("nan") if value is None else value
 
 
-def _improves(task: Task, metric: float, best: float | None) -> bool:
-    return best is None or (metric < best if task.lower_is_better else metric > best)
+@dataclass
+class _BestEpoch:
+    """Keeps ``result``'s best validation epoch and a copy of the modules' state at it."""
+
+    task: Task
+    modules: tuple[nn.Module, ...]
+    result: FitResult
+    waited: int = 0  # epochs since the last improvement
+    state: list[dict[str, torch.Tensor]] | None = None
+
+    def record(self, epoch: int, metric: float) -> None:
+        best = self.result.best_metric
+        lower = self.task.lower_is_better
+        if best is None or (metric < best if lower else metric > best):
+            self.result.best_metric, self.result.best_epoch, self.waited = metric, epoch, 0
+            self.state = copy.deepcopy([module.state_dict() for module in self.modules])
+        else:
+            self.waited += 1
+
+    def restore(self) -> None:
+        if self.state is not None:
+            for module, state in zip(self.modules, self.state, strict=True):
+                module.load_state_dict(state)
+
+
+def _validation(task: Task, val: Examples | None) -> Examples | None:
+    """``val`` when it can choose an epoch, None when it is empty; refuses one it cannot score."""
+    if val is None or len(val) == 0:
+        return None
+    task.require_scorable(val.targets, split="validation")
+    return val
 
 
 def fit(
@@ -165,6 +194,7 @@ def fit(
     """Train for up to ``epochs``; keep the state of the best validation epoch."""
     if len(train) == 0:
         raise DataError("No training interactions for the chosen users: pick users with data.")
+    val = _validation(task, val)
     answer = model.answer_tokens(task.template.suffix, task.labels)
     model.warm_prefixes(train.prefixes + (val.prefixes if val else []))
     steps_per_epoch = -(-len(train) // batch_size)
@@ -173,7 +203,8 @@ def fit(
         total_steps=max(1, epochs * steps_per_epoch), pct_start=0.1, anneal_strategy="cos",
     )  # fmt: skip
     generator = np.random.default_rng(seed)
-    result, best_state, waited = FitResult(), None, 0
+    result = FitResult()
+    best = _BestEpoch(task, (prompt_source, head), result)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -202,20 +233,14 @@ def fit(
                 on_progress({"epoch": epoch, "fraction": (epoch + (step + 1) / steps_per_epoch)
                              / epochs, "loss": losses[-1]})  # fmt: skip
         record = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
-        if val is not None and len(val):
+        if val is not None:
             metric = score(task, val, predict(model, task, prompt_source, head, val))
             record["val_" + task.primary_metric] = metric
-            if _improves(task, metric, result.best_metric):
-                result.best_metric, result.best_epoch, waited = metric, epoch, 0
-                best_state = copy.deepcopy((prompt_source.state_dict(), head.state_dict()))
-            else:
-                waited += 1
+            best.record(epoch, metric)
         result.history.append(record)
-        if val is not None and waited >= patience:
+        if val is not None and best.waited >= patience:
             break
-    if best_state is not None:
-        prompt_source.load_state_dict(best_state[0])
-        head.load_state_dict(best_state[1])
+    best.restore()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -242,19 +267,19 @@ def fit_head(
     """
     if len(train) == 0:
         raise DataError("No training interactions for the chosen users: pick users with data.")
+    val = _validation(task, val)
     start = time.perf_counter()
     generator = np.random.default_rng(seed)
     if max_examples is not None and len(train) > max_examples:
         train = train.subset(np.sort(generator.choice(len(train), max_examples, replace=False)))
     logits = label_logits(model, task, prompt_source, train)
-    val_logits = (
-        label_logits(model, task, prompt_source, val) if val is not None and len(val) else None
-    )
+    val_logits = label_logits(model, task, prompt_source, val) if val is not None else None
     device = next(head.parameters()).device
     logits, targets = logits.to(device), torch.from_numpy(train.targets).to(device)
     weights = None if train.weights is None else torch.from_numpy(train.weights).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    result, best_state = FitResult(example_passes=len(train)), None
+    result = FitResult(example_passes=len(train))
+    best = _BestEpoch(task, (head,), result)
     for epoch in range(epochs):
         head.train()
         order, losses = torch.from_numpy(generator.permutation(len(train))), []
@@ -270,12 +295,9 @@ def fit_head(
         if val_logits is not None and val is not None:
             metric = score(task, val, _head_predictions(task, head, val_logits))
             record["val_" + task.primary_metric] = metric
-            if _improves(task, metric, result.best_metric):
-                result.best_metric, result.best_epoch = metric, epoch
-                best_state = copy.deepcopy(head.state_dict())
+            best.record(epoch, metric)
         result.history.append(record)
-    if best_state is not None:
-        head.load_state_dict(best_state)
+    best.restore()
     result.seconds = time.perf_counter() - start
     return result
 

@@ -151,6 +151,17 @@ class Task:
             return head_out.clamp(1.0, 5.0)
         return torch.sigmoid(head_out)
 
+    def require_scorable(self, targets: np.ndarray, *, split: str) -> None:
+        """Refuse a split whose ``targets`` cannot give the primary metric: AUC needs both
+        answers, and an undefined metric would pick an epoch at random."""
+        if self.name == "binary" and len(np.unique(targets)) < 2:
+            answer = self.labels[int(targets[0])] if len(targets) else "no"
+            raise DataError(
+                f"The {split} split holds only {answer!r} answers, so its AUC is undefined and "
+                f"cannot choose an epoch: include users whose {split} interactions hold both "
+                f"{' and '.join(map(repr, self.labels))}."
+            )
+
     def metrics(
         self, *, user_ids: Sequence[str], targets: np.ndarray, predictions: np.ndarray
     ) -> dict[str, float | None]:

@@ -1,12 +1,24 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from models.data import Splits
+from models.data import Splits, load_interactions, split_chronological
+from models.errors import DataError
 from models.foundation import FoundationModel
-from models.loop import Examples, PromptTable, fit_head, index_users, label_logits, predict, score
+from models.loop import (
+    Examples,
+    PromptTable,
+    fit,
+    fit_head,
+    index_users,
+    label_logits,
+    predict,
+    score,
+)
 from models.migration import MigrationConfig
-from models.tasks import Task
+from models.tasks import Task, get_task
 from models.training import mean_target, random_prompts
 
 
@@ -54,6 +66,28 @@ def test_head_fit_on_cached_logits_improves_validation_and_counts_one_pass_per_e
         abs(mean_target(tiny_splits) - float(predict(tiny_llama, rating, table, head, val).mean()))
         < 0.5
     )
+
+
+def test_a_validation_split_of_one_answer_is_refused_before_any_training(
+    tiny_llama: FoundationModel,
+) -> None:
+    binary = get_task("binary")
+    splits = split_chronological(
+        load_interactions("synthetic-tiny", task="binary"), n_test=4, n_val=4, max_train=16
+    )
+    table, head, train, val = _setup(tiny_llama, binary, splits)
+    table.requires_grad_(True)
+    all_yes = val.subset(np.flatnonzero(val.targets == 1))
+    assert 0 < len(all_yes) < len(val)
+    before = copy.deepcopy((table.state_dict(), head.state_dict()))
+    optimizer = torch.optim.AdamW([*table.parameters(), *head.parameters()], lr=1e-2)
+    with pytest.raises(DataError, match=r"only 'Yes' answers.*both 'No' and 'Yes'"):
+        fit(model=tiny_llama, task=binary, prompt_source=table, head=head, optimizer=optimizer,
+            train=train, val=all_yes, epochs=2, batch_size=16, patience=1, seed=0)  # fmt: skip
+    with pytest.raises(DataError, match="AUC is undefined"):
+        fit_head(model=tiny_llama, task=binary, prompt_source=table, head=head, train=train,
+                 val=all_yes, epochs=2, lr=1e-2, batch_size=16, seed=0)  # fmt: skip
+    torch.testing.assert_close((table.state_dict(), head.state_dict()), before)
 
 
 def test_user_weights_pull_the_fitted_head_towards_the_heavy_users(
