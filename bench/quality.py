@@ -290,18 +290,24 @@ def pooled_row(method: str, runs: list[Row], *, task: Task) -> Row:
     )  # fmt: skip
 
 
+def interval_vs_retrain(row: Row, task: Task, retrain: Predictions) -> list[float] | None:
+    """95% paired-bootstrap interval of the row's RMSE minus retraining's (rating only)."""
+    assert row.predictions is not None
+    if task.name != "rating":
+        return None
+    baseline = np.tile(retrain.predictions, row.repeats)
+    if not np.array_equal(row.predictions.targets, np.tile(retrain.targets, row.repeats)):
+        raise RuntimeError(f"{row.method} was scored on other interactions than retraining")
+    return list(paired_bootstrap_rmse_diff(
+        user_ids=row.predictions.user_ids, targets=row.predictions.targets,
+        pred=row.predictions.predictions, baseline=baseline,
+    ))  # fmt: skip
+
+
 def row_json(row: Row, task: Task, retrain: Predictions) -> dict[str, object]:
     assert row.predictions is not None
     metrics = metrics_of(task, row.predictions)
-    interval = None
-    if task.name == "rating":
-        baseline = np.tile(retrain.predictions, row.repeats)
-        if not np.array_equal(row.predictions.targets, np.tile(retrain.targets, row.repeats)):
-            raise RuntimeError(f"{row.method} was scored on other interactions than retraining")
-        interval = list(paired_bootstrap_rmse_diff(
-            user_ids=row.predictions.user_ids, targets=row.predictions.targets,
-            pred=row.predictions.predictions, baseline=baseline,
-        ))  # fmt: skip
+    interval = interval_vs_retrain(row, task, retrain)
     return {
         "method": row.method,
         "rmse": metrics.get("rmse"), "mae": metrics.get("mae"),
@@ -324,12 +330,20 @@ def preset_splits(preset: Preset) -> Splits:
 
 
 def keep_row(rows: list[Row], row: Row, *, task: Task) -> None:
-    """Keep ``row`` and log what it measured at once: a run cut short still shows its rows."""
+    """Keep ``row`` and log what it measured at once: a run cut short still shows its rows, and,
+    from retraining on, each row's interval against it (retraining's own logs the earlier rows')."""
     rows.append(row)
     assert row.predictions is not None
     per_seed = row.extra.get(task.primary_metric + "_per_seed")
     seeds = f", per seed {per_seed}" if per_seed else ""
     log(f"{row.method}: {metrics_of(task, row.predictions)}, {row.train_seconds:.0f} s{seeds}")
+    retrain = next((r.predictions for r in rows if r.method == "retrain"), None)
+    if retrain is None:
+        return
+    for kept in rows if row.method == "retrain" else [row]:
+        interval = None if kept.method == "retrain" else interval_vs_retrain(kept, task, retrain)
+        if interval is not None:
+            log(f"{kept.method}: RMSE - retrain, 95% CI [{interval[0]:+.3f}, {interval[1]:+.3f}]")
 
 
 def run(preset: Preset) -> dict[str, object]:

@@ -15,9 +15,12 @@ FIELDS = {"method", "rmse", "mae", "auc", "uauc", "rmse_ci95_vs_retrain", "train
           "example_passes", "users_trained"}  # fmt: skip
 
 
-def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(tmp_path: Path) -> None:
+def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "smoke.json"
     quality.main(["--preset", "smoke", "--out", str(out)])
+    logged = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert {"preset", "dataset", "task", "source_model", "target_model", "n_users",
             "budget_users", "rows"} <= result.keys()  # fmt: skip
@@ -32,6 +35,10 @@ def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(tmp_path: Path
         assert low <= high
         assert row["rmse"] > 0
     assert rows["retrain"]["rmse_ci95_vs_retrain"] == [0.0, 0.0]
+    # every trained row's interval is in the log as soon as both it and retraining are measured
+    for method in METHODS - {"global_mean", "user_mean", "retrain"}:
+        low, high = rows[method]["rmse_ci95_vs_retrain"]
+        assert f"{method}: RMSE - retrain, 95% CI [{low:+.3f}, {high:+.3f}]" in logged
     instant = rows["instant"]
     assert instant["example_passes"] == 0 and instant["train_seconds"] == 0
     assert instant["fit_seconds"] > 0 and instant["inference_passes"] > 0
