@@ -329,6 +329,10 @@ def preset_splits(preset: Preset) -> Splits:
     return splits
 
 
+def retrain_predictions(rows: list[Row]) -> Predictions | None:
+    return next((row.predictions for row in rows if row.method == "retrain"), None)
+
+
 def keep_row(rows: list[Row], row: Row, *, task: Task) -> None:
     """Keep ``row`` and log what it measured at once: a run cut short still shows its rows, and,
     from retraining on, each row's interval against it (retraining's own logs the earlier rows')."""
@@ -337,11 +341,11 @@ def keep_row(rows: list[Row], row: Row, *, task: Task) -> None:
     per_seed = row.extra.get(task.primary_metric + "_per_seed")
     seeds = f", per seed {per_seed}" if per_seed else ""
     log(f"{row.method}: {metrics_of(task, row.predictions)}, {row.train_seconds:.0f} s{seeds}")
-    retrain = next((r.predictions for r in rows if r.method == "retrain"), None)
+    retrain = retrain_predictions(rows)
     if retrain is None:
         return
-    for kept in rows if row.method == "retrain" else [row]:
-        interval = None if kept.method == "retrain" else interval_vs_retrain(kept, task, retrain)
+    for kept in rows[:-1] if row.method == "retrain" else [row]:
+        interval = interval_vs_retrain(kept, task, retrain)
         if interval is not None:
             log(f"{kept.method}: RMSE - retrain, 95% CI [{interval[0]:+.3f}, {interval[1]:+.3f}]")
 
@@ -391,16 +395,16 @@ def run(preset: Preset) -> dict[str, object]:
             config = replace(preset.budget_migration, seed=seed)
             runs.append(migrated_row(method, selection=chosen, config=config))
         keep(pooled_row(method, runs, task=task))
-    retrain_predictions = next(row.predictions for row in rows if row.method == "retrain")
-    assert retrain_predictions is not None
-    rows = baseline_rows(splits, retrain_predictions) + rows
+    retrain = retrain_predictions(rows)
+    assert retrain is not None
+    rows = baseline_rows(splits, retrain) + rows
     return {
         "preset": preset.name, "dataset": preset.dataset, "task": preset.task,
         "source_model": preset.source_model, "target_model": preset.target_model,
         "n_users": len(users), "skipped_users": len(splits.skipped_users),
         "budget_users": preset.budget,
         "device": str(target.device), "dtype": str(target.dtype),
-        "rows": [row_json(r, task, retrain_predictions) for r in rows],
+        "rows": [row_json(r, task, retrain) for r in rows],
         "budget_seeds": list(preset.seeds),
         # The recipe each row was trained with, so a result file says what it measured.
         "configs": {"prompt": asdict(preset.prompt), "migration": asdict(preset.migration),

@@ -154,7 +154,7 @@ class Task:
     def require_scorable(self, targets: np.ndarray, *, split: str) -> None:
         """Refuse a split whose ``targets`` cannot give the primary metric: AUC needs both
         answers, and an undefined metric would pick an epoch at random."""
-        if self.name == "binary" and len(np.unique(targets)) < 2:
+        if self.name == "binary" and not _both_classes(targets):
             answer = self.labels[int(targets[0])] if len(targets) else "no"
             raise DataError(
                 f"The {split} split holds only {answer!r} answers, so its AUC is undefined and "
@@ -176,8 +176,12 @@ class Task:
         return {"auc": _auc(targets, predictions), "uauc": _uauc(user_ids, targets, predictions)}
 
 
+def _both_classes(targets: np.ndarray) -> bool:
+    return len(np.unique(targets)) == 2
+
+
 def _auc(targets: np.ndarray, scores: np.ndarray) -> float | None:
-    return float(roc_auc_score(targets, scores)) if len(set(targets.tolist())) == 2 else None
+    return float(roc_auc_score(targets, scores)) if _both_classes(targets) else None
 
 
 def _uauc(user_ids: Sequence[str], targets: np.ndarray, scores: np.ndarray) -> float | None:
