@@ -3,7 +3,8 @@
     python -m bench.prefix_cache --out bench/results/prefix-cache.json [--models smollm2-135m ...]
 
 For each model: milliseconds per example of a training step (forward + backward to the prompt)
-and of inference, at batch 32 on real MovieLens item texts, both ways, interleaved in one run.
+and of inference, at batch 32 on real MovieLens item texts, both ways interleaved in one run, and the cached
+step once more through transformers' SDPA instead of ``models.attention``.
 The one-off cost of filling the cache is reported separately.
 """
 
@@ -18,19 +19,24 @@ from pathlib import Path
 
 import torch
 
+from models import attention as prefix_attention
 from models.data import load_interactions
 from models.foundation import FoundationModel
 from models.tasks import get_task
 
 
-def _time(step: Callable[[], None], *, repeats: int) -> float:
-    step()  # warm-up
-    samples = []
+def _interleaved_medians(steps: dict[str, Callable[[], None]], *, repeats: int) -> dict[str, float]:
+    """Median seconds of each step, the steps taken in turn in every round: slow drifts of the
+    machine (other load, the allocator's state) fall on all of them alike."""
+    for step in steps.values():
+        step()  # warm-up
+    samples: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[label].append(time.perf_counter() - start)
+    return {label: statistics.median(times) for label, times in samples.items()}
 
 
 def measure(name: str, *, batch: int, repeats: int) -> dict[str, object]:
@@ -45,26 +51,39 @@ def measure(name: str, *, batch: int, repeats: int) -> dict[str, object]:
     fill = time.perf_counter() - start
     result: dict[str, object] = {"model": name, "dtype": str(model.dtype), "batch": batch,
                                  "cache_fill_ms_per_item": round(fill / len(set(prefixes)) * 1e3, 2)}  # fmt: skip
-    timings: dict[str, float] = {}
-    for label, score in (
-        ("prefix_reuse", model.label_logits),
-        ("full_forward", model.label_logits_full),
-    ):
+    variants = (
+        ("prefix_reuse", model.label_logits, prefix_attention.NAME),
+        # The same cached step through transformers' SDPA, whose backward also writes gradients
+        # for the cached keys and values: what models.attention saves.
+        ("prefix_reuse_sdpa", model.label_logits, "sdpa"),
+        ("full_forward", model.label_logits_full, prefix_attention.NAME),
+    )
+    steps: dict[str, Callable[[], None]] = {}
+    for label, score, attention in variants:
 
-        def train_step(score: Callable[..., torch.Tensor] = score) -> None:
+        def train_step(
+            score: Callable[..., torch.Tensor] = score, attention: str = attention
+        ) -> None:
+            model.model.set_attn_implementation(attention)
             p = prompts.clone().requires_grad_()
             score(prefixes, p, answer=answer).sum().backward()
 
-        def infer(score: Callable[..., torch.Tensor] = score) -> None:
+        def infer(score: Callable[..., torch.Tensor] = score, attention: str = attention) -> None:
+            model.model.set_attn_implementation(attention)
             with torch.no_grad():
                 score(prefixes, prompts, answer=answer)
 
-        timings[f"{label}_train_ms"] = _time(train_step, repeats=repeats) / batch * 1e3
-        timings[f"{label}_infer_ms"] = _time(infer, repeats=repeats) / batch * 1e3
+        steps[f"{label}_train_ms"], steps[f"{label}_infer_ms"] = train_step, infer
+    timings = {
+        label: seconds / batch * 1e3
+        for label, seconds in _interleaved_medians(steps, repeats=repeats).items()
+    }
     result |= {k: round(v, 2) for k, v in timings.items()}
     for kind in ("train", "infer"):
         ratio = timings[f"full_forward_{kind}_ms"] / timings[f"prefix_reuse_{kind}_ms"]
         result[f"{kind}_speedup"] = round(ratio, 2)
+    sdpa_ratio = timings["prefix_reuse_sdpa_train_ms"] / timings["prefix_reuse_train_ms"]
+    result["train_speedup_over_sdpa"] = round(sdpa_ratio, 2)
     return result
 
 

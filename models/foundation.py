@@ -3,8 +3,9 @@
 A prompt sequence is ``prefix(item) + <user prompt tokens> + suffix``. The user tokens come
 after the item text on purpose: the frozen model's keys and values over the prefix do not depend
 on the user, so they are computed once per item and reused (``PrefixCache``); a training step then
-runs only the ``l + len(suffix)`` tokens that do depend on the user. ``label_logits_full`` is
-the plain full-sequence forward the cache is measured and tested against.
+runs only the ``l + len(suffix)`` tokens that do depend on the user, and its attention
+(``models.attention``) leaves the cached states out of the backward pass. ``label_logits_full``
+is the plain full-sequence forward the cache is measured and tested against.
 
 Only the label tokens' logits at the answer position are computed: never the full vocabulary.
 Where the tokenizer spells every label as shared leading tokens plus one token (" 1" is a space
@@ -26,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from models import attention
 from models.errors import CheckpointError, ShapeMismatchError
 from models.registry import resolve_checkpoint
 
@@ -98,7 +100,9 @@ class FoundationModel:
         torch_device = torch.device(device) if device else default_device()
         torch_dtype = dtype or default_dtype(torch_device)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, attn_implementation=attention.NAME
+            )
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"Could not load a causal LM from {path}: {error}") from error

@@ -12,17 +12,34 @@ ITEMS = ["item3 comedy", "item12 drama action 1995", "item7"]
 
 @pytest.mark.parametrize("length", [1, 3, 8])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
-def test_prefix_reuse_scores_like_the_full_forward(
+def test_prefix_reuse_scores_and_differentiates_like_the_full_forward(
     fixture: str, length: int, rating: Task, request: pytest.FixtureRequest
 ) -> None:
     model: FoundationModel = request.getfixturevalue(fixture)
     prefixes = [rating.template.prefix_for(item) for item in ITEMS]  # different lengths: padding
     prompts = torch.randn(len(ITEMS), length, model.hidden_size) * 0.05
     answer = model.answer_tokens(rating.template.suffix, rating.labels)
-    cached = model.label_logits(prefixes, prompts, answer=answer)
-    full = model.label_logits_full(prefixes, prompts, answer=answer)
-    assert cached.shape == (len(ITEMS), 5)
-    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        inferred = model.label_logits(prefixes, prompts, answer=answer)
+    assert inferred.shape == (len(ITEMS), 5)
+    _assert_prefix_reuse_matches_full_forward(model, prefixes, prompts, answer=answer)
+    torch.testing.assert_close(
+        inferred, model.label_logits_full(prefixes, prompts, answer=answer), atol=1e-4, rtol=1e-4
+    )
+
+
+def _assert_prefix_reuse_matches_full_forward(
+    model: FoundationModel, prefixes: list[str], prompts: torch.Tensor, *, answer: AnswerTokens
+) -> None:
+    """Same scores and same gradient in the prompts (the cached prefix's own attention path)."""
+    scores, gradients = [], []
+    for score in (model.label_logits, model.label_logits_full):
+        leaf = prompts.clone().requires_grad_()
+        scores.append(score(prefixes, leaf, answer=answer))
+        (scores[-1] * torch.arange(1.0, 1.0 + scores[-1].shape[1])).sum().backward()
+        gradients.append(leaf.grad)
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-4, rtol=1e-3)
 
 
 def test_scores_depend_on_the_prompt_and_its_gradient_is_finite(
@@ -77,6 +94,4 @@ def test_prefixes_around_the_sliding_window_score_like_the_full_forward(
     answer = tiny_gemma.answer_tokens(rating.template.suffix, rating.labels)
     for length in (1, 8):
         prompts = torch.randn(len(prefixes), length, tiny_gemma.hidden_size) * 0.05
-        cached = tiny_gemma.label_logits(prefixes, prompts, answer=answer)
-        full = tiny_gemma.label_logits_full(prefixes, prompts, answer=answer)
-        torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+        _assert_prefix_reuse_matches_full_forward(tiny_gemma, prefixes, prompts, answer=answer)
