@@ -384,7 +384,6 @@ def run(preset: Preset) -> dict[str, object]:
              {"history": retrained.history}))  # fmt: skip
     migrated_row = partial(adapter_row, source_set=source_set, target=target, task=task,
                            splits=splits, vocab_map=vocab_map)  # fmt: skip
-    keep(migrated_row("puma_all", selection=Selection.unweighted(users), config=preset.migration))
     labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []
@@ -395,6 +394,8 @@ def run(preset: Preset) -> dict[str, object]:
             config = replace(preset.budget_migration, seed=seed)
             runs.append(migrated_row(method, selection=chosen, config=config))
         keep(pooled_row(method, runs, task=task))
+    # Last: the costliest adapter row, so a run cut short still has the budget's comparisons.
+    keep(migrated_row("puma_all", selection=Selection.unweighted(users), config=preset.migration))
     retrain = retrain_predictions(rows)
     assert retrain is not None
     rows = baseline_rows(splits, retrain) + rows
