@@ -3,8 +3,8 @@
     python -m bench.prefix_cache --out bench/results/prefix-cache.json [--models smollm2-135m ...]
 
 For each model: milliseconds per example of a training step (forward + backward to the prompt)
-and of inference, at batch 32 on real MovieLens item texts, both ways interleaved in one run, and the cached
-step once more through transformers' SDPA instead of ``models.attention``.
+and of inference, at batch 32 on real MovieLens item texts, both ways interleaved in one run,
+and the cached step once more through transformers' SDPA instead of ``models.attention``.
 The one-off cost of filling the cache is reported separately.
 """
 

@@ -35,7 +35,8 @@ def prefix_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query ``[B, H, q, D]``; key, value ``[B, H_kv, L, D]`` whose first ``L - q`` positions
-    are cached constants; attention_mask ``[B, 1, q, L]`` (bool: True attends) or None.
+    are cached constants; attention_mask ``[B, 1, q, L]`` from ``sdpa_mask`` (True attends) or
+    None.
     Returns ``[B, q, H, D]`` as transformers' attention functions do."""
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -56,28 +57,14 @@ def prefix_attention(
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    visible = _visible(attention_mask, q_len=q_len, kv_len=kv_len, device=query.device)
-    visible = visible.unsqueeze(2).expand(-1, -1, groups, -1, -1)
-    visible = visible.reshape(visible.shape[0], 1, groups * q_len, kv_len)
-    if visible.dtype == torch.bool:
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + visible
+    if attention_mask is not None:  # omitted by sdpa_mask only where every query sees every key
+        by_group = scores.view(batch, kv_heads, groups, q_len, kv_len)
+        hidden = ~attention_mask[:, :, None]  # [B, 1, 1, q, L]
+        scores = by_group.masked_fill(hidden, torch.finfo(scores.dtype).min).flatten(2, 3)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = probs[..., :past] @ cached_values + probs[..., past:] @ own_values
     return output.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), None
-
-
-def _visible(
-    attention_mask: torch.Tensor | None, *, q_len: int, kv_len: int, device: torch.device
-) -> torch.Tensor:
-    """The mask as given, or the causal one it stands for when SDPA's mask builder skipped it."""
-    if attention_mask is not None:
-        return attention_mask
-    first_query = kv_len - q_len
-    queries = torch.arange(first_query, kv_len, device=device)
-    return (torch.arange(kv_len, device=device)[None, :] <= queries[:, None])[None, None]
 
 
 AttentionInterface.register(NAME, prefix_attention)
