@@ -122,9 +122,9 @@ def run(
         config = replace(base_config, input_rank=rank, epochs=epochs,
                          seed=seed if adapter_seed is None else adapter_seed,
                          **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
-        result, val = migrate_and_predict(
+        result, [val] = migrate_and_predict(
             source_set=source_set, target=target, task=task, splits=splits, selection=chosen,
-            config=config, vocab_map=vocab_map, part=splits.val,
+            config=config, vocab_map=vocab_map, parts=(splits.val,),
         )  # fmt: skip
         runs.append({
             "selection": setting_text(picking), "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,

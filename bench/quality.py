@@ -260,14 +260,15 @@ def random_init_row(
 def migrate_and_predict(
     *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
     selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
-    part: dict[str, list[Interaction]], on_progress: ProgressFn | None = None,
-) -> tuple[AdapterResult, Predictions]:  # fmt: skip
-    """Train the adapter on the selection, map every user, predict the interactions of ``part``."""
+    parts: tuple[dict[str, list[Interaction]], ...], on_progress: ProgressFn | None = None,
+) -> tuple[AdapterResult, list[Predictions]]:  # fmt: skip
+    """Train the adapter on the selection, map every user, predict the interactions of each of
+    ``parts``."""
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
                            users=selection.users, user_weights=selection.weights, config=config,
                            vocab_maps=[vocab_map], on_progress=on_progress)  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
-    return result, predict_set(target, task, migrated, part)
+    return result, [predict_set(target, task, migrated, part) for part in parts]
 
 
 def adapter_row(
@@ -275,9 +276,9 @@ def adapter_row(
     selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
 ) -> Row:  # fmt: skip
     log(f"{method}: training the adapter on {len(selection.users)} users")
-    result, predictions = migrate_and_predict(
+    result, [predictions] = migrate_and_predict(
         source_set=source_set, target=target, task=task, splits=splits, selection=selection,
-        config=config, vocab_map=vocab_map, part=splits.test, on_progress=progress(method),
+        config=config, vocab_map=vocab_map, parts=(splits.test,), on_progress=progress(method),
     )  # fmt: skip
     return Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
                {"history": result.history})  # fmt: skip

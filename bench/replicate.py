@@ -19,19 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality import PRESETS, log, preset_splits, source_prompts
-from models.evaluation import Predictions, predict_set
+from bench.quality import PRESETS, log, migrate_and_predict, preset_splits, source_prompts
+from models.evaluation import Predictions, metrics_of
 from models.foundation import FoundationModel
-from models.instant import fit_instant
-from models.migration import migrate_all, train_adapter
+from models.instant import fit_vocab_map
 from models.selection import SelectionConfig, select_users
-from models.tasks import get_task
+from models.tasks import Task, get_task
 
 
-def error_summary(predictions: Predictions) -> dict[str, float]:
+def error_summary(task: Task, predictions: Predictions) -> dict[str, float | None]:
     errors = predictions.predictions - predictions.targets
     return {
-        "rmse": float(np.sqrt(np.mean(errors**2))),
+        "rmse": metrics_of(task, predictions)["rmse"],
         "mean_prediction": float(predictions.predictions.mean()),
         "mean_target": float(predictions.targets.mean()),
         "bias": float(errors.mean()),
@@ -46,8 +45,7 @@ def run(preset_name: str, *, seed: int) -> list[dict[str, object]]:
     source = FoundationModel.load(preset.source_model, device=preset.device)
     source_set, _ = source_prompts(preset, source, task, splits)
     target = FoundationModel.load(preset.target_model, device=preset.device)
-    fitted = fit_instant(task, sources=[source_set], source_models=[source], target=target,
-                         item_texts=splits.train_item_texts(), seed=preset.prompt.seed)  # fmt: skip
+    vocab_map = fit_vocab_map(source, target)
     del source
     labels = splits.train_labels()
     variants = (("puma, preset", "puma", preset.selection),
@@ -59,18 +57,18 @@ def run(preset_name: str, *, seed: int) -> list[dict[str, object]]:
         chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
                               user_ids=source_set.user_ids, budget=preset.budget, seed=seed,
                               config=selection_config)  # fmt: skip
-        adapter = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
-                                users=chosen.users, user_weights=chosen.weights,
-                                config=replace(preset.budget_migration, seed=seed),
-                                vocab_maps=[fitted.maps[0]])  # fmt: skip
-        migrated = migrate_all([source_set], adapter, target=target.name)
+        _, (validation, test) = migrate_and_predict(
+            source_set=source_set, target=target, task=task, splits=splits, selection=chosen,
+            config=replace(preset.budget_migration, seed=seed), vocab_map=vocab_map,
+            parts=(splits.val, splits.test),
+        )  # fmt: skip
         row: dict[str, object] = {
             "selection": name,
             "selected_mean_train_rating": float(
                 np.mean([np.mean(labels[u]) for u in chosen.users])
             ),
-            "validation": error_summary(predict_set(target, task, migrated, splits.val)),
-            "test": error_summary(predict_set(target, task, migrated, splits.test)),
+            "validation": error_summary(task, validation),
+            "test": error_summary(task, test),
         }
         log(json.dumps(row))
         rows.append(row)
