@@ -149,11 +149,18 @@ class FoundationModel:
 
     @torch.no_grad()
     def warm_prefixes(self, texts: list[str], *, batch_size: int = 64) -> None:
-        """Compute and keep the frozen keys/values of every text not cached yet."""
+        """Compute and keep the frozen keys/values of every text not cached yet.
+
+        Every forward runs exactly ``batch_size`` rows, a short last chunk filled with copies of
+        its first text: CPU bf16 kernels round differently below some batch size, so a text's
+        states would otherwise depend on how many others were missing when it was cached (the
+        work done before), and a training run seeded alike would not reproduce
+        (bench/README.md)."""
         todo = self.prefix_cache.missing(texts)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             encoded = [self.token_ids(t, special=True) for t in chunk]
+            encoded += [encoded[0]] * (batch_size - len(chunk))
             width = max(map(len, encoded))
             pad = self.tokenizer.pad_token_id or 0
             # Right padding: real tokens never attend to the pads after them (causal mask).
@@ -167,8 +174,8 @@ class FoundationModel:
                 input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True
             )
             layers = out.past_key_values.layers
-            for row, (text, tokens) in enumerate(zip(chunk, encoded, strict=True)):
-                n = len(tokens)
+            for row, text in enumerate(chunk):
+                n = len(encoded[row])
                 self.prefix_cache.states[text] = torch.stack(
                     [torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
                      for layer in layers]
