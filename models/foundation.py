@@ -148,38 +148,48 @@ class FoundationModel:
     # -- prefix cache -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def warm_prefixes(self, texts: list[str], *, batch_size: int = 64) -> None:
+    def warm_prefixes(
+        self, texts: list[str], *, batch_size: int = 64, width_multiple: int = 64
+    ) -> None:
         """Compute and keep the frozen keys/values of every text not cached yet.
 
-        Every forward runs exactly ``batch_size`` rows, a short last chunk filled with copies of
-        its first text: CPU bf16 kernels round differently below some batch size, so a text's
-        states would otherwise depend on how many others were missing when it was cached (the
-        work done before), and a training run seeded alike would not reproduce
-        (bench/README.md)."""
+        A text's states must not depend on which other texts were missing with it (the work
+        done before), or a seeded training run would not reproduce: CPU bf16 kernels round
+        differently for small batches and for other padded widths. So every forward runs exactly
+        ``batch_size`` rows (a short chunk filled with copies of its first text) padded to a
+        width fixed by the text's own length, the next multiple of ``width_multiple``."""
         todo = self.prefix_cache.missing(texts)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            encoded = [self.token_ids(t, special=True) for t in chunk]
-            encoded += [encoded[0]] * (batch_size - len(chunk))
-            width = max(map(len, encoded))
-            pad = self.tokenizer.pad_token_id or 0
-            # Right padding: real tokens never attend to the pads after them (causal mask).
-            ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.device)
-            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded],
-                                device=self.device)  # fmt: skip
-            # A cache without the config keeps every position on every layer: a sliding-window
-            # layer's cache (Gemma-3's local layers) would keep only the batch's last positions,
-            # not each text's own.
-            out = self.decoder(
-                input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True
-            )
-            layers = out.past_key_values.layers
-            for row, text in enumerate(chunk):
-                n = len(encoded[row])
-                self.prefix_cache.states[text] = torch.stack(
-                    [torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
-                     for layer in layers]
-                )  # fmt: skip
+        encoded = {text: self.token_ids(text, special=True) for text in todo}
+        by_width: dict[int, list[str]] = {}
+        for text, tokens in encoded.items():
+            by_width.setdefault(-(-len(tokens) // width_multiple) * width_multiple, []).append(text)
+        for width, group in sorted(by_width.items()):
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                rows = [encoded[t] for t in chunk]
+                self._cache_prefixes(chunk, rows + [rows[0]] * (batch_size - len(rows)), width)
+
+    def _cache_prefixes(self, texts: list[str], rows: list[list[int]], width: int) -> None:
+        """One forward over ``rows`` (``texts``' tokens first, then fillers) right-padded to
+        ``width``; keeps each text's keys/values over its own tokens."""
+        pad = self.tokenizer.pad_token_id or 0
+        # Right padding: real tokens never attend to the pads after them (causal mask).
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
+                            device=self.device)  # fmt: skip
+        # A cache without the config keeps every position on every layer: a sliding-window
+        # layer's cache (Gemma-3's local layers) would keep only the batch's last positions,
+        # not each text's own.
+        out = self.decoder(
+            input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True
+        )
+        layers = out.past_key_values.layers
+        for row, text in enumerate(texts):
+            n = len(rows[row])
+            self.prefix_cache.states[text] = torch.stack(
+                [torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
+                 for layer in layers]
+            )  # fmt: skip
 
     def _batched_prefix(self, texts: list[str]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Left-padded cache of the texts' prefixes, their attention mask and lengths."""
