@@ -107,6 +107,9 @@ def label_logits(
     if len(examples) == 0:
         raise DataError("Nothing to predict: the split holds no interactions for these users.")
     answer = model.answer_tokens(task.template.suffix, task.labels)
+    # Every missing item at once: warm-up forwards run full batches, so per-batch warming would
+    # pay for a full batch over each batch's few new items.
+    model.warm_prefixes(examples.prefixes)
     prompt_source.eval()
     # Sorting by prefix keeps batches of similar length: less padding.
     order = np.argsort([len(p) for p in examples.prefixes], kind="stable")

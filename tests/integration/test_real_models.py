@@ -14,11 +14,15 @@ from models.tasks import get_task
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_real_model_trains_a_prompt_with_finite_gradients(name: str) -> None:
+def load_real(name: str) -> FoundationModel:
     if not (assets.model_dir(name) / "config.json").exists():
         pytest.fail(f"{name} is missing from the asset cache: run `make setup` first.")
-    model = FoundationModel.load(name)
+    return FoundationModel.load(name)
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_real_model_trains_a_prompt_with_finite_gradients(name: str) -> None:
+    model = load_real(name)
     task = get_task("rating")
     prefixes = [task.template.prefix_for(t) for t in ("Toy Story (1995), Animation", "Heat (1995)")]
     start = torch.randn(2, 1, model.hidden_size) * model.embedding_std
@@ -41,9 +45,7 @@ def test_real_model_trains_a_prompt_with_finite_gradients(name: str) -> None:
 def test_each_label_is_scored_where_the_model_predicts_it(name: str, task_name: str) -> None:
     """Both tokenizers spell " 1" as a space token and a digit: the space must run before the
     answer position, or the digit is scored where the model expects the space."""
-    if not (assets.model_dir(name) / "config.json").exists():
-        pytest.fail(f"{name} is missing from the asset cache: run `make setup` first.")
-    model = FoundationModel.load(name)
+    model = load_real(name)
     task = get_task(task_name)
     answer = model.answer_tokens(task.template.suffix, task.labels)
     for label, label_id in zip(task.labels, answer.label_ids, strict=True):
@@ -58,14 +60,12 @@ def test_cached_item_states_do_not_depend_on_what_else_was_missing(name: str) ->
     """bf16 CPU kernels round differently for small batches and other padded widths: a text
     cached alone must get the same states as when cached among others, short and long, or
     seeded training depends on the work done before it."""
-    if not (assets.model_dir(name) / "config.json").exists():
-        pytest.fail(f"{name} is missing from the asset cache: run `make setup` first.")
-    model = FoundationModel.load(name)
+    model = load_real(name)
     task = get_task("rating")
     genres = ", ".join(["Action", "Adventure", "Comedy", "Drama", "Film-Noir"] * 6)
     texts = [task.template.prefix_for(f"Movie number {i} ({1950 + i}), {genres[: 6 * i]}")
              for i in range(40)]  # fmt: skip
-    model.warm_prefixes(texts, batch_size=32)  # a full chunk, then a chunk of 8
+    model.warm_prefixes(texts, batch_size=32)  # full and part-filled chunks of two widths
     among_others = dict(model.prefix_cache.states)
     for text in (texts[0], texts[20], texts[-1]):
         model.prefix_cache.states.clear()
