@@ -54,6 +54,10 @@ class MigrationConfig:
     # distinct users for the same passes, and the latest interactions sit closest to what the
     # migrated prompt will be asked next. On cpu-small it scored level with no cap (bench/README.md).
     max_train_per_user: int | None = None
+    # Keep the average of the adapter's and head's weights over this last fraction of training
+    # steps instead of the last step's (None: the last step's). Free of LM passes; meant to damp
+    # how far one short run's end point moves with its seed.
+    average_last: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +74,9 @@ class MigrationConfig:
         if self.max_train_per_user is not None and self.max_train_per_user < 1:
             raise ValueError("MigrationConfig.max_train_per_user must be >= 1, or None for every "
                              "training interaction.")  # fmt: skip
+        if self.average_last is not None and not 0 < self.average_last <= 1:
+            raise ValueError("MigrationConfig.average_last must lie in (0, 1], the last fraction "
+                             "of training steps to average, or be None.")  # fmt: skip
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
 
@@ -162,7 +169,8 @@ def train_adapter(
     phases.append(fit(
         model=target, task=task, prompt_source=source, head=head, train=train, val=val,
         optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
-        patience=config.patience, seed=config.seed, on_progress=on_progress,
+        patience=config.patience, seed=config.seed, average_last=config.average_last,
+        on_progress=on_progress,
         should_stop=should_stop,
     ))  # fmt: skip
     return AdapterResult(

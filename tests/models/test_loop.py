@@ -122,3 +122,48 @@ def test_migration_config_names_the_field_to_fix(field: str) -> None:
 def test_input_rank_needs_standardised_inputs() -> None:
     with pytest.raises(ValueError, match="standardize_inputs=True"):
         MigrationConfig(input_rank=8, standardize_inputs=False)
+
+
+def _train_prompts_averaged(
+    model: FoundationModel, task: Task, splits: Splits, *, average_last: float, with_val: bool,
+    snapshots: list[torch.Tensor],
+) -> tuple[PromptTable, torch.nn.Module, Examples, float | None]:  # fmt: skip
+    """A prompt table and head trained one epoch; ``snapshots`` gets the table after each step."""
+    table, head, train, val = _setup(model, task, splits)
+    table.requires_grad_(True)
+    optimizer = torch.optim.Adam([*table.parameters(), *head.parameters()], lr=1e-2)
+    result = fit(
+        model=model, task=task, prompt_source=table, head=head, optimizer=optimizer,
+        train=train, val=val if with_val else None, epochs=1, batch_size=8, patience=1, seed=0,
+        average_last=average_last,
+        on_progress=lambda _: snapshots.append(table.weight.detach().clone()),
+    )  # fmt: skip
+    return table, head, val, result.best_metric
+
+
+def test_weight_averaging_keeps_the_mean_of_the_last_steps_weights(
+    tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits
+) -> None:
+    snapshots: list[torch.Tensor] = []
+    table, *_ = _train_prompts_averaged(tiny_llama, rating, tiny_splits, average_last=0.5,
+                                        with_val=False, snapshots=snapshots)  # fmt: skip
+    last = round(0.5 * len(snapshots))
+    assert 1 < last < len(snapshots)
+    torch.testing.assert_close(table.weight.detach(), torch.stack(snapshots[-last:]).mean(0))
+    assert not torch.allclose(table.weight.detach(), snapshots[-1])
+
+
+def test_weight_averaging_scores_the_weights_it_keeps(
+    tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits
+) -> None:
+    table, head, val, best = _train_prompts_averaged(
+        tiny_llama, rating, tiny_splits, average_last=0.5, with_val=True, snapshots=[]
+    )
+    assert best is not None
+    assert score(rating, val, predict(tiny_llama, rating, table, head, val)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_migration_config_refuses_an_averaged_fraction_outside_0_1(fraction: float) -> None:
+    with pytest.raises(ValueError, match="average_last must lie in"):
+        MigrationConfig(average_last=fraction)
