@@ -169,6 +169,10 @@ class _BestEpoch:
         else:
             self.waited += 1
 
+    def keep(self, modules: tuple[nn.Module, ...]) -> None:
+        """Without a validation split: restore loads ``modules``' current state."""
+        self.state = [module.state_dict() for module in modules]
+
     def restore(self) -> None:
         if self.state is not None:
             for module, state in zip(self.modules, self.state, strict=True):
@@ -280,7 +284,7 @@ def fit(
             record["val_" + task.primary_metric] = metric
             best.record(epoch, metric, scored=scored)
         elif scored is not live:
-            best.state = [m.state_dict() for m in scored]
+            best.keep(scored)
         result.history.append(record)
         if val is not None and best.waited >= patience:
             break
