@@ -132,9 +132,9 @@ PRESETS = {
         migration=MigrationConfig(hidden=512, epochs=4, lr=5e-4, batch_size=64,
                                   start_from_vocab_map=True),
         # cpu-small's validated budget choices (zero start, head lr 1e-3, 64 input directions,
-        # latest 15 ratings, a network 64 wide), not yet run on a GPU. Retraining stops after 4 to 8 epochs of 6,040
-        # users x 30 ratings, 725k to 1.45M passes; 400 users x 15 x 2 epochs + the warm-up's
-        # 1,024 is 13k, under the 2% target even at the earliest stop.
+        # latest 15 ratings, a network 64 wide), not yet run on a GPU. Retraining stops after 4
+        # to 8 epochs of 6,040 users x 30 ratings, 725k to 1.45M passes; 400 users x 15 x 2
+        # epochs + the warm-up's 1,024 is 13k, under the 2% target even at the earliest stop.
         budget_migration=MigrationConfig(hidden=64, epochs=2, lr=5e-4, head_lr=1e-3,
                                          batch_size=32, head_warmup_examples=1024,
                                          max_train_per_user=15, input_rank=64),

@@ -184,12 +184,13 @@ class _WeightAverage:
     weight averaging): one run's last steps averaged rather than its last step alone."""
 
     def __init__(self, modules: tuple[nn.Module, ...], *, from_step: int) -> None:
+        self.live = modules
         self.averaged = [AveragedModel(module) for module in modules]
         self.from_step = from_step
 
-    def update(self, step: int, modules: tuple[nn.Module, ...]) -> None:
+    def update(self, step: int) -> None:
         if step >= self.from_step:
-            for averaged, module in zip(self.averaged, modules, strict=True):
+            for averaged, module in zip(self.averaged, self.live, strict=True):
                 averaged.update_parameters(module)
 
     @property
@@ -271,7 +272,7 @@ def fit(
             optimizer.step()
             scheduler.step()
             if average is not None:
-                average.update(epoch * steps_per_epoch + step, live)
+                average.update(epoch * steps_per_epoch + step)
             losses.append(float(loss.detach()))
             result.example_passes += len(rows)
             if on_progress:
