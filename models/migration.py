@@ -20,6 +20,7 @@ from models.errors import DataError, ShapeMismatchError
 from models.foundation import FoundationModel
 from models.instant import LinearMap, stacked_map
 from models.loop import Examples, FitResult, ProgressFn, StopFn, fit, fit_head, index_users
+from models.mean_start import start_from_user_means
 from models.prompts import PromptSet
 from models.tasks import Task
 
@@ -41,6 +42,13 @@ class MigrationConfig:
     # Start the adapter's linear path at the instant map (needs vocab_maps) instead of at zero. On
     # cpu-small's budget of 260 users zero scored better on validation, 1.1430 against 1.1572.
     start_from_vocab_map: bool = False
+    # Start the linear path at each user's mean training label as the source prompt predicts it
+    # (models/mean_start.py): a ridge fit on the selected users' labels (no LM pass) and the
+    # target's mean gradient over mean_start_examples of their examples (one pass each), rescaled
+    # mean_start_rounds times on the same examples (one forward pass each).
+    start_from_user_means: bool = False
+    mean_start_examples: int = 128
+    mean_start_rounds: int = 2
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
@@ -77,6 +85,12 @@ class MigrationConfig:
         if self.average_last is not None and not 0 < self.average_last <= 1:
             raise ValueError("MigrationConfig.average_last must lie in (0, 1], the last fraction "
                              "of training steps to average, or be None.")  # fmt: skip
+        if self.start_from_user_means and self.start_from_vocab_map:
+            raise ValueError("MigrationConfig: start_from_user_means and start_from_vocab_map both "
+                             "set the linear path's start: choose one.")  # fmt: skip
+        if self.mean_start_examples < 1 or self.mean_start_rounds < 0:
+            raise ValueError("MigrationConfig.mean_start_examples must be >= 1 and "
+                             "mean_start_rounds >= 0 (0: the first-order scale).")  # fmt: skip
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
 
@@ -162,6 +176,13 @@ def train_adapter(
         )  # fmt: skip
         warmup.history = [record | {"head_only": 1.0} for record in warmup.history]
         phases.append(warmup)
+    if config.start_from_user_means:  # after the warm-up: the gradient is the fitted head's
+        phases.append(start_from_user_means(
+            adapter=adapter, prompt_source=source, users=users, labels=splits.train_labels(),
+            train=train, model=target, task=task, head=head,
+            n_examples=config.mean_start_examples, rounds=config.mean_start_rounds,
+            batch_size=config.batch_size, seed=config.seed,
+        ))  # fmt: skip
     optimizer = torch.optim.AdamW(
         [{"params": adapter.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
          {"params": head.parameters(), "lr": config.head_lr, "weight_decay": 0.0}]

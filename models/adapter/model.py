@@ -123,8 +123,20 @@ class PumaAdapter(nn.Module):
             self.network.out_proj.weight.mul_(0.1)  # the network now starts as a small correction
             self.network.out_proj.bias.copy_(bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., l, d_in]`` -> ``[..., l, d_out]``."""
+    def set_linear_path(self, weight: torch.Tensor) -> None:
+        """Set the linear path to ``z -> weight @ z`` on the adapter's features
+        (``weight`` ``[d_out, d_features]``, see ``features``), leaving the network as it is."""
+        expected = (self.config.d_out, self.config.d_features)
+        if self.skip is None or weight.shape != expected:
+            raise ShapeMismatchError(
+                f"A linear path of shape {tuple(weight.shape)} cannot be set on an adapter whose "
+                f"path is {expected} (with linear_skip=True)."
+            )
+        with torch.no_grad():
+            self.skip.weight.copy_(weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The standardised inputs the paths read: ``[..., l, d_in]`` -> ``[..., l, f]``."""
         if x.shape[-1] != self.config.d_in:
             raise ShapeMismatchError(
                 f"Prompts of width {x.shape[-1]} given to an adapter for width {self.config.d_in}."
@@ -132,7 +144,11 @@ class PumaAdapter(nn.Module):
         z = x - self.input_mean
         if self.input_basis is not None:
             z = z @ self.input_basis
-        z = z / self.input_scale
+        return z / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., l, d_in]`` -> ``[..., l, d_out]``."""
+        z = self.features(x)
         if self.network is None:
             assert self.skip is not None  # AdapterConfig: linear_only needs linear_skip
             return self.skip(z)

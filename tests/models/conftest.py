@@ -7,7 +7,9 @@ import torch
 
 from models.data import Splits, load_interactions, split_chronological
 from models.foundation import FoundationModel
+from models.prompts import PromptSet
 from models.tasks import Task, get_task
+from models.training import PromptTrainingConfig, train_prompts
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +31,10 @@ def rating() -> Task:
 def tiny_splits() -> Splits:
     rows = load_interactions("synthetic-tiny", task="rating")
     return split_chronological(rows, n_test=4, n_val=4, max_train=16)
+
+
+@pytest.fixture(scope="session")
+def source_set(tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits) -> PromptSet:
+    """Prompts trained on the tiny source model: they carry the synthetic per-user signal."""
+    config = PromptTrainingConfig(epochs=8, lr=5e-2, head_lr=1e-2, patience=8)
+    return train_prompts(tiny_llama, rating, tiny_splits, config=config).prompt_set

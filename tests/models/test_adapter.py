@@ -70,6 +70,18 @@ def test_linear_path_can_start_from_a_given_map() -> None:
         adapter.init_skip(torch.randn(5, 6))
 
 
+def test_a_linear_path_set_on_the_features_adds_exactly_its_map() -> None:
+    adapter = PumaAdapter(AdapterConfig(d_in=6, d_out=5, hidden=4, input_rank=3)).eval()
+    adapter.set_input_statistics(torch.randn(40, 1, 6))
+    x = torch.randn(7, 2, 6)
+    without = adapter(x)
+    weight = torch.randn(5, 3)
+    adapter.set_linear_path(weight)
+    torch.testing.assert_close(adapter(x) - without, adapter.features(x) @ weight.T)
+    with pytest.raises(ShapeMismatchError, match=r"\(5, 3\)"):
+        adapter.set_linear_path(torch.randn(5, 6))
+
+
 def test_input_statistics_give_the_table_zero_mean_and_unit_scale() -> None:
     adapter = PumaAdapter(AdapterConfig(d_in=16, d_out=8, hidden=4))
     table = torch.randn(200, 1, 16) * 0.01 + torch.randn(16)  # one shared start plus small deltas

@@ -15,9 +15,8 @@ from models.migration import MigrationConfig, migrate_all, stack_sources, train_
 from models.prompts import PromptSet
 from models.selection import select_users
 from models.tasks import Task
-from models.training import PromptTrainingConfig, random_prompts, train_prompts
+from models.training import random_prompts
 
-PROMPT_CONFIG = PromptTrainingConfig(epochs=8, lr=5e-2, head_lr=1e-2, patience=8)
 # Few users make few optimizer steps: small batches and a quick head keep the test short.
 ADAPTER_CONFIG = MigrationConfig(
     hidden=32, epochs=12, lr=3e-3, head_lr=1e-2, batch_size=8, patience=12, head_warmup_epochs=1
@@ -35,11 +34,6 @@ def randomised(prompt_set: PromptSet, model: FoundationModel) -> PromptSet:
     n, length = len(prompt_set.user_ids), prompt_set.prompt_length
     prompts = random_prompts(model, n_users=n, prompt_length=length, seed=99)
     return PromptSet(model.name, prompt_set.task, prompt_set.user_ids, prompts, prompt_set.head)
-
-
-@pytest.fixture(scope="module")
-def source_set(tiny_llama: FoundationModel, rating: Task, tiny_splits: Splits) -> PromptSet:
-    return train_prompts(tiny_llama, rating, tiny_splits, config=PROMPT_CONFIG).prompt_set
 
 
 def test_trained_prompts_beat_random_prompts(
