@@ -28,7 +28,7 @@ from models.adapter import PumaAdapter
 from models.adapter.model import AdapterPrompts
 from models.errors import DataError
 from models.foundation import FoundationModel
-from models.loop import Examples, FitResult, predict
+from models.loop import Examples, FitResult
 from models.tasks import Task
 
 # Ridge penalties tried by leave-one-out: the features are at unit scale, so this spans a near
@@ -52,14 +52,13 @@ def user_mean_weights(features: torch.Tensor, means: np.ndarray) -> tuple[np.nda
 def prediction_gradient(
     *, model: FoundationModel, task: Task, prompt_source: AdapterPrompts, head: nn.Module,
     examples: Examples, batch_size: int,
-) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+) -> torch.Tensor:  # fmt: skip
     """``[d_out]``: the mean over ``examples`` of d(prediction) / d(prompt), summed over the
-    prompt's vectors (the response to one shift of all of them); and the predictions ``[n]``."""
+    prompt's vectors (the response to one shift of all of them)."""
     answer = model.answer_tokens(task.template.suffix, task.labels)
     prompt_source.eval()
     head.eval()
     total = torch.zeros(model.hidden_size, dtype=torch.float64)
-    predictions = np.empty(len(examples), dtype=np.float32)
     for start in range(0, len(examples), batch_size):
         rows = np.arange(start, min(start + batch_size, len(examples)))
         users = torch.from_numpy(examples.users[rows]).to(model.device)
@@ -70,26 +69,17 @@ def prediction_gradient(
         prediction = task.predict(head(logits).float())
         (grad,) = torch.autograd.grad(prediction.sum(), prompts)
         total += grad.sum((0, 1)).double().cpu()
-        predictions[rows] = prediction.detach().cpu().numpy()
-    return (total / len(examples)).float(), predictions
-
-
-def response_slope(*, offsets: np.ndarray, before: np.ndarray, after: np.ndarray) -> float:
-    """Least-squares slope of the predictions' change on the offsets meant for them (all ``[n]``)."""
-    return float(np.dot(after - before, offsets) / max(float(np.dot(offsets, offsets)), 1e-12))
+    return (total / len(examples)).float()
 
 
 def start_from_user_means(
     *, adapter: PumaAdapter, prompt_source: AdapterPrompts, users: list[str],
     labels: Mapping[str, list[float]], train: Examples, model: FoundationModel, task: Task,
-    head: nn.Module, n_examples: int, rounds: int, batch_size: int, seed: int,
+    head: nn.Module, n_examples: int, batch_size: int, seed: int,
 ) -> FitResult:  # fmt: skip
     """Set ``adapter``'s linear path as the module docstring says. ``users`` are the rows of
     ``prompt_source``, ``labels`` their training labels; the gradient is taken over
-    ``n_examples`` drawn from ``train``. The prediction saturates well before the first-order
-    shift, so ``rounds`` times the predictions on that sample are measured again and the path
-    rescaled until they move by the meant offsets (least squares). The result counts every
-    pass and the time taken."""
+    ``n_examples`` drawn from ``train``. The result counts those passes and the time taken."""
     start = time.perf_counter()
     means = np.array([np.mean(labels[u]) for u in users])
     with torch.no_grad():
@@ -98,29 +88,20 @@ def start_from_user_means(
     rng = np.random.default_rng(seed)
     sample = train.subset(np.sort(rng.choice(len(train), min(n_examples, len(train)),
                                              replace=False)))  # fmt: skip
-    gradient, before = prediction_gradient(model=model, task=task, prompt_source=prompt_source,
+    gradient = prediction_gradient(model=model, task=task, prompt_source=prompt_source,
                                    head=head, examples=sample, batch_size=batch_size)  # fmt: skip
     norm = float(gradient.norm())
     if not norm > 0:
         raise DataError("The target model's prediction does not move with the prompt here: "
                         "set start_from_user_means=False.")  # fmt: skip
-    offsets = (features.mean(1).double().cpu().numpy() @ weights)[sample.users]
-    path = torch.outer(gradient / norm**2, torch.from_numpy(weights).float()).to(features)
-    scale, slopes = 1.0, []
-    adapter.set_linear_path(path)
-    for _ in range(rounds):
-        after = predict(model, task, prompt_source, head, sample, batch_size=batch_size)
-        slopes.append(response_slope(offsets=offsets, before=before, after=after))
-        if slopes[-1] <= 0.05:  # says nothing of the scale: keep the current one
-            break
-        scale /= slopes[-1]
-        adapter.set_linear_path(path * scale)
+    # First order only: the prediction saturates along g, and rescaling the path until the
+    # predictions moved by the full offsets scored worse on cpu-small (bench/README.md).
+    direction = gradient / norm**2
+    adapter.set_linear_path(torch.outer(direction, torch.from_numpy(weights).float()).to(features))
     return FitResult(
-        seconds=time.perf_counter() - start,
-        example_passes=len(sample) * (1 + len(slopes)),
+        seconds=time.perf_counter() - start, example_passes=len(sample),
         history=[{"mean_start": 1.0, "ridge_alpha": float(ridge.alpha_),
                   # Leave-one-out: the share of the users' spread in mean label the prompts explain.
                   "ridge_held_out_r2": 1.0 + float(ridge.best_score_) / max(float(np.var(means)), 1e-12),
-                  "gradient_norm": norm, "scale": scale,
-                  **{f"slope_{i}": k for i, k in enumerate(slopes)}}],
+                  "gradient_norm": norm}],
     )  # fmt: skip

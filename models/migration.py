@@ -44,11 +44,10 @@ class MigrationConfig:
     start_from_vocab_map: bool = False
     # Start the linear path at each user's mean training label as the source prompt predicts it
     # (models/mean_start.py): a ridge fit on the selected users' labels (no LM pass) and the
-    # target's mean gradient over mean_start_examples of their examples (one pass each), rescaled
-    # mean_start_rounds times on the same examples (one forward pass each).
+    # target's mean gradient over mean_start_examples of their examples (one pass each). On
+    # cpu-small it scored level with the zero start after training (bench/README.md).
     start_from_user_means: bool = False
     mean_start_examples: int = 128
-    mean_start_rounds: int = 2
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
@@ -88,9 +87,8 @@ class MigrationConfig:
         if self.start_from_user_means and self.start_from_vocab_map:
             raise ValueError("MigrationConfig: start_from_user_means and start_from_vocab_map both "
                              "set the linear path's start: choose one.")  # fmt: skip
-        if self.mean_start_examples < 1 or self.mean_start_rounds < 0:
-            raise ValueError("MigrationConfig.mean_start_examples must be >= 1 and "
-                             "mean_start_rounds >= 0 (0: the first-order scale).")  # fmt: skip
+        if self.mean_start_examples < 1:
+            raise ValueError("MigrationConfig.mean_start_examples must be >= 1.")
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
 
@@ -180,8 +178,7 @@ def train_adapter(
         phases.append(start_from_user_means(
             adapter=adapter, prompt_source=source, users=users, labels=splits.train_labels(),
             train=train, model=target, task=task, head=head,
-            n_examples=config.mean_start_examples, rounds=config.mean_start_rounds,
-            batch_size=config.batch_size, seed=config.seed,
+            n_examples=config.mean_start_examples, batch_size=config.batch_size, seed=config.seed,
         ))  # fmt: skip
     optimizer = torch.optim.AdamW(
         [{"params": adapter.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},

@@ -41,7 +41,7 @@ def test_the_start_moves_each_users_predictions_towards_the_users_mean(
     before = predict(tiny_gemma, rating, prompts, head, train)
     result = start_from_user_means(
         adapter=adapter, prompt_source=prompts, users=users, labels=tiny_splits.train_labels(),
-        train=train, model=tiny_gemma, task=rating, head=head, n_examples=64, rounds=1,
+        train=train, model=tiny_gemma, task=rating, head=head, n_examples=64,
         batch_size=16, seed=0,
     )  # fmt: skip
     after = predict(tiny_gemma, rating, prompts, head, train)
@@ -50,7 +50,7 @@ def test_the_start_moves_each_users_predictions_towards_the_users_mean(
     assert np.corrcoef(change, means)[0, 1] > 0.6
     [record] = result.history
     assert record["ridge_held_out_r2"] > 0.5  # the synthetic signal is in the source prompts
-    assert result.example_passes == 64 * 2  # the gradient pass and one rescaling round
+    assert result.example_passes == 64  # one gradient pass each
 
 
 def test_the_regression_needs_a_few_users() -> None:
@@ -62,8 +62,7 @@ def test_train_adapter_counts_the_start_in_its_cost(
     tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits, source_set: PromptSet
 ) -> None:
     plain = MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0, batch_size=16)
-    started = replace(plain, start_from_user_means=True, mean_start_examples=32,
-                      mean_start_rounds=0)  # fmt: skip
+    started = replace(plain, start_from_user_means=True, mean_start_examples=32)
     users = source_set.user_ids[:12]
     runs = [train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
                           splits=tiny_splits, users=users, config=config)
@@ -75,5 +74,5 @@ def test_train_adapter_counts_the_start_in_its_cost(
 def test_config_refuses_two_starts_of_the_linear_path() -> None:
     with pytest.raises(ValueError, match="choose one"):
         MigrationConfig(start_from_user_means=True, start_from_vocab_map=True)
-    with pytest.raises(ValueError, match="mean_start_rounds"):
-        MigrationConfig(mean_start_rounds=-1)
+    with pytest.raises(ValueError, match="mean_start_examples"):
+        MigrationConfig(mean_start_examples=0)
