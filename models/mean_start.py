@@ -36,17 +36,16 @@ from models.tasks import Task
 RIDGE_ALPHAS = np.logspace(-1, 4, 11)
 
 
-def user_mean_weights(features: torch.Tensor, means: np.ndarray) -> tuple[np.ndarray, RidgeCV]:
-    """Ridge weights ``[f]`` reading each user's mean label from the user's features
-    ``[n, l, f]`` (their mean over the prompt's ``l`` vectors), and the fitted regression."""
+def user_mean_regression(features: torch.Tensor, means: np.ndarray) -> RidgeCV:
+    """The ridge regression (weights ``coef_`` ``[f]``) reading each user's mean label from the
+    user's features ``[n, l, f]`` (their mean over the prompt's ``l`` vectors)."""
     if len(means) < 3:
         raise DataError(
             f"A mean-label start needs at least 3 users to fit its regression, got {len(means)}: "
             "select more users or set start_from_user_means=False."
         )
     x = features.mean(1).double().cpu().numpy()
-    ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(x, means)
-    return ridge.coef_, ridge
+    return RidgeCV(alphas=RIDGE_ALPHAS).fit(x, means)
 
 
 def prediction_gradient(
@@ -56,6 +55,7 @@ def prediction_gradient(
     """``[d_out]``: the mean over ``examples`` of d(prediction) / d(prompt), summed over the
     prompt's vectors (the response to one shift of all of them)."""
     answer = model.answer_tokens(task.template.suffix, task.labels)
+    model.warm_prefixes(examples.prefixes)  # at once: each warm-up forward runs a full batch
     prompt_source.eval()
     head.eval()
     total = torch.zeros(model.hidden_size, dtype=torch.float64)
@@ -84,7 +84,7 @@ def start_from_user_means(
     means = np.array([np.mean(labels[u]) for u in users])
     with torch.no_grad():
         features = adapter.features(prompt_source.sources)
-    weights, ridge = user_mean_weights(features, means)
+    ridge = user_mean_regression(features, means)
     rng = np.random.default_rng(seed)
     sample = train.subset(np.sort(rng.choice(len(train), min(n_examples, len(train)),
                                              replace=False)))  # fmt: skip
@@ -97,7 +97,9 @@ def start_from_user_means(
     # First order only: the prediction saturates along g, and rescaling the path until the
     # predictions moved by the full offsets scored worse on cpu-small (bench/README.md).
     direction = gradient / norm**2
-    adapter.set_linear_path(torch.outer(direction, torch.from_numpy(weights).float()).to(features))
+    adapter.set_linear_path(
+        torch.outer(direction, torch.from_numpy(ridge.coef_).float()).to(features)
+    )
     return FitResult(
         seconds=time.perf_counter() - start, example_passes=len(sample),
         history=[{"mean_start": 1.0, "ridge_alpha": float(ridge.alpha_),

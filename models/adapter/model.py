@@ -109,12 +109,10 @@ class PumaAdapter(nn.Module):
                 f"A linear map of shape {tuple(linear_map.shape)} cannot start an adapter "
                 f"{self.config.d_in} -> {self.config.d_out} (with linear_skip=True)."
             )
+        # x @ M = (z * scale [@ V^T] + mean) @ M: fold the statistics into weight and bias.
+        weight = linear_map.T * self.input_scale
+        self.set_linear_path(weight if self.input_basis is None else weight @ self.input_basis)
         with torch.no_grad():
-            # x @ M = (z * scale [@ V^T] + mean) @ M: fold the statistics into weight and bias.
-            weight = linear_map.T * self.input_scale
-            self.skip.weight.copy_(
-                weight if self.input_basis is None else weight @ self.input_basis
-            )
             bias = self.input_mean @ linear_map + (0.0 if offset is None else offset)
             if self.network is None:
                 assert self.skip.bias is not None  # linear_only gives the linear path a bias

@@ -14,7 +14,7 @@ from models.data import Splits
 from models.errors import DataError
 from models.foundation import FoundationModel
 from models.loop import Examples, index_users, predict
-from models.mean_start import start_from_user_means, user_mean_weights
+from models.mean_start import start_from_user_means, user_mean_regression
 from models.migration import MigrationConfig, train_adapter
 from models.prompts import PromptSet
 from models.tasks import Task
@@ -55,7 +55,7 @@ def test_the_start_moves_each_users_predictions_towards_the_users_mean(
 
 def test_the_regression_needs_a_few_users() -> None:
     with pytest.raises(DataError, match="at least 3 users"):
-        user_mean_weights(torch.randn(2, 1, 4), np.array([3.0, 4.0]))
+        user_mean_regression(torch.randn(2, 1, 4), np.array([3.0, 4.0]))
 
 
 def test_train_adapter_counts_the_start_in_its_cost(
