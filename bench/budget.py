@@ -90,7 +90,6 @@ def run(
     log(f"validation reference: {reference}")
     target = FoundationModel.load(preset.target_model, device=preset.device)
     vocab_map = fit_vocab_map(source, target)
-    del source
     labels = splits.train_labels()
     base_config: MigrationConfig = getattr(preset, base)
     runs: list[dict[str, Any]] = []
@@ -123,8 +122,8 @@ def run(
                          seed=seed if adapter_seed is None else adapter_seed,
                          **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
         result, [val] = migrate_and_predict(
-            source_set=source_set, target=target, task=task, splits=splits, selection=chosen,
-            config=config, vocab_map=vocab_map, parts=(splits.val,),
+            source_set=source_set, source=source, target=target, task=task, splits=splits,
+            selection=chosen, config=config, vocab_map=vocab_map, parts=(splits.val,),
         )  # fmt: skip
         runs.append({
             "selection": setting_text(picking), "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,

@@ -261,27 +261,30 @@ def random_init_row(
 
 
 def migrate_and_predict(
-    *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
-    selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
+    *, source_set: PromptSet, source: FoundationModel, target: FoundationModel, task: Task,
+    splits: Splits, selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
     parts: tuple[dict[str, list[Interaction]], ...], on_progress: ProgressFn | None = None,
 ) -> tuple[AdapterResult, list[Predictions]]:  # fmt: skip
     """Train the adapter on the selection, map every user, predict the interactions of each of
     ``parts``."""
     result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
                            users=selection.users, user_weights=selection.weights, config=config,
-                           vocab_maps=[vocab_map], on_progress=on_progress)  # fmt: skip
+                           vocab_maps=[vocab_map], source_model=source,
+                           on_progress=on_progress)  # fmt: skip
     migrated = migrate_all([source_set], result, target=target.name)
     return result, [predict_set(target, task, migrated, part) for part in parts]
 
 
 def adapter_row(
-    method: str, *, source_set: PromptSet, target: FoundationModel, task: Task, splits: Splits,
-    selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
+    method: str, *, source_set: PromptSet, source: FoundationModel, target: FoundationModel,
+    task: Task, splits: Splits, selection: Selection, config: MigrationConfig,
+    vocab_map: LinearMap,
 ) -> Row:  # fmt: skip
     log(f"{method}: training the adapter on {len(selection.users)} users")
     result, [predictions] = migrate_and_predict(
-        source_set=source_set, target=target, task=task, splits=splits, selection=selection,
-        config=config, vocab_map=vocab_map, parts=(splits.test,), on_progress=progress(method),
+        source_set=source_set, source=source, target=target, task=task, splits=splits,
+        selection=selection, config=config, vocab_map=vocab_map, parts=(splits.test,),
+        on_progress=progress(method),
     )  # fmt: skip
     return Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
                {"history": result.history})  # fmt: skip
@@ -389,7 +392,6 @@ def run(preset: Preset) -> dict[str, object]:
              {"fit_seconds": round(instant_seconds, 2), "inference_passes": head.passes,
               "shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3),
               "head_r2": round(head.r2, 3)}))  # fmt: skip
-    del source
     keep(random_init_row(preset, target, task, splits, users))
     log("retrain: training every user's prompt on the target")
     retrained = train_prompts(
@@ -398,8 +400,8 @@ def run(preset: Preset) -> dict[str, object]:
     keep(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
              retrained.seconds, retrained.example_passes, len(users),
              {"history": retrained.history}))  # fmt: skip
-    migrated_row = partial(adapter_row, source_set=source_set, target=target, task=task,
-                           splits=splits, vocab_map=vocab_map)  # fmt: skip
+    migrated_row = partial(adapter_row, source_set=source_set, source=source, target=target,
+                           task=task, splits=splits, vocab_map=vocab_map)  # fmt: skip
     labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []

@@ -56,7 +56,6 @@ def run(preset_name: str, *, seed: int) -> list[dict[str, object]]:
         item_texts=splits.train_item_texts(),
         seed=preset.prompt.seed,
     ).maps[0]
-    del source
     labels = splits.train_labels()
     variants = (("puma, preset", "puma", preset.selection),
                 ("puma, reference", "puma", SelectionConfig()),
@@ -68,8 +67,9 @@ def run(preset_name: str, *, seed: int) -> list[dict[str, object]]:
                               user_ids=source_set.user_ids, budget=preset.budget, seed=seed,
                               config=selection_config)  # fmt: skip
         _, (validation, test) = migrate_and_predict(
-            source_set=source_set, target=target, task=task, splits=splits, selection=chosen,
-            config=replace(preset.budget_migration, seed=seed), vocab_map=vocab_map,
+            source_set=source_set, source=source, target=target, task=task, splits=splits,
+            selection=chosen, config=replace(preset.budget_migration, seed=seed),
+            vocab_map=vocab_map,
             parts=(splits.val, splits.test),
         )  # fmt: skip
         row: dict[str, object] = {

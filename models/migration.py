@@ -16,6 +16,7 @@ import torch
 from models.adapter import AdapterConfig, PumaAdapter
 from models.adapter.model import AdapterPrompts
 from models.data import Splits
+from models.distill import blend_targets, source_predictions
 from models.errors import DataError, ShapeMismatchError
 from models.foundation import FoundationModel
 from models.instant import LinearMap, stacked_map
@@ -65,6 +66,10 @@ class MigrationConfig:
     # steps instead of the last step's (None: the last step's). Free of LM passes; meant to damp
     # how far one short run's end point moves with its seed.
     average_last: float | None = None
+    # Blend each training label with the source set's own prediction of it on the source model
+    # (models/distill.py), this share of the source's (0: labels alone, as in the paper). Needs the
+    # source model at training time; costs one source-model inference pass per training example.
+    distill_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,6 +96,9 @@ class MigrationConfig:
             raise ValueError("MigrationConfig.mean_start_examples must be >= 1.")
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError("MigrationConfig.distill_weight must lie in [0, 1]: the source "
+                             "prediction's share of each training target (0: labels alone).")  # fmt: skip
 
 
 @dataclass
@@ -133,14 +141,19 @@ def train_adapter(
     users: list[str],
     config: MigrationConfig,
     vocab_maps: list[LinearMap] | None = None,
+    source_model: FoundationModel | None = None,
     user_weights: Mapping[str, float] | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> AdapterResult:
     """Train the adapter on ``users`` (their source prompts and interactions), each user's
-    examples weighted in the loss by ``user_weights`` (``Selection.weights``; None: alike)."""
+    examples weighted in the loss by ``user_weights`` (``Selection.weights``; None: alike).
+    ``source_model``: the first source's model, needed when ``config.distill_weight`` > 0."""
     if not users:
         raise DataError("No users to train the adapter on: select at least one user.")
+    if config.distill_weight and source_model is None:
+        raise ValueError("MigrationConfig.distill_weight > 0 blends labels with the source "
+                         "model's predictions: pass source_model, or set distill_weight=0.")  # fmt: skip
     splits.require_training_data(users)
     inputs = stack_sources(sources, users)
     # Every user's prompt gives the input statistics; input_rank implies standardize_inputs.
@@ -166,6 +179,12 @@ def train_adapter(
                            user_weights=user_weights)  # fmt: skip
     val = Examples.build(task, splits.val, row_of=row_of)
     phases: list[FitResult] = []
+    if config.distill_weight and source_model is not None:
+        predictions, cost = source_predictions(
+            model=source_model, task=task, source=sources[0], users=users, examples=train
+        )
+        phases.append(cost)
+        train = blend_targets(train, predictions, weight=config.distill_weight)
     if config.head_warmup_epochs:
         warmup = fit_head(
             model=target, task=task, prompt_source=source, head=head, train=train, val=val,
