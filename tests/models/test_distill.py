@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -76,13 +77,14 @@ def test_with_full_weight_the_adapter_learns_from_the_source_not_the_labels(
 def test_distilling_needs_the_source_sets_own_model(
     tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits, source_set: PromptSet
 ) -> None:
-    train_on = {"sources": [source_set], "target": tiny_gemma, "task": rating,
-                "splits": tiny_splits, "users": source_set.user_ids,
-                "config": replace(CONFIG, distill_weight=0.5)}  # fmt: skip
+    train_on = partial(
+        train_adapter, sources=[source_set], target=tiny_gemma, task=rating, splits=tiny_splits,
+        users=source_set.user_ids, config=replace(CONFIG, distill_weight=0.5),
+    )  # fmt: skip
     with pytest.raises(ValueError, match="pass source_model"):
-        train_adapter(**train_on)
+        train_on()
     with pytest.raises(ShapeMismatchError, match="trained on 'tiny-llama', not 'tiny-gemma'"):
-        train_adapter(**train_on, source_model=tiny_gemma)
+        train_on(source_model=tiny_gemma)
 
 
 @pytest.mark.parametrize("weight", [-0.1, 1.5])
