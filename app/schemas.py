@@ -97,6 +97,13 @@ class AdapterOptions(Strict):
         "embeddings (true) or at zero (false, the default: measured better for a budget of a few "
         "hundred users; see the README).",
     )  # fmt: skip
+    distill_weight: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Blend each training label with the source set's own prediction of it on the "
+        "source model, this share of the prediction (0, the default: labels alone). Less noisy "
+        "targets for the same target passes, at one source-model pass per example; measured "
+        "better for a budget of a few hundred users (see the README).",
+    )  # fmt: skip
 
 
 class QualityGate(Strict):

@@ -27,10 +27,10 @@ def source_predictions(
 ) -> tuple[np.ndarray, FitResult]:  # fmt: skip
     """``[len(examples)]`` predictions of the source set on its own model (``examples.users``
     index ``users``), and what they cost."""
-    if source.model != model.name:
+    if source.width != model.hidden_size:
         raise ShapeMismatchError(
-            f"The source prompts were trained on {source.model!r}, not {model.name!r}: "
-            "distil from the model the source set belongs to."
+            f"The source prompts are {source.width} wide and {model.name} is {model.hidden_size}: "
+            f"distil from the model the source set was trained on ({source.model!r})."
         )
     model.warm_prefixes(examples.prefixes)  # the source model's item states, as it served them
     start = time.perf_counter()

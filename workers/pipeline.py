@@ -409,6 +409,7 @@ def train(
         user_weights=selected.weights,
         config=config,
         vocab_maps=_vocab_maps(sources, target) if config.start_from_vocab_map else None,
+        source_model=load_model(sources[0]["model"]) if config.distill_weight else None,
         on_progress=job.progress(0.0, 0.5),
         should_stop=job.should_stop,
     )

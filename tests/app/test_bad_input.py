@@ -124,6 +124,8 @@ class TestRefusedAndNothingChanges:
         _bad(client.post("/migrations", json=body, headers=admin()), 422, "selection")
         body = VALID_MIGRATION | {"colour": "red"}
         _bad(client.post("/migrations", json=body, headers=admin()), 422, "colour")
+        body = VALID_MIGRATION | {"adapter": {"distill_weight": 1.5}}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "distill_weight")
 
     def test_instant_migration_takes_no_training_options(self, client: TestClient) -> None:
         body = VALID_MIGRATION | {"method": "instant", "adapter": {"epochs": 2}}

@@ -264,6 +264,19 @@ def test_adapter_trains_on_each_users_latest_interactions_when_capped(
     assert 0 < done["cost"]["example_passes"] <= 2 * 8 * 2
 
 
+def test_distilling_adapter_pays_one_source_pass_per_training_example(
+    client: TestClient,
+) -> None:
+    def passes(distill_weight: float) -> int:
+        adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2,
+                   "distill_weight": distill_weight}  # fmt: skip
+        done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
+        assert done["state"] == "awaiting_promotion", done
+        return int(done["cost"]["example_passes"])
+
+    assert passes(0.5) - passes(0.0) == 8 * 2  # the budget's users, 2 interactions each
+
+
 def test_adapter_started_at_zero_is_its_own_start_and_reproduces(
     client: TestClient, store: Store
 ) -> None:
