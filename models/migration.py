@@ -1,8 +1,9 @@
 """PUMA migration: train one adapter through the frozen target model, then map every user.
 
 Source prompts stay frozen, the target LM stays frozen; the adapter and the task head (started
-from the first source's head) learn on the target's task loss over the selected users. The best
-epoch is chosen on those users' validation split. Chained migration is a migrated set used as the
+from the first source's head) learn on the target's task loss over the selected users, whose
+labels can be blended with the first source's own predictions (``distill_weight``). The best
+epoch is chosen on those users' validation split (real labels). Chained migration is a migrated set used as the
 next source; aggregated migration concatenates several sources' prompts along the features.
 """
 
