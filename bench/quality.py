@@ -81,8 +81,10 @@ PRESETS = {
         prompt=PromptTrainingConfig(epochs=6, lr=5e-2, head_lr=1e-2, patience=6),
         migration=MigrationConfig(hidden=32, epochs=6, lr=3e-3, head_lr=1e-2, patience=6,
                                   start_from_vocab_map=True),
+        # Learns from the source's predictions as cpu-small's does, so the tests run that path.
         budget_migration=MigrationConfig(hidden=32, epochs=10, lr=3e-3, head_lr=1e-2, batch_size=8,
-                                         patience=10, start_from_vocab_map=True),
+                                         patience=10, start_from_vocab_map=True,
+                                         distill_weight=0.8),
         n_test=4, n_val=4, max_train=16, seeds=(0, 1), device="cpu",
     ),
     "cpu-small": Preset(
