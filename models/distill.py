@@ -15,8 +15,9 @@ from dataclasses import replace
 import numpy as np
 
 from models.errors import ShapeMismatchError
+from models.evaluation import predict_examples
 from models.foundation import FoundationModel
-from models.loop import Examples, FitResult, PromptTable, predict
+from models.loop import Examples, FitResult
 from models.prompts import PromptSet
 from models.tasks import Task
 
@@ -34,9 +35,8 @@ def source_predictions(
         )
     model.warm_prefixes(examples.prefixes)  # the source model's item states, as it served them
     start = time.perf_counter()
-    table = PromptTable(source.rows(users)).to(model.device).requires_grad_(False)
-    head = task.load_head(source.head).to(model.device)
-    predictions = predict(model, task, table, head, examples)
+    predictions = predict_examples(model, task, prompts=source.rows(users), head=source.head,
+                                   examples=examples)  # fmt: skip
     cost = FitResult(seconds=time.perf_counter() - start, example_passes=len(examples))
     return predictions.astype(np.float32), cost
 

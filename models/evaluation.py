@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from models.data import Interaction
 from models.foundation import FoundationModel
@@ -28,10 +29,20 @@ def predict_set(
     model.check_prompts(prompt_set.prompts[:1])
     row_of = index_users(prompt_set.user_ids)
     examples = Examples.build(task, interactions, row_of=row_of)
-    head = task.load_head(prompt_set.head).to(model.device)
-    table = PromptTable(prompt_set.prompts).to(model.device)
-    out = predict(model, task, table, head, examples, batch_size=batch_size)
+    out = predict_examples(model, task, prompts=prompt_set.prompts, head=prompt_set.head,
+                           examples=examples, batch_size=batch_size)  # fmt: skip
     return Predictions(examples.user_ids, examples.targets, out)
+
+
+def predict_examples(
+    model: FoundationModel, task: Task, *, prompts: torch.Tensor, head: dict[str, torch.Tensor],
+    examples: Examples, batch_size: int = 64,
+) -> np.ndarray:  # fmt: skip
+    """Predictions for ``examples``, whose ``users`` index ``prompts`` ``[n, l, d]``, through a
+    stored ``head``'s weights."""
+    table = PromptTable(prompts).to(model.device)
+    head_module = task.load_head(head).to(model.device)
+    return predict(model, task, table, head_module, examples, batch_size=batch_size)
 
 
 def metrics_of(task: Task, predictions: Predictions) -> dict[str, float | None]:

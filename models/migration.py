@@ -3,8 +3,9 @@
 Source prompts stay frozen, the target LM stays frozen; the adapter and the task head (started
 from the first source's head) learn on the target's task loss over the selected users, whose
 labels can be blended with the first source's own predictions (``distill_weight``). The best
-epoch is chosen on those users' validation split (real labels). Chained migration is a migrated set used as the
-next source; aggregated migration concatenates several sources' prompts along the features.
+epoch is chosen on those users' validation split (real labels). Chained migration is a migrated
+set used as the next source; aggregated migration concatenates several sources' prompts along the
+features.
 """
 
 from __future__ import annotations
@@ -152,9 +153,6 @@ def train_adapter(
     ``source_model``: the first source's model, needed when ``config.distill_weight`` > 0."""
     if not users:
         raise DataError("No users to train the adapter on: select at least one user.")
-    if config.distill_weight and source_model is None:
-        raise ValueError("MigrationConfig.distill_weight > 0 blends labels with the source "
-                         "model's predictions: pass source_model, or set distill_weight=0.")  # fmt: skip
     splits.require_training_data(users)
     inputs = stack_sources(sources, users)
     # Every user's prompt gives the input statistics; input_rank implies standardize_inputs.
@@ -180,7 +178,10 @@ def train_adapter(
                            user_weights=user_weights)  # fmt: skip
     val = Examples.build(task, splits.val, row_of=row_of)
     phases: list[FitResult] = []
-    if config.distill_weight and source_model is not None:
+    if config.distill_weight:
+        if source_model is None:
+            raise ValueError("MigrationConfig.distill_weight > 0 blends labels with the source "
+                             "model's predictions: pass source_model, or set distill_weight=0.")  # fmt: skip
         predictions, cost = source_predictions(
             model=source_model, task=task, source=sources[0], users=users, examples=train
         )
