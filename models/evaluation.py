@@ -9,7 +9,7 @@ import torch
 
 from models.data import Interaction
 from models.foundation import FoundationModel
-from models.loop import Examples, PromptTable, index_users, predict
+from models.loop import Examples, PromptTable, head_predictions, index_users, label_logits
 from models.prompts import PromptSet
 from models.tasks import Task
 
@@ -40,9 +40,18 @@ def predict_examples(
 ) -> np.ndarray:  # fmt: skip
     """Predictions for ``examples``, whose ``users`` index ``prompts`` ``[n, l, d]``, through a
     stored ``head``'s weights."""
+    logits = example_logits(model, task, prompts=prompts, examples=examples, batch_size=batch_size)
+    return head_predictions(task, task.load_head(head).to(model.device), logits)
+
+
+def example_logits(
+    model: FoundationModel, task: Task, *, prompts: torch.Tensor, examples: Examples,
+    batch_size: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """``[len(examples), n_labels]`` label logits of ``examples``, whose ``users`` index
+    ``prompts`` ``[n, l, d]``."""
     table = PromptTable(prompts).to(model.device)
-    head_module = task.load_head(head).to(model.device)
-    return predict(model, task, table, head_module, examples, batch_size=batch_size)
+    return label_logits(model, task, table, examples, batch_size=batch_size)
 
 
 def metrics_of(task: Task, predictions: Predictions) -> dict[str, float | None]:

@@ -37,6 +37,9 @@ class Examples:
     user_ids: list[str]
     # [n] float32: each example's weight in the training loss; None weighs all alike.
     weights: np.ndarray | None = None
+    # [n, n_labels] float32: the distribution the task's cross-entropy fits, when softer than
+    # the target's own label (Task.loss); None: the target's label.
+    classes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prefixes)
@@ -46,6 +49,7 @@ class Examples:
             users=self.users[rows], prefixes=[self.prefixes[i] for i in rows],
             targets=self.targets[rows], user_ids=[self.user_ids[i] for i in rows],
             weights=None if self.weights is None else self.weights[rows],
+            classes=None if self.classes is None else self.classes[rows],
         )  # fmt: skip
 
     @classmethod
@@ -128,14 +132,27 @@ def predict(
 ) -> np.ndarray:  # fmt: skip
     """Predictions (ratings or probabilities) for every example, in order."""
     logits = label_logits(model, task, prompt_source, examples, batch_size=batch_size)
-    return _head_predictions(task, head, logits)
+    return head_predictions(task, head, logits)
 
 
-def _head_predictions(task: Task, head: nn.Module, logits: torch.Tensor) -> np.ndarray:
+def head_predictions(task: Task, head: nn.Module, logits: torch.Tensor) -> np.ndarray:
+    """``[n, n_labels]`` label logits -> ``[n]`` predictions through ``head``."""
     head.eval()
     with torch.no_grad():
         device = next(head.parameters()).device
         return task.predict(head(logits.to(device)).float()).cpu().numpy()
+
+
+def _batch_targets(
+    examples: Examples, rows: np.ndarray, *, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The targets, loss weights and class distributions of the examples at ``rows``."""
+
+    def take(values: np.ndarray | None) -> torch.Tensor | None:
+        return None if values is None else torch.from_numpy(values[rows]).to(device)
+
+    targets = torch.from_numpy(examples.targets[rows]).to(device)
+    return targets, take(examples.weights), take(examples.classes)
 
 
 def score(task: Task, examples: Examples, predictions: np.ndarray) -> float:
@@ -260,12 +277,8 @@ def fit(
                 raise Cancelled("stopped on request")
             rows = order[begin : begin + batch_size]
             logits = _batch_logits(model, prompt_source, train, rows, answer)
-            targets = torch.from_numpy(train.targets[rows]).to(model.device)
-            weights = (
-                None if train.weights is None
-                else torch.from_numpy(train.weights[rows]).to(model.device)
-            )  # fmt: skip
-            loss = task.loss(logits, head(logits).float(), targets, weights)
+            targets, weights, classes = _batch_targets(train, rows, device=model.device)
+            loss = task.loss(logits, head(logits).float(), targets, weights, classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -324,8 +337,8 @@ def fit_head(
     logits = label_logits(model, task, prompt_source, train)
     val_logits = label_logits(model, task, prompt_source, val) if val is not None else None
     device = next(head.parameters()).device
-    logits, targets = logits.to(device), torch.from_numpy(train.targets).to(device)
-    weights = None if train.weights is None else torch.from_numpy(train.weights).to(device)
+    logits = logits.to(device)
+    targets, weights, classes = _batch_targets(train, np.arange(len(train)), device=device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     result = FitResult(example_passes=len(train))
     best = _BestEpoch(task, (head,), result)
@@ -335,14 +348,15 @@ def fit_head(
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
             loss = task.loss(logits[rows], head(logits[rows]).float(), targets[rows],
-                             None if weights is None else weights[rows])  # fmt: skip
+                             None if weights is None else weights[rows],
+                             None if classes is None else classes[rows])  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
         record = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
         if val_logits is not None and val is not None:
-            metric = score(task, val, _head_predictions(task, head, val_logits))
+            metric = score(task, val, head_predictions(task, head, val_logits))
             record["val_" + task.primary_metric] = metric
             best.record(epoch, metric)
         result.history.append(record)

@@ -182,11 +182,11 @@ def train_adapter(
         if source_model is None:
             raise ValueError("MigrationConfig.distill_weight > 0 blends labels with the source "
                              "model's predictions: pass source_model, or set distill_weight=0.")  # fmt: skip
-        predictions, cost = source_predictions(
+        predicted = source_predictions(
             model=source_model, task=task, source=sources[0], users=users, examples=train
         )
-        phases.append(cost)
-        train = blend_targets(train, predictions, weight=config.distill_weight)
+        phases.append(predicted.cost)
+        train = blend_targets(train, predicted, task=task, weight=config.distill_weight)
     if config.head_warmup_epochs:
         warmup = fit_head(
             model=target, task=task, prompt_source=source, head=head, train=train, val=val,

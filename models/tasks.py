@@ -126,18 +126,27 @@ class Task:
         head.load_state_dict(state)
         return head
 
+    def classes(self, targets: np.ndarray) -> np.ndarray:
+        """``[n]`` targets -> ``[n, n_labels]`` float32: each one's nearest label, one-hot."""
+        first = 1 if self.name == "rating" else 0  # ratings 1..5, Yes/No answers 0/1
+        index = np.clip(np.rint(targets).astype(np.int64) - first, 0, len(self.labels) - 1)
+        return np.eye(len(self.labels), dtype=np.float32)[index]
+
     def loss(
         self, logits: torch.Tensor, head_out: torch.Tensor, targets: torch.Tensor,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None, classes: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """logits ``[B, n_labels]``, head_out ``[B]``, targets ``[B]`` -> scalar loss.
 
         ``weights`` ``[B]``: each example's share of a weighted mean (None: all equal).
+        ``classes`` ``[B, n_labels]``: the distribution the rating task's cross-entropy fits
+        (None: each target's nearest label).
         """
         reduction = "mean" if weights is None else "none"
         if self.name == "rating":
-            classes = (targets.round().long() - 1).clamp(0, 4)
-            ce = F.cross_entropy(logits, classes, reduction=reduction)
+            nearest = (targets.round().long() - 1).clamp(0, 4)
+            ce = F.cross_entropy(logits, nearest if classes is None else classes,
+                                 reduction=reduction)  # fmt: skip
             loss = 0.2 * ce + 0.8 * F.mse_loss(head_out, targets, reduction=reduction)
         else:
             loss = F.binary_cross_entropy_with_logits(head_out, targets, reduction=reduction)

@@ -37,15 +37,22 @@ def test_source_predictions_are_the_source_sets_own_and_count_one_pass_each(
 ) -> None:
     users = source_set.user_ids
     train = Examples.build(rating, tiny_splits.train, row_of=index_users(users))
-    predictions, cost = source_predictions(
+    source = source_predictions(
         model=tiny_llama, task=rating, source=source_set, users=users, examples=train
     )
     served = predict_set(tiny_llama, rating, source_set, tiny_splits.train)
-    np.testing.assert_allclose(predictions, served.predictions, atol=1e-5)
-    assert cost.example_passes == len(train)
-    blended = blend_targets(train, predictions, weight=0.25)
-    np.testing.assert_allclose(blended.targets, 0.75 * train.targets + 0.25 * predictions,
+    np.testing.assert_allclose(source.predictions, served.predictions, atol=1e-5)
+    assert source.cost.example_passes == len(train)
+    assert source.label_probabilities.shape == (len(train), 5)
+    np.testing.assert_allclose(source.label_probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    blended = blend_targets(train, source, task=rating, weight=0.25)
+    np.testing.assert_allclose(blended.targets, 0.75 * train.targets + 0.25 * source.predictions,
                                rtol=1e-6)  # fmt: skip
+    label_class = np.eye(5)[train.targets.astype(int) - 1]
+    assert blended.classes is not None
+    np.testing.assert_allclose(blended.classes,
+                               0.75 * label_class + 0.25 * source.label_probabilities,
+                               rtol=1e-5)  # fmt: skip
 
 
 def test_with_full_weight_the_adapter_learns_from_the_source_not_the_labels(

@@ -42,3 +42,23 @@ def test_weighted_loss_counts_an_example_of_weight_two_as_two_examples(
     torch.testing.assert_close(weighted, unweighted)
     even = task.loss(logits, head_out, targets, torch.full((3,), 0.5))
     torch.testing.assert_close(even, task.loss(logits, head_out, targets))
+
+
+def test_the_rating_cross_entropy_fits_a_given_class_distribution() -> None:
+    """One-hot classes of the labels score as the labels themselves; a blend of two
+    distributions scores as the same blend of their cross-entropies."""
+    task = get_task("rating")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=generator)
+    head_out = torch.randn(4, generator=generator)
+    targets = torch.tensor([1.0, 2.0, 4.0, 5.0])
+    one_hot = torch.from_numpy(task.classes(targets.numpy()))
+    assert one_hot.argmax(dim=1).tolist() == [0, 1, 3, 4]
+    torch.testing.assert_close(task.loss(logits, head_out, targets, classes=one_hot),
+                               task.loss(logits, head_out, targets))  # fmt: skip
+    soft = torch.softmax(torch.randn(4, 5, generator=generator), dim=1)
+    mse = 0.8 * torch.nn.functional.mse_loss(head_out, targets)
+    ce_label = task.loss(logits, head_out, targets, classes=one_hot) - mse
+    ce_soft = task.loss(logits, head_out, targets, classes=soft) - mse
+    blended = task.loss(logits, head_out, targets, classes=0.25 * one_hot + 0.75 * soft) - mse
+    torch.testing.assert_close(blended, 0.25 * ce_label + 0.75 * ce_soft)
