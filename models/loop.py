@@ -336,22 +336,20 @@ def fit_head(
     # The item cache's fill stays out of the timed span, as in fit: it is paid once per model.
     model.warm_prefixes(train.prefixes + (val.prefixes if val else []))
     start = time.perf_counter()
-    logits = label_logits(model, task, prompt_source, train)
-    val_logits = label_logits(model, task, prompt_source, val) if val is not None else None
     device = next(head.parameters()).device
-    logits = logits.to(device)
-    targets, weights, classes = _batch_targets(train, np.arange(len(train)), device=device)
+    logits = label_logits(model, task, prompt_source, train).to(device)
+    val_logits = label_logits(model, task, prompt_source, val) if val is not None else None
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     result = FitResult(example_passes=len(train))
     best = _BestEpoch(task, (head,), result)
     for epoch in range(epochs):
         head.train()
-        order, losses = torch.from_numpy(generator.permutation(len(train))), []
+        order, losses = generator.permutation(len(train)), []
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
-            loss = task.loss(logits[rows], head(logits[rows]).float(), targets[rows],
-                             None if weights is None else weights[rows],
-                             None if classes is None else classes[rows])  # fmt: skip
+            batch = logits[torch.from_numpy(rows).to(device)]
+            targets, weights, classes = _batch_targets(train, rows, device=device)
+            loss = task.loss(batch, head(batch).float(), targets, weights, classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
