@@ -100,8 +100,10 @@ class AdapterOptions(Strict):
     distill_weight: float | None = Field(
         default=None, ge=0, le=1,
         description="Blend each training label with the source set's own prediction of it on the "
-        "source model, this share of the prediction (0, the default: labels alone). Less noisy "
-        "targets for the same target passes, at one source-model pass per example; measured "
+        "source model, this share of the prediction (0, the default: labels alone); the rating "
+        "task's cross-entropy fits the same blend of the label's digit and the source's "
+        "distribution over the digits. Less noisy targets for the same target passes, at one "
+        "source-model pass per example; measured "
         "better for a budget of a few hundred users (see the README).",
     )  # fmt: skip
 
