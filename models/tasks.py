@@ -126,11 +126,15 @@ class Task:
         head.load_state_dict(state)
         return head
 
+    def nearest_label(self, targets: torch.Tensor) -> torch.Tensor:
+        """``[B]`` targets -> ``[B]`` index of each one's nearest label."""
+        first = 1 if self.name == "rating" else 0  # ratings 1..5, Yes/No answers 0/1
+        return (targets.round().long() - first).clamp(0, len(self.labels) - 1)
+
     def classes(self, targets: np.ndarray) -> np.ndarray:
         """``[n]`` targets -> ``[n, n_labels]`` float32: each one's nearest label, one-hot."""
-        first = 1 if self.name == "rating" else 0  # ratings 1..5, Yes/No answers 0/1
-        index = np.clip(np.rint(targets).astype(np.int64) - first, 0, len(self.labels) - 1)
-        return np.eye(len(self.labels), dtype=np.float32)[index]
+        nearest = self.nearest_label(torch.from_numpy(targets))
+        return F.one_hot(nearest, len(self.labels)).float().numpy()
 
     def loss(
         self, logits: torch.Tensor, head_out: torch.Tensor, targets: torch.Tensor,
@@ -144,9 +148,8 @@ class Task:
         """
         reduction = "mean" if weights is None else "none"
         if self.name == "rating":
-            nearest = (targets.round().long() - 1).clamp(0, 4)
-            ce = F.cross_entropy(logits, nearest if classes is None else classes,
-                                 reduction=reduction)  # fmt: skip
+            wanted = self.nearest_label(targets) if classes is None else classes
+            ce = F.cross_entropy(logits, wanted, reduction=reduction)
             loss = 0.2 * ce + 0.8 * F.mse_loss(head_out, targets, reduction=reduction)
         else:
             loss = F.binary_cross_entropy_with_logits(head_out, targets, reduction=reduction)
