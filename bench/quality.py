@@ -147,8 +147,9 @@ PRESETS = {
         name="gpu-full", dataset="movielens-1m", task="rating",
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=600,
         prompt=PromptTrainingConfig(epochs=8, lr=3e-3, head_lr=2e-3, patience=3, batch_size=64),
-        migration=MigrationConfig(hidden=512, epochs=4, lr=5e-4, batch_size=64,
-                                  start_from_vocab_map=True),
+        # cpu-small's choices for the adapter on all users, not yet run on a GPU; with 6,040 users
+        # it may afford more epochs, kept by validation.
+        migration=MigrationConfig(hidden=64, epochs=4, lr=5e-4, batch_size=64, input_rank=64),
         # cpu-small's validated budget choices (zero start, head lr 1e-3, 64 input directions,
         # a network 64 wide, targets 0.8 the source's prediction, more users on fewer ratings
         # each), not yet run on a GPU. Retraining stops after 4 to 8 epochs of 6,040 users x 30
