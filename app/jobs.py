@@ -86,6 +86,23 @@ def check_budget(store: Store, body: MigrationCreate, sources: list[dict[str, st
         )
 
 
+def check_input_rank(store: Store, body: MigrationCreate, sources: list[dict[str, str]]) -> None:
+    """The adapter's principal directions come from every source prompt vector: there must be
+    more vectors than directions, and no more directions than features."""
+    rank = body.adapter.input_rank
+    if rank is None or body.method == "instant":
+        return
+    metas = [store.get_meta(s["model"], s["version"]) for s in sources]
+    vectors = min(meta.count * meta.shape[0] for meta in metas)
+    features = sum(meta.shape[1] for meta in metas)
+    if rank >= vectors or rank > features:
+        raise InvalidInputError(
+            f"adapter.input_rank {rank} needs more prompt vectors than that and at most that many "
+            f"features; the source set has {vectors} vectors of {features} features. Lower it "
+            "below both, or leave it out to read every feature."
+        )
+
+
 def create_migration(
     store: Store, celery: Celery, body: MigrationCreate, *, idempotency_key: str | None
 ) -> tuple[dict[str, Any], bool]:
@@ -99,6 +116,7 @@ def create_migration(
     check_dataset(store, body.dataset)
     sources = resolve_sources(store, body)
     check_budget(store, body, sources)
+    check_input_rank(store, body, sources)
     target = {"model": body.target, "version": store.allocate_version(body.target)}
     record = _new_record("migration", payload, target)
     record["sources"] = sources

@@ -109,6 +109,16 @@ class TestRefusedAndNothingChanges:
         body = VALID_MIGRATION | {"selection": {"strategy": "random"}}
         _bad(client.post("/migrations", json=body, headers=admin()), 422, "budget")
 
+    def test_input_rank_beyond_the_source_set(self, client: TestClient) -> None:
+        for rank in (2, 9):  # the set holds 2 prompt vectors of 8 features
+            body = VALID_MIGRATION | {
+                "selection": {"strategy": "all"},
+                "adapter": {"input_rank": rank},
+            }
+            _bad(client.post("/migrations", json=body, headers=admin()), 422, "input_rank")
+        body = VALID_MIGRATION | {"adapter": {"input_rank": 0}}
+        _bad(client.post("/migrations", json=body, headers=admin()), 422, "input_rank")
+
     def test_same_source_and_target(self, client: TestClient) -> None:
         body = VALID_MIGRATION | {"target": "m-a"}
         _bad(client.post("/migrations", json=body, headers=admin()), 422, "same model")

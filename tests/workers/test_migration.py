@@ -264,6 +264,16 @@ def test_adapter_trains_on_each_users_latest_interactions_when_capped(
     assert 0 < done["cost"]["example_passes"] <= 2 * 8 * 2
 
 
+def test_adapter_reads_the_requested_principal_directions(client: TestClient, store: Store) -> None:
+    adapter = FAST_ADAPTER | {"input_rank": 4}
+    done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
+    assert done["state"] == "awaiting_promotion", done
+    trained = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
+    assert trained.input_basis is not None
+    assert trained.input_basis.shape == (trained.config.d_in, 4)
+    assert trained.skip is not None and trained.skip.weight.shape[1] == 4
+
+
 def test_distilling_adapter_pays_one_source_pass_per_training_example(
     client: TestClient,
 ) -> None:
