@@ -97,9 +97,8 @@ def check_input_rank(store: Store, body: MigrationCreate, sources: list[dict[str
     features = sum(meta.shape[1] for meta in metas)
     if rank >= vectors or rank > features:
         raise InvalidInputError(
-            f"adapter.input_rank {rank} needs more prompt vectors than that and at most that many "
-            f"features; the source set has {vectors} vectors of {features} features. Lower it "
-            "below both, or leave it out to read every feature."
+            f"adapter.input_rank {rank} must be below the source set's {vectors} prompt vectors "
+            f"and at most its {features} features; lower it, or leave it out to read every feature."
         )
 
 
