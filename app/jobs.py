@@ -13,7 +13,7 @@ from celery import Celery
 
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.schemas import Job, MigrationCreate, TrainRequest
-from app.store import SEALED, Store
+from app.store import SEALED, SetMeta, Store
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")
 QUEUED, RUNNING = "queued", "running"
@@ -58,17 +58,18 @@ def _new_record(kind: str, body: dict[str, Any], target: dict[str, Any]) -> dict
     }
 
 
-def resolve_sources(store: Store, body: MigrationCreate) -> list[dict[str, str]]:
-    sources = []
+def resolve_sources(store: Store, body: MigrationCreate) -> list[SetMeta]:
+    """Each source's sealed prompt set, read once for the checks and the job record."""
+    metas = []
     for ref in body.sources:
-        model, version = store.resolve(ref.model, ref.version)
-        if store.get_meta(model, version).state != SEALED:
-            raise ConflictError(f"Source {model} version {version} is not sealed yet.")
-        sources.append({"model": model, "version": version})
-    return sources
+        meta = store.get_meta(*store.resolve(ref.model, ref.version))
+        if meta.state != SEALED:
+            raise ConflictError(f"Source {meta.model} version {meta.version} is not sealed yet.")
+        metas.append(meta)
+    return metas
 
 
-def check_budget(store: Store, body: MigrationCreate, sources: list[dict[str, str]]) -> None:
+def check_budget(body: MigrationCreate, sources: list[SetMeta]) -> None:
     budget = body.selection.budget
     if body.method == "instant":
         return  # no users are selected: every user is mapped
@@ -79,22 +80,21 @@ def check_budget(store: Store, body: MigrationCreate, sources: list[dict[str, st
                 "the number of users to train the adapter on, or use strategy 'all'."
             )
         return
-    users = min(store.get_meta(s["model"], s["version"]).count for s in sources)
+    users = min(meta.count for meta in sources)
     if budget > users:
         raise InvalidInputError(
             f"selection.budget {budget} exceeds the {users} users of the source set; lower it."
         )
 
 
-def check_input_rank(store: Store, body: MigrationCreate, sources: list[dict[str, str]]) -> None:
+def check_input_rank(body: MigrationCreate, sources: list[SetMeta]) -> None:
     """The adapter's principal directions come from every source prompt vector: there must be
     more vectors than directions, and no more directions than features."""
     rank = body.adapter.input_rank
     if rank is None or body.method == "instant":
         return
-    metas = [store.get_meta(s["model"], s["version"]) for s in sources]
-    vectors = min(meta.count * meta.shape[0] for meta in metas)
-    features = sum(meta.shape[1] for meta in metas)
+    vectors = min(meta.count * meta.shape[0] for meta in sources)
+    features = sum(meta.shape[1] for meta in sources)
     if rank >= vectors or rank > features:
         raise InvalidInputError(
             f"adapter.input_rank {rank} must be below the source set's {vectors} prompt vectors "
@@ -114,11 +114,11 @@ def create_migration(
     store.get_model(body.target)
     check_dataset(store, body.dataset)
     sources = resolve_sources(store, body)
-    check_budget(store, body, sources)
-    check_input_rank(store, body, sources)
+    check_budget(body, sources)
+    check_input_rank(body, sources)
     target = {"model": body.target, "version": store.allocate_version(body.target)}
     record = _new_record("migration", payload, target)
-    record["sources"] = sources
+    record["sources"] = [{"model": meta.model, "version": meta.version} for meta in sources]
     job, created = store.create_job(record, idempotency_key=idempotency_key, request_hash=digest)
     if created:
         celery.send_task(f"{TASKS}.train_stage", args=[job["id"]])
