@@ -59,10 +59,10 @@ def _matches(token: str, expected: object) -> bool:
     return bool(secret) and hmac.compare_digest(token.encode(), str(secret).encode())
 
 
-def token_scope(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> Scope:
-    if credentials is None or not credentials.credentials:
+def token_scope(settings: Settings, token: str | None) -> Scope:
+    """The scope of a bearer token; AuthError (401) when it is missing or matches neither."""
+    if not token:
         raise AuthError(401, "Missing bearer token; send `Authorization: Bearer <token>`.")
-    token = credentials.credentials
     # Both comparisons always run, so timing does not reveal which token matched.
     is_admin = _matches(token, settings.admin_token)
     is_read = _matches(token, settings.read_token)
@@ -73,12 +73,16 @@ def token_scope(settings: Settings, credentials: HTTPAuthorizationCredentials | 
     raise AuthError(401, "Invalid bearer token; use the read or admin token the service printed.")
 
 
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
 async def require_read(settings: SettingsDep, credentials: Credentials) -> Scope:
-    return token_scope(settings, credentials)
+    return token_scope(settings, _token(credentials))
 
 
 async def require_admin(settings: SettingsDep, credentials: Credentials) -> Scope:
-    if token_scope(settings, credentials) is not Scope.admin:
+    if token_scope(settings, _token(credentials)) is not Scope.admin:
         raise AuthError(403, "This route writes or starts jobs and needs the admin token.")
     return Scope.admin
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import handlers, metrics
+from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
+from app.fastpath import PromptFastPath
 from app.routes import datasets, health, migrations, models, prompts
 from app.store import Store, connect_redis, connect_redis_async
 from workers.celery_app import make_celery
@@ -19,6 +21,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Everything built at start-up moves out of the collector's reach: a full collection of
+        # it stalls every in-flight read (the read path's p99, bench/README.md).
+        gc.collect()
+        gc.freeze()
         yield
         store: Store = app.state.store
         store.redis.close()
@@ -40,12 +46,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
     handlers.install(app)
-    # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so
-    # metrics also count the 413s of the body limit.
-    app.add_middleware(handlers.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(metrics.MetricsMiddleware)
     for module in (migrations, prompts, models, datasets, health):
         app.include_router(module.router)
+    # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so
+    # metrics also count the 413s of the body limit and the reads of the fast path.
+    app.add_middleware(
+        PromptFastPath,
+        store=app.state.store,
+        settings=settings,
+        route=next(r for r in prompts.router.routes if getattr(r, "path", None) == fastpath.PATH),
+        exception_handlers=app.exception_handlers,
+    )
+    app.add_middleware(handlers.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics.MetricsMiddleware)
     return app
 
 

@@ -15,6 +15,7 @@ from safetensors.numpy import save as save_safetensors
 from app import codec
 from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
 from app.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+from app.fastpath import etag_matches, prompt_headers
 from app.metrics import PROMPTS_SERVED
 from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
 from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, SetFormat, Store
@@ -40,19 +41,6 @@ def _readable(store: Store, model: str | None, version: str | None) -> SetFormat
     return meta
 
 
-def _headers(meta: SetFormat, user: str, digest: str) -> dict[str, str]:
-    return {
-        "X-Prompt-User": user,
-        "X-Prompt-Model": meta.model,
-        "X-Prompt-Version": meta.version,
-        "X-Prompt-Shape": ",".join(str(n) for n in meta.shape),
-        "X-Prompt-Dtype": meta.dtype,
-        "X-Prompt-Digest": f"sha256:{digest}",
-        "ETag": f'"{meta.model}.{meta.version}.{digest[:32]}"',
-        "Cache-Control": "no-cache",
-    }
-
-
 @router.get(
     "/users/{user_id}/prompt",
     responses={200: {"content": {"application/octet-stream": {}}}, 304: {}},
@@ -66,7 +54,8 @@ async def get_prompt(
     format: Literal["raw", "json", "safetensors"] = "raw",
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    # One round trip: pointer, sealed check and value, atomically (see Store.read_prompts).
+    # Served by app.fastpath.PromptFastPath for format=raw; this route documents the contract and
+    # answers the other formats. One round trip: pointer, seal check and value, atomically.
     meta, (value,) = await store.read_prompts(model, version, [user_id])
     if value is None:
         raise NotFoundError(
@@ -74,8 +63,8 @@ async def get_prompt(
             "one with PUT /users/{id}/prompt or migrate the model's users."
         )
     digest = codec.digest(value)
-    headers = _headers(meta, user_id, digest)
-    if if_none_match and headers["ETag"] in {t.strip() for t in if_none_match.split(",")}:
+    headers = prompt_headers(meta, user_id, digest)
+    if if_none_match and etag_matches(if_none_match, headers["ETag"]):
         return Response(status_code=304, headers=headers)
     PROMPTS_SERVED.labels(format).inc()
     if format == "raw":
