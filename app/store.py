@@ -155,9 +155,9 @@ def connect_redis_async(
 # period: never a half-written set.
 # ARGV: model or "", version or "", then users (the one-script read) or nothing.
 # Reply: {0} no default model; {1, model} model has no active version; {2, model, version, state}
-# set missing ("") or not sealed; {3, model, version, lengths, values}: "lengths" is one length
-# per user, comma-separated, -1 for no value, "values" the found values concatenated (one bulk
-# reply instead of one per user: parsing a reply element costs far more than slicing bytes).
+# set missing ("") or not sealed; {3, model, version, value...}: one value per user, nil for none.
+# The values go back as they are: a Lua table.concat of them costs Redis more than the GETs
+# (bench/README.md, "Serving"), and hiredis parses the elements in C.
 # _RESOLVE_LUA replies {3, model, version} when the pointer resolves. Key names match
 # _set_prefix().
 _RESOLVE_FRAGMENT = f"""
@@ -175,22 +175,16 @@ end
 
 
 def _read_set_fragment(*, meta_key: str, value_key: str, first: int, last: str) -> str:
-    """Lua that checks the set is sealed and packs the values of ``value_key`` for ``i`` in
+    """Lua that checks the set is sealed and replies the values of ``value_key`` for ``i`` in
     ``first..last`` (see the reply above)."""
     return f"""
 local state = redis.call('HGET', {meta_key}, 'state')
 if state ~= '{SEALED}' then return {{2, model, version, state or ''}} end
-local lengths, values = {{}}, {{}}
+local reply = {{3, model, version}}
 for i = {first}, {last} do
-  local value = redis.call('GET', {value_key})
-  if value then
-    values[#values + 1] = value
-    lengths[#lengths + 1] = #value
-  else
-    lengths[#lengths + 1] = -1
-  end
+  reply[4 + i - {first}] = redis.call('GET', {value_key})
 end
-return {{3, model, version, table.concat(lengths, ','), table.concat(values)}}
+return reply
 """
 
 
@@ -386,7 +380,8 @@ class Store:
             meta = await self._aget_meta(found_model, found_version)
             # The script saw the set sealed, and sealing is final.
             found = self._cache_sealed(meta) if meta.state == SEALED else meta.format()
-        return found, _split(bytes(reply[3]), bytes(reply[4]))
+        # A missing value is nil on RESP2 and false on RESP3.
+        return found, [bytes(value) if value else None for value in reply[3:]]
 
     async def _read_on_cluster(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
         """The read script's reply, on Redis Cluster (see _READ_LUA). Before the first read and
@@ -725,21 +720,6 @@ class Store:
 
     def release(self, job_id: str, name: str) -> None:
         self.redis.delete(f"{_job_key(job_id)}:lock:{name}")
-
-
-def _split(lengths: bytes, joined: bytes) -> list[bytes | None]:
-    """Undo the read script's packing: ``b"3,-1,2"`` + ``b"abcde"`` -> ``[b"abc", None, b"de"]``."""
-    out: list[bytes | None] = []
-    at = 0
-    for n in map(int, lengths.split(b",")) if lengths else ():
-        if n < 0:
-            out.append(None)
-        else:
-            out.append(joined[at : at + n])
-            at += n
-    if at != len(joined):
-        raise RuntimeError("read script reply does not add up; the values were not all read")
-    return out
 
 
 def _parse_meta(raw: dict[Any, Any]) -> SetMeta:

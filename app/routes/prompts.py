@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Annotated, Literal
 
@@ -13,6 +12,7 @@ from fastapi.responses import JSONResponse
 from safetensors.numpy import save as save_safetensors
 
 from app import codec
+from app.batch_encoding import batch_json, batch_safetensors, found_values
 from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
 from app.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 from app.fastpath import etag_matches, prompt_headers
@@ -149,59 +149,42 @@ def erase_user(user_id: UserId, store: StoreDep, _: AdminDep) -> Erased:
 
 # Above this many value bytes, encoding the batch answer moves off the event loop.
 _INLINE_ENCODE_BYTES = 1 << 20
+_BATCH_ENCODERS = {"json": batch_json, "safetensors": batch_safetensors}
 
 
-def _batch_json(meta: SetFormat, users: list[str], values: list[bytes | None]) -> tuple[bytes, int]:
-    """BatchOut as JSON bytes, built directly (no re-validation), and the prompts it holds.
-
-    ``prompts`` is joined by hand: user ids match USER_ID_PATTERN (BatchRequest checks) and
-    base64 uses A-Z a-z 0-9 + / =, so neither needs JSON escaping; the rest goes through json.
-    """
-    found: dict[str, bytes] = {}
-    for user, value in zip(users, values, strict=True):
-        if value:
-            found[user] = value
-    head = {
-        "model": meta.model,
-        "version": meta.version,
-        "shape": meta.shape,
-        "dtype": meta.dtype,
-        "encoding": "base64",
-    }
-    missing = [u for u in users if u not in found]
-    prompts = b",".join(
-        b'"' + u.encode() + b'":"' + base64.b64encode(v) + b'"' for u, v in found.items()
-    )
-    content = b"".join(
-        (
-            json.dumps(head, separators=(",", ":")).encode()[:-1],
-            b',"prompts":{',
-            prompts,
-            b'},"missing":',
-            json.dumps(missing, separators=(",", ":")).encode(),
-            b"}",
-        )
-    )
-    return content, len(found)
-
-
-@router.post("/prompts/batch", response_model=BatchOut)
+@router.post(
+    "/prompts/batch",
+    response_model=BatchOut,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
 async def batch(
-    body: BatchRequest, store: StoreDep, settings: SettingsDep, _: ReaderDep
+    body: BatchRequest,
+    store: StoreDep,
+    settings: SettingsDep,
+    _: ReaderDep,
+    format: Annotated[
+        Literal["json", "safetensors"],
+        Query(description="json: BatchOut, base64 values; safetensors: one [n, l, d] tensor."),
+    ] = "json",
 ) -> Response:
     """The users' prompts in the active set of ``model`` (default: the default model).
 
-    All values come from one version, read in one atomic round trip. The answer has the
-    documented ``BatchOut`` shape; it is returned as built, not validated again.
+    All values come from one version, read in one atomic round trip. JSON answers have the
+    documented ``BatchOut`` shape (returned as built, not validated again); safetensors answers
+    hold ``prompts`` ``[n_found, l, d]`` with ``users``, ``missing``, ``model`` and ``version``
+    in the file's metadata.
     """
     if len(body.user_ids) > settings.max_batch_users:
         raise InvalidInputError(
             f"{len(body.user_ids)} users requested; send at most {settings.max_batch_users}."
         )
     meta, values = await store.read_prompts(body.model, None, body.user_ids)
-    if sum(len(v) for v in values if v) > _INLINE_ENCODE_BYTES:
-        content, served = await to_thread.run_sync(_batch_json, meta, body.user_ids, values)
+    found = found_values(body.user_ids, values)
+    encode = _BATCH_ENCODERS[format]
+    if sum(len(v) for v in found.values()) > _INLINE_ENCODE_BYTES:
+        content = await to_thread.run_sync(encode, meta, body.user_ids, found)
     else:
-        content, served = _batch_json(meta, body.user_ids, values)
-    PROMPTS_SERVED.labels("batch").inc(served)
-    return Response(content, media_type="application/json")
+        content = encode(meta, body.user_ids, found)
+    PROMPTS_SERVED.labels("batch").inc(len(found))
+    media_type = "application/json" if format == "json" else "application/octet-stream"
+    return Response(content, media_type=media_type)

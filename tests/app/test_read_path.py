@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
+import json
 import re
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from safetensors import safe_open
 
 from app.schemas import BatchOut
 from app.store import SetMeta, Store
@@ -19,6 +24,16 @@ from tests.conftest import admin, read_burst_errors, reader, seed_set
 
 USERS = ["u1", "u2", "u3"]
 HOT = {("GET", "/users/{user_id}/prompt"), ("POST", "/prompts/batch")}
+
+
+@contextlib.contextmanager
+def safe_open_bytes(data: bytes) -> Iterator[tuple[dict[str, np.ndarray], dict[str, str]]]:
+    """The tensors and metadata of a safetensors file held in memory."""
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        with safe_open(f.name, framework="np") as opened:
+            yield {k: opened.get_tensor(k) for k in opened.keys()}, opened.metadata()  # noqa: SIM118
 
 
 @pytest.fixture
@@ -85,6 +100,30 @@ def test_batch_has_the_documented_shape(client: TestClient, store: Store) -> Non
     schema = client.get("/openapi.json").json()
     ok = schema["paths"]["/prompts/batch"]["post"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"]["$ref"].endswith("/BatchOut")
+
+
+def test_batch_as_safetensors_is_one_tensor_in_request_order(
+    client: TestClient, store: Store
+) -> None:
+    version, values = seed_set(store, model="m-a", users=USERS)
+    ids = ["u3", "nobody", "u1", "u3"]
+    url = "/prompts/batch?format=safetensors"
+    response = client.post(url, json={"user_ids": ids}, headers=reader())
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    with safe_open_bytes(response.content) as (tensors, metadata):
+        assert json.loads(metadata["users"]) == ["u3", "u1"]
+        assert json.loads(metadata["missing"]) == ["nobody"]
+        assert (metadata["model"], metadata["version"]) == ("m-a", version)
+        prompts = tensors["prompts"]
+    assert prompts.shape == (2, 1, 8) and prompts.dtype == np.float32
+    assert [prompts[i].tobytes() for i in range(2)] == [values["u3"], values["u1"]]
+    none = client.post(url, json={"user_ids": ["nobody"]}, headers=reader())
+    with safe_open_bytes(none.content) as (tensors, metadata):
+        assert tensors["prompts"].shape == (0, 1, 8)
+        assert json.loads(metadata["missing"]) == ["nobody"]
+    bad = client.post("/prompts/batch?format=csv", json={"user_ids": ids}, headers=reader())
+    assert bad.status_code == 422 and "format" in bad.json()["detail"]
 
 
 def test_batch_reads_one_version_and_follows_promotion(client: TestClient, store: Store) -> None:
