@@ -289,7 +289,8 @@ def serve(bench: Bench, *, workers: int, version: str, value_bytes: int, logdir:
 
 def memory_per_prompt(redis: Redis | RedisCluster, *, users: int) -> list[dict[str, Any]]:
     """``MEMORY USAGE`` of a stored prompt (key, value and Redis's own bookkeeping) against the
-    value's raw bytes, for each dtype and width, on sets written through the store."""
+    value's raw bytes, for each dtype and width, on sets written through the store; and, as a
+    candidate layout, the same prompts in buckets: one string of slots and one index each."""
     store = Store(redis)
     rows = []
     for width in (576, 640):
@@ -299,18 +300,65 @@ def memory_per_prompt(redis: Redis | RedisCluster, *, users: int) -> list[dict[s
                 store, model=model, users=users, width=width, dtype=dtype, seed=1, activate=False
             )
             prefix = value_key_prefix(model, version)
-            usage = [redis.memory_usage(prefix + user_id(i), samples=0) for i in range(users)]
-            if None in usage:
-                raise RuntimeError(f"{model}: a written prompt is missing")
-            per_prompt = float(np.mean([int(u or 0) for u in usage]))
+            ids = [user_id(i) for i in range(users)]
+            per_prompt = _mean_usage(redis, [prefix + u for u in ids], users=users)
+            # The candidate layout's keys are not the set's: measured on a single Redis only.
+            size, slots = (
+                _slot_bucket_usage(redis, prefix, ids) if isinstance(redis, Redis) else (0, None)
+            )
             rows.append({
                 "width": width, "dtype": dtype, "value_bytes": value_bytes,
+                "key_bytes": len(prefix + ids[0]),
                 "memory_usage_bytes": round(per_prompt, 1),
                 "overhead": round(per_prompt / value_bytes, 4),
-                "key_bytes": len(prefix + user_id(0)),
+                "slot_bucket_users": size or None,
+                "slot_buckets_bytes": None if slots is None else round(slots, 1),
+                "slot_buckets_overhead": None if slots is None else round(slots / value_bytes, 4),
             })  # fmt: skip
             store.delete_set(model, version)
     return rows
+
+
+# Users per bucket of the candidate layout: the allocator rounds a bucket up to its size class,
+# so the benchmark picks the count in this range whose bucket fills its class best.
+BUCKET_RANGE = range(32, 129)
+
+
+def _mean_usage(redis: Redis | RedisCluster, keys: list[str], *, users: int) -> float:
+    """Bytes per user of ``keys`` (each key's MEMORY USAGE, all samples), over ``users``."""
+    usage = [redis.memory_usage(key, samples=0) for key in keys]
+    if None in usage:
+        raise RuntimeError("a key written for the memory measurement is missing")
+    return sum(int(u or 0) for u in usage) / users
+
+
+def _best_bucket(redis: Redis, value_bytes: int) -> int:
+    """The users per bucket in BUCKET_RANGE whose string of values wastes least to rounding."""
+    probe = "bench:bucket-probe"
+    waste = {}
+    for users in BUCKET_RANGE:
+        redis.set(probe, b"\0" * (users * value_bytes))
+        waste[users] = int(redis.memory_usage(probe, samples=0) or 0) / (users * value_bytes)
+    redis.delete(probe)
+    return min(waste, key=lambda n: (waste[n], -n))
+
+
+def _slot_bucket_usage(redis: Redis, prefix: str, ids: list[str]) -> tuple[int, float]:
+    """(users per bucket, bytes per user) with the values back to back in one string per
+    bucket (a reader takes its slot with GETRANGE) and a hash per bucket from user to slot."""
+    values = [v if isinstance(v, bytes) else b"" for v in redis.mget([prefix + u for u in ids])]
+    size = _best_bucket(redis, len(values[0]))
+    keys = []
+    for start in range(0, len(ids), size):
+        chunk = range(start, min(start + size, len(ids)))
+        key = f"{prefix}slots:{start}"
+        redis.set(key, b"".join(values[i] for i in chunk))
+        redis.hset(f"{key}:index", mapping={ids[i]: i - start for i in chunk})
+        keys += [key, f"{key}:index"]
+    try:
+        return size, _mean_usage(redis, keys, users=len(ids))
+    finally:
+        redis.delete(*keys)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -365,7 +413,8 @@ def print_table(result: dict[str, Any]) -> None:
     print("ratios:", json.dumps(result["ratios"], indent=1))
     for row in result["memory_per_prompt"]:
         print(f"memory: d={row['width']} {row['dtype']}: {row['memory_usage_bytes']:.0f} B per "
-              f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x)")  # fmt: skip
+              f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x); in buckets "
+              f"of {row['slot_bucket_users']}: {row['slot_buckets_overhead']}x")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
