@@ -1,11 +1,14 @@
-"""Throwaway redis-servers on free ports: for ``make run``, the benchmarks and the tests.
+"""Local redis-servers on free ports: for ``make run``, the benchmarks and the tests.
 
-Nothing is persisted and eviction is off (the store must never lose a key to memory pressure).
+Eviction is off (the store must never lose a key to memory pressure). The tests' and the
+benchmarks' servers persist nothing; ``make run``'s keeps an append-only file in its data
+directory (``persist=True``), so a restart, or a kill, loses nothing it acknowledged.
 Production points ``PM_REDIS_URL`` at a managed Redis instead.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -25,12 +28,21 @@ class LocalRedis:
     """``start()`` and ``stop()`` keep the same port, so a restart looks like an outage."""
 
     def __init__(
-        self, binary: str, workdir: Path, *, log: Path | None = None, extra_args: Sequence[str] = ()
+        self,
+        binary: str,
+        workdir: Path,
+        *,
+        log: Path | None = None,
+        extra_args: Sequence[str] = (),
+        persist: bool = False,
+        own_group: bool = False,
     ) -> None:
         self.binary = binary
         self.workdir = workdir
         self.log = log
         self.extra_args = list(extra_args)
+        self.persist = persist
+        self.own_group = own_group
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -41,15 +53,24 @@ class LocalRedis:
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None else []
 
-    def start(self, *, timeout_s: float = 10.0) -> None:
+    def args(self) -> list[str]:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"]
-        args += ["--maxmemory-policy", "noeviction", *self.extra_args]
-        out = self.log.open("ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=out, stderr=out)
+        args += ["--dir", str(self.workdir), "--loglevel", "warning"]
+        # everysec: a killed redis-server loses nothing it acknowledged (the kernel holds the
+        # written file); only a crash of the machine loses up to the last second.
+        aof = ["yes", "--appendfsync", "everysec"] if self.persist else ["no"]
+        return [*args, "--appendonly", *aof, "--maxmemory-policy", "noeviction", *self.extra_args]
+
+    def start(self, *, timeout_s: float = 10.0) -> None:
+        """Start and wait until it answers (an append-only file is loaded before that)."""
+        with self.log.open("ab") if self.log else open(os.devnull, "wb") as out:
+            # In its own process group, a Ctrl-C in the terminal reaches only the supervisor,
+            # which stops the store last, after everything that writes to it.
+            group = 0 if self.own_group else None
+            self.proc = subprocess.Popen(self.args(), stdout=out, stderr=out, process_group=group)
         client = Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 client.ping()
                 return
@@ -63,8 +84,9 @@ class LocalRedis:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            self.proc.wait(timeout=30)
             self.proc = None
 
 
