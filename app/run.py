@@ -1,15 +1,18 @@
 """``make run``: the whole service on one machine, then a guided real migration over HTTP.
 
-Starts a local redis-server when PM_REDIS_URL is not set, one Celery worker (solo pool, queues
-gpu+default) and the API (uvicorn), prints dev tokens, then walks through: register SmolLM2 and
-Gemma, train SmolLM2 prompts for a few MovieLens-100K users, migrate them to Gemma with live
-progress, and print the before/after metrics and a curl for one user's prompt. Dev only: in
-production run ``uvicorn app.main:app`` and ``celery -A workers.celery_app worker``.
+Starts a local redis-server when PM_REDIS_URL is not set (its append-only file in the data
+directory, so a restart keeps every model, set and job), one Celery worker (solo pool, queues
+gpu+default) and the API (uvicorn), and supervises them: a child that dies is started again.
+Prints dev tokens, then walks through: register SmolLM2 and Gemma, train SmolLM2 prompts for a
+few MovieLens-100K users, migrate them to Gemma with live progress, and print the before/after
+metrics and a curl for one user's prompt. Dev only: in production run ``uvicorn app.main:app``
+and ``celery -A workers.celery_app worker`` under the platform's own supervisor.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import shutil
@@ -19,49 +22,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 from app.local_redis import LocalRedis, free_port
+from app.supervise import Spawn, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / ".run"
+DATA_ENV = "PM_DATA_DIR"
+REDIS_LOAD_TIMEOUT_S = 120.0  # a large append-only file takes a while to load
 SOURCE, TARGET, DATASET = "smollm2-135m", "gemma-3-270m", "movielens-100k"
 TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
-
-
-class Children:
-    """Subprocesses started here, stopped in reverse order on exit or Ctrl-C."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (RUN_DIR / f"{name}.log").open("ab")
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
-        return self.adopt(name, proc)
-
-    def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-        self.procs.append((name, proc))
-        return proc
-
-    def check(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited ({proc.returncode}); see {RUN_DIR / name}.log")
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                print(f"{name} did not stop; killing it")
-                proc.kill()
-        self.procs.clear()
 
 
 def pick_port(wanted: int | None) -> int:
@@ -91,23 +64,65 @@ def redis_binary() -> str:
     return binary
 
 
-def start_redis(children: Children) -> str:
-    server = LocalRedis(redis_binary(), RUN_DIR, log=RUN_DIR / "redis.log")
+def default_data_dir() -> Path:
+    """Where the embedded Redis keeps its append-only file: ``$PM_DATA_DIR``, else ``redis/``
+    in the asset cache, outside the repository and beside the checkpoints."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    from models.assets import cache_dir
+
+    return cache_dir() / "redis"
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold the data directory for this process: two servers appending to one file corrupt it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / "lock").open("wb")
     try:
-        server.start()
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SystemExit(
+            f"Another `make run` uses the data directory {data_dir}: stop it, or give this one "
+            f"its own with {DATA_ENV}=DIR or --data-dir DIR."
+        ) from None
+    return handle
+
+
+def reset_data_dir(data_dir: Path) -> None:
+    """``--fresh``: drop the store's files, so the embedded Redis starts empty."""
+    shutil.rmtree(data_dir / "appendonlydir", ignore_errors=True)
+    (data_dir / "dump.rdb").unlink(missing_ok=True)
+    print(f"--fresh: removed the stored data in {data_dir}")
+
+
+def start_redis(supervisor: Supervisor, *, data_dir: Path) -> str:
+    log = supervisor.log_path("redis")
+    server = LocalRedis(redis_binary(), data_dir, log=log, persist=True, own_group=True)
+
+    def spawn() -> subprocess.Popen[bytes]:
+        server.start(timeout_s=REDIS_LOAD_TIMEOUT_S)  # same port: clients reconnect by themselves
+        assert server.proc is not None
+        return server.proc
+
+    try:
+        supervisor.start("redis", spawn)
     except RuntimeError as error:
         raise SystemExit(str(error)) from None
-    assert server.proc is not None
-    children.adopt("redis", server.proc)
     return server.url()
 
 
-def prepare_env(children: Children) -> dict[str, str]:
+def prepare_env(supervisor: Supervisor, args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PM_ENVIRONMENT", "development")
     if not env.get("PM_REDIS_URL"):
-        env["PM_REDIS_URL"] = start_redis(children)
-        print(f"Started a local Redis at {env['PM_REDIS_URL']} (data is not persisted).")
+        env["PM_REDIS_URL"] = start_redis(supervisor, data_dir=args.data_dir)
+        print(
+            f"Started a local Redis at {env['PM_REDIS_URL']}; its data persists in "
+            f"{args.data_dir} (--fresh starts empty)."
+        )
+    elif args.fresh:
+        print("--fresh applies to the embedded Redis only; PM_REDIS_URL is left as it is.")
     env.setdefault("PM_ADMIN_TOKEN", secrets.token_urlsafe(32))
     env.setdefault("PM_READ_TOKEN", secrets.token_urlsafe(32))
     threads = str(max(1, (os.cpu_count() or 2)))
@@ -116,35 +131,45 @@ def prepare_env(children: Children) -> dict[str, str]:
     return env
 
 
-def start_services(children: Children, env: dict[str, str], port: int) -> None:
+def spawner(supervisor: Supervisor, name: str, args: list[str], env: dict[str, str]) -> Spawn:
+    def spawn() -> subprocess.Popen[bytes]:
+        with supervisor.log_path(name).open("ab") as log:
+            # Its own process group: Ctrl-C reaches the supervisor alone, which stops the
+            # children in order instead of racing their restarts.
+            return subprocess.Popen(
+                args, cwd=ROOT, env=env, stdout=log, stderr=log, process_group=0
+            )
+
+    return spawn
+
+
+def start_services(supervisor: Supervisor, env: dict[str, str], port: int) -> None:
     from app.config import Settings
 
     Settings(**{})  # validates the environment before anything else starts
     py = sys.executable
-    children.start(
-        "worker",
-        [py, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,default",
-         "--pool", "solo", "--loglevel", "INFO", "-n", "dev@%h"],
-        env,
-    )  # fmt: skip
-    children.start(
-        "api",
-        [py, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-    )
+    worker = [py, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,default",
+              "--pool", "solo", "--loglevel", "INFO", "-n", "dev@%h"]  # fmt: skip
+    api = [py, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    supervisor.start("worker", spawner(supervisor, "worker", worker, env))
+    supervisor.start("api", spawner(supervisor, "api", api, env))
 
 
-def wait_ready(children: Children, base: str, timeout: float = 180) -> None:
+def wait_ready(supervisor: Supervisor, base: str, *, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children.check()
+        supervisor.raise_if_failed()
         try:
             if httpx.get(f"{base}/readyz", timeout=3).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"The service did not become ready; see the logs in {RUN_DIR}.")
+    raise SystemExit(f"The service did not become ready; see the logs in {supervisor.run_dir}.")
+
+
+class Unavailable(SystemExit):
+    """The API or its Redis is down for now; the supervisor is bringing it back."""
 
 
 class Demo:
@@ -158,6 +183,8 @@ class Demo:
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         headers = self.admin if method != "GET" else self.read
         response = self.http.request(method, path, headers=headers, **kwargs)
+        if response.status_code == 503:
+            raise Unavailable(f"{method} {path} -> 503: {response.text}")
         if response.status_code >= 400:
             raise SystemExit(f"{method} {path} -> {response.status_code}: {response.text}")
         return dict(response.json()) if response.content else {}
@@ -165,7 +192,12 @@ class Demo:
     def watch(self, job_id: str) -> dict[str, Any]:
         last = ""
         while True:
-            job = self.call("GET", f"/migrations/{job_id}")
+            try:
+                job = self.call("GET", f"/migrations/{job_id}")
+            except (httpx.HTTPError, Unavailable):
+                print("  (the service is not answering; the supervisor restarts what died)")
+                time.sleep(2.0)
+                continue
             p = job["progress"]
             loss = f" loss {p['loss']:.3f}" if p.get("loss") is not None else ""
             line = (
@@ -245,6 +277,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="default: 8000, else a free one")
     parser.add_argument("--no-demo", action="store_true", help="only start the service")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop after the walk")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help=f"the embedded Redis's data (default: ${DATA_ENV}, else the asset cache's redis/)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fresh", action="store_true", help="start the embedded Redis empty (drops its data)"
+    )
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="logs and pid files")
     parser.add_argument("--users", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=2, help="prompt-training epochs")
     parser.add_argument("--adapter-epochs", type=int, default=2)
@@ -252,36 +292,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-train", type=int, default=10, help="training interactions per user (CPU budget)"
     )
     parser.add_argument("--budget", type=int, default=20, help="users the adapter trains on")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or default_data_dir()
+    return args
+
+
+def serve(supervisor: Supervisor, args: argparse.Namespace) -> None:
+    env = prepare_env(supervisor, args)
+    os.environ.update(env)
+    port = pick_port(args.port)
+    start_services(supervisor, env, port)
+    supervisor.watch()
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(supervisor, base)
+    print(f"\nAPI ready at {base} (docs: {base}/docs); logs in {args.run_dir}", flush=True)
+    print(f"  admin token: {env['PM_ADMIN_TOKEN']}")
+    print(f"  read token:  {env['PM_READ_TOKEN']}", flush=True)
+    if not args.no_demo:
+        Demo(base, env["PM_ADMIN_TOKEN"], env["PM_READ_TOKEN"], args).run()
+    if args.exit_after_demo:
+        return
+    print("\nThe service keeps running; press Ctrl-C to stop it.", flush=True)
+    while True:
+        supervisor.raise_if_failed()
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    RUN_DIR.mkdir(exist_ok=True)
-    children = Children()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    embedded = not os.environ.get("PM_REDIS_URL")
+    lock = lock_data_dir(args.data_dir) if embedded else None
+    if embedded and args.fresh:
+        reset_data_dir(args.data_dir)
+    supervisor = Supervisor(args.run_dir, say=lambda line: print(line, flush=True))
+    # Both explicit: a shell that starts this in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        env = prepare_env(children)
-        os.environ.update(env)
-        port = pick_port(args.port)
-        start_services(children, env, port)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(children, base)
-        print(f"\nAPI ready at {base} (docs: {base}/docs); logs in {RUN_DIR}")
-        print(f"  admin token: {env['PM_ADMIN_TOKEN']}")
-        print(f"  read token:  {env['PM_READ_TOKEN']}")
-        if not args.no_demo:
-            Demo(base, env["PM_ADMIN_TOKEN"], env["PM_READ_TOKEN"], args).run()
-        if args.exit_after_demo:
-            return
-        print("\nThe service keeps running; press Ctrl-C to stop it.")
-        while True:
-            children.check()
-            time.sleep(1)
+        serve(supervisor, args)
     except KeyboardInterrupt:
-        print("\nStopping ...")
+        print("\nStopping ...", flush=True)
     finally:
-        children.stop()
+        supervisor.stop()
+        if lock is not None:
+            lock.close()
 
 
 if __name__ == "__main__":
