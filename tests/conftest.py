@@ -218,11 +218,12 @@ class Worker:
         self.settings = settings
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.name = f"test-{uuid.uuid4().hex[:8]}"  # the node is name@hostname
 
     def start(self) -> None:
         args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
         args += ["-Q", "gpu,default", "--pool", "solo", "--loglevel", "INFO"]
-        args += ["-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle"]
+        args += ["-n", f"{self.name}@%h", "--without-gossip", "--without-mingle"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 args, cwd=ROOT, env=worker_env(self.settings), stdout=out, stderr=out

@@ -65,3 +65,34 @@ def test_entrypoints_use_the_same_targets(script: str) -> None:
         .joinpath("Dockerfile.api" if "api" in script else "Dockerfile.worker")
         .read_text()
     )
+
+
+def test_every_service_restarts_when_it_exits() -> None:
+    for name, service in _compose()["services"].items():
+        assert service.get("restart") in ("unless-stopped", "always"), name
+
+
+def test_both_redis_keep_an_append_only_file() -> None:
+    services = _compose()["services"]
+    for name in ("store", "broker"):
+        command = services[name]["command"]
+        assert command[command.index("--appendonly") + 1] == "yes", name
+        assert command[command.index("--appendfsync") + 1] == "everysec", name
+        assert any(volume.endswith(":/data") for volume in services[name]["volumes"]), name
+
+
+def test_the_api_and_the_workers_wait_for_a_healthy_broker() -> None:
+    services = _compose()["services"]
+    for name in ("api", "worker", "flower"):
+        assert services[name]["depends_on"]["broker"] == {"condition": "service_healthy"}, name
+
+
+def test_the_worker_healthcheck_pings_the_worker_by_its_own_node_name() -> None:
+    worker = _compose()["services"]["worker"]
+    command = worker["command"]
+    assert command[command.index("-n") + 1] == "worker@%h"
+    assert worker["healthcheck"]["test"] == ["CMD", "python", "-m", "workers.health"]
+    from workers.health import node_name
+
+    # Celery expands %h to the hostname, which is what the check addresses.
+    assert node_name("abc123") == "worker@abc123"
