@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     device: str | None = None
     chunk_size: int = Field(default=256, ge=1)
     chunk_delay_s: float = Field(default=0.0, ge=0)  # test-only: widens the mapping window
+    stage_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the adapter's training
     write_batch: int = Field(default=500, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=1)
     restore_interval_s: int = Field(default=10, ge=1)
@@ -67,10 +68,11 @@ class Settings(BaseSettings):
                 _require_strong(name, getattr(self, name))
             if self.admin_token == self.read_token:
                 raise ValueError("PM_ADMIN_TOKEN and PM_READ_TOKEN must differ in production.")
-            if self.chunk_delay_s:
-                raise ValueError(
-                    "PM_CHUNK_DELAY_S is a test-only slowdown; unset it in production."
-                )
+            for name in ("chunk_delay_s", "stage_delay_s"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"PM_{name.upper()} is a test-only slowdown; unset it in production."
+                    )
             return self
         # Development: a missing token gets a random one (``python -m app.run`` prints them).
         if self.admin_token is None:

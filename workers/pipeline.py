@@ -397,6 +397,8 @@ def train(
     """Train on the ``selected`` users; ``sets`` hold every user's prompts (input statistics)."""
     target_name, _ = job.target
     job.update(stage="training", users_selected=len(selected.users))
+    if job.settings.stage_delay_s:
+        time.sleep(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here
     target = load_model(target_name)
     options = {k: v for k, v in job.request["adapter"].items() if v is not None}
     config = MigrationConfig(seed=int(job.request.get("seed", 0)), **options)

@@ -32,13 +32,14 @@ def test_production_accepts_strong_tokens() -> None:
     assert settings.admin_token is not None
 
 
-def test_production_refuses_the_test_slowdown() -> None:
-    with pytest.raises(ValidationError, match="CHUNK_DELAY"):
+@pytest.mark.parametrize("name", ["chunk_delay_s", "stage_delay_s"])
+def test_production_refuses_the_test_slowdowns(name: str) -> None:
+    with pytest.raises(ValidationError, match=name.upper()):
         Settings(
             environment="production",
             admin_token=SecretStr("a" * 40),
             read_token=SecretStr("b" * 40),
-            chunk_delay_s=1,
+            **{name: 1},
         )
 
 

@@ -1,0 +1,267 @@
+"""Faults under ``python -m app.run``, on real processes: its supervisor, its persistent Redis.
+
+One supervised service (embedded Redis with its append-only file, one worker, the API) serves
+the whole module; each test SIGKILLs one child at a chosen stage of a real migration on the tiny
+models and checks that the service answers again, that the job completes, and that every user
+has exactly the expected prompt. The last test stops the service as Ctrl-C does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis
+
+from app.local_redis import free_port
+from app.store import SEALED, Store
+from tests.conftest import ADMIN, READER, ROOT, wait_for
+from tests.workers.helpers import (
+    DATASET,
+    FAST_ADAPTER,
+    SOURCE,
+    TARGET,
+    assert_exact_set,
+    expected_prompts,
+)
+
+# Short enough that a killed worker's task comes back within seconds; the slow-downs hold the
+# stages long enough to kill a worker inside them.
+FAULT_ENV = {
+    "PM_ENVIRONMENT": "test",
+    "PM_ADMIN_TOKEN": ADMIN,
+    "PM_READ_TOKEN": READER,
+    "PM_CHUNK_SIZE": "3",
+    "PM_CHUNK_DELAY_S": "1.0",
+    "PM_STAGE_DELAY_S": "3.0",
+    "PM_VISIBILITY_TIMEOUT_S": "4",
+    "PM_RESTORE_INTERVAL_S": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+@dataclass
+class Supervised:
+    proc: subprocess.Popen[bytes]
+    base: str
+    run_dir: Path
+    out: Path
+    redis_url: str
+
+    def pid(self, name: str) -> int:
+        return int((self.run_dir / f"{name}.pid").read_text())
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=10)
+
+    def store(self) -> Store:
+        return Store(Redis.from_url(self.redis_url, socket_timeout=5))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    tmp = tmp_path_factory.mktemp("run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PM_")} | FAULT_ENV
+    port = free_port()
+    args = [sys.executable, "-m", "app.run", "--no-demo", "--port", str(port)]
+    args += ["--run-dir", str(tmp / "run"), "--data-dir", str(tmp / "data")]
+    out = tmp / "app-run.out"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
+    service = Supervised(proc, f"http://127.0.0.1:{port}", tmp / "run", out, "")
+    try:
+        wait_for(lambda: "API ready" in service.output() or proc.poll() is not None, timeout=180)
+        match = re.search(r"local Redis at (redis://\S+);", service.output())
+        assert match and proc.poll() is None, service.output()
+        service.redis_url = match.group(1)
+        yield service
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def reader() -> dict[str, str]:
+    return {"Authorization": f"Bearer {READER}"}
+
+
+def job(http: httpx.Client, job_id: str) -> dict[str, Any] | None:
+    """The job's record, or None while the service does not answer."""
+    try:
+        response = http.get(f"/migrations/{job_id}", headers=reader())
+    except httpx.HTTPError:
+        return None
+    return dict(response.json()) if response.status_code == 200 else None
+
+
+def wait_state(http: httpx.Client, job_id: str, *, stage: str | None = None) -> dict[str, Any]:
+    """The record once the job reaches ``stage``, or ends when no stage is given."""
+
+    def reached() -> dict[str, Any] | None:
+        record = job(http, job_id)
+        if record is None:
+            return None
+        if record["state"] in ("failed", "cancelled", "gate_failed"):
+            raise AssertionError(f"job ended {record['state']}: {record}")
+        done = record["state"] in ("promoted", "succeeded")
+        return record if (record["stage"] == stage if stage else done) else None
+
+    result: dict[str, Any] = wait_for(reached, timeout=240, interval=0.1, what=stage or "the end")
+    return result
+
+
+def ready_after(http: httpx.Client, since: float) -> float:
+    """Seconds from ``since`` until /readyz answers 200 (Redis and a worker reachable)."""
+
+    def ready() -> bool:
+        try:
+            return http.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=120, interval=0.1, what="the service to be ready again")
+    return time.monotonic() - since
+
+
+def start_migration(http: httpx.Client) -> str:
+    body = {
+        "sources": [{"model": SOURCE}],
+        "target": TARGET,
+        "dataset": DATASET,
+        "selection": {"strategy": "puma", "budget": 8},
+        "adapter": FAST_ADAPTER,
+        "quality_gate": {"tolerance": 100.0},
+    }
+    response = http.post("/migrations", json=body, headers=admin())
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def sealed_sets(store: Store) -> dict[tuple[str, str], dict[str, bytes]]:
+    """Every sealed prompt set's values, user by user."""
+    out = {}
+    for model in (m["name"] for m in store.list_models()):
+        for meta in store.list_versions(model):
+            if meta.state == SEALED:
+                users = store.set_users(model, meta.version)
+                values = store.get_prompts(model, meta.version, users)
+                out[(model, meta.version)] = {
+                    u: v for u, v in zip(users, values, strict=True) if v is not None
+                }
+    return out
+
+
+def assert_migrated_exactly(service: Supervised, job_id: str) -> tuple[int, int]:
+    """Every user of the finished job has exactly the expected prompt, once; (users, prompts)."""
+    store = service.store()
+    record = store.get_job(job_id)
+    model, version = record["target"]["model"], record["target"]["version"]
+    expected = expected_prompts(store, job_id)
+    assert_exact_set(store, model, version, expected)  # count, ids, and each user's values
+    return len(expected), store.count_keys(model, version)
+
+
+def kill(service: Supervised, name: str) -> tuple[int, float]:
+    pid = service.pid(name)
+    os.kill(pid, signal.SIGKILL)
+    return pid, time.monotonic()
+
+
+def assert_restarted(service: Supervised, name: str, pid: int) -> None:
+    line = f"{name} (pid {pid}) exited (killed by SIGKILL)"
+    wait_for(lambda: line in service.output(), timeout=30, what=line)
+    wait_for(lambda: service.pid(name) != pid, timeout=60, what=f"{name} restarted")
+
+
+def report(what: str, **figures: Any) -> None:
+    print(f"\n[fault] {what}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+@pytest.fixture(scope="module")
+def source(service: Supervised) -> None:
+    with service.http() as http:
+        for name in (SOURCE, TARGET):
+            response = http.post("/models", json={"name": name}, headers=admin())
+            assert response.status_code in (200, 201), response.text
+        body = {"dataset": DATASET, "task": "rating", "epochs": 2}
+        response = http.post(f"/models/{SOURCE}/train", json=body, headers=admin())
+        assert response.status_code == 201, response.text
+        wait_state(http, response.json()["id"])
+
+
+@pytest.mark.parametrize("stage", ["training", "mapping"])
+def test_a_worker_killed_in_a_stage_is_restarted_and_the_job_completes(
+    service: Supervised, source: None, stage: str
+) -> None:
+    with service.http() as http:
+        job_id = start_migration(http)
+        wait_state(http, job_id, stage=stage)
+        if stage == "mapping":  # some chunks written, some not
+            wait_for(lambda: (job(http, job_id) or {}).get("progress", {}).get("users_mapped"))
+        pid, killed_at = kill(service, "worker")
+        assert_restarted(service, "worker", pid)
+        answered = ready_after(http, killed_at)
+        done = wait_state(http, job_id)
+        finished = time.monotonic() - killed_at
+    assert done["state"] == "promoted", done
+    users, prompts = assert_migrated_exactly(service, job_id)
+    report(f"worker SIGKILLed in {stage}", ready_again_s=round(answered, 1),
+           job_done_s=round(finished, 1), users=users, prompts=prompts)  # fmt: skip
+
+
+def test_redis_killed_mid_migration_restarts_on_its_append_only_file(
+    service: Supervised, source: None
+) -> None:
+    with service.http() as http:
+        job_id = start_migration(http)
+        wait_state(http, job_id, stage="mapping")
+        before = sealed_sets(service.store())
+        assert before, "no sealed set to check"
+        pid, killed_at = kill(service, "redis")
+        assert_restarted(service, "redis", pid)
+        answered = ready_after(http, killed_at)
+        after = sealed_sets(service.store())
+        done = wait_state(http, job_id)
+        finished = time.monotonic() - killed_at
+    assert set(before) <= set(after), "a sealed set is gone"
+    assert {key: after[key] for key in before} == before  # byte for byte
+    assert done["state"] == "promoted", done
+    users, prompts = assert_migrated_exactly(service, job_id)
+    checked = sum(len(values) for values in before.values())
+    report("redis SIGKILLed in mapping", ready_again_s=round(answered, 1),
+           job_done_s=round(finished, 1), sealed_sets=len(before), sealed_prompts=checked,
+           users=users, prompts=prompts)  # fmt: skip
+
+
+def test_ctrl_c_stops_every_child(service: Supervised) -> None:
+    pids = [service.pid(name) for name in ("redis", "worker", "api")]
+    service.proc.send_signal(signal.SIGINT)
+    assert service.proc.wait(timeout=60) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "restarting" not in service.output().split("Stopping ...")[-1]
