@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     stage_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the adapter's training
     write_batch: int = Field(default=500, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=1)
+    # A running stage renews its lease every third of this; a dead holder's stage is taken over
+    # by the redelivered task once it lapses.
+    lease_ttl_s: float = Field(default=60.0, gt=0)
     restore_interval_s: int = Field(default=10, ge=1)
     quality_tolerance: float = Field(default=0.05, ge=0)
     version_grace_s: int = Field(default=24 * 3600, ge=0)

@@ -19,6 +19,8 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{job:<id>}``                 hash  job record, one JSON value per field
 - ``pm:{job:<id>}:chunks``          hash  chunk index -> JSON {count, digest} once written
 - ``pm:{job:<id>}:blob:<name>``     bytes (the trained adapter, the selected users)
+- ``pm:{job:<id>}:lease:<stage>``   string the holder of a running stage, with a TTL it renews
+- ``pm:{job:<id>}:counters``        hash  counter -> int (stage runs, deliveries that waited)
 - ``pm:{jobs}:index``               zset  job id -> created time
 - ``pm:{jobs}:idem:<key>``          string job id (+ request hash) for Idempotency-Key
 """
@@ -715,11 +717,39 @@ class Store:
             for k, v in raw.items()
         }
 
-    def acquire(self, job_id: str, name: str, *, ttl_s: int) -> bool:
-        return bool(self.redis.set(f"{_job_key(job_id)}:lock:{name}", "1", nx=True, ex=ttl_s))
+    def take_lease(self, job_id: str, name: str, *, holder: str, ttl_s: float) -> bool:
+        """Hold ``name`` for ``ttl_s`` unless another holder does; the holder renews it."""
+        key = f"{_job_key(job_id)}:lease:{name}"
+        return bool(self.redis.set(key, holder, nx=True, px=int(ttl_s * 1000)))
 
-    def release(self, job_id: str, name: str) -> None:
-        self.redis.delete(f"{_job_key(job_id)}:lock:{name}")
+    def renew_lease(self, job_id: str, name: str, *, holder: str, ttl_s: float) -> bool:
+        """False when the lease expired or passed to another holder meanwhile."""
+        key = f"{_job_key(job_id)}:lease:{name}"
+        return bool(self.redis.eval(_RENEW_LUA, 1, key, holder, int(ttl_s * 1000)))
+
+    def drop_lease(self, job_id: str, name: str, *, holder: str) -> None:
+        self.redis.eval(_DROP_LUA, 1, f"{_job_key(job_id)}:lease:{name}", holder)
+
+    def lease_holder(self, job_id: str, name: str) -> str | None:
+        return _text(self.redis.get(f"{_job_key(job_id)}:lease:{name}"))
+
+    def count(self, job_id: str, counter: str) -> None:
+        self.redis.hincrby(f"{_job_key(job_id)}:counters", counter, 1)
+
+    def counters(self, job_id: str) -> dict[str, int]:
+        raw = self.redis.hgetall(f"{_job_key(job_id)}:counters")
+        return {str(_text(k)): int(v) for k, v in raw.items()}
+
+
+# Compare-and-act on a lease: only its holder renews or drops it.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_DROP_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _parse_meta(raw: dict[Any, Any]) -> SetMeta:

@@ -43,7 +43,10 @@ from models.prompts import PromptSet
 from models.selection import Selection, SelectionConfig, select_users
 from models.tasks import Task, get_task
 from models.training import PromptTrainingConfig, train_prompts
+from workers.lease import LeaseHeld, held
 
+# Transient: the task is delivered again later and the job stays as it is.
+_COME_BACK_LATER: tuple[type[Exception], ...] = (LeaseHeld, *REDIS_DOWN)
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
 _adapters: dict[str, Any] = {}
 _store: Store | None = None
@@ -122,8 +125,9 @@ class Job:
         return report
 
 
-def run_guarded(job_id: str, stage: Callable[[Job], Any]) -> Any:
-    """Run a stage; turn cancellation and bad input into a terminal job state."""
+def run_guarded(job_id: str, stage: Callable[[Job], Any], *, lease: str | None = None) -> Any:
+    """Run a stage, under its ``lease`` when named (see workers.lease); turn cancellation and
+    bad input into a terminal job state."""
     try:
         job = Job(job_id)
     except NotFoundError:
@@ -134,12 +138,16 @@ def run_guarded(job_id: str, stage: Callable[[Job], Any]) -> Any:
         job.check_cancel()
         if job.record["state"] != RUNNING:
             job.update(state=RUNNING, started_at=time.time())
-        return stage(job)
+        if lease is None:
+            return stage(job)
+        with held(job.store, job.id, lease, ttl_s=job.settings.lease_ttl_s):
+            job.record = job.store.get_job(job.id)  # the last holder may have finished the job
+            return None if job.record["state"] in TERMINAL else stage(job)
     except Cancelled:
         abandon(job)
     except (MigrationError, ServiceError) as exc:
         abandon(job, error=str(exc))
-    except REDIS_DOWN:
+    except _COME_BACK_LATER:
         raise  # transient: the task is retried, the job stays as it is
     except Exception as exc:
         abandon(job, error=f"internal error: {exc!r}")
@@ -397,6 +405,7 @@ def train(
     """Train on the ``selected`` users; ``sets`` hold every user's prompts (input statistics)."""
     target_name, _ = job.target
     job.update(stage="training", users_selected=len(selected.users))
+    job.store.count(job.id, "adapter_trainings")
     if job.settings.stage_delay_s:
         time.sleep(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here
     target = load_model(target_name)
@@ -426,6 +435,16 @@ def train(
     )
     # Last: its presence tells a re-delivered stage that training is done.
     job.store.put_blob(job.id, "adapter", adapter_to_bytes(result.adapter))
+
+
+def train_and_dispatch(job: Job, *, dispatch: Callable[[int], None]) -> None:
+    """``prepare_and_train``, then ``dispatch`` the chunk tasks once: a later delivery of the
+    stage (its lease keeps it after this one) finds them sent and sends no second set."""
+    chunks = prepare_and_train(job)
+    if job.record.get("mapping_dispatched"):
+        return
+    dispatch(chunks)
+    job.update(mapping_dispatched=True)
 
 
 def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], task: Task) -> int:
@@ -493,7 +512,9 @@ def _map_missing_chunks(job: Job) -> None:
     for index in range(len(_chunks(job))):
         if index not in done:  # map_chunk checks again: a chord task may finish it meanwhile
             job.check_cancel()
-            map_chunk(job, index)
+            # A chunk task still on it holds the lease: finalize then comes back later.
+            with held(job.store, job.id, f"chunk:{index}", ttl_s=job.settings.lease_ttl_s):
+                map_chunk(job, index)
 
 
 def _adapter(job: Job) -> Any:
@@ -531,16 +552,8 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
 
 
 def finalize(job: Job) -> None:
-    """Verify, evaluate, gate, seal and (maybe) promote; safe to run more than once."""
-    if not job.store.acquire(job.id, "finalize", ttl_s=job.settings.visibility_timeout_s):
-        return
-    try:
-        _finalize(job)
-    finally:
-        job.store.release(job.id, "finalize")
-
-
-def _finalize(job: Job) -> None:
+    """Verify, evaluate, gate, seal and (maybe) promote; safe to run more than once (its
+    task holds a lease, so never twice at once)."""
 
     _map_missing_chunks(job)
     chunks = _chunks(job)

@@ -1,0 +1,68 @@
+"""A stage's lease: a redelivered task does not run a stage that a live worker still runs.
+
+With a Redis broker, Celery delivers an unacknowledged task again once the visibility timeout
+passes, whether or not the first worker is still on it, so a stage longer than the timeout
+would run twice at once. The running stage holds a lease in the store and a thread renews it
+every third of its TTL; a second delivery that finds it held raises ``LeaseHeld`` (its task
+comes back later), and one that finds it lapsed, because the holder died, runs the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+
+from app.store import REDIS_DOWN, Store
+
+log = logging.getLogger(__name__)
+
+
+class LeaseHeld(Exception):
+    """Another live worker runs this stage; try again later."""
+
+
+def holder_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _renew(
+    store: Store, job_id: str, name: str, *, holder: str, ttl_s: float, stop: threading.Event
+) -> None:
+    while not stop.wait(ttl_s / 3):
+        try:
+            if not store.renew_lease(job_id, name, holder=holder, ttl_s=ttl_s):
+                log.warning("lost the lease on %s of job %s; it may run elsewhere", name, job_id)
+                return
+        except REDIS_DOWN:  # the next beat tries again; the lease outlives a short outage
+            continue
+
+
+@contextlib.contextmanager
+def held(store: Store, job_id: str, name: str, *, ttl_s: float) -> Iterator[None]:
+    """Run the body as the lease's holder, renewed in the background until it ends."""
+    holder = holder_name()
+    if not store.take_lease(job_id, name, holder=holder, ttl_s=ttl_s):
+        store.count(job_id, f"waited:{name}")
+        raise LeaseHeld(f"stage {name} of job {job_id} runs on {store.lease_holder(job_id, name)}")
+    store.count(job_id, f"ran:{name}")
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_renew,
+        args=(store, job_id, name),
+        kwargs={"holder": holder, "ttl_s": ttl_s, "stop": stop},
+        name=f"lease-{name}",
+        daemon=True,
+    )
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(*REDIS_DOWN):  # it lapses by itself
+            store.drop_lease(job_id, name, holder=holder)
