@@ -12,6 +12,7 @@ from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
 from app.fastpath import PromptFastPath
 from app.routes import datasets, health, migrations, models, prompts
+from app.schemas import ERROR_RESPONSES
 from app.store import Store, connect_redis, connect_redis_async
 from workers.celery_app import make_celery
 
@@ -46,8 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
     handlers.install(app)
-    for module in (migrations, prompts, models, datasets, health):
-        app.include_router(module.router)
+    for module in (migrations, prompts, models, datasets):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
+    app.include_router(health.router)
     # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so
     # metrics also count the 413s of the body limit and the reads of the fast path.
     app.add_middleware(

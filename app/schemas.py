@@ -253,3 +253,31 @@ class DatasetOut(BaseModel):
     path: str | None = None
     builtin: bool
     registered_at: float | None = None
+
+
+class Problem(BaseModel):
+    field: str
+    problem: str
+
+
+class ErrorOut(BaseModel):
+    """Every error's body: a code, what was wrong and how to fix it; ``problems`` per field."""
+
+    error: str
+    detail: str
+    problems: list[Problem] | None = None
+
+
+_ERROR_CODES = {
+    400: "Bad request",
+    401: "Missing or unknown token",
+    403: "The token lacks the scope",
+    404: "Unknown model, version, user, job or dataset",
+    409: "Conflicts with the current state",
+    413: "Body over the size limit",
+    422: "Invalid input; `problems` names the fields",
+    503: "Redis unreachable; retry shortly",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text} for code, text in _ERROR_CODES.items()
+}

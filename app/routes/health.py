@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from app.deps import CeleryDep, StoreDep
 from app.store import REDIS_DOWN
@@ -19,7 +20,15 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Any]  # "redis": "ok" or why not; "workers": how many answered, or why none
+
+
+_METRICS_TEXT = {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(store: StoreDep, celery: CeleryDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:
@@ -35,6 +44,6 @@ def readyz(store: StoreDep, celery: CeleryDep) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": checks}, 200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: _METRICS_TEXT})
 def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -42,7 +42,8 @@ def list_migrations(
     store: StoreDep,
     _: ReaderDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # Redis ranges are 64-bit; past 2**53 (JSON's exact integers) no page exists anyway.
+    offset: Annotated[int, Query(ge=0, le=2**53)] = 0,
 ) -> JobList:
     return JobList(jobs=[jobs.view(j) for j in store.list_jobs(limit=limit, offset=offset)])
 
