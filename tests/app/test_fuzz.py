@@ -17,9 +17,10 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from fastapi import FastAPI  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+from redis import Redis  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
-from redis import Redis  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.main import create_app  # noqa: E402
@@ -28,7 +29,7 @@ from tests.conftest import ADMIN, READER, RedisServer, admin, make_settings, see
 EXAMPLES_PER_OPERATION = 25
 # The schema does not depend on the settings; this app is never called, only described.
 _DOCUMENT: dict[str, Any] = create_app(
-    Settings(environment="test", admin_token=ADMIN, read_token=READER)
+    Settings(environment="test", admin_token=SecretStr(ADMIN), read_token=SecretStr(READER))
 ).openapi()
 OPERATIONS = [
     (method.upper(), path)
