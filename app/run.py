@@ -123,6 +123,10 @@ def prepare_env(supervisor: Supervisor, args: argparse.Namespace) -> dict[str, s
         )
     elif args.fresh:
         print("--fresh applies to the embedded Redis only; PM_REDIS_URL is left as it is.")
+    # Stages hold leases, so a short visibility timeout is safe: a killed worker's task comes
+    # back within a minute or so instead of the production default's hour.
+    env.setdefault("PM_VISIBILITY_TIMEOUT_S", "60")
+    env.setdefault("PM_LEASE_TTL_S", "30")
     env.setdefault("PM_ADMIN_TOKEN", secrets.token_urlsafe(32))
     env.setdefault("PM_READ_TOKEN", secrets.token_urlsafe(32))
     threads = str(max(1, (os.cpu_count() or 2)))

@@ -22,6 +22,7 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{job:<id>}:lease:<stage>``   string the holder of a running stage, with a TTL it renews
 - ``pm:{job:<id>}:counters``        hash  counter -> int (stage runs, deliveries that waited)
 - ``pm:{jobs}:index``               zset  job id -> created time
+- ``pm:{workers}:busy:<host>``      string a stage's lease holder on that host, with the lease's TTL
 - ``pm:{jobs}:idem:<key>``          string job id (+ request hash) for Idempotency-Key
 """
 
@@ -729,6 +730,13 @@ class Store:
 
     def drop_lease(self, job_id: str, name: str, *, holder: str) -> None:
         self.redis.eval(_DROP_LUA, 1, f"{_job_key(job_id)}:lease:{name}", holder)
+
+    def mark_busy(self, host: str, *, holder: str, ttl_s: float) -> None:
+        """A worker on ``host`` runs a leased stage (its healthcheck reads this)."""
+        self.redis.set(f"pm:{{workers}}:busy:{host}", holder, px=int(ttl_s * 1000))
+
+    def busy_on(self, host: str) -> str | None:
+        return _text(self.redis.get(f"pm:{{workers}}:busy:{host}"))
 
     def lease_holder(self, job_id: str, name: str) -> str | None:
         return _text(self.redis.get(f"{_job_key(job_id)}:lease:{name}"))

@@ -47,6 +47,7 @@ FAULT_ENV = {
     "PM_STAGE_DELAY_S": "3.0",
     "PM_VISIBILITY_TIMEOUT_S": "4",
     "PM_RESTORE_INTERVAL_S": "1",
+    "PM_LEASE_TTL_S": "3",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }

@@ -35,6 +35,7 @@ def _renew(
 ) -> None:
     while not stop.wait(ttl_s / 3):
         try:
+            store.mark_busy(socket.gethostname(), holder=holder, ttl_s=ttl_s)
             if not store.renew_lease(job_id, name, holder=holder, ttl_s=ttl_s):
                 log.warning("lost the lease on %s of job %s; it may run elsewhere", name, job_id)
                 return
@@ -50,6 +51,7 @@ def held(store: Store, job_id: str, name: str, *, ttl_s: float) -> Iterator[None
         store.count(job_id, f"waited:{name}")
         raise LeaseHeld(f"stage {name} of job {job_id} runs on {store.lease_holder(job_id, name)}")
     store.count(job_id, f"ran:{name}")
+    store.mark_busy(socket.gethostname(), holder=holder, ttl_s=ttl_s)
     stop = threading.Event()
     beat = threading.Thread(
         target=_renew,

@@ -25,7 +25,10 @@ def leased(task: Task, job_id: str, stage: Callable[[pipeline.Job], Any], *, lea
     except LeaseHeld as held:
         settings = get_settings()
         wait = max(1.0, min(settings.lease_ttl_s, settings.visibility_timeout_s / 2))
-        raise task.retry(exc=held, countdown=wait, max_retries=None) from held
+        # Always one more try (None would mean the task's own limit): a live holder renews its
+        # lease for as long as its stage runs, and a dead one's lapses within its TTL.
+        retries = task.request.retries + 1
+        raise task.retry(exc=held, countdown=wait, max_retries=retries) from held
 
 
 @app.task(name="workers.tasks.train_prompt_set", **RETRY)

@@ -5,20 +5,33 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+from redis import Redis
+
 from app.config import Settings
+from app.store import Store
 from tests.conftest import Worker
 from workers.celery_app import make_celery
 from workers.health import main, node_name
 
 
 def test_the_healthcheck_passes_for_the_live_worker_only(
-    settings: Settings, start_worker: Callable[[Settings], Worker]
+    settings: Settings, store_redis: Redis, start_worker: Callable[[Settings], Worker]
 ) -> None:
     worker = start_worker(settings)
-    celery = make_celery(settings)
+    celery, store = make_celery(settings), Store(store_redis)
     host = socket.gethostname()
-    assert main([f"{worker.name}@{host}"], celery=celery) == 0
+    assert main([f"{worker.name}@{host}"], celery=celery, store=store) == 0
     # Another worker's answer does not count for this one.
-    assert main([node_name("no-such-host")], celery=celery) == 1
+    assert main([node_name("no-such-host")], celery=celery, store=store) == 1
     worker.kill()
-    assert main([f"{worker.name}@{host}"], celery=celery) == 1
+    assert main([f"{worker.name}@{host}"], celery=celery, store=store) == 1
+
+
+def test_a_worker_inside_a_leased_stage_counts_as_healthy(
+    settings: Settings, store_redis: Redis
+) -> None:
+    """A solo worker in a stage answers no ping; its lease heartbeat marks its host busy."""
+    celery, store = make_celery(settings), Store(store_redis)
+    assert main([node_name("gpu-7")], celery=celery, store=store) == 1
+    store.mark_busy("gpu-7", holder="gpu-7:12:abcd", ttl_s=30)
+    assert main([node_name("gpu-7")], celery=celery, store=store) == 0

@@ -28,6 +28,7 @@ def test_killed_worker_resumes_without_losing_or_duplicating_users(
         chunk_delay_s=1.0,
         visibility_timeout_s=4,
         restore_interval_s=1,
+        lease_ttl_s=3.0,  # the killed worker's chunk lease lapses soon after
     )
     Redis.from_url(settings.redis_url).flushdb()
     worker_log = tmp_path / "worker.log"
