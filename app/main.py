@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
 from app.fastpath import PromptFastPath
-from app.routes import datasets, health, migrations, models, prompts
+from app.routes import bundles, datasets, health, migrations, models, prompts
 from app.schemas import ERROR_RESPONSES
 from app.store import Store, connect_redis, connect_redis_async
 from workers.celery_app import make_celery
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
     handlers.install(app)
-    for module in (migrations, prompts, models, datasets):
+    for module in (migrations, prompts, models, bundles, datasets):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
     # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so

@@ -32,7 +32,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -323,6 +323,25 @@ class Store:
             raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
         return _parse_meta(raw)
 
+    def require_version(self, model: str, version: str) -> SetMeta:
+        """A set's metadata, in any state; a 404 names the registered models, or the model's
+        versions, so the caller sees what exists."""
+        names = [str(spec["name"]) for spec in self.list_models()]
+        if model not in names:
+            raise NotFoundError(
+                f"Unknown model {model!r}; registered models: {names}. Register it with "
+                "POST /models."
+            )
+        raw = self.redis.hgetall(f"{_set_prefix(model, version)}:meta")
+        if not raw:
+            versions = [str(_text(v)) for v in self.redis.zrange(f"{_REG}:versions:{model}", 0, -1)]
+            active = self.active_pointers().get(model)
+            raise NotFoundError(
+                f"Model {model!r} has no prompt set version {version!r}; its versions: "
+                f"{versions} (active: {active!r})."
+            )
+        return _parse_meta(raw)
+
     def sealed_format(self, model: str, version: str) -> SetFormat | None:
         """A readable set's format (cached); None while the set is not sealed."""
         key = (model, version)
@@ -422,6 +441,13 @@ class Store:
         keys = [f"{prefix}:meta", *(f"{prefix}:u:{user}" for user in users)]
         return list(await self._read_set_script(keys=keys, args=[model, version]))
 
+    async def aget_prompt(self, model: str, version: str, user: str) -> bytes | None:
+        """One plain GET of a user's value, without the read script's pointer and seal checks
+        (what a direct reader that pinned a sealed version may use)."""
+        if self.aredis is None:
+            raise RuntimeError("Store was built without an asyncio client")
+        return _bytes(await self.aredis.get(f"{_set_prefix(model, version)}:u:{user}"))
+
     async def _aget_meta(self, model: str, version: str) -> SetMeta:
         assert self.aredis is not None
         raw = await self.aredis.hgetall(f"{_set_prefix(model, version)}:meta")
@@ -449,6 +475,24 @@ class Store:
                 pipe.set(f"{prefix}:u:{user}", value)
             pipe.sadd(f"{prefix}:users", *[user for user, _ in batch])
             pipe.execute()
+
+    def write_complete_set(
+        self, meta: SetMeta, *, head: bytes, batches: Iterable[Sequence[tuple[str, bytes]]],
+        metrics: dict[str, Any] | None = None,
+    ) -> SetMeta:  # fmt: skip
+        """Write a whole set into its version namespace batch by batch, then read it back,
+        verify count and digest, and seal it: the path every new set takes."""
+        self.begin_set(meta)
+        self.put_head(meta.model, meta.version, head)
+        count, digests = 0, []
+        for items in batches:
+            self.write_prompts(meta.model, meta.version, items)
+            count += len(items)
+            digests.append(codec.set_digest(items))
+        return self.seal_set(
+            meta.model, meta.version, expected_count=count,
+            expected_digest=codec.combine_digests(digests), metrics=metrics,
+        )  # fmt: skip
 
     def put_head(self, model: str, version: str, head: bytes) -> None:
         self.redis.set(f"{_set_prefix(model, version)}:head", head)

@@ -41,6 +41,27 @@ class AnswerTokens:
     label_ids: list[int]
 
 
+def spell_answer(
+    tokenizer: PreTrainedTokenizerBase, suffix: str, labels: tuple[str, ...], *, name: str
+) -> AnswerTokens:
+    """The suffix's tokens, then the leading tokens all of " label" share, and each label's
+    last token: one scored token per label, at the position where the model predicts it."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    spelled = [ids(" " + label) for label in labels]
+    leads = {tuple(row[:-1]) for row in spelled}
+    label_ids = [row[-1] for row in spelled]
+    if len(leads) != 1 or len(set(label_ids)) != len(label_ids):
+        pieces = [tokenizer.convert_ids_to_tokens(row) for row in spelled]
+        raise CheckpointError(
+            f"Labels {labels} are spelled {pieces} by {name}'s tokenizer: each must be "
+            "one distinct token after leading tokens all labels share. Use such label words."
+        )
+    return AnswerTokens(suffix_ids=ids(suffix) + list(leads.pop()), label_ids=label_ids)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -120,19 +141,8 @@ class FoundationModel:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def answer_tokens(self, suffix: str, labels: tuple[str, ...]) -> AnswerTokens:
-        """The suffix's tokens, then the leading tokens all of " label" share, and each label's
-        last token: one scored token per label, at the position where the model predicts it."""
-        spelled = [self.token_ids(" " + label) for label in labels]
-        leads = {tuple(ids[:-1]) for ids in spelled}
-        label_ids = [ids[-1] for ids in spelled]
-        if len(leads) != 1 or len(set(label_ids)) != len(label_ids):
-            pieces = [self.tokenizer.convert_ids_to_tokens(ids) for ids in spelled]
-            raise CheckpointError(
-                f"Labels {labels} are spelled {pieces} by {self.name}'s tokenizer: each must be "
-                "one distinct token after leading tokens all labels share. Use such label words."
-            )
-        return AnswerTokens(suffix_ids=self.token_ids(suffix) + list(leads.pop()),
-                            label_ids=label_ids)  # fmt: skip
+        """See ``spell_answer``."""
+        return spell_answer(self.tokenizer, suffix, labels, name=self.name)
 
     def raw_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the input embedding table, unscaled, fp32: ``[..., d]``."""

@@ -219,17 +219,9 @@ def write_set(
     job: Job, prompt_set: PromptSet, *, meta: SetMeta, metrics: dict[str, Any]
 ) -> SetMeta:
     """Write a complete set into its version namespace, verify it and seal it."""
-    s = job.store
-    s.begin_set(meta)
-    s.put_head(meta.model, meta.version, save_tensors(prompt_set.head))
     items = encode_rows(prompt_set.user_ids, prompt_set.prompts, dtype=meta.dtype)
-    s.write_prompts(meta.model, meta.version, items)
-    return s.seal_set(
-        meta.model,
-        meta.version,
-        expected_count=len(items),
-        expected_digest=codec.set_digest(items),
-        metrics=metrics,
+    return job.store.write_complete_set(
+        meta, head=save_tensors(prompt_set.head), batches=[items], metrics=metrics
     )
 
 
