@@ -213,9 +213,16 @@ class PromptWritten(BaseModel):
 class BatchRequest(Strict):
     user_ids: list[str] = Field(min_length=1)
     model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
+    version: str | None = Field(
+        default=None,
+        max_length=32,
+        description="Pin a version of `model` (default: its active one).",
+    )
 
     @model_validator(mode="after")
     def _ids(self) -> BatchRequest:
+        if self.version is not None and self.model is None:
+            raise ValueError("version pins a version of a model: give model as well")
         bad = [u for u in self.user_ids if not re.fullmatch(USER_ID_PATTERN, u)]
         if bad:
             raise ValueError(

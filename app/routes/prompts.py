@@ -178,7 +178,7 @@ async def batch(
         raise InvalidInputError(
             f"{len(body.user_ids)} users requested; send at most {settings.max_batch_users}."
         )
-    meta, values = await store.read_prompts(body.model, None, body.user_ids)
+    meta, values = await store.read_prompts(body.model, body.version, body.user_ids)
     found = found_values(body.user_ids, values)
     encode = _BATCH_ENCODERS[format]
     if sum(len(v) for v in found.values()) > _INLINE_ENCODE_BYTES:
