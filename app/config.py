@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     read_token: SecretStr | None = None
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Set imports stream to a temporary file, so they may be far larger than other bodies.
+    max_import_bytes: int = Field(default=64 * 1024**3, ge=1024)
     max_batch_users: int = Field(default=1000, ge=1)
     redis_timeout_s: float = Field(default=2.0, gt=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -94,14 +95,19 @@ class BodyLimitMiddleware:
     checked by the routes that read them.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, exempt: re.Pattern[str] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt  # paths whose routes stream their body and check their own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             length = Headers(scope=scope).get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            exempt = self.exempt is not None and self.exempt.fullmatch(scope["path"])
+            too_big = length is not None and length.isdigit() and int(length) > self.max_bytes
+            if too_big and not exempt:
                 detail = f"Body is {length} bytes; the limit is {self.max_bytes}."
                 await _error(413, "payload_too_large", detail)(scope, receive, send)
                 return

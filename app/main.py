@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
 from app.fastpath import PromptFastPath
-from app.routes import bundles, datasets, health, migrations, models, prompts
+from app.routes import bundles, datasets, health, migrations, models, prompts, transfer
 from app.schemas import ERROR_RESPONSES
 from app.store import Store, connect_redis, connect_redis_async
 from workers.celery_app import make_celery
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
     handlers.install(app)
-    for module in (migrations, prompts, models, bundles, datasets):
+    for module in (migrations, prompts, models, bundles, transfer, datasets):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
     # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so
@@ -59,7 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         route=next(r for r in prompts.router.routes if getattr(r, "path", None) == fastpath.PATH),
         exception_handlers=app.exception_handlers,
     )
-    app.add_middleware(handlers.BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        handlers.BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        exempt=transfer.STREAMED_BODIES,
+    )
     app.add_middleware(metrics.MetricsMiddleware)
     return app
 

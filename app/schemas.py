@@ -242,6 +242,19 @@ class BatchOut(BaseModel):
     missing: list[str]
 
 
+class Imported(BaseModel):
+    """A set file stored as a new sealed version."""
+
+    model: str
+    version: str
+    count: int
+    digest: str
+    shape: list[int]
+    dtype: str
+    lineage: dict[str, Any]
+    active: bool
+
+
 class Erased(BaseModel):
     user_id: str
     keys_removed: int

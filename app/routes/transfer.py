@@ -1,0 +1,117 @@
+"""Bulk export of a sealed prompt set and import of a set file as a new version (admin)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from anyio import to_thread
+from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import StreamingResponse
+
+from app import transfer
+from app.bundle import published
+from app.deps import AdminDep, SettingsDep, StoreDep
+from app.errors import PayloadTooLargeError
+from app.routes.bundles import ModelName, Version
+from app.schemas import Imported
+from app.setfile import open_setfile
+from app.store import Store
+
+router = APIRouter(prefix="/models", tags=["transfer"])
+# Imports stream their body to disk and check PM_MAX_IMPORT_BYTES themselves.
+STREAMED_BODIES = re.compile(r"/models/[^/]+/import")
+
+
+@router.get(
+    "/{name}/versions/{version}/export",
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}, 409: {}},
+)
+def export_set(
+    name: ModelName, version: Version, store: StoreDep, _: AdminDep
+) -> StreamingResponse:
+    """Every user's prompt of a sealed set as one safetensors file, streamed: ``prompts``
+    ``[N, l, d]``, ``present`` ``[N]``, ``user_ids`` ``[N, L]``, the head, and the set's bundle
+    in the metadata (format: README, "Bulk export and import")."""
+    bundle = published(store, name, version)
+    out = transfer.export(store, bundle)
+    headers = {
+        "Content-Length": str(out.length),
+        "Content-Disposition": f'attachment; filename="{name}-v{version}.safetensors"',
+        "ETag": bundle.etag,
+    }
+    return StreamingResponse(out.chunks, media_type="application/octet-stream", headers=headers)
+
+
+async def _receive(request: Request, *, limit: int) -> Path:
+    """The body, streamed into a temporary file (never whole in memory)."""
+    descriptor, name = tempfile.mkstemp(prefix="pm-import-", suffix=".safetensors")
+    path, size = Path(name), 0
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"The import is over {limit} bytes (PM_MAX_IMPORT_BYTES); raise the limit "
+                        "or split the set."
+                    )
+                handle.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _import(store: Store, model: str, path: Path, options: transfer.ImportOptions) -> Imported:
+    setfile = open_setfile(path)
+    checked = transfer.check(store, model, setfile, options)
+    meta = transfer.write(store, model, setfile, checked)
+    if options.activate:
+        store.activate(model, meta.version)
+    return Imported(
+        model=model, version=meta.version, count=meta.count, digest=meta.digest,
+        shape=meta.shape, dtype=meta.dtype, lineage=meta.lineage, active=options.activate,
+    )  # fmt: skip
+
+
+@router.post(
+    "/{name}/import",
+    response_model=Imported,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
+)
+async def import_set(
+    name: ModelName,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    _: AdminDep,
+    activate: bool = False,
+    dtype: Annotated[
+        Literal["float32", "float16"] | None, Query(description="Stored dtype; default the file's.")
+    ] = None,
+    head_from_version: Annotated[
+        str | None,
+        Query(max_length=32, description="Reuse this version's head if the file has none."),
+    ] = None,
+    placement: Annotated[
+        Literal["template"] | None,
+        Query(
+            description="For PEFT adapters: `template` states they were trained at the "
+            "template's place, not prepended."
+        ),
+    ] = None,
+) -> Any:
+    """A set file (see export) as a new sealed version of ``name``; checked whole before
+    anything is stored, written and verified as the workers write sets."""
+    store.get_model(name)
+    path = await _receive(request, limit=settings.max_import_bytes)
+    options = transfer.ImportOptions(activate, dtype, head_from_version, placement)
+    try:
+        return await to_thread.run_sync(_import, store, name, path, options)
+    finally:
+        path.unlink(missing_ok=True)

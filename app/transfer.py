@@ -1,0 +1,287 @@
+"""Bulk export of a sealed set as one streamed file, and import of such a file as a new version.
+
+Export lists the set's users once and streams their stored bytes in batches: memory stays at one
+batch whatever the set's size. Import checks the whole file before anything is stored (width,
+dtype, NaN/Inf, user ids, head, the contract it was made under), then writes through the same
+write-verify-seal path as the workers (``Store.write_complete_set``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from app import codec
+from app.bundle import Bundle, checkpoint_view
+from app.errors import InvalidInputError
+from app.setfile import DTYPES, FORMAT, FORMAT_VERSION, Entry, SetFile, encode_ids, header_bytes
+from app.store import USER_ID_PATTERN, SetMeta, Store
+from models.contract import INPUT, RAW, SPACES, CheckpointFacts
+from models.tasks import Task, get_task
+
+# ---- export --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Export:
+    length: int  # bytes, for Content-Length
+    chunks: Iterator[bytes]
+
+
+def export(store: Store, bundle: Bundle, *, batch: int = 1000) -> Export:
+    """The set of ``bundle`` as a set file (see ``app.setfile``), streamed."""
+    model, version = bundle.doc["model"], bundle.doc["version"]
+    users = store.set_users(model, version)
+    length, width = bundle.doc["prompt"]["shape"]
+    dtype = bundle.doc["prompt"]["dtype"]
+    ids, id_width = encode_ids(users)
+    head = {f"head.{k}": v.float().contiguous() for k, v in load_tensors(bundle.head).items()}
+    entries = [
+        Entry("prompts", DTYPES[dtype], (len(users), length, width)),
+        Entry("present", "U8", (len(users),)),
+        Entry("user_ids", "U8", (len(users), id_width)),
+        *(Entry(name, "F32", tuple(t.shape)) for name, t in head.items()),
+    ]
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": bundle.doc["task"]["name"],
+                "space": RAW, "bundle": json.dumps(bundle.doc)}  # fmt: skip
+    header = header_bytes(entries, metadata)
+    total = len(header) + sum(e.nbytes for e in entries)
+    row_bytes = entries[0].nbytes // max(1, len(users))
+
+    def stream() -> Iterator[bytes]:
+        yield header
+        present = bytearray(len(users))
+        for start in range(0, len(users), batch):
+            values = store.get_prompts(model, version, users[start : start + batch])
+            for offset, value in enumerate(values):
+                # A user erased since the listing: zeros, flagged absent.
+                ok = value is not None and len(value) == row_bytes
+                present[start + offset] = int(ok)
+            yield b"".join(v if v is not None and len(v) == row_bytes else bytes(row_bytes)
+                           for v in values)  # fmt: skip
+        yield bytes(present)
+        yield ids
+        for tensor in head.values():
+            yield tensor.numpy().astype("<f4").tobytes()
+
+    return Export(total, stream())
+
+
+# ---- import --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    activate: bool = False
+    dtype: str | None = None  # stored dtype; None: the file's
+    head_from_version: str | None = None  # reuse this version's head when the file has none
+    placement: str | None = None  # "template": the vectors were trained at the template's place
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A file that passed every check, and what the new set will be."""
+
+    task: Task
+    users: list[str]
+    rows: np.ndarray  # [n] rows of the file to store, in users' order
+    scale: float  # divide by this to reach the stored space
+    head: bytes
+    lineage: dict[str, Any]
+    dtype: str
+
+
+def check(store: Store, model: str, setfile: SetFile, options: ImportOptions) -> Checked:
+    """Every refusal of an import, before anything is stored (each a 422 that says what to fix)."""
+    spec = store.get_model(model)
+    _, facts = checkpoint_view(str(spec["checkpoint"]))
+    meta, bundle = setfile.metadata, setfile.bundle()
+    if meta.get("format") != FORMAT:
+        raise InvalidInputError(
+            f"The file's metadata names format {meta.get('format')!r}, not {FORMAT!r}: export "
+            "sets with this service, or convert PEFT adapters with the client (app.client.peft)."
+        )
+    task = get_task(meta.get("task") or (bundle or {}).get("task", {}).get("name", ""))
+    _check_contract(task, facts, model=model, bundle=bundle, meta=meta, options=options)
+    prompts = setfile.prompts
+    _check_shape(prompts, facts, model=model)
+    users, rows = _check_users(setfile)
+    dtype = options.dtype or setfile.dtype
+    scale = facts.input_scale if meta.get("space") == INPUT else 1.0
+    _check_values(prompts, rows=rows, users=users, scale=scale, dtype=dtype)
+    head = _head(store, model, task, setfile, options)
+    lineage = {"kind": "import", "format": meta.get("source_format", "prompt-set"),
+               "source": _source(bundle, meta), "parents": []}  # fmt: skip
+    return Checked(task, users, rows, scale, head, lineage, dtype)
+
+
+def _check_contract(
+    task: Task, facts: CheckpointFacts, *, model: str, bundle: dict[str, Any] | None,
+    meta: dict[str, str], options: ImportOptions,
+) -> None:  # fmt: skip
+    """Refuse files whose prompts would silently predict differently here."""
+    if meta.get("space") not in SPACES:
+        raise InvalidInputError(
+            f"The file's space {meta.get('space')!r} is not one of {list(SPACES)}: say whether its "
+            "vectors are raw embedding-table rows or already scaled model inputs."
+        )
+    if bundle is not None:
+        if not facts.same_space(bundle.get("checkpoint", {})):
+            raise InvalidInputError(
+                f"The file's prompts were made for checkpoint {bundle['checkpoint']} but {model} "
+                f"is {facts.public()}: their vectors mean nothing to this model. Migrate the set "
+                "to it instead (POST /migrations)."
+            )
+        template = bundle.get("template", {})
+        if (template.get("prefix"), template.get("suffix")) != (
+            task.template.prefix, task.template.suffix,
+        ):  # fmt: skip
+            raise InvalidInputError(
+                f"The file's template differs from this service's {task.name!r} template, so its "
+                "prompts would predict differently here: import only sets made with it."
+            )
+    if meta.get("source_format") == "peft" and (options.placement or meta.get("placement")) != (
+        "template"
+    ):
+        raise InvalidInputError(
+            "PEFT prompt tuning prepends its virtual tokens to the whole input, but this "
+            f"service's {task.name!r} template places the prompt after the item text: these "
+            "vectors would give different predictions here. Import adapters trained at the "
+            "template's place (exported by this service, or trained with its template), and say "
+            "so with placement=template."
+        )
+
+
+def _check_shape(prompts: np.ndarray, facts: CheckpointFacts, *, model: str) -> None:
+    if prompts.ndim != 3 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+        raise InvalidInputError(
+            f"'prompts' has shape {list(prompts.shape)}; send [N, l, d] with N >= 1 users and "
+            "l >= 1 prompt tokens."
+        )
+    if prompts.shape[2] != facts.hidden_size:
+        raise InvalidInputError(
+            f"'prompts' rows are {prompts.shape[2]} wide but {model}'s hidden size is "
+            f"{facts.hidden_size}: import them under a model of that width, or migrate them."
+        )
+
+
+def _check_users(setfile: SetFile) -> tuple[list[str], np.ndarray]:
+    """The ids of the rows to store (present ones) and those rows' indices."""
+    if "user_ids" not in setfile.entries:
+        raise InvalidInputError("The file has no 'user_ids' tensor [N, L] U8: add the users' ids.")
+    ids, present = setfile.user_ids(), setfile.present()
+    if len(ids) != len(setfile.prompts) or len(present) != len(ids):
+        raise InvalidInputError(
+            f"'user_ids' lists {len(ids)} users and 'present' {len(present)} for "
+            f"{len(setfile.prompts)} prompt rows: give one per row."
+        )
+    first: dict[str, int] = {}
+    for row, user in enumerate(ids):
+        if not re.fullmatch(USER_ID_PATTERN, user):
+            raise InvalidInputError(
+                f"Row {row}: user id {user[:40]!r} is invalid; use 1-128 characters from "
+                "A-Z a-z 0-9 _ . : -."
+            )
+        if user in first:
+            raise InvalidInputError(
+                f"Rows {first[user]} and {row} both hold user {user!r}: keep one row per user."
+            )
+        first[user] = row
+    rows = np.flatnonzero(present)
+    if len(rows) == 0:
+        raise InvalidInputError("No row of the file is present: there is nothing to import.")
+    return [ids[i] for i in rows], rows
+
+
+def _check_values(
+    prompts: np.ndarray, *, rows: np.ndarray, users: list[str], scale: float, dtype: str,
+    batch: int = 4096,
+) -> None:  # fmt: skip
+    limit = float(np.finfo(codec.numpy_dtype(dtype)).max)
+    for start in range(0, len(rows), batch):
+        block = np.asarray(prompts[rows[start : start + batch]], dtype=np.float32) / scale
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not finite.all():
+            at = start + int(np.flatnonzero(~finite)[0])
+            raise InvalidInputError(
+                f"Row {int(rows[at])} (user {users[at]!r}) holds NaN or Inf: retrain or drop "
+                "that user, then export again."
+            )
+        big = np.abs(block).reshape(len(block), -1).max(axis=1) > limit
+        if big.any():
+            at = start + int(np.flatnonzero(big)[0])
+            raise InvalidInputError(
+                f"Row {int(rows[at])} (user {users[at]!r}) exceeds the {dtype} range "
+                f"(|x| <= {limit:g}): store the set as float32."
+            )
+
+
+def _head(store: Store, model: str, task: Task, setfile: SetFile, options: ImportOptions) -> bytes:
+    tensors = setfile.head()
+    if not tensors:
+        if options.head_from_version is None:
+            raise InvalidInputError(
+                "The file carries no task head (head.* tensors): export the set with its head, "
+                f"or name a version of {model} whose {task.name!r} head to reuse "
+                "(head_from_version)."
+            )
+        donor = store.require_version(model, options.head_from_version)
+        if donor.task != task.name:
+            raise InvalidInputError(
+                f"{model} version {donor.version} has a {donor.task!r} head, not {task.name!r}: "
+                "name a version of the same task."
+            )
+        return store.get_head(model, options.head_from_version)
+    state = {k: torch.from_numpy(v).float() for k, v in tensors.items()}
+    try:
+        task.load_head(state)
+    except RuntimeError as error:
+        raise InvalidInputError(
+            f"The file's head tensors {sorted(state)} are not a {task.name!r} head: {error}"
+        ) from error
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise InvalidInputError("The file's head holds NaN or Inf: export a trained head.")
+    return save_tensors({k: v.contiguous() for k, v in state.items()})
+
+
+def _source(bundle: dict[str, Any] | None, meta: dict[str, str]) -> dict[str, Any]:
+    if bundle is None:
+        return {k: v for k, v in meta.items() if k not in ("format", "format_version")}
+    keys = ("model", "version", "checkpoint", "lineage", "metrics")
+    return {key: bundle.get(key) for key in keys}
+
+
+def write(
+    store: Store, model: str, setfile: SetFile, checked: Checked, *, batch: int = 1000
+) -> SetMeta:
+    """Store a checked file as a new sealed version; a failure part way removes it again."""
+    length, width = setfile.prompts.shape[1:]
+    version = store.allocate_version(model)
+    template = checked.task.template
+    meta = SetMeta(
+        model=model, version=version, task=checked.task.name, shape=[int(length), int(width)],
+        dtype=checked.dtype, template=template.prefix + "<prompt>" + template.suffix,
+        lineage=checked.lineage, created_at=time.time(),
+    )  # fmt: skip
+
+    def batches() -> Iterator[list[tuple[str, bytes]]]:
+        for start in range(0, len(checked.rows), batch):
+            block = np.asarray(setfile.prompts[checked.rows[start : start + batch]], np.float32)
+            block = block / checked.scale
+            users = checked.users[start : start + batch]
+            yield [(u, codec.encode(block[i], checked.dtype)) for i, u in enumerate(users)]
+
+    try:
+        return store.write_complete_set(meta, head=checked.head, batches=batches(), metrics={})
+    except BaseException:
+        store.delete_set(model, version)
+        raise
