@@ -27,6 +27,8 @@ import numpy as np
 from app.errors import InvalidInputError
 
 FORMAT, FORMAT_VERSION = "prompt-migration/prompt-set", "1"
+# The spaces of models.contract, spelled here too so that the client needs no ML core.
+RAW, INPUT = "raw_embedding_table", "model_input"
 DTYPES = {"float32": "F32", "float16": "F16"}
 _NUMPY = {"F32": "<f4", "F16": "<f2", "U8": "u1"}
 _MAX_HEADER = 100_000_000  # what the safetensors library itself accepts

@@ -23,9 +23,19 @@ from safetensors.torch import save as save_tensors
 from app import codec
 from app.bundle import Bundle, checkpoint_view
 from app.errors import InvalidInputError
-from app.setfile import DTYPES, FORMAT, FORMAT_VERSION, Entry, SetFile, encode_ids, header_bytes
+from app.setfile import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT,
+    RAW,
+    Entry,
+    SetFile,
+    encode_ids,
+    header_bytes,
+)
 from app.store import USER_ID_PATTERN, SetMeta, Store
-from models.contract import INPUT, RAW, SPACES, CheckpointFacts
+from models.contract import SPACES, CheckpointFacts
 from models.tasks import Task, get_task
 
 # ---- export --------------------------------------------------------------------------------
