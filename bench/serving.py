@@ -10,6 +10,8 @@ each for ``--seconds`` at ``--concurrency`` connections, with C load generators:
 
 1. ``raw_redis_get``: ``redis-benchmark`` GETs of the prompt keys (the store's own speed);
 2. ``raw_redis_pipeline``: the same, ``--batch-size`` GETs per pipeline;
+   ``raw_client_get`` and ``direct_redis``: the client library's plain GET and its atomic read
+   (the API's script) from one asyncio process (bench/direct_read.py);
 3. ``minimal_fastapi``: ``wrk`` against bench/minimal_app.py, FastAPI + redis.asyncio returning
    the bytes (the floor any Python API reaches here);
 4. ``api_single``: ``wrk``, ``GET /users/{id}/prompt`` of the real API (raw bytes);
@@ -25,6 +27,7 @@ phase records the CPU seconds each of them used.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -50,7 +53,7 @@ from redis.cluster import RedisCluster
 from app import codec
 from app.local_redis import LocalRedis, LocalRedisCluster, free_port
 from app.store import SetMeta, Store, _set_prefix, connect_redis
-from bench import loadgen
+from bench import direct_read, loadgen
 from bench.loadgen import Load, user_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,6 +238,17 @@ class Bench:
             self._timed(name, lambda p=pipeline, r=requests: gets(p, r), items=pipeline,
                         api_pids=[])  # fmt: skip
 
+    def direct(self, *, version: str, value_bytes: int) -> None:
+        """The client library's plain GET and its atomic read, straight from Redis."""
+        a = self.args
+        for name, atomic in (("raw_client_get", False), ("direct_redis", True)):
+            run = direct_read.read_rate(
+                self.redis_url, atomic=atomic, cluster=a.cluster, model=MODEL, version=version,
+                users=a.users, value_bytes=value_bytes, concurrency=a.concurrency,
+                seconds=a.seconds, warmup_s=a.warmup,
+            )  # fmt: skip
+            self._timed(name, lambda r=run: asyncio.run(r), items=1, api_pids=[])
+
     def http(self, name: str, server: Uvicorn, *, mode: str, token: str, model: str) -> None:
         a = self.args
         batch = 1 if mode == "single" else a.batch_size
@@ -382,6 +396,7 @@ def ratios(m: dict[str, dict[str, Any]], workers: list[int]) -> dict[str, float 
         "api_batch_safetensors_prompts_vs_raw_get": ratio(
             items("api_batch_safetensors"), rps("raw_redis_get")
         ),
+        "direct_redis_vs_raw_client_get": ratio(rps("direct_redis"), rps("raw_client_get")),
     }
     for n in workers:
         if n != 1:
@@ -441,6 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("value_key_prefix() no longer matches app.store's key layout")
         bench = Bench(args, redis_url=redis_url, redis_pids=redis_pids)
         bench.raw_redis(redis, key_prefix)
+        bench.direct(version=version, value_bytes=value_bytes)
         logdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pm-bench-api-")))
         for workers in args.api_workers:
             serve(bench, workers=workers, version=version, value_bytes=value_bytes, logdir=logdir)

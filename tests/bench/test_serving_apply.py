@@ -10,8 +10,9 @@ from tests.conftest import RedisClusterServer, RedisServer
 
 BENCH_DB = 3  # apart from the store (0) and broker (1) databases other tests flush
 
-PHASES = {"raw_redis_get", "raw_redis_pipeline", "minimal_fastapi", "api_single", "api_batch",
-          "api_batch_safetensors"}  # fmt: skip
+PHASES = {"raw_redis_get", "raw_redis_pipeline", "raw_client_get", "direct_redis",
+          "minimal_fastapi", "api_single", "api_batch", "api_batch_safetensors"}  # fmt: skip
+HTTP = {p for p in PHASES if p.startswith(("api", "minimal"))}
 PHASE_FIELDS = {"requests", "errors", "seconds", "items_per_request", "requests_per_s",
                 "items_per_s", "latency_ms", "cpu_seconds"}  # fmt: skip
 TINY = ["--users", "60", "--concurrency", "2", "--seconds", "1", "--warmup", "0",
@@ -31,8 +32,7 @@ def test_serving_measures_redis_the_floor_and_the_api_in_one_run(
     assert result["config"]["value_bytes"] == 640 * 4
     assert result["machine"]["cpu_count"] >= 1
     assert result["note"]
-    assert set(result["measurements"]) == PHASES | {f"{p}_2_workers" for p in PHASES if "api" in p
-                                                    or "minimal" in p}  # fmt: skip
+    assert set(result["measurements"]) == PHASES | {f"{p}_2_workers" for p in HTTP}
     for name, m in result["measurements"].items():
         assert m.keys() >= PHASE_FIELDS, name
         assert m["errors"] == 0, name
@@ -40,7 +40,7 @@ def test_serving_measures_redis_the_floor_and_the_api_in_one_run(
         lat = m["latency_ms"]
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], name
         assert m["cpu_seconds"]["load_generator"] > 0, name
-        if "redis" not in name:
+        if name.removesuffix("_2_workers") in HTTP:
             assert m["cpu_seconds"]["api"] > 0, name
     for name in ("raw_redis_pipeline", "api_batch", "api_batch_safetensors"):
         m = result["measurements"][name]
@@ -51,6 +51,8 @@ def test_serving_measures_redis_the_floor_and_the_api_in_one_run(
     single, floor = m["api_single"]["requests_per_s"], m["minimal_fastapi"]["requests_per_s"]
     assert abs(ratios["api_single_vs_minimal_fastapi"] - single / floor) < 1e-3
     assert ratios["api_single_2_workers_vs_1"] is not None
+    direct, plain = m["direct_redis"]["requests_per_s"], m["raw_client_get"]["requests_per_s"]
+    assert abs(ratios["direct_redis_vs_raw_client_get"] - direct / plain) < 1e-3
     memory = {(r["width"], r["dtype"]): r for r in result["memory_per_prompt"]}
     assert set(memory) == {(w, d) for w in (576, 640) for d in ("float32", "float16")}
     for (width, dtype), row in memory.items():

@@ -1,0 +1,103 @@
+"""The client library's direct Redis reads, timed from one asyncio process.
+
+``raw_client_get`` is the client's plain GET of a pinned version's value (no pointer, no seal
+check); ``direct_redis`` is its atomic read, the API's own script by EVALSHA. Same process,
+same concurrency, same users: their ratio is what the pointer, the seal check and the atomicity
+cost a reader that talks to Redis itself. The client is Python, so it is the bound here, as it
+would be in an inference service that reads this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from app.client.direct import DirectReader
+from bench.loadgen import Load, user_id
+
+
+async def _drive(
+    read: Callable[[str], Awaitable[bool]],
+    *,
+    users: int,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+) -> Load:
+    """``concurrency`` loops reading random users until the deadline; the latency of each."""
+    latencies: list[float] = []
+    errors = 0
+
+    async def loop(worker: int, until: float, record: bool) -> None:
+        nonlocal errors
+        rng = random.Random(worker)
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            ok = await read(user_id(rng.randrange(users)))
+            if record and ok:
+                latencies.append(time.perf_counter() - start)
+            elif record:
+                errors += 1
+
+    if warmup_s > 0:
+        until = time.perf_counter() + warmup_s
+        await asyncio.gather(*(loop(w, until, False) for w in range(concurrency)))
+    cpu, start = time.process_time(), time.perf_counter()
+    until = start + seconds
+    await asyncio.gather(*(loop(w, until, True) for w in range(concurrency)))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    ms = np.asarray(latencies) * 1e3
+
+    def pct(q: float) -> float:
+        return round(float(np.percentile(ms, q)), 3) if len(ms) else 0.0
+
+    return Load(
+        requests=len(latencies),
+        seconds=elapsed,
+        errors=errors,
+        latency_ms={
+            "mean": round(float(ms.mean()), 3) if len(ms) else 0.0,
+            "p50": pct(50),
+            "p99": pct(99),
+            "p999": pct(99.9),
+            "max": round(float(ms.max()), 3) if len(ms) else 0.0,
+        },
+        cpu_seconds=round(cpu, 2),
+    )
+
+
+async def read_rate(
+    redis_url: str,
+    *,
+    atomic: bool,
+    cluster: bool,
+    model: str,
+    version: str,
+    users: int,
+    value_bytes: int,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+) -> Load:
+    """The client's atomic read (``atomic``) or its plain GET of random users of the set."""
+    reader = DirectReader(redis_url, cluster=cluster, timeout_s=30)
+
+    async def plain(user: str) -> bool:
+        value = await reader.get(user, model=model, version=version)
+        return value is not None and len(value) == value_bytes
+
+    async def through_script(user: str) -> bool:
+        _, found, (value,) = await reader.read_raw([user], model=model)
+        return found == version and value is not None and len(value) == value_bytes
+
+    try:
+        return await _drive(
+            through_script if atomic else plain,
+            users=users, concurrency=concurrency, seconds=seconds, warmup_s=warmup_s,
+        )  # fmt: skip
+    finally:
+        await reader.aclose()
