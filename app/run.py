@@ -234,6 +234,7 @@ class Demo:
             "target": TARGET,
             "dataset": DATASET,
             "selection": {"strategy": "puma", "budget": self.args.budget},
+            # The measured recipe unless asked otherwise (`--adapter-epochs`).
             "adapter": {"epochs": self.args.adapter_epochs},
             "max_train_per_user": self.args.max_train,
         }
@@ -291,7 +292,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="logs and pid files")
     parser.add_argument("--users", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=2, help="prompt-training epochs")
-    parser.add_argument("--adapter-epochs", type=int, default=2)
+    parser.add_argument(
+        "--adapter-epochs", type=int, help="the adapter's epoch cap (default: the recipe's)"
+    )
     parser.add_argument(
         "--max-train", type=int, default=10, help="training interactions per user (CPU budget)"
     )

@@ -77,11 +77,14 @@ class Selection(Strict):
         default=False,
         description="puma: weigh each selected user's examples by its cluster's population share "
         "over its selection share, so small clusters' floors do not skew the adapter's loss "
-        "(ahead on cpu-small's validation, behind on its test; see bench/README.md).",
+        "(not measured to help yet; see bench/README.md).",
     )
 
 
 class AdapterOptions(Strict):
+    """Each option left out takes the measured recipe's value (models/recipe.py): the job's
+    `recipe` field shows what it ran."""
+
     epochs: int | None = Field(default=None, ge=1, le=1000)
     hidden: int | None = Field(default=None, ge=1)
     lr: float | None = Field(default=None, gt=0)
@@ -89,28 +92,26 @@ class AdapterOptions(Strict):
     max_train_per_user: int | None = Field(
         default=None, ge=1, le=10_000,
         description="Train the adapter on each selected user's latest N interactions only: more "
-        "users for the same cost. None: all of the dataset's.",
+        "users for the same cost. Default: 7 on a budget, all of the dataset's with strategy "
+        "`all`.",
     )  # fmt: skip
     input_rank: int | None = Field(
         default=None, ge=1,
-        description="Read only the source table's top N principal directions (None, the "
-        "default: every feature); needs more than N prompt vectors in the source set. 64, with "
-        "`hidden` 64, is the recipe measured best on cpu-small (see the README).",
+        description="Read only the source table's top N principal directions; needs more than N "
+        "prompt vectors in the source set. Default: 64, or as many as the source set has.",
     )  # fmt: skip
     start_from_vocab_map: bool | None = Field(
         default=None,
         description="Start the adapter's linear path at the map between the models' token "
-        "embeddings (true) or at zero (false, the default: measured better for a budget of a few "
-        "hundred users; see the README).",
+        "embeddings (true) or at zero (false, the default).",
     )  # fmt: skip
     distill_weight: float | None = Field(
         default=None, ge=0, le=1,
         description="Blend each training label with the source set's own prediction of it on the "
-        "source model, this share of the prediction (0, the default: labels alone); the rating "
-        "task's cross-entropy fits the same blend of the label's digit and the source's "
-        "distribution over the digits. Less noisy targets for the same target passes, at one "
-        "source-model pass per example; measured "
-        "better for a budget of a few hundred users (see the README).",
+        "source model, this share of the prediction (0: labels alone); the rating task's "
+        "cross-entropy fits the same blend of the label's digit and the source's distribution "
+        "over the digits. Default: 0.8 on a budget, at one source-model pass per example; 0 "
+        "with strategy `all`.",
     )  # fmt: skip
 
 
@@ -174,6 +175,8 @@ class Job(BaseModel):
     target: dict[str, Any]
     metrics: dict[str, Any] = {}
     cost: dict[str, Any] = {}
+    # The adapter and selection settings a migration ran, and what the recipe's rules chose.
+    recipe: dict[str, Any] = {}
     gate: dict[str, Any] = {}
     error: str | None = None
     cancel_requested: bool = False

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import assets
+from models import assets, recipe
 from models.data import Interaction, Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
@@ -63,103 +63,39 @@ class Preset:
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # puma_budget's users
 
 
-# puma's selection for the budget rows. The reference's floors (50 users from each of 15 clusters)
-# take 750 of its 2000 users; at 260 they would take 255, 17 from every cluster whatever its size,
-# and its normal-curve weights skip users of low and high label variance. Floors at the reference's
-# share of the budget and no variance weights scored best on validation on two source sets, on
-# every seed of the second: 1.1469 [1.1546, 1.1408, 1.1455] against the reference's 1.1616 and
-# random users' 1.1657, 1.1420 against 1.1645 on the users not selected
-# (budget-selection-fixed-scoring-cpu-small.json; 1.1435 against 1.1533, budget-selection-*.json).
-# On test it scored 1.1822 against the reference's 1.1908 and random users' 1.1725, and retrained
-# in a fresh process (bench.replicate) the same seed moves by up to 0.02: the choice is not settled.
-PROPORTIONAL_FLOORS = SelectionConfig(floor_share=0.375, variance_weighting="uniform")
-
+# Every preset runs the measured recipe (models/recipe.py, the service's defaults) and names only
+# what its population and hardware change; bench/README.md has the evidence for the recipe.
 PRESETS = {
     "smoke": Preset(
         name="smoke", dataset="synthetic-tiny", task="rating",
         source_model="tiny-llama", target_model="tiny-gemma", budget=8,
         prompt=PromptTrainingConfig(epochs=6, lr=5e-2, head_lr=1e-2, patience=6),
-        migration=MigrationConfig(hidden=32, epochs=6, lr=3e-3, head_lr=1e-2, patience=6,
-                                  start_from_vocab_map=True),
-        # Learns from the source's predictions as cpu-small's does, so the tests run that path.
-        budget_migration=MigrationConfig(hidden=32, epochs=10, lr=3e-3, head_lr=1e-2, batch_size=8,
-                                         patience=10, start_from_vocab_map=True,
-                                         distill_weight=0.8),
-        n_test=4, n_val=4, max_train=16, seeds=(0, 1), device="cpu",
+        # Tiny models on a few users learn only with a wider net, faster rates and more epochs.
+        migration=replace(recipe.ALL_USERS, hidden=32, epochs=6, lr=3e-3, head_lr=1e-2,
+                          patience=6),
+        budget_migration=replace(recipe.BUDGET, hidden=32, epochs=10, lr=3e-3, head_lr=1e-2,
+                                 batch_size=8, patience=10),
+        n_test=4, n_val=4, max_train=16, seeds=(0, 1), device="cpu", selection=recipe.SELECTION,
     ),
     "cpu-small": Preset(
         name="cpu-small", dataset="movielens-100k", task="rating",
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=390,
         # Three epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
         prompt=PromptTrainingConfig(epochs=3, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
-        # The adapter on all users trains one epoch. Its validation peaked at the first epoch every
-        # time it was given more: 1.1297 then 1.1349, 1.1333 (run of 3c26f15); 1.1284 then 1.1333
-        # (quality-cpu-small.json of c1dffa1); and a one-epoch cap did no better than the first
-        # epoch of a three-epoch cap (all-epochs-cpu-small.json). The second epoch, run only to
-        # be thrown away, was about 13% of the benchmark's wall time. It takes the budget
-        # adapter's choices (below: zero start, head lr 1e-3, 64 input directions, 64 wide): on
-        # validation they scored lower than a 256-wide network on every feature started at the
-        # vocabulary map with head lr 3e-3 on both adapter seeds, 1.1353 and 1.1379 against
-        # 1.1391 and 1.1399, where the per-user mean scores 1.1394 (all-budget-config-*.json,
-        # all-preset-*.json); the source's predictions as targets did not help on all users,
-        # 1.1359 (all-budget-config-cpu-small.json, all-distill-*.json).
-        migration=MigrationConfig(hidden=64, epochs=1, lr=5e-4, head_lr=1e-3, patience=1,
-                                  input_rank=64),
-        # The budget buys LM passes. On validation (bench/results/budget-per-user-cpu-small.json,
-        # budget-130-cpu-small.json, seeds 0-2, one source set) 260 users on their latest 15
-        # ratings scored 1.1443 in batches of 16 and 1.1437 in batches of 8, 390 users on their
-        # latest 10 1.1441, and 130 users on all theirs 1.1442: equal. The preset takes 260 in
-        # batches of 16, as fast as 130 and with half their spread between seeds. The learning
-        # rate stays: 1e-3 and 2.5e-4 scored 1.1465 and 1.1489 (budget-lr-cpu-small.json). The
-        # head warm-up's passes count too: at most 1024. The linear path starts at zero, not at
-        # the vocabulary map: on another source set (budget-init-cpu-small.json) that scored
-        # 1.1430 [1.1394, 1.1458, 1.1439] against 1.1572 [1.1765, 1.1538, 1.1413], and 1.1393
-        # against 1.1499 on the users not selected. The map itself scores worse than the global
-        # mean (the instant row), and what few users teach cannot undo it for everyone else.
-        # The head learns at 1e-3, not 3e-3: on validation it scored at or below 3e-3 on every
-        # selection seed (1.1504 [1.1468, 1.1487, 1.1558] against 1.1573 [1.1475, 1.1492,
-        # 1.1752], budget-head-lr-cpu-small.json) and on every adapter seed of one selection
-        # (range 0.010 against 0.024, budget-adapter-stability-cpu-small.json).
-        # It reads the source table's top 64 principal directions, not all 576 features: 1.1472
-        # [1.1472, 1.1426, 1.1516] against 1.1551 [1.1527, 1.1724, 1.1402], 1.1549 against 1.1665
-        # on the users not selected; 16 directions scored 1.1528 (budget-input-rank-cpu-small.json).
-        # Its network is 64 wide, not 256: over 9 paired runs (3 selections x 3 adapter seeds) the
-        # mean is level, 1.1587 against 1.1612, and the spread between runs halves, SD 0.0057
-        # against 0.0114 (budget-hidden-*.json); one migration is one draw, so the steadier wins.
-        # Its targets are 0.2 label + 0.8 the source set's own prediction (models/distill.py), on
-        # each user's latest 10 ratings so the source passes fit the budget: 1.1475 [1.1460,
-        # 1.1510, 1.1456] against 1.1639 [1.1563, 1.1742, 1.1612] on the same 10 ratings without
-        # and 1.1531 [1.1534, 1.1576, 1.1482] on 15 without; share 0.5 scored 1.1486, 1.0 1.1468
-        # with twice the spread (budget-distill-*.json, one source set on an AMX Xeon).
-        # With those targets, more users on fewer ratings each win at the same passes: 390 users
-        # on their latest 7 scored 1.1422 [1.1397, 1.1460, 1.1408] against 260 on 10's 1.1512
-        # [1.1506, 1.1556, 1.1473], lower on every seed, and 1.1341 against 1.1493 on the users
-        # not selected; 520 on 5 scored level, 1.1413, with twice the spread
-        # (budget-distill-users-cpu-small.json, another source set, on an AMD EPYC).
-        budget_migration=MigrationConfig(hidden=64, epochs=1, lr=5e-4, head_lr=1e-3,
-                                         batch_size=16, head_warmup_examples=1024,
-                                         max_train_per_user=7, distill_weight=0.8,
-                                         start_from_vocab_map=False, input_rank=64),
+        migration=recipe.ALL_USERS,
+        budget_migration=recipe.BUDGET,
         seeds=(0, 1, 2),
-        selection=PROPORTIONAL_FLOORS,
+        selection=recipe.SELECTION,
     ),
     "gpu-full": Preset(
         name="gpu-full", dataset="movielens-1m", task="rating",
         source_model="smollm2-135m", target_model="gemma-3-270m", budget=600,
         prompt=PromptTrainingConfig(epochs=8, lr=3e-3, head_lr=2e-3, patience=3, batch_size=64),
-        # cpu-small's choices for the adapter on all users, not yet run on a GPU; with 6,040 users
-        # it may afford more epochs, kept by validation.
-        migration=MigrationConfig(hidden=64, epochs=4, lr=5e-4, batch_size=64, input_rank=64),
-        # cpu-small's validated budget choices (zero start, head lr 1e-3, 64 input directions,
-        # a network 64 wide, targets 0.8 the source's prediction, more users on fewer ratings
-        # each), not yet run on a GPU. Retraining stops after 4 to 8 epochs of 6,040 users x 30
-        # ratings, 725k to 1.45M passes; 600 users x 7 x 2 epochs + 4,200 source passes + the
-        # warm-up's 1,024 is 13.6k, under the 2% target even at the earliest stop.
-        budget_migration=MigrationConfig(hidden=64, epochs=2, lr=5e-4, head_lr=1e-3,
-                                         batch_size=32, head_warmup_examples=1024,
-                                         max_train_per_user=7, distill_weight=0.8,
-                                         input_rank=64),
-        seeds=(0, 1, 2), device="cuda", selection=PROPORTIONAL_FLOORS,
+        # Not yet run on a GPU: 6,040 users may afford more epochs, kept by validation, and larger
+        # batches; the budget's passes stay under 2% of retraining's even at its earliest stop.
+        migration=replace(recipe.ALL_USERS, epochs=4, batch_size=64),
+        budget_migration=replace(recipe.BUDGET, epochs=2, batch_size=32),
+        seeds=(0, 1, 2), device="cuda", selection=recipe.SELECTION,
     ),
 }  # fmt: skip
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from models.data import Interaction
 from models.errors import Cancelled, DataError
@@ -173,49 +172,19 @@ class _BestEpoch:
     waited: int = 0  # epochs since the last improvement
     state: list[dict[str, torch.Tensor]] | None = None
 
-    def record(
-        self, epoch: int, metric: float, *, scored: tuple[nn.Module, ...] | None = None
-    ) -> None:
-        """``scored``: the modules that earned ``metric`` when not ``modules`` themselves (their
-        weight average); restore loads their state into ``modules``."""
+    def record(self, epoch: int, metric: float) -> None:
         best = self.result.best_metric
         lower = self.task.lower_is_better
         if best is None or (metric < best if lower else metric > best):
             self.result.best_metric, self.result.best_epoch, self.waited = metric, epoch, 0
-            self.state = copy.deepcopy([m.state_dict() for m in scored or self.modules])
+            self.state = copy.deepcopy([m.state_dict() for m in self.modules])
         else:
             self.waited += 1
-
-    def keep(self, modules: tuple[nn.Module, ...]) -> None:
-        """Without a validation split: restore loads ``modules``' current state."""
-        self.state = [module.state_dict() for module in modules]
 
     def restore(self) -> None:
         if self.state is not None:
             for module, state in zip(self.modules, self.state, strict=True):
                 module.load_state_dict(state)
-
-
-class _WeightAverage:
-    """Uniform running average of the modules' weights from step ``from_step`` on (stochastic
-    weight averaging): one run's last steps averaged rather than its last step alone."""
-
-    def __init__(self, modules: tuple[nn.Module, ...], *, from_step: int) -> None:
-        self.live = modules
-        self.averaged = [AveragedModel(module) for module in modules]
-        self.from_step = from_step
-
-    def update(self, step: int) -> None:
-        if step >= self.from_step:
-            for averaged, module in zip(self.averaged, self.live, strict=True):
-                averaged.update_parameters(module)
-
-    @property
-    def modules(self) -> tuple[nn.Module, ...] | None:
-        """The averaged modules, or None before the first averaged step."""
-        if int(self.averaged[0].n_averaged) == 0:
-            return None
-        return tuple(averaged.module for averaged in self.averaged)
 
 
 def _validation(task: Task, val: Examples | None) -> Examples | None:
@@ -239,15 +208,10 @@ def fit(
     batch_size: int,
     patience: int,
     seed: int,
-    average_last: float | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> FitResult:
-    """Train for up to ``epochs``; keep the state of the best validation epoch.
-
-    ``average_last``: score and keep the average of the weights over that fraction of all steps,
-    the last ones, in place of each epoch's last weights (None: the last weights).
-    """
+    """Train for up to ``epochs``; keep the state of the best validation epoch."""
     if len(train) == 0:
         raise DataError("No training interactions for the chosen users: pick users with data.")
     val = _validation(task, val)
@@ -260,12 +224,7 @@ def fit(
     )  # fmt: skip
     generator = np.random.default_rng(seed)
     result = FitResult()
-    live = (prompt_source, head)
-    best = _BestEpoch(task, live, result)
-    total_steps = epochs * steps_per_epoch
-    average = None if average_last is None else _WeightAverage(
-        live, from_step=total_steps - max(1, round(average_last * total_steps))
-    )  # fmt: skip
+    best = _BestEpoch(task, (prompt_source, head), result)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -284,21 +243,16 @@ def fit(
             nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
-            if average is not None:
-                average.update(epoch * steps_per_epoch + step)
             losses.append(float(loss.detach()))
             result.example_passes += len(rows)
             if on_progress:
                 on_progress({"epoch": epoch, "fraction": (epoch + (step + 1) / steps_per_epoch)
                              / epochs, "loss": losses[-1]})  # fmt: skip
         record = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
-        scored = live if average is None or average.modules is None else average.modules
         if val is not None:
-            metric = score(task, val, predict(model, task, scored[0], scored[1], val))
+            metric = score(task, val, predict(model, task, prompt_source, head, val))
             record["val_" + task.primary_metric] = metric
-            best.record(epoch, metric, scored=scored)
-        elif scored is not live:
-            best.keep(scored)
+            best.record(epoch, metric)
         result.history.append(record)
         if val is not None and best.waited >= patience:
             break

@@ -23,13 +23,15 @@ from models.errors import DataError, ShapeMismatchError
 from models.foundation import FoundationModel
 from models.instant import LinearMap, stacked_map
 from models.loop import Examples, FitResult, ProgressFn, StopFn, fit, fit_head, index_users
-from models.mean_start import start_from_user_means
 from models.prompts import PromptSet
 from models.tasks import Task
 
 
 @dataclass(frozen=True)
 class MigrationConfig:
+    """How the adapter trains. The defaults are the paper's reference method, scaled to small
+    models; models/recipe.py holds the measured recipe the service and the benchmark run."""
+
     hidden: int = 256  # adapter FFN width (the paper's 4096 is for 2-3B models)
     epochs: int = 4
     lr: float = 5e-4  # the adapter's; the reference uses 1e-4 for a 30x larger adapter
@@ -42,32 +44,18 @@ class MigrationConfig:
     weight_decay: float = 0.01
     dropout: float = 0.1
     patience: int = 2
-    # Start the adapter's linear path at the instant map (needs vocab_maps) instead of at zero. On
-    # cpu-small's budget of 260 users zero scored better on validation, 1.1430 against 1.1572.
+    # Start the adapter's linear path at the instant map (needs vocab_maps) instead of at zero:
+    # the map scores below the global mean, and few users cannot undo that for the rest.
     start_from_vocab_map: bool = False
-    # Start the linear path at each user's mean training label as the source prompt predicts it
-    # (models/mean_start.py): a ridge fit on the selected users' labels (no LM pass) and the
-    # target's mean gradient over mean_start_examples of their examples (one pass each). On
-    # cpu-small it scored level with the zero start after training (bench/README.md).
-    start_from_user_means: bool = False
-    mean_start_examples: int = 128
     # Centre and scale inputs by every source user's prompt (free: no LM pass), so the adapter sees
     # how users differ, not the start they share, at unit scale whatever the source model.
     standardize_inputs: bool = True
-    # Top principal directions of the source table the adapter reads (None: every feature).
-    # Fewer inputs help a budget adapter only with enough users to fit them (bench/README.md).
+    # Top principal directions of the source table the adapter reads (None: every feature): fewer
+    # inputs for an adapter fitted on few users; ``fitted_rank`` caps it at what the table has.
     input_rank: int | None = None
-    # The adapter's linear path alone, without the residual network (AdapterConfig.linear_only).
-    linear_only: bool = False
-    # Train on each user's latest N interactions only (None: all of them). LM passes are what a
-    # budget costs, and each user is one point of the map the adapter learns: a cap buys more
-    # distinct users for the same passes, and the latest interactions sit closest to what the
-    # migrated prompt will be asked next. On cpu-small it scored level with no cap (bench/README.md).
+    # Train on each user's latest N interactions only (None: all of them). A budget pays for LM
+    # passes: a cap buys more distinct users for the same passes, each one more point of the map.
     max_train_per_user: int | None = None
-    # Keep the average of the adapter's and head's weights over this last fraction of training
-    # steps instead of the last step's (None: the last step's). Free of LM passes; meant to damp
-    # how far one short run's end point moves with its seed.
-    average_last: float | None = None
     # Blend each training label with the source set's own prediction of it on the source model
     # (models/distill.py), this share of the source's (0: labels alone, as in the paper). Needs the
     # source model at training time; costs one source-model inference pass per training example.
@@ -88,19 +76,17 @@ class MigrationConfig:
         if self.max_train_per_user is not None and self.max_train_per_user < 1:
             raise ValueError("MigrationConfig.max_train_per_user must be >= 1, or None for every "
                              "training interaction.")  # fmt: skip
-        if self.average_last is not None and not 0 < self.average_last <= 1:
-            raise ValueError("MigrationConfig.average_last must lie in (0, 1], the last fraction "
-                             "of training steps to average, or be None.")  # fmt: skip
-        if self.start_from_user_means and self.start_from_vocab_map:
-            raise ValueError("MigrationConfig: start_from_user_means and start_from_vocab_map both "
-                             "set the linear path's start: choose one.")  # fmt: skip
-        if self.mean_start_examples < 1:
-            raise ValueError("MigrationConfig.mean_start_examples must be >= 1.")
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError("MigrationConfig.distill_weight must lie in [0, 1]: the source "
                              "prediction's share of each training target (0: labels alone).")  # fmt: skip
+
+
+def fitted_rank(rank: int, *, prompt_vectors: int, features: int) -> int:
+    """``rank`` principal directions, or as many as a table of ``prompt_vectors`` rows of
+    ``features`` has: a centred table of n rows spans at most n - 1 directions."""
+    return max(1, min(rank, features, prompt_vectors - 1))
 
 
 @dataclass
@@ -159,12 +145,12 @@ def train_adapter(
     table = stack_sources(sources, common_users(sources)) if config.standardize_inputs else None
     rank = config.input_rank
     if rank is not None and table is not None:  # a small table has fewer directions than asked
-        rank = max(1, min(rank, inputs.shape[-1], table.shape[0] * table.shape[1] - 1))
+        rank = fitted_rank(rank, prompt_vectors=table.shape[0] * table.shape[1],
+                           features=inputs.shape[-1])  # fmt: skip
     torch.manual_seed(config.seed)  # before the adapter's weights: a run reproduces from its seed
     adapter = PumaAdapter(AdapterConfig(
         d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
         dropout=config.dropout, out_std=target.embedding_std, input_rank=rank,
-        linear_only=config.linear_only,
     ))  # fmt: skip
     if table is not None:
         adapter.set_input_statistics(table)
@@ -195,12 +181,6 @@ def train_adapter(
         )  # fmt: skip
         warmup.history = [record | {"head_only": 1.0} for record in warmup.history]
         phases.append(warmup)
-    if config.start_from_user_means:  # after the warm-up: the gradient is the fitted head's
-        phases.append(start_from_user_means(
-            adapter=adapter, prompt_source=source, users=users, labels=splits.train_labels(),
-            train=train, model=target, task=task, head=head,
-            n_examples=config.mean_start_examples, batch_size=config.batch_size, seed=config.seed,
-        ))  # fmt: skip
     optimizer = torch.optim.AdamW(
         [{"params": adapter.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
          {"params": head.parameters(), "lr": config.head_lr, "weight_decay": 0.0}]
@@ -208,7 +188,7 @@ def train_adapter(
     phases.append(fit(
         model=target, task=task, prompt_source=source, head=head, train=train, val=val,
         optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
-        patience=config.patience, seed=config.seed, average_last=config.average_last,
+        patience=config.patience, seed=config.seed,
         on_progress=on_progress,
         should_stop=should_stop,
     ))  # fmt: skip

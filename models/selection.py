@@ -47,9 +47,8 @@ class SelectionConfig:
     # Medium-variance users weighted most ("normal", the reference) or not at all ("uniform").
     variance_weighting: Literal["normal", "uniform"] = "normal"
     # Weigh each selected user's examples by its cluster's population share over its selection
-    # share, so the training objective weighs groups as the population does. On cpu-small it led
-    # on validation (1.1391 against 1.1517 unweighted, 6 seeds) but not on test (1.1756 against
-    # 1.1708, 3 seeds): off, the reference's loss, until a larger population settles it.
+    # share, so the training objective weighs groups as the population does. Off, the reference's
+    # loss: it has not been measured to help on test (bench/README.md, "Post-stratified").
     post_stratify: bool = False
 
     def __post_init__(self) -> None:
@@ -109,6 +108,18 @@ def _variance_weights(variance: np.ndarray, bin_weights: np.ndarray) -> np.ndarr
     return bin_weights[bins]
 
 
+def cluster_count(config: SelectionConfig, *, budget: int, users: int) -> int:
+    """Clusters puma forms: more groups than users would leave groups unpaid."""
+    return min(config.n_clusters, budget, users)
+
+
+def cluster_floor(config: SelectionConfig, *, budget: int, clusters: int) -> int:
+    """Users first taken from each cluster: ``floor_share`` of the budget split over the
+    clusters, at most ``floor``, and one user per cluster whenever the budget has one for each."""
+    floors_budget = max(clusters, round(config.floor_share * budget))
+    return min(config.floor, floors_budget // clusters, budget // clusters)
+
+
 def _weighted_take(
     rng: np.random.Generator, pool: np.ndarray, weights: np.ndarray, k: int
 ) -> np.ndarray:
@@ -128,8 +139,7 @@ def puma_select(
     weights = np.zeros(len(variance))
     for rows in groups:
         weights[rows] = _variance_weights(variance[rows], BIN_WEIGHTS[config.variance_weighting])
-    floors_budget = max(len(groups), round(config.floor_share * budget))  # one user per cluster
-    per_group_floor = min(config.floor, floors_budget // len(groups), budget // len(groups))
+    per_group_floor = cluster_floor(config, budget=budget, clusters=len(groups))
     chosen = np.zeros(len(variance), dtype=bool)
     for rows in groups:
         chosen[_weighted_take(rng, rows, weights[rows], per_group_floor)] = True
@@ -169,7 +179,7 @@ def select_users(
     if strategy == "random":
         rows = np.sort(np.random.default_rng(seed).choice(len(user_ids), budget, replace=False))
         return Selection.unweighted([user_ids[i] for i in rows])
-    k = min(config.n_clusters, budget)  # more groups than users would leave groups unpaid
+    k = cluster_count(config, budget=budget, users=len(user_ids))
     clusters = cluster_users(prompts, n_clusters=k, seed=seed)
     rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
                        budget=budget, seed=seed, config=config)  # fmt: skip

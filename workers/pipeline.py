@@ -31,6 +31,7 @@ from app.jobs import (
     TERMINAL,
 )
 from app.store import REDIS_DOWN, SEALED, SetMeta, Store, connect_redis
+from models import recipe
 from models.adapter.model import adapter_from_bytes, adapter_to_bytes
 from models.data import Splits, load_interactions, split_chronological
 from models.errors import Cancelled, DataError, MigrationError
@@ -322,12 +323,37 @@ def prepare_and_train(job: Job) -> int:
         if job.request.get("method") == "instant":
             fit_map(job, sources=sources, sets=sets, task=task, splits=splits)
         else:
-            selected = select(job, sets=sets, splits=splits)
-            train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected)
+            settings = job_recipe(job, sets=sets)
+            selected = select(job, sets=sets, splits=splits, config=settings.selection)
+            train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected,
+                  config=settings.adapter)  # fmt: skip
     return plan_mapping(job, sources=sources, users=users, task=task)
 
 
-def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
+def job_recipe(job: Job, *, sets: list[PromptSet]) -> recipe.Resolved:
+    """The measured recipe fitted to this job's population, with what its request names; the
+    job's record shows every setting and what the population-dependent rules chose."""
+    resolved = recipe_for_request(job.request, sets=sets)
+    job.update(recipe=resolved.record())
+    return resolved
+
+
+def recipe_for_request(request: dict[str, Any], *, sets: list[PromptSet]) -> recipe.Resolved:
+    """``request``'s adapter and selection options over the recipe, for the users of ``sets``."""
+    selection = request["selection"]
+    population = recipe.Population(
+        users=len(sets[0].user_ids), prompt_length=sets[0].prompt_length,
+        features=sum(s.width for s in sets),
+        budget=None if selection["strategy"] == "all" else selection.get("budget"),
+    )  # fmt: skip
+    return recipe.resolve(population, adapter=request["adapter"],
+                          selection={"post_stratify": selection.get("post_stratify")},
+                          seed=int(request.get("seed", 0)))  # fmt: skip
+
+
+def select(
+    job: Job, *, sets: list[PromptSet], splits: Splits, config: SelectionConfig
+) -> Selection:
     """The users who train the adapter and their loss weights, stored once: a redelivered
     stage trains on the same users."""
     stored = job.store.get_blob(job.id, "selected")
@@ -343,9 +369,7 @@ def select(job: Job, *, sets: list[PromptSet], splits: Splits) -> Selection:
         user_ids=trainable,
         budget=selection.get("budget"),
         seed=int(job.request.get("seed", 0)),
-        config=SelectionConfig(
-            post_stratify=selection.get("post_stratify", SelectionConfig.post_stratify)
-        ),
+        config=config,
     )
     job.store.put_blob(job.id, "selected", json.dumps(chosen.weights).encode())
     return chosen
@@ -393,6 +417,7 @@ def train(
     task: Task,
     splits: Splits,
     selected: Selection,
+    config: MigrationConfig,
 ) -> None:
     """Train on the ``selected`` users; ``sets`` hold every user's prompts (input statistics)."""
     target_name, _ = job.target
@@ -401,8 +426,6 @@ def train(
     if job.settings.stage_delay_s:
         time.sleep(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here
     target = load_model(target_name)
-    options = {k: v for k, v in job.request["adapter"].items() if v is not None}
-    config = MigrationConfig(seed=int(job.request.get("seed", 0)), **options)
     result = train_adapter(
         sources=sets,
         target=target,

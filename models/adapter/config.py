@@ -18,12 +18,10 @@ class AdapterConfig:
     # readily than a deep one; it can start from the data-free vocabulary map (models.instant).
     linear_skip: bool = True
     # Keep only the source table's top principal directions (set_input_statistics): fewer inputs
-    # for an adapter fitted on few users. None keeps all d_in features. On MovieLens, 16
-    # directions did worse than all 576 at 40 users; 64 did better at 260 (bench/README.md).
+    # for an adapter fitted on few users (bench/README.md). None keeps all d_in features.
     input_rank: int | None = None
-    # The linear path alone (with a bias), no residual network: the map with fewest weights. At
-    # 260 MovieLens users it generalised worse than the network, 1.1594 against 1.1530 on
-    # validation (bench/README.md).
+    # The linear path alone (with a bias), no residual network: how the data-free instant map
+    # (models.instant) is stored and applied as an adapter.
     linear_only: bool = False
 
     def __post_init__(self) -> None:

@@ -28,9 +28,10 @@ def test_budget_study_scores_validation_only(
     assert result["split"] == "validation"
     assert set(result["reference"]) == {"user_mean", "source"}
     batch = quality.PRESETS["smoke"].budget_migration.batch_size
+    cap = quality.PRESETS["smoke"].budget_migration.max_train_per_user  # the recipe's
     keys = ("input_rank", "budget", "epochs", "batch_size", "max_train_per_user")
     assert [tuple(r[k] for k in keys) for r in result["summary"]] == [
-        (None, 8, 2, batch, None), (None, 12, 1, 4, 3), (4, 8, 2, batch, None), (4, 12, 1, 4, 3)
+        (None, 8, 2, batch, cap), (None, 12, 1, 4, 3), (4, 8, 2, batch, cap), (4, 12, 1, 4, 3)
     ]  # fmt: skip
     for run in result["runs"]:
         assert run["lr"] == quality.PRESETS["smoke"].budget_migration.lr  # the preset's, by default

@@ -15,6 +15,7 @@ from redis import Redis
 
 from app import codec
 from app.store import Store
+from models import recipe
 from models.adapter.model import adapter_from_bytes
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
@@ -245,6 +246,10 @@ def test_adapter_statistics_cover_every_source_user(client: TestClient, store: S
     done = wait_done(client, migrate(client, auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion", done
     assert done["cost"]["users_trained"] == 8
+    # the request's options over the budget recipe, fitted to the source set's users
+    assert done["recipe"]["adapter"]["hidden"] == 16
+    assert done["recipe"]["adapter"]["distill_weight"] == recipe.BUDGET.distill_weight
+    assert done["recipe"]["chosen"]["input_rank"] == done["recipe"]["adapter"]["input_rank"]
     trained = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
     source = store.get_job(done["id"])["sources"][0]
     everyone = load_set(source["model"], source["version"], db=store).prompts
@@ -256,10 +261,11 @@ def test_adapter_statistics_cover_every_source_user(client: TestClient, store: S
 def test_adapter_trains_on_each_users_latest_interactions_when_capped(
     client: TestClient,
 ) -> None:
-    adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2}
+    adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2, "distill_weight": 0.0}
     done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion", done
     assert done["cost"]["users_trained"] == 8
+    assert done["recipe"]["adapter"]["max_train_per_user"] == 2
     # The head's warm-up and one epoch, each over at most 2 interactions of 8 users.
     assert 0 < done["cost"]["example_passes"] <= 2 * 8 * 2
 
