@@ -4,7 +4,7 @@
 
 A PumaAdapter for SmolLM2-135M -> Gemma-3-270m widths (576 -> 640, hidden 256) maps ``--users``
 random source prompts ``[1, 576]``; then the mapped prompts go into a new version the way the
-workers write them (``workers.pipeline.map_chunk`` then ``finalize``): per chunk of
+workers write them (``workers.mapping.map_chunk`` then ``finalize``): per chunk of
 ``PM_CHUNK_SIZE`` users encode the rows, ``Store.write_prompts`` (pipelined, ``PM_WRITE_BATCH``
 keys per round trip) and the chunk digest; then ``Store.seal_set``, which reads every value back,
 verifies count and digest and marks the set readable. Reports users/s for mapping alone, for
@@ -31,7 +31,7 @@ from app.store import SetMeta, Store, connect_redis
 from bench.serving import local_redis
 from models.adapter import AdapterConfig, PumaAdapter
 from models.migration import map_prompts
-from workers.pipeline import encode_rows
+from workers.sets import encode_rows
 
 MODEL = "bench-apply"
 D_IN, D_OUT, HIDDEN = 576, 640, 256  # SmolLM2-135M -> Gemma-3-270m, the adapter's default FFN

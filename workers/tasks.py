@@ -1,4 +1,4 @@
-"""Celery tasks: thin wiring of the pipeline stages (workers.pipeline holds the logic)."""
+"""Celery tasks: thin wiring of the stages (workers.pipeline lists them in order)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from tests.workers.helpers import (
     service_with_source,
     wait_done,
 )
-from workers.pipeline import load_set
+from workers.sets import load_set
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from models.tasks import get_task
-from workers.pipeline import quality_gate
+from workers.finalize import quality_gate
 
 
 def test_lower_is_better_within_and_beyond_tolerance() -> None:

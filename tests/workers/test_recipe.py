@@ -14,7 +14,7 @@ from app.schemas import MigrationCreate
 from bench.quality import PRESETS
 from models import recipe
 from models.prompts import PromptSet
-from workers.pipeline import recipe_for_request
+from workers.adapter_training import recipe_for_request
 
 CPU_SMALL = PRESETS["cpu-small"]
 COMMITTED = Path(__file__).parents[2] / "bench" / "results" / "quality-cpu-small.json"

@@ -1,0 +1,146 @@
+"""What every stage runs with: the store, the loaded models, and the job's record and controls.
+
+Every stage is idempotent and resumable: what a stage produced (the selected users, the adapter,
+each written chunk) is persisted in Redis, and a re-delivered task skips what is already there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from app.config import Settings, get_settings
+from app.errors import NotFoundError, ServiceError
+from app.jobs import (
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    TERMINAL,
+)
+from app.store import REDIS_DOWN, SEALED, Store, connect_redis
+from models.errors import Cancelled, MigrationError
+from models.foundation import FoundationModel
+from workers.lease import LeaseHeld, held
+
+# Transient: the task is delivered again later and the job stays as it is.
+_COME_BACK_LATER: tuple[type[Exception], ...] = (LeaseHeld, *REDIS_DOWN)
+_models: OrderedDict[str, FoundationModel] = OrderedDict()
+_store: Store | None = None
+
+
+def store() -> Store:
+    global _store
+    if _store is None:
+        settings = get_settings()
+        redis = connect_redis(
+            settings.redis_url,
+            timeout_s=max(settings.redis_timeout_s, 10),
+            cluster=settings.redis_cluster,
+        )
+        _store = Store(redis, write_batch=settings.write_batch)
+    return _store
+
+
+def load_model(name: str) -> FoundationModel:
+    """A registered model, kept loaded: a worker process serves many stages of the same job."""
+    if name not in _models:
+        checkpoint = store().get_model(name)["checkpoint"]
+        settings = get_settings()
+        while len(_models) >= settings.model_cache_size:
+            _models.popitem(last=False)
+        _models[name] = FoundationModel.load(checkpoint, device=settings.device)
+    _models.move_to_end(name)
+    return _models[name]
+
+
+class Job:
+    """One job's record and controls as a stage sees them."""
+
+    def __init__(self, job_id: str, *, settings: Settings | None = None) -> None:
+        self.id = job_id
+        self.store = store()
+        self.settings = settings or get_settings()
+        self.record = self.store.get_job(job_id)
+        self._last_check = 0.0
+        self._last_progress = 0.0
+
+    @property
+    def target(self) -> tuple[str, str]:
+        return self.record["target"]["model"], self.record["target"]["version"]
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return dict(self.record["request"])
+
+    def update(self, **fields: Any) -> None:
+        self.store.update_job(self.id, **fields)
+        self.record.update(fields)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_check < 0.25:
+            return False
+        self._last_check = now
+        return self.store.cancel_requested(self.id)
+
+    def check_cancel(self) -> None:
+        if self.store.cancel_requested(self.id):
+            raise Cancelled(f"job {self.id} cancelled")
+
+    def progress(self, start: float, span: float) -> Callable[[dict[str, float]], None]:
+        """An on_progress callback mapping a stage's 0..1 onto [start, start + span]."""
+
+        def report(info: dict[str, float]) -> None:
+            now = time.monotonic()
+            if now - self._last_progress < 0.5:
+                return
+            self._last_progress = now
+            fraction = start + span * float(info.get("fraction", 0.0))
+            self.update(fraction=round(fraction, 4), loss=info.get("loss"), epoch=info.get("epoch"))
+
+        return report
+
+
+def run_guarded(job_id: str, stage: Callable[[Job], Any], *, lease: str | None = None) -> Any:
+    """Run a stage, under its ``lease`` when named (see workers.lease); turn cancellation and
+    bad input into a terminal job state."""
+    try:
+        job = Job(job_id)
+    except NotFoundError:
+        return None  # the job record was removed; nothing to do
+    if job.record["state"] in TERMINAL:
+        return None
+    try:
+        job.check_cancel()
+        if job.record["state"] != RUNNING:
+            job.update(state=RUNNING, started_at=time.time())
+        if lease is None:
+            return stage(job)
+        with held(job.store, job.id, lease, ttl_s=job.settings.lease_ttl_s):
+            job.record = job.store.get_job(job.id)  # the last holder may have finished the job
+            return None if job.record["state"] in TERMINAL else stage(job)
+    except Cancelled:
+        abandon(job)
+    except (MigrationError, ServiceError) as exc:
+        abandon(job, error=str(exc))
+    except _COME_BACK_LATER:
+        raise  # transient: the task is retried, the job stays as it is
+    except Exception as exc:
+        abandon(job, error=f"internal error: {exc!r}")
+        raise
+    return None
+
+
+def abandon(job: Job, *, error: str | None = None) -> None:
+    """Drop the unsealed target set; the active set is never touched."""
+    model, version = job.target
+    try:
+        meta = job.store.get_meta(model, version)
+        if meta.state != SEALED:
+            job.store.delete_set(model, version)
+    except ServiceError:
+        pass
+    state = CANCELLED if error is None else FAILED
+    job.update(state=state, stage=state, error=error, finished_at=time.time())
