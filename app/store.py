@@ -43,8 +43,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from app import codec
@@ -374,7 +375,8 @@ class Store:
         if self._cluster:
             reply = await self._read_on_cluster(pointer, users)
         else:
-            reply = await self._read_script(keys=[f"{_REG}:active"], args=[*pointer, *users])
+            reply = await self._evalsha(self._read_script, keys=[f"{_REG}:active"],
+                                        args=[*pointer, *users])  # fmt: skip
         code = int(reply[0])
         if code == 0:
             raise NotFoundError("No model is active yet; promote a migration or activate a model.")
@@ -405,6 +407,16 @@ class Store:
         # A missing value is nil on RESP2 and false on RESP3.
         return found, [bytes(value) if value else None for value in reply[3:]]
 
+    async def _evalsha(self, script: AsyncScript, *, keys: list[str], args: list[str]) -> Any:
+        """The script by EVALSHA, straight on the client: redis-py's Script wrapper costs the
+        read path more than the script's own work (bench/README.md, "Serving"). A Redis that lost
+        its script cache (a restart) gets the script again through the wrapper."""
+        assert self.aredis is not None
+        try:
+            return await self.aredis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await script(keys=keys, args=args)
+
     async def _read_on_cluster(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
         """The read script's reply, on Redis Cluster (see _READ_LUA). Before the first read and
         after a failed one the client discovers the nodes once, while other reads wait: redis-py
@@ -433,13 +445,15 @@ class Store:
         """Resolve on the registry's slot unless the version is given, then read on the set's."""
         model, version = pointer
         if not (model and version):
-            resolved = await self._resolve_script(keys=[f"{_REG}:active"], args=pointer)
+            resolved = await self._evalsha(
+                self._resolve_script, keys=[f"{_REG}:active"], args=pointer
+            )
             if int(resolved[0]) != 3:
                 return list(resolved)
             model, version = str(_text(resolved[1])), str(_text(resolved[2]))
         prefix = _set_prefix(model, version)
         keys = [f"{prefix}:meta", *(f"{prefix}:u:{user}" for user in users)]
-        return list(await self._read_set_script(keys=keys, args=[model, version]))
+        return list(await self._evalsha(self._read_set_script, keys=keys, args=[model, version]))
 
     async def aget_prompt(self, model: str, version: str, user: str) -> bytes | None:
         """One plain GET of a user's value, without the read script's pointer and seal checks
