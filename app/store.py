@@ -422,17 +422,20 @@ class Store:
         after a failed one the client discovers the nodes once, while other reads wait: redis-py
         (8.1) would let every concurrent read discover them at once, and those races drop
         connections still in use."""
+        await self._discover_once()
+        try:
+            return await self._read_in_two_steps(pointer, users)
+        except REDIS_DOWN:
+            self._rediscover = True
+            raise
+
+    async def _discover_once(self) -> None:
         assert self.aredis is not None
         if self._rediscover:
             async with self._discovery:
                 if self._rediscover:
                     await self.aredis.initialize()
                     self._rediscover = False
-        try:
-            return await self._read_in_two_steps(pointer, users)
-        except REDIS_DOWN:
-            self._rediscover = True
-            raise
 
     async def _read_in_two_steps(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
         reply = await self._resolve_then_read(pointer, users)
@@ -460,7 +463,14 @@ class Store:
         (what a direct reader that pinned a sealed version may use)."""
         if self.aredis is None:
             raise RuntimeError("Store was built without an asyncio client")
-        return _bytes(await self.aredis.get(f"{_set_prefix(model, version)}:u:{user}"))
+        if not self._cluster:
+            return _bytes(await self.aredis.get(f"{_set_prefix(model, version)}:u:{user}"))
+        await self._discover_once()  # as _read_on_cluster does, for the same race
+        try:
+            return _bytes(await self.aredis.get(f"{_set_prefix(model, version)}:u:{user}"))
+        except REDIS_DOWN:
+            self._rediscover = True
+            raise
 
     async def _aget_meta(self, model: str, version: str) -> SetMeta:
         assert self.aredis is not None

@@ -14,7 +14,7 @@ from app.client import NotFound
 from app.client.direct import ACL_RULES, DirectReader
 from app.store import Store
 from tests.app.sets import model_set
-from tests.conftest import RedisServer
+from tests.conftest import RedisClusterServer, RedisServer
 
 
 @pytest.fixture
@@ -45,6 +45,32 @@ def test_direct_reads_match_the_api_with_read_only_rights(
             assert direct.store.aredis is not None
             with pytest.raises(NoPermissionError):
                 await direct.store.aredis.set("pm:{tiny-gemma:1}:u:u1", b"x")
+        finally:
+            await direct.aclose()
+
+    asyncio.run(read())
+
+
+def test_concurrent_first_reads_on_a_redis_cluster(
+    redis_cluster: RedisClusterServer, cluster_client: TestClient
+) -> None:
+    store: Store = cluster_client.app.state.store  # type: ignore[attr-defined]
+    version, prompts = model_set(store, seed=3)
+    expected = {u: p.astype("<f4").tobytes() for u, p in prompts.items()}
+
+    async def read() -> None:
+        # A fresh client's first commands, all at once: each would discover the nodes.
+        direct = DirectReader(redis_cluster.url(), cluster=True)
+        try:
+            users = sorted(expected) * 8
+            plain = await asyncio.gather(
+                *(direct.get(u, model="tiny-gemma", version=version) for u in users)
+            )
+            assert plain == [expected[u] for u in users]
+            atomic = await asyncio.gather(
+                *(direct.read_raw([u], model="tiny-gemma") for u in users)
+            )
+            assert [values[0] for _, _, values in atomic] == [expected[u] for u in users]
         finally:
             await direct.aclose()
 
