@@ -427,9 +427,10 @@ def print_table(result: dict[str, Any]) -> None:
               f"{lat['p99']:>8.2f}{lat['p999']:>8.2f}{m['errors']:>5}{cpus:>22}")  # fmt: skip
     print("ratios:", json.dumps(result["ratios"], indent=1))
     for row in result["memory_per_prompt"]:
+        buckets = row["slot_bucket_users"]
+        candidate = f"; in buckets of {buckets}: {row['slot_buckets_overhead']}x" if buckets else ""
         print(f"memory: d={row['width']} {row['dtype']}: {row['memory_usage_bytes']:.0f} B per "
-              f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x); in buckets "
-              f"of {row['slot_bucket_users']}: {row['slot_buckets_overhead']}x")  # fmt: skip
+              f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x){candidate}")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
