@@ -52,7 +52,8 @@ from redis.cluster import RedisCluster
 
 from app import codec
 from app.local_redis import LocalRedis, LocalRedisCluster, free_port
-from app.store import SetMeta, Store, _set_prefix, connect_redis
+from app.store import SetMeta, Store, connect_redis
+from app.store.keys import value_key_prefix
 from bench import direct_read, loadgen
 from bench.loadgen import Load, user_id
 
@@ -127,11 +128,6 @@ def seed_prompts(
         # Not made the default model: a --redis-url run must not change what other readers get.
         store.activate(model, version, make_default=False)
     return version, len(items[0][1])
-
-
-def value_key_prefix(model: str, version: str) -> str:
-    # The key layout lives in app.store; run() checks a key built from it holds the value.
-    return f"{_set_prefix(model, version)}:u:"
 
 
 class Uvicorn:

@@ -1,0 +1,40 @@
+"""What every part of the store shares: its clients and settings, and how Redis replies decode."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+if TYPE_CHECKING:
+    from app.store.meta import SetFormat
+
+
+class StoreBase:
+    """The state of a :class:`app.store.Store`, which each part of it (a mixin per concept) uses."""
+
+    redis: Redis | RedisCluster
+    write_batch: int
+    _sealed: dict[tuple[str, str], SetFormat]  # sealed sets' formats, which never change
+    aredis: AsyncRedis | AsyncRedisCluster | None
+    _cluster: bool
+    _rediscover: bool
+    _discovery: asyncio.Lock
+    _read_script: AsyncScript
+    _resolve_script: AsyncScript
+    _read_set_script: AsyncScript
+
+
+def as_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def as_text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
