@@ -56,7 +56,7 @@ class Store(RegistryMixin, SetsMixin, ReadsMixin, JobsMixin):
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         self._cluster = isinstance(aredis, AsyncRedisCluster)
         # Discover a Cluster's nodes before the first read and after a failed one (see
-        # ReadsMixin._read_on_cluster).
+        # ReadsMixin._discovered).
         self._rediscover = self._cluster
         self._discovery = asyncio.Lock()
         if aredis is not None:

@@ -3,8 +3,8 @@ one atomic round trip (two on Redis Cluster); the scripts and their reply are in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -14,6 +14,8 @@ from app.store.base import StoreBase, as_bytes, as_text
 from app.store.connect import REDIS_DOWN
 from app.store.keys import ACTIVE, MODELS, SetKeys
 from app.store.meta import SEALED, SetFormat, SetMeta, parse_meta
+
+T = TypeVar("T")
 
 
 class ReadsMixin(StoreBase):
@@ -33,7 +35,7 @@ class ReadsMixin(StoreBase):
             raise RuntimeError("Store was built without an asyncio client")
         pointer = [model or "", version or ""]
         if self._cluster:
-            reply = await self._read_on_cluster(pointer, users)
+            reply = await self._discovered(lambda: self._read_in_two_steps(pointer, users))
         else:
             reply = await self._evalsha(self._read_script, keys=[ACTIVE],
                                         args=[*pointer, *users])  # fmt: skip
@@ -77,25 +79,22 @@ class ReadsMixin(StoreBase):
         except NoScriptError:
             return await script(keys=keys, args=args)
 
-    async def _read_on_cluster(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
-        """The read script's reply, on Redis Cluster (see scripts.py). Before the first read and
-        after a failed one the client discovers the nodes once, while other reads wait: redis-py
-        (8.1) would let every concurrent read discover them at once, and those races drop
-        connections still in use."""
-        await self._discover_once()
-        try:
-            return await self._read_in_two_steps(pointer, users)
-        except REDIS_DOWN:
-            self._rediscover = True
-            raise
-
-    async def _discover_once(self) -> None:
+    async def _discovered(self, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()`` on Redis Cluster (see scripts.py). Before the first read and after a failed
+        one the client discovers the nodes once, while other reads wait: redis-py (8.1) would let
+        every concurrent read discover them at once, and those races drop connections still in
+        use."""
         assert self.aredis is not None
         if self._rediscover:
             async with self._discovery:
                 if self._rediscover:
                     await self.aredis.initialize()
                     self._rediscover = False
+        try:
+            return await read()
+        except REDIS_DOWN:
+            self._rediscover = True
+            raise
 
     async def _read_in_two_steps(self, pointer: list[str], users: Sequence[str]) -> list[Any]:
         reply = await self._resolve_then_read(pointer, users)
@@ -122,16 +121,13 @@ class ReadsMixin(StoreBase):
     async def aget_prompt(self, model: str, version: str, user: str) -> bytes | None:
         """One plain GET of a user's value, without the read script's pointer and seal checks
         (what a direct reader that pinned a sealed version may use)."""
-        if self.aredis is None:
+        aredis = self.aredis
+        if aredis is None:
             raise RuntimeError("Store was built without an asyncio client")
-        if not self._cluster:
-            return as_bytes(await self.aredis.get(SetKeys(model, version).value(user)))
-        await self._discover_once()  # as _read_on_cluster does, for the same race
-        try:
-            return as_bytes(await self.aredis.get(SetKeys(model, version).value(user)))
-        except REDIS_DOWN:
-            self._rediscover = True
-            raise
+        key = SetKeys(model, version).value(user)
+        if self._cluster:
+            return as_bytes(await self._discovered(lambda: aredis.get(key)))
+        return as_bytes(await aredis.get(key))
 
     async def _aget_meta(self, model: str, version: str) -> SetMeta:
         assert self.aredis is not None
