@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Response
@@ -29,6 +30,16 @@ def matches(if_none_match: str | None, etag: str) -> bool:
     return etag in tags or "*" in tags
 
 
+def immutable(
+    if_none_match: str | None, etag: str, respond: Callable[[dict[str, str]], Response]
+) -> Response:
+    """A 304 when the client holds ``etag``, else ``respond(headers)``; cacheable for good."""
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    if matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return respond(headers)
+
+
 @router.get(
     "/{name}/versions/{version}/bundle",
     responses={200: {"description": "The contract; see the README"}, 304: {}, 404: {}, 409: {}},
@@ -43,10 +54,7 @@ def get_bundle(
     """How to turn this set's prompts into the service's predictions: checkpoint, template,
     label tokens, the prompt's space and scale, the head and how to apply it, lineage, metrics."""
     bundle = published(store, name, version)
-    headers = {"ETag": bundle.etag, "Cache-Control": IMMUTABLE}
-    if matches(if_none_match, bundle.etag):
-        return Response(status_code=304, headers=headers)
-    return JSONResponse(bundle.doc, headers=headers)
+    return immutable(if_none_match, bundle.etag, lambda h: JSONResponse(bundle.doc, headers=h))
 
 
 @router.get(
@@ -63,7 +71,8 @@ def get_head(
     """The task head's weights as safetensors (the bundle's ``head.steps`` say how to apply
     them)."""
     bundle = published(store, name, version)
-    headers = {"ETag": bundle.head_etag, "Cache-Control": IMMUTABLE}
-    if matches(if_none_match, bundle.head_etag):
-        return Response(status_code=304, headers=headers)
-    return Response(bundle.head, media_type="application/octet-stream", headers=headers)
+    return immutable(
+        if_none_match,
+        bundle.head_etag,
+        lambda h: Response(bundle.head, media_type="application/octet-stream", headers=h),
+    )
