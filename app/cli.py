@@ -143,6 +143,13 @@ def finish(record: dict[str, Any]) -> None:
         raise typer.Exit(1)
 
 
+def started(context: typer.Context, record: dict[str, Any], *, follow: bool) -> None:
+    """Says which job started and, with ``follow``, watches it to its end."""
+    typer.echo(f"job {record['id']} {record['state']}")
+    if follow:
+        finish(watch_job(client(context), record["id"]))
+
+
 @cli.command()
 def watch(context: typer.Context, job_id: str) -> None:
     """Follow a job with a progress bar until it ends, then print its metrics."""
@@ -162,10 +169,7 @@ def train(
     """Train MODEL's first prompt set from a dataset."""
     body = {"dataset": dataset, "task": task, "epochs": epochs}
     body |= {"max_users": max_users} if max_users else {}
-    record = client(context).train(model, body)
-    typer.echo(f"job {record['id']} queued")
-    if not no_watch:
-        finish(watch_job(client(context), record["id"]))
+    started(context, client(context).train(model, body), follow=not no_watch)
 
 
 @cli.command()
@@ -193,9 +197,7 @@ def migrate(
     if max_users is not None:
         body["max_users"] = max_users
     record = client(context).migrate(body, idempotency_key=idempotency_key)
-    typer.echo(f"job {record['id']} {record['state']}")
-    if not no_watch:
-        finish(watch_job(client(context), record["id"]))
+    started(context, record, follow=not no_watch)
 
 
 @cli.command()
