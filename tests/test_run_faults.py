@@ -29,11 +29,11 @@ from app.store import SEALED, Store
 from tests.conftest import ADMIN, READER, ROOT, wait_for
 from tests.workers.helpers import (
     DATASET,
-    FAST_ADAPTER,
     SOURCE,
     TARGET,
     assert_exact_set,
     expected_prompts,
+    migration_body,
 )
 
 # Short enough that a killed worker's task comes back within seconds; the slow-downs hold the
@@ -149,15 +149,7 @@ def ready_after(http: httpx.Client, since: float) -> float:
 
 
 def start_migration(http: httpx.Client) -> str:
-    body = {
-        "sources": [{"model": SOURCE}],
-        "target": TARGET,
-        "dataset": DATASET,
-        "selection": {"strategy": "puma", "budget": 8},
-        "adapter": FAST_ADAPTER,
-        "quality_gate": {"tolerance": 100.0},
-    }
-    response = http.post("/migrations", json=body, headers=admin())
+    response = http.post("/migrations", json=migration_body(), headers=admin())
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
 

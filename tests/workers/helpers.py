@@ -61,8 +61,9 @@ def train_source(client: TestClient, *, model: str = SOURCE, epochs: int = 2) ->
     return done
 
 
-def migrate(client: TestClient, **overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
+def migration_body() -> dict[str, Any]:
+    """A SOURCE -> TARGET migration of the tiny models that trains fast and always promotes."""
+    return {
         "sources": [{"model": SOURCE}],
         "target": TARGET,
         "dataset": DATASET,
@@ -70,8 +71,11 @@ def migrate(client: TestClient, **overrides: Any) -> dict[str, Any]:
         "adapter": FAST_ADAPTER,
         "quality_gate": {"tolerance": 100.0},
     }
+
+
+def migrate(client: TestClient, **overrides: Any) -> dict[str, Any]:
     headers = admin() | overrides.pop("headers", {})
-    response = client.post("/migrations", json=body | overrides, headers=headers)
+    response = client.post("/migrations", json=migration_body() | overrides, headers=headers)
     assert response.status_code in (200, 201), response.text
     return dict(response.json())
 
