@@ -40,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -188,6 +189,10 @@ def summary(load: Load, *, items_per_request: int, cpu: dict[str, float | None])
     }
 
 
+def _spent(first: float | None, last: float | None) -> float | None:
+    return None if first is None or last is None else round(last - first, 2)
+
+
 class Bench:
     """The phases of one run against one seeded Redis."""
 
@@ -197,14 +202,13 @@ class Bench:
         self.redis_pids = redis_pids
         self.measurements: dict[str, dict[str, Any]] = {}
 
-    def _timed(self, name: str, run: Any, *, items: int, api_pids: list[int]) -> None:
+    def _timed(
+        self, name: str, run: Callable[[], Load], *, items: int, api_pids: list[int]
+    ) -> None:
         before = {"api": cpu_seconds(api_pids), "redis": cpu_seconds(self.redis_pids)}
-        load: Load = run()
+        load = run()
         after = {"api": cpu_seconds(api_pids), "redis": cpu_seconds(self.redis_pids)}
-        cpu = {
-            k: None if after[k] is None or before[k] is None else round(after[k] - before[k], 2)  # type: ignore[operator]
-            for k in after
-        }
+        cpu = {k: _spent(before[k], after[k]) for k in after}
         self.measurements[name] = summary(load, items_per_request=items, cpu=cpu)
         m = self.measurements[name]
         print(f"  {name}: {m['requests_per_s']:.0f} req/s, {m['items_per_s']:.0f} prompts/s, "
@@ -231,8 +235,7 @@ class Bench:
             # The warm-up run also sizes the timed one to about --seconds.
             warm = gets(pipeline, 2000 * pipeline)
             requests = max(1000, int(warm.requests_per_s * a.seconds)) * pipeline
-            self._timed(name, lambda p=pipeline, r=requests: gets(p, r), items=pipeline,
-                        api_pids=[])  # fmt: skip
+            self._timed(name, partial(gets, pipeline, requests), items=pipeline, api_pids=[])
 
     def direct(self, *, version: str, value_bytes: int) -> None:
         """The client library's plain GET and its atomic read, straight from Redis."""
@@ -243,7 +246,7 @@ class Bench:
                 users=a.users, value_bytes=value_bytes, concurrency=a.concurrency,
                 seconds=a.seconds, warmup_s=a.warmup,
             )  # fmt: skip
-            self._timed(name, lambda r=run: asyncio.run(r), items=1, api_pids=[])
+            self._timed(name, partial(asyncio.run, run), items=1, api_pids=[])
 
     def http(self, name: str, server: Uvicorn, *, mode: str, token: str, model: str) -> None:
         a = self.args
