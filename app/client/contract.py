@@ -16,8 +16,7 @@ from safetensors.torch import load as load_tensors
 from torch.nn import functional as F
 
 from app.client.errors import ContractError
-
-_NUMPY = {"float32": "<f4", "float16": "<f2"}
+from app.codec import DTYPES
 
 
 @dataclass(frozen=True)
@@ -85,9 +84,9 @@ class Bundle:
 
     def decode(self, raw: bytes) -> np.ndarray:
         """Stored bytes -> ``[l, d]`` float32."""
-        if self.dtype not in _NUMPY:
+        if self.dtype not in DTYPES:
             raise ContractError(f"Unknown prompt dtype {self.dtype!r}: upgrade the client.")
-        values = np.frombuffer(raw, dtype=_NUMPY[self.dtype])
+        values = np.frombuffer(raw, dtype=DTYPES[self.dtype])
         if values.size != self.shape[0] * self.shape[1]:
             raise ContractError(
                 f"A prompt of {values.size} values does not fit {self.model} version "

@@ -18,8 +18,7 @@ import numpy as np
 
 from app.client.contract import Bundle, Prompt
 from app.client.errors import ClientError, ContractError, from_response
-
-_NUMPY = {"float32": "<f4", "float16": "<f2"}
+from app.codec import decode
 
 
 class Response(Protocol):
@@ -92,21 +91,20 @@ def _prompt_from(user: str, response: Response) -> Prompt:
     headers = response.headers
     dtype = headers["X-Prompt-Dtype"]
     shape = tuple(int(n) for n in headers["X-Prompt-Shape"].split(","))
-    values = np.frombuffer(response.content, dtype=_NUMPY[dtype]).reshape(shape)
     return Prompt(
         user=user,
         model=headers["X-Prompt-Model"],
         version=headers["X-Prompt-Version"],
-        values=values.astype(np.float32),
+        values=decode(response.content, dtype=dtype, shape=shape),
         digest=headers.get("X-Prompt-Digest", ""),
         etag=headers.get("ETag", ""),
     )
 
 
 def _batch_from(body: dict[str, Any]) -> Batch:
-    dtype, shape = _NUMPY[body["dtype"]], tuple(body["shape"])
+    dtype, shape = body["dtype"], tuple(body["shape"])
     prompts = {
-        user: np.frombuffer(base64.b64decode(text), dtype=dtype).reshape(shape).astype(np.float32)
+        user: decode(base64.b64decode(text), dtype=dtype, shape=shape)
         for user, text in body["prompts"].items()
     }
     return Batch(str(body["model"]), str(body["version"]), prompts, list(body["missing"]))
