@@ -119,12 +119,7 @@ def seed_prompts(
     values = rng.standard_normal((users, 1, width)) * 0.04
     items = [(user_id(i), codec.encode(values[i], dtype)) for i in range(users)]
     meta = SetMeta(model=model, version=version, task="rating", shape=[1, width], dtype=dtype)
-    store.begin_set(meta)
-    store.put_head(model, version, b"")
-    store.write_prompts(model, version, items)
-    store.seal_set(
-        model, version, expected_count=len(items), expected_digest=codec.set_digest(items)
-    )
+    store.write_complete_set(meta, head=b"", batches=[items])
     if activate:
         # Not made the default model: a --redis-url run must not change what other readers get.
         store.activate(model, version, make_default=False)
