@@ -160,7 +160,8 @@ def promote(store: Store, job_id: str, *, force: bool) -> dict[str, Any]:
             f"Job {job_id} is {job['state']!r}; only a finished migration can be promoted."
         )
     target = job["target"]
-    store.activate(target["model"], target["version"])
+    sources = [s["model"] for s in job["sources"]]
+    store.promote(target["model"], target["version"], sources=sources)
     store.update_job(job_id, state=PROMOTED, stage="promoted")
     return store.get_job(job_id)
 

@@ -41,12 +41,19 @@ class ModelOut(BaseModel):
 
 class Activate(Strict):
     version: str = Field(min_length=1, max_length=32)
+    default: bool = Field(
+        default=False,
+        description="Also serve this model to readers who name none (`?model=` omitted). "
+        "Without it they keep their model: rolling back one model never switches another's "
+        "readers.",
+    )
 
 
 class ActivateOut(BaseModel):
     model: str
     version: str
     previous_version: str | None
+    default_model: str | None  # the model readers who name none get now
 
 
 class TrainRequest(Strict):
@@ -179,6 +186,8 @@ class Job(BaseModel):
     recipe: dict[str, Any] = {}
     gate: dict[str, Any] = {}
     error: str | None = None
+    # Why a passed set was not promoted automatically (a newer set of the model is served).
+    promotion_refused: str | None = None
     cancel_requested: bool = False
     created_at: float
     updated_at: float

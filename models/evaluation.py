@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from models.data import Interaction
+from models.errors import DataError
 from models.foundation import FoundationModel
 from models.loop import Examples, PromptTable, head_predictions, index_users, label_logits
 from models.prompts import PromptSet
@@ -70,6 +71,22 @@ def evaluate(
     without_prompt = set(interactions) - set(prompt_set.user_ids)
     metrics = metrics_of(task, predict_set(model, task, prompt_set, interactions))
     return metrics | {"n_users_without_prompt": float(len(without_prompt))}
+
+
+def baseline_metrics(
+    task: Task, *, train: dict[str, list[Interaction]], test: dict[str, list[Interaction]]
+) -> dict[str, float | None]:
+    """The task metrics of no personalisation: every test interaction predicted as the training
+    data's global mean (the mean rating, or the base rate for ``binary``). A prompt set that
+    does worse than this is worse than serving no prompt at all."""
+    labels = [i.label for interactions in train.values() for i in interactions]
+    if not labels:
+        raise DataError("No training interactions: the non-personalised baseline needs some.")
+    scored = [(i.user_id, i.label) for interactions in test.values() for i in interactions]
+    user_ids = [user for user, _ in scored]
+    targets = np.asarray([label for _, label in scored], dtype=np.float64)
+    constant = np.full(len(targets), float(np.mean(labels)))
+    return metrics_of(task, Predictions(user_ids, targets, constant))
 
 
 def paired_bootstrap_rmse_diff(

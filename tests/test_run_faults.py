@@ -30,6 +30,7 @@ from tests.conftest import ADMIN, READER, ROOT, wait_for
 from tests.workers.helpers import (
     DATASET,
     SOURCE,
+    SOURCE_EPOCHS,
     TARGET,
     assert_exact_set,
     expected_prompts,
@@ -200,7 +201,7 @@ def source(service: Supervised) -> None:
         for name in (SOURCE, TARGET):
             response = http.post("/models", json={"name": name}, headers=admin())
             assert response.status_code in (200, 201), response.text
-        body = {"dataset": DATASET, "task": "rating", "epochs": 2}
+        body = {"dataset": DATASET, "task": "rating", "epochs": SOURCE_EPOCHS}
         response = http.post(f"/models/{SOURCE}/train", json=body, headers=admin())
         assert response.status_code == 201, response.text
         wait_state(http, response.json()["id"])

@@ -6,13 +6,14 @@ import time
 from typing import Any
 
 from app import codec
+from app.errors import ConflictError
 from app.jobs import (
     AWAITING,
     GATE_FAILED,
     PROMOTED,
 )
 from app.store import SEALED
-from models.evaluation import evaluate
+from models.evaluation import baseline_metrics, evaluate
 from models.tasks import Task
 from workers.context import Job, load_model
 from workers.mapping import map_late_users, map_missing_chunks, planned_chunks
@@ -45,14 +46,23 @@ def finalize(job: Job) -> None:
             continue
         source_set = load_set(s["model"], s["version"], users=test_users, skip_missing=True)
         source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, splits.test)
+    # Scored on the same test users as the sets: what serving no prompt at all would give.
+    test = {u: splits.test[u] for u in test_users}
+    no_prompt = baseline_metrics(task, train=splits.train, test=test)
     job.check_cancel()
     gate = quality_gate(
         task=task,
         migrated=migrated_metrics,
         sources=source_metrics,
+        baseline=no_prompt,
         tolerance=gate_tolerance(job),
     )
-    metrics = {"migrated": migrated_metrics, "sources": source_metrics, "task": task.name}
+    metrics = {
+        "migrated": migrated_metrics,
+        "sources": source_metrics,
+        "baseline": no_prompt,
+        "task": task.name,
+    }
     # Last before sealing, so the window in which a new user can still be missed stays short;
     # a re-run after sealing must not write into the sealed set.
     if job.store.get_meta(model, version).state != SEALED:
@@ -70,8 +80,7 @@ def finalize(job: Job) -> None:
     )
     state = GATE_FAILED if not gate["passed"] else AWAITING
     if gate["passed"] and job.request.get("auto_promote", True):
-        job.store.activate(model, version)
-        state = PROMOTED
+        state = auto_promote(job, model=model, version=version)
     job.store.purge_retired(grace_s=job.settings.version_grace_s)
     cost = dict(job.record.get("cost") or {})
     cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
@@ -90,6 +99,16 @@ def finalize(job: Job) -> None:
     )
 
 
+def auto_promote(job: Job, *, model: str, version: str) -> str:
+    """PROMOTED, or AWAITING with the reason when a newer set of the model is served already."""
+    try:
+        job.store.promote(model, version, sources=[s["model"] for s in job.record["sources"]])
+    except ConflictError as refused:
+        job.update(promotion_refused=refused.detail)
+        return AWAITING
+    return PROMOTED
+
+
 def cached_source_metrics(
     job: Job, source: dict[str, str], test_users: list[str]
 ) -> dict[str, Any] | None:
@@ -104,24 +123,44 @@ def cached_source_metrics(
 
 
 def quality_gate(
-    *, task: Task, migrated: dict[str, Any], sources: dict[str, dict[str, Any]], tolerance: float
+    *,
+    task: Task,
+    migrated: dict[str, Any],
+    sources: dict[str, dict[str, Any]],
+    baseline: dict[str, Any],
+    tolerance: float,
 ) -> dict[str, Any]:
-    """The migrated set may be worse than the best source by at most ``tolerance``."""
+    """Passes when the migrated set is at most ``tolerance`` worse than the best source and no
+    worse than no personalisation (``baseline``), whatever the tolerance. Fails closed: a metric
+    that cannot be computed fails it (an operator may still promote with ``force``)."""
     metric = task.primary_metric
-    values = [v[metric] for v in sources.values() if v.get(metric) is not None]
     value = migrated.get(metric)
-    if value is None or not values:
-        return {"passed": True, "metric": metric, "reason": "metric not computable; not gated"}
-    best = min(values) if task.lower_is_better else max(values)
-    worse_by = (value - best) if task.lower_is_better else (best - value)
-    return {
-        "passed": bool(worse_by <= tolerance),
-        "metric": metric,
-        "migrated": value,
-        "best_source": best,
-        "worse_by": worse_by,
-        "tolerance": tolerance,
-    }
+    source_values = [v[metric] for v in sources.values() if v.get(metric) is not None]
+    best = (min if task.lower_is_better else max)(source_values) if source_values else None
+    floor = baseline.get(metric)
+    gate = {"metric": metric, "migrated": value, "best_source": best, "baseline": floor,
+            "tolerance": tolerance}  # fmt: skip
+    if value is None or best is None or floor is None:
+        missing = [name for name, v in (("migrated", value), ("best_source", best),
+                                        ("baseline", floor)) if v is None]  # fmt: skip
+        return gate | {"passed": False, "reason": (
+            f"{metric} could not be computed for {', '.join(missing)} (too few test "
+            "interactions, or one class only); the gate fails closed. Check the set and promote "
+            "with ?force=true if you accept it.")}  # fmt: skip
+    sign = 1.0 if task.lower_is_better else -1.0
+    worse_by = sign * (value - best)
+    gate["worse_by"] = worse_by
+    if sign * (value - floor) > 0:
+        return gate | {"passed": False, "reason": (
+            f"{metric} {value:.4f} is worse than no personalisation ({floor:.4f}, every "
+            "interaction predicted as the training data's global mean): serving this set "
+            "would hurt users whatever the tolerance.")}  # fmt: skip
+    if worse_by > tolerance:
+        return gate | {"passed": False, "reason": (
+            f"{metric} {value:.4f} is worse than the best source ({best:.4f}) by "
+            f"{worse_by:.4f}, more than the tolerance {tolerance}.")}  # fmt: skip
+    return gate | {"passed": True, "reason": "within the tolerance of the best source and "
+                   "better than no personalisation"}  # fmt: skip
 
 
 def gate_tolerance(job: Job) -> float:

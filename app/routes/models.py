@@ -71,8 +71,13 @@ def list_models(store: StoreDep, _: ReaderDep) -> list[ModelOut]:
 @router.post("/{name}/activate", response_model=ActivateOut)
 def activate_version(name: str, body: Activate, store: StoreDep, _: AdminDep) -> ActivateOut:
     store.get_model(name)
-    previous = store.activate(name, body.version)
-    return ActivateOut(model=name, version=body.version, previous_version=previous)
+    activation = store.activate(name, body.version, make_default=body.default)
+    return ActivateOut(
+        model=name,
+        version=body.version,
+        previous_version=activation.previous,
+        default_model=activation.default_model,
+    )
 
 
 @router.post("/{name}/train", response_model=Job, status_code=status.HTTP_201_CREATED)

@@ -26,7 +26,7 @@ from app.store.jobs import JobsMixin
 from app.store.keys import MODEL_NAME_PATTERN, USER_ID_PATTERN, validate_user_id
 from app.store.meta import SEALED, WRITING, SetFormat, SetMeta
 from app.store.reads import ReadsMixin
-from app.store.registry import RegistryMixin
+from app.store.registry import Activation, RegistryMixin
 from app.store.scripts import READ_LUA, READ_SET_LUA, RESOLVE_LUA
 from app.store.sets import SetsMixin
 
@@ -36,6 +36,7 @@ __all__ = [
     "SEALED",
     "USER_ID_PATTERN",
     "WRITING",
+    "Activation",
     "SetFormat",
     "SetMeta",
     "Store",

@@ -4,12 +4,53 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.errors import ConflictError, NotFoundError
 from app.store import keys
 from app.store.base import StoreBase, as_text
 from app.store.meta import SEALED, SetMeta
+
+# KEYS: the active pointers, the retired versions. ARGV: model, version, now, what happens to the
+# default model ("keep": unchanged unless there is none; "set": this model; "follow": this model
+# if the default is one of the sources in ARGV[6..]), then 1 when a newer active version wins.
+# Versions are allocated in increasing numbers (SEQ), so "newer" compares them as numbers.
+# Reply: {refused, previous version or "", default model after}.
+_SWITCH_LUA = f"""
+local model, version = ARGV[1], ARGV[2]
+local previous = redis.call('HGET', KEYS[1], model) or ''
+if ARGV[5] == '1' and tonumber(previous) and tonumber(version)
+   and tonumber(previous) > tonumber(version) then
+  return {{1, previous, redis.call('HGET', KEYS[1], '{keys.DEFAULT_MODEL}') or ''}}
+end
+local default = redis.call('HGET', KEYS[1], '{keys.DEFAULT_MODEL}')
+local move = (not default) or ARGV[4] == 'set'
+if ARGV[4] == 'follow' then
+  for i = 6, #ARGV do
+    if ARGV[i] == default then move = true end
+  end
+end
+redis.call('HSET', KEYS[1], model, version)
+if move then
+  redis.call('HSET', KEYS[1], '{keys.DEFAULT_MODEL}', model)
+  default = model
+end
+if previous ~= '' and previous ~= version then
+  redis.call('ZADD', KEYS[2], ARGV[3], model .. '/' .. previous)
+end
+redis.call('ZREM', KEYS[2], model .. '/' .. version)
+return {{0, previous, default}}
+"""
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What an activation or promotion switched."""
+
+    previous: str | None  # the version served before, if any
+    default_model: str | None  # the model readers who name none get now
 
 
 class RegistryMixin(StoreBase):
@@ -56,23 +97,49 @@ class RegistryMixin(StoreBase):
             )
         return model, pointers[model]
 
-    def activate(self, model: str, version: str, *, make_default: bool = True) -> str | None:
-        """Switch the model's active set in one atomic write; returns the previous version."""
-        meta = self.get_meta(model, version)
-        if meta.state != SEALED:
+    def activate(self, model: str, version: str, *, make_default: bool = False) -> Activation:
+        """Serve ``version`` of ``model`` from now on (an operator's act, or a rollback), in one
+        atomic write. Readers who name no model keep their model unless ``make_default`` (or no
+        model is the default yet)."""
+        self._require_sealed(model, version)
+        return self._switch(model, version, default="set" if make_default else "keep")
+
+    def promote(self, model: str, version: str, *, sources: Collection[str]) -> Activation:
+        """Activate a migration's set unless a newer version of ``model`` is active already (a
+        late or older job never rolls back a newer promotion), checked and switched atomically.
+        Readers of the default model move with it when the default was one of its ``sources``:
+        promoting a migration onto the serving model is what upgrades them."""
+        self._require_sealed(model, version)
+        return self._switch(model, version, default="follow", sources=sources, newest_wins=True)
+
+    def _require_sealed(self, model: str, version: str) -> None:
+        if self.get_meta(model, version).state != SEALED:
             raise ConflictError(
                 f"{model} version {version} is still being written; only sealed sets can be "
                 "activated. Wait for its job to finish."
             )
-        previous = self.active_pointers().get(model)
-        mapping: dict[Any, Any] = {model: version}
-        if make_default:
-            mapping[keys.DEFAULT_MODEL] = model
-        self.redis.hset(keys.ACTIVE, mapping=mapping)
-        if previous and previous != version:
-            self.redis.zadd(keys.RETIRED, {f"{model}/{previous}": time.time()})
-        self.redis.zrem(keys.RETIRED, f"{model}/{version}")
-        return previous
+
+    def _switch(
+        self,
+        model: str,
+        version: str,
+        *,
+        default: Literal["keep", "set", "follow"],
+        sources: Collection[str] = (),
+        newest_wins: bool = False,
+    ) -> Activation:
+        script = self.redis.register_script(_SWITCH_LUA)
+        args: list[str | float] = [model, version, time.time(), default, int(newest_wins)]
+        args += sources
+        refused, previous, default_model = script(keys=[keys.ACTIVE, keys.RETIRED], args=args)
+        previous_version = as_text(previous) or None
+        if refused:
+            raise ConflictError(
+                f"{model} version {previous_version} is active and newer than version {version}; "
+                f"promoting this job's set would roll it back. To serve version {version} anyway, "
+                f"activate it explicitly: POST /models/{model}/activate."
+            )
+        return Activation(previous=previous_version, default_model=as_text(default_model) or None)
 
     def purge_retired(self, *, grace_s: float) -> list[str]:
         """Delete versions retired more than ``grace_s`` ago and not active again since."""

@@ -25,7 +25,12 @@ def test_activate_rolls_back_in_one_step(client: TestClient, store: Store) -> No
     new, new_values = seed_set(store, model="m-a", users=["u1"], seed=2)
     assert client.get("/users/u1/prompt", headers=reader()).content == new_values["u1"]
     response = client.post("/models/m-a/activate", json={"version": old}, headers=admin())
-    assert response.json() == {"model": "m-a", "version": old, "previous_version": new}
+    assert response.json() == {
+        "model": "m-a",
+        "version": old,
+        "previous_version": new,
+        "default_model": "m-a",
+    }
     assert client.get("/users/u1/prompt", headers=reader()).content == old_values["u1"]
     listed = client.get("/models", headers=reader()).json()[0]
     assert listed["active_version"] == old and len(listed["versions"]) == 2

@@ -40,6 +40,11 @@ from tests.workers.helpers import (
 )
 from workers.sets import load_set
 
+# A finished migration that was not promoted: a one-epoch adapter on two interactions per user
+# may not beat the quality gate's no-personalisation floor, and the tests that train one check
+# its cost, not its quality.
+FINISHED = ("awaiting_promotion", "gate_failed")
+
 
 @pytest.fixture(scope="module")
 def env(
@@ -69,8 +74,9 @@ def store(env: dict[str, Any]) -> Store:
     return s
 
 
-def _activate(client: TestClient, model: str, version: str) -> None:
-    response = client.post(f"/models/{model}/activate", json={"version": version}, headers=admin())
+def _activate(client: TestClient, model: str, version: str, *, default: bool = False) -> None:
+    body = {"version": version, "default": default}
+    response = client.post(f"/models/{model}/activate", json=body, headers=admin())
     assert response.status_code == 200, response.text
 
 
@@ -108,7 +114,7 @@ def test_full_migration_serves_the_adapter_output(client: TestClient, store: Sto
 
 def test_promotion_and_rollback_switch_in_one_step(client: TestClient, store: Store) -> None:
     source_version = store.resolve(SOURCE)[1]
-    _activate(client, SOURCE, source_version)  # serve the source model by default
+    _activate(client, SOURCE, source_version, default=True)  # serve the source model by default
     done = wait_done(client, migrate(client, auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion"
     new_version = done["target"]["version"]
@@ -141,7 +147,8 @@ def test_promotion_and_rollback_switch_in_one_step(client: TestClient, store: St
         else:
             assert (model, version, content) == (TARGET, new_version, new["u0"])
     assert client.get("/users/u1/prompt", headers=reader()).content == new["u1"]
-    _activate(client, SOURCE, source_version)  # rollback = activate the previous model's set
+    # Rollback: serve the previous model's set to readers who name no model, saying so.
+    _activate(client, SOURCE, source_version, default=True)
     assert client.get("/users/u1/prompt", headers=reader()).content == old["u1"]
 
 
@@ -263,7 +270,7 @@ def test_adapter_trains_on_each_users_latest_interactions_when_capped(
 ) -> None:
     adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2, "distill_weight": 0.0}
     done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
-    assert done["state"] == "awaiting_promotion", done
+    assert done["state"] in FINISHED, done
     assert done["cost"]["users_trained"] == 8
     assert done["recipe"]["adapter"]["max_train_per_user"] == 2
     # The head's warm-up and one epoch, each over at most 2 interactions of 8 users.
@@ -287,7 +294,7 @@ def test_distilling_adapter_pays_one_source_pass_per_training_example(
         adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2,
                    "distill_weight": distill_weight}  # fmt: skip
         done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
-        assert done["state"] == "awaiting_promotion", done
+        assert done["state"] in FINISHED, done
         return int(done["cost"]["example_passes"])
 
     assert passes(0.5) - passes(0.0) == 8 * 2  # the budget's users, 2 interactions each
@@ -389,7 +396,9 @@ def test_a_user_onboarded_during_a_migration_is_in_the_new_set(
     assert store.get_meta(model, version).count == len(expected)
     assert done["cost"]["users_onboarded_during_run"] == 1
     assert done["cost"]["users_mapped"] == len(expected)
-    served = client.get("/users/late-user/prompt", headers=reader())
+    # Readers of this module's default model (the chained test's target) stay on it: ask for
+    # the migration's target by name.
+    served = client.get("/users/late-user/prompt", params={"model": TARGET}, headers=reader())
     assert served.status_code == 200, served.text
-    assert served.headers["X-Prompt-Model"] == TARGET
+    assert served.headers["X-Prompt-Version"] == version
     assert client.delete("/users/late-user", headers=admin()).status_code == 200
