@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings
+from app.readiness import ReadinessProbe
 from app.store import Store
 
 
@@ -48,9 +49,15 @@ async def get_celery(request: Request) -> Celery:
     return celery
 
 
+async def get_readiness(request: Request) -> ReadinessProbe:
+    probe: ReadinessProbe = request.app.state.readiness
+    return probe
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+ReadinessDep = Annotated[ReadinessProbe, Depends(get_readiness)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
 from app.fastpath import PromptFastPath
+from app.readiness import ReadinessProbe
 from app.routes import bundles, datasets, health, migrations, models, prompts, transfer
 from app.schemas import ERROR_RESPONSES
 from app.store import Store, connect_redis, connect_redis_async
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     aredis = connect_redis_async(url, timeout_s=timeout_s, cluster=cluster)
     app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
     app.state.celery = make_celery(settings)
+    app.state.readiness = ReadinessProbe(store=app.state.store, celery=app.state.celery)
     handlers.install(app)
     for module in (migrations, prompts, models, bundles, transfer, datasets):
         app.include_router(module.router, responses=ERROR_RESPONSES)
