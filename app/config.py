@@ -18,7 +18,9 @@ _DEV_PLACEHOLDERS = {"", "changeme", "admin", "read", "dev", "secret", "token"}
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PM_", env_file=None, extra="ignore")
 
-    environment: Literal["development", "test", "production"] = "development"
+    # Production unless said otherwise: a deployment that forgot the variable still refuses weak
+    # or identical tokens. `make run` and the tests say "development" / "test" themselves.
+    environment: Literal["development", "test", "production"] = "production"
     redis_url: str = DEFAULT_REDIS_URL
     # True when PM_REDIS_URL names a node of a Redis Cluster (the store's keys are laid out for
     # one); Celery cannot use a Cluster, so the broker and result backend then need their own.

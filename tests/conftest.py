@@ -27,6 +27,8 @@ from app.local_redis import LocalRedis, LocalRedisCluster
 from app.store import SetMeta, Store
 
 ROOT = Path(__file__).resolve().parents[1]
+# The service defaults to production; the tests, and the processes they start, are a test run.
+os.environ["PM_ENVIRONMENT"] = "test"
 ADMIN = "test-admin-token-0123456789abcdef0123456789"
 READER = "test-read-token-0123456789abcdef01234567890"
 STORE_DB, BROKER_DB = 0, 1

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis
+from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app.local_redis import free_port
+from tests.conftest import wait_for
 
 yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +106,66 @@ def test_the_worker_healthcheck_pings_the_worker_by_its_own_node_name() -> None:
 
     # Celery expands %h to the hostname, which is what the check addresses.
     assert node_name("abc123") == "worker@abc123"
+
+
+ENV = {"PM_STORE_PASSWORD": "store-secret", "PM_BROKER_PASSWORD": "broker-secret",
+       "PM_READER_PASSWORD": "reader-secret", "PM_FLOWER_PASSWORD": "flower-secret"}  # fmt: skip
+
+
+def _interpolate(text: str) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}`` with ``ENV``."""
+
+    def value(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        if name in ENV:
+            return ENV[name]
+        assert op == ":-", f"{name} has no default and must be set"
+        return str(arg)
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", value, text)
+
+
+def test_flower_asks_for_a_password_and_is_not_published_to_the_network() -> None:
+    flower = _compose()["services"]["flower"]
+    assert any(arg.startswith("--basic-auth=") for arg in flower["command"])
+    assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
+
+
+@pytest.fixture
+def store_server(tmp_path: Path) -> Iterator[int]:
+    """The compose file's store Redis, its command line as written, on a free local port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    command = [_interpolate(arg) for arg in _compose()["services"]["store"]["command"]]
+    port = free_port()
+    proc = subprocess.Popen([binary, *command[1:], "--port", str(port), "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        service = Redis(port=port, username="pm-service", password=ENV["PM_STORE_PASSWORD"])
+        wait_for(lambda: _answers(service), timeout=20, what="the store Redis")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _answers(client: Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except RedisConnectionError:
+        return False
+
+
+def test_the_store_has_password_users_and_a_memory_cap(store_server: int) -> None:
+    with pytest.raises(AuthenticationError):
+        Redis(port=store_server).set("pm:x", "1")  # the default user is off
+    service = Redis(port=store_server, username="pm-service", password=ENV["PM_STORE_PASSWORD"])
+    assert service.set("pm:x", "1")
+    assert service.config_get("maxmemory") == {"maxmemory": str(16 * 1024**3)}
+    assert service.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    reader = Redis(port=store_server, username="pm-reader", password=ENV["PM_READER_PASSWORD"])
+    with pytest.raises(NoPermissionError):
+        reader.set("pm:x", "2")
+    with pytest.raises(AuthenticationError):
+        Redis(port=store_server, username="pm-reader", password="wrong").ping()

@@ -61,6 +61,21 @@ def test_api_process_refuses_to_start_in_production_without_tokens() -> None:
     assert "PM_ADMIN_TOKEN" in result.stderr
 
 
+def test_a_deployment_that_names_no_environment_is_production() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PM_")}
+    env |= {"PM_ADMIN_TOKEN": "same-token-" + "x" * 40, "PM_READ_TOKEN": "same-token-" + "x" * 40}
+    result = subprocess.run(
+        [sys.executable, "-c", "import app.main"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "must differ in production" in result.stderr
+
+
 def test_cluster_needs_its_own_broker_and_result_backend() -> None:
     with pytest.raises(ValidationError, match="PM_BROKER_URL and PM_RESULT_BACKEND"):
         Settings(redis_url="redis://node-1:6379", redis_cluster=True)
