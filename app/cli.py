@@ -106,9 +106,16 @@ def bundle(
 
 
 @cli.command()
-def rollback(context: typer.Context, model: str, version: str) -> None:
+def rollback(
+    context: typer.Context,
+    model: str,
+    version: str,
+    default: Annotated[
+        bool, typer.Option("--default", help="Also serve MODEL to readers who name no model.")
+    ] = False,
+) -> None:
     """Serve an earlier sealed version of MODEL again (one atomic switch)."""
-    show(client(context).activate(model, version))
+    show(client(context).activate(model, version, default=default))
 
 
 # ---- jobs --------------------------------------------------------------------------------------

@@ -44,8 +44,10 @@ class OperatorClient(PromptClient):
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self.json("POST", f"/migrations/{job_id}/cancel"))
 
-    def activate(self, model: str, version: str) -> dict[str, Any]:
-        return dict(self.json("POST", f"/models/{model}/activate", json={"version": version}))
+    def activate(self, model: str, version: str, *, default: bool = False) -> dict[str, Any]:
+        """Serve ``version`` of ``model``; with ``default``, also to readers who name no model."""
+        body = {"version": version, "default": default}
+        return dict(self.json("POST", f"/models/{model}/activate", json=body))
 
     def export(
         self, model: str, version: str, dest: Path, *, on_progress: Progress | None = None

@@ -49,6 +49,10 @@ def test_sets_move_out_and_in_and_versions_roll_back(
     version = json.loads(imported[imported.index("{") :])["version"]
     assert store.active_pointers()["tiny-gemma"] == version
     assert json.loads(run_cli("rollback", "tiny-gemma", old))["previous_version"] == version
+    model_set(store, model="tiny-llama", seed=3)
+    assert store.active_pointers()["__default__"] == "tiny-gemma"
+    switched = json.loads(run_cli("rollback", "tiny-llama", "1", "--default"))
+    assert switched["default_model"] == "tiny-llama"
     with pytest.raises(NotFound, match="its versions"):
         run_cli("bundle", "tiny-gemma", "99")
 
