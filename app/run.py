@@ -251,7 +251,17 @@ class Demo:
             print(f"  before ({name}): {_fmt(values)}")
         if metrics.get("migrated"):
             print(f"  after  ({TARGET}): {_fmt(metrics['migrated'])}")
-        print(f"  quality gate: {job.get('gate')}")
+        if metrics.get("baseline"):
+            print(f"  no personalisation (global mean): {_fmt(metrics['baseline'])}")
+        gate = job.get("gate") or {}
+        print(
+            f"  quality gate: {'passed' if gate.get('passed') else 'failed'}: {gate.get('reason')}"
+        )
+        if job["state"] == "gate_failed":
+            print(
+                f"  not promoted; to serve it anyway: curl -X POST -H 'Authorization: Bearer "
+                f"<admin token>' '{self.base}/migrations/{job['id']}/promote?force=true'"
+            )
         print(f"  cost: {job.get('cost')}")
         print(f"  demo took {seconds:.0f} s")
         user = "1"
