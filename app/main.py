@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from app.fastpath import PromptFastPath
 from app.readiness import ReadinessProbe
 from app.routes import bundles, datasets, health, migrations, models, prompts, transfer
 from app.schemas import ERROR_RESPONSES
-from app.store import Store, connect_redis, connect_redis_async
+from app.store import REDIS_DOWN, Store, connect_redis, connect_redis_async
 from workers.celery_app import make_celery
 
 
@@ -23,12 +24,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store: Store = app.state.store
+        # The read functions, for the API and for direct readers (who may not load them); a
+        # Redis that is down now gets them on the API's first read after it is back.
+        with contextlib.suppress(*REDIS_DOWN):
+            await store.aload_functions()
         # Everything built at start-up moves out of the collector's reach: a full collection of
         # it stalls every in-flight read (the read path's p99, bench/README.md).
         gc.collect()
         gc.freeze()
         yield
-        store: Store = app.state.store
         store.redis.close()
         if store.aredis is not None:
             await store.aredis.aclose()

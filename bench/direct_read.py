@@ -1,9 +1,10 @@
 """The client library's direct Redis reads, timed from one asyncio process.
 
-``raw_client_get`` is the client's plain GET of a pinned version's value (no pointer, no seal
-check); ``direct_redis`` is its atomic read, the API's own script by EVALSHA. Same process,
-same concurrency, same users: their ratio is what the pointer, the seal check and the atomicity
-cost a reader that talks to Redis itself. The client is Python, so it is the bound here, as it
+``raw_client_get`` is a plain GET of a pinned version's value on the same asyncio client, as the
+default user (no pointer, no seal check: a reader's ACL does not allow it); ``direct_redis`` is
+the client's atomic read, the API's own read function by FCALL_RO. Same process, same
+concurrency, same users: their ratio is what the pointer, the seal check and the atomicity cost a
+reader that talks to Redis itself. The client is Python, so it is the bound here, as it
 would be in an inference service that reads this way.
 """
 
@@ -17,6 +18,9 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from app.client.direct import DirectReader
+from app.store import connect_redis_async
+from app.store.functions import LIBRARY
+from app.store.keys import SetKeys
 from bench.loadgen import Load, user_id
 
 
@@ -83,11 +87,15 @@ async def read_rate(
     seconds: float,
     warmup_s: float,
 ) -> Load:
-    """The client's atomic read (``atomic``) or its plain GET of random users of the set."""
+    """The client's atomic read (``atomic``) or a plain GET of random users of the set."""
+    raw = connect_redis_async(redis_url, timeout_s=30, cluster=cluster)
+    # What the API does at start-up; this runs before any API has.
+    await raw.function_load(LIBRARY, replace=True)
     reader = DirectReader(redis_url, cluster=cluster, timeout_s=30)
+    values = SetKeys(model, version).values
 
     async def plain(user: str) -> bool:
-        value = await reader.get(user, model=model, version=version)
+        value = await raw.get(values + user)
         return value is not None and len(value) == value_bytes
 
     async def through_script(user: str) -> bool:
@@ -101,3 +109,4 @@ async def read_rate(
         )  # fmt: skip
     finally:
         await reader.aclose()
+        await raw.aclose()

@@ -10,8 +10,8 @@ each for ``--seconds`` at ``--concurrency`` connections, with C load generators:
 
 1. ``raw_redis_get``: ``redis-benchmark`` GETs of the prompt keys (the store's own speed);
 2. ``raw_redis_pipeline``: the same, ``--batch-size`` GETs per pipeline;
-   ``raw_client_get`` and ``direct_redis``: the client library's plain GET and its atomic read
-   (the API's script) from one asyncio process (bench/direct_read.py);
+   ``raw_client_get`` and ``direct_redis``: a plain GET on the client library's asyncio client and
+   its atomic read (the API's read function) from one asyncio process (bench/direct_read.py);
 3. ``minimal_fastapi``: ``wrk`` against bench/minimal_app.py, FastAPI + redis.asyncio returning
    the bytes (the floor any Python API reaches here);
 4. ``api_single``: ``wrk``, ``GET /users/{id}/prompt`` of the real API (raw bytes);
@@ -233,7 +233,7 @@ class Bench:
             self._timed(name, partial(gets, pipeline, requests), items=pipeline, api_pids=[])
 
     def direct(self, *, version: str, value_bytes: int) -> None:
-        """The client library's plain GET and its atomic read, straight from Redis."""
+        """A plain GET on the client library's client and its atomic read, straight from Redis."""
         a = self.args
         for name, atomic in (("raw_client_get", False), ("direct_redis", True)):
             run = direct_read.read_rate(

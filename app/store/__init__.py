@@ -7,14 +7,12 @@ One :class:`Store` holds the clients; its methods come from a module per concept
 - ``meta.py``      a set's metadata (``SetMeta``), its states, and ``SetFormat``
 - ``registry.py``  models, datasets, active pointers, activation and purging retired versions
 - ``sets.py``      prompt sets and versions: begin, write, verify, seal, onboard, erase, delete
-- ``scripts.py``   the Lua read scripts and their reply format
+- ``functions.py`` the read path's Redis functions, their reply format, and how they are called
 - ``reads.py``     the API's asyncio read path that runs them
 - ``jobs.py``      job records, idempotency, chunks, leases and counters
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -22,12 +20,12 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from app.store.connect import REDIS_DOWN, connect_redis, connect_redis_async
+from app.store.functions import ReadFunctions
 from app.store.jobs import JobsMixin
 from app.store.keys import MODEL_NAME_PATTERN, USER_ID_PATTERN, validate_user_id
 from app.store.meta import SEALED, WRITING, SetFormat, SetMeta
 from app.store.reads import ReadsMixin
 from app.store.registry import Activation, RegistryMixin
-from app.store.scripts import READ_LUA, READ_SET_LUA, RESOLVE_LUA
 from app.store.sets import SetsMixin
 
 __all__ = [
@@ -55,12 +53,5 @@ class Store(RegistryMixin, SetsMixin, ReadsMixin, JobsMixin):
         self.write_batch = write_batch
         self._sealed = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
-        self._cluster = isinstance(aredis, AsyncRedisCluster)
-        # Discover a Cluster's nodes before the first read and after a failed one (see
-        # ReadsMixin._discovered).
-        self._rediscover = self._cluster
-        self._discovery = asyncio.Lock()
         if aredis is not None:
-            self._read_script = aredis.register_script(READ_LUA)
-            self._resolve_script = aredis.register_script(RESOLVE_LUA)
-            self._read_set_script = aredis.register_script(READ_SET_LUA)
+            self._reads = ReadFunctions(aredis, reload=self.aload_functions)

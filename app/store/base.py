@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 
 if TYPE_CHECKING:
     from app.store.meta import SetFormat
@@ -22,12 +20,6 @@ class StoreBase:
     write_batch: int
     _sealed: dict[tuple[str, str], SetFormat]  # sealed sets' formats, which never change
     aredis: AsyncRedis | AsyncRedisCluster | None
-    _cluster: bool
-    _rediscover: bool
-    _discovery: asyncio.Lock
-    _read_script: AsyncScript
-    _resolve_script: AsyncScript
-    _read_set_script: AsyncScript
 
 
 def as_bytes(value: Any) -> bytes | None:

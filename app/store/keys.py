@@ -25,7 +25,7 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{workers}:busy:<host>``      string a stage's lease holder on that host, with the lease's TTL
 - ``pm:{jobs}:idem:<key>``          string job id (+ request hash) for Idempotency-Key
 
-The read scripts (``app/store/scripts.py``) build a set's keys in Lua the same way as
+The read functions (``app/store/functions.py``) build a set's keys in Lua the same way as
 :class:`SetKeys`.
 """
 
