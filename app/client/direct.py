@@ -13,7 +13,8 @@ A Redis ACL user that may run only those functions, and read only what they read
 
 Redis checks the commands a function runs against its caller's ACL, so the user holds the GET
 and HGET the function runs, on those keys only: no job records, datasets or models, no code, no
-writes. On a Redis Cluster, create the user on every node and add ``+cluster|slots +command``
+writes. The same rights let it GET a value key or HGET a set's metadata by name, without the seal
+check; only the function's reads are atomic and refuse unsealed sets. On a Redis Cluster, create the user on every node and add ``+cluster|slots +command``
 (the client's discovery of the nodes).
 """
 

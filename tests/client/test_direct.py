@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from app.client import NotFound
+from app.client import NotFound, Unavailable
 from app.client.direct import ACL_RULES, CLUSTER_ACL_RULES, DirectReader
 from app.store import SetMeta, Store
 from app.store.functions import FORMAT, READ, READ_SET
 from app.store.keys import ACTIVE, DATASETS, MODELS, SetKeys, job_key
 from tests.app.sets import model_set
-from tests.conftest import RedisClusterServer, RedisServer
+from tests.conftest import RedisClusterServer, RedisServer, reader
 
 # A bounded loop: it proves the user may run code of its own without wedging the test Redis.
 LOOP = "local n = 0 for i = 1, 1000 do n = n + i end return n"
@@ -153,3 +153,24 @@ def test_reads_on_a_redis_cluster_as_the_reader(
         for node in redis_cluster.nodes:
             with Redis(port=node.port) as admin:
                 admin.execute_command("ACL", "DELUSER", "pm-reader")
+
+
+def test_a_reader_is_told_when_the_functions_are_missing(
+    client: TestClient, store: Store, store_redis: Redis, reader_url: str
+) -> None:
+    model_set(store, seed=1)
+    store_redis.function_flush()  # a fresh node, or an operator's FUNCTION FLUSH
+
+    async def read() -> object:
+        direct = DirectReader(reader_url)
+        try:
+            return await direct.read(["u1"], model="tiny-gemma")
+        finally:
+            await direct.aclose()
+
+    with pytest.raises(Unavailable, match="start the API"):
+        asyncio.run(read())
+    # The API's next read loads them again.
+    assert client.post("/prompts/batch", json={"user_ids": ["u1"]},
+                       headers=reader()).status_code == 200  # fmt: skip
+    asyncio.run(read())
