@@ -22,7 +22,8 @@ from app.setfile import open_setfile
 from app.store import Store
 
 router = APIRouter(prefix="/models", tags=["transfer"])
-# Imports stream their body to disk and check PM_MAX_IMPORT_BYTES themselves.
+# Imports stream their body to disk: the body gate (app.handlers) holds them to
+# PM_MAX_IMPORT_BYTES instead of PM_MAX_BODY_BYTES, counting as they stream.
 STREAMED_BODIES = re.compile(r"/models/[^/]+/import")
 
 
