@@ -94,11 +94,12 @@ async def _upload(request: Request, *, max_bytes: int, dtype: str) -> np.ndarray
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             upload = PromptUpload.model_validate(json.loads(body))
-        except ValueError as exc:
+            return np.asarray(upload.values, dtype=np.float64)
+        except (ValueError, RecursionError) as exc:  # bad JSON, fields, nesting or ragged rows
             raise InvalidInputError(
-                f'Body must be JSON {{"values": [[...], ...]}} (prompt_length x hidden_size): {exc}'
+                f'Body must be JSON {{"values": [[...], ...]}} (prompt_length x hidden_size, '
+                f"every row as long): {str(exc)[:300]}"
             ) from exc
-        return np.asarray(upload.values, dtype=np.float64)
     width = codec.numpy_dtype(dtype).itemsize
     if len(body) % width:
         raise InvalidInputError(f"Raw body length {len(body)} is not a multiple of {width}.")

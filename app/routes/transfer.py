@@ -15,11 +15,12 @@ from fastapi.responses import StreamingResponse
 from app import transfer
 from app.bundle import published
 from app.deps import AdminDep, SettingsDep, StoreDep
-from app.errors import PayloadTooLargeError
+from app.errors import InvalidInputError, PayloadTooLargeError, ServiceError
 from app.routes.bundles import ModelName, Version
 from app.schemas import Imported
-from app.setfile import open_setfile
+from app.setfile import SetFile, open_setfile
 from app.store import Store
+from models.errors import MigrationError
 
 router = APIRouter(prefix="/models", tags=["transfer"])
 # Imports stream their body to disk: the body gate (app.handlers) holds them to
@@ -67,9 +68,25 @@ async def _receive(request: Request, *, limit: int) -> Path:
     return path
 
 
+def _checked(
+    store: Store, model: str, path: Path, options: transfer.ImportOptions
+) -> tuple[SetFile, transfer.Checked]:
+    """The file, checked whole. Its header and metadata are the sender's: whatever in them the
+    checks did not foresee is still the sender's mistake (422), never the service's (500)."""
+    try:
+        setfile = open_setfile(path)
+        return setfile, transfer.check(store, model, setfile, options)
+    except (ServiceError, MigrationError):
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as error:
+        raise InvalidInputError(
+            f"The set file is malformed ({type(error).__name__}: {str(error)[:200]}): export "
+            "sets with GET /models/{name}/versions/{version}/export and send them unchanged."
+        ) from error
+
+
 def _import(store: Store, model: str, path: Path, options: transfer.ImportOptions) -> Imported:
-    setfile = open_setfile(path)
-    checked = transfer.check(store, model, setfile, options)
+    setfile, checked = _checked(store, model, path, options)
     meta = transfer.write(store, model, setfile, checked)
     if options.activate:
         store.activate(model, meta.version)
