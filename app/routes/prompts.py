@@ -153,6 +153,27 @@ _INLINE_ENCODE_BYTES = 1 << 20
 _BATCH_ENCODERS = {"json": batch_json, "safetensors": batch_safetensors}
 
 
+def _encoded_bytes(value_bytes: int, format: str) -> int:
+    return 4 * -(-value_bytes // 3) if format == "json" else value_bytes  # base64 in JSON
+
+
+def _check_reply_size(
+    meta: SetFormat, users: list[str], *, value_bytes: int, format: str, limit: int
+) -> None:
+    """Refuse a reply over ``limit`` bytes before it is built, saying how many users fit."""
+    reply = _encoded_bytes(value_bytes, format) + sum(len(u) + 6 for u in users)
+    if reply <= limit:
+        return
+    prompt = codec.numpy_dtype(meta.dtype).itemsize * int(np.prod(meta.shape))
+    fit = limit // (_encoded_bytes(prompt, format) + 6 + max(len(u) for u in users))
+    advice = f"send at most {fit} users per request" if fit else "raise the limit"
+    raise InvalidInputError(
+        f"The reply would hold about {reply} bytes, over PM_MAX_BATCH_REPLY_BYTES ({limit}): "
+        f"{meta.model} version {meta.version} prompts are {prompt} bytes each, so {advice} "
+        f"({format})."
+    )
+
+
 @router.post(
     "/prompts/batch",
     response_model=BatchOut,
@@ -175,17 +196,17 @@ async def batch(
     hold ``prompts`` ``[n_found, l, d]`` with ``users``, ``missing``, ``model`` and ``version``
     in the file's metadata.
     """
-    if len(body.user_ids) > settings.max_batch_users:
-        raise InvalidInputError(
-            f"{len(body.user_ids)} users requested; send at most {settings.max_batch_users}."
-        )
-    meta, values = await store.read_prompts(body.model, body.version, body.user_ids)
-    found = found_values(body.user_ids, values)
+    users = body.checked_ids(max_users=settings.max_batch_users)
+    meta, values = await store.read_prompts(body.model, body.version, users)
+    found = found_values(users, values)
+    value_bytes = sum(len(v) for v in found.values())
+    _check_reply_size(meta, users, value_bytes=value_bytes, format=format,
+                      limit=settings.max_batch_reply_bytes)  # fmt: skip
     encode = _BATCH_ENCODERS[format]
-    if sum(len(v) for v in found.values()) > _INLINE_ENCODE_BYTES:
-        content = await to_thread.run_sync(encode, meta, body.user_ids, found)
+    if value_bytes > _INLINE_ENCODE_BYTES:
+        content = await to_thread.run_sync(encode, meta, users, found)
     else:
-        content = encode(meta, body.user_ids, found)
+        content = encode(meta, users, found)
     PROMPTS_SERVED.labels("batch").inc(len(found))
     media_type = "application/json" if format == "json" else "application/octet-stream"
     return Response(content, media_type=media_type)

@@ -12,9 +12,10 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.cluster import RedisCluster
 
-from app.store import Store
+from app.main import create_app
+from app.store import USER_ID_PATTERN, Store
 from tests.app.sets import model_set
-from tests.conftest import admin, reader, seed_set
+from tests.conftest import RedisServer, admin, make_settings, reader, seed_set
 
 USERS = ["u1", "u2"]
 
@@ -272,3 +273,27 @@ def test_malformed_put_bodies_get_422(client: TestClient, store: Store) -> None:
         assert response.status_code != 500, name
         _bad(response, 422, "values")
     assert _snapshot(store.redis) == before
+
+
+def test_batch_counts_users_before_it_checks_any_id(client: TestClient) -> None:
+    """Over the limit, a batch is refused on its count: no id of it is checked."""
+    too_many = {"user_ids": ["not an id"] * 1001}
+    _bad(client.post("/prompts/batch", json=too_many, headers=reader()), 422, "send at most 1000")
+    one_bad = {"user_ids": ["ok", "not an id"]}
+    _bad(client.post("/prompts/batch", json=one_bad, headers=reader()), 422, "invalid user ids")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["BatchRequest"]
+    assert schema["properties"]["user_ids"]["items"]["pattern"] == USER_ID_PATTERN
+
+
+def test_batch_replies_are_bounded_in_bytes(redis_server: RedisServer, store_redis: Redis) -> None:
+    settings = make_settings(redis_server, max_batch_reply_bytes=1024)
+    with TestClient(create_app(settings)) as client:
+        store: Store = client.app.state.store  # type: ignore[attr-defined]
+        seed_set(store, model="m-a", users=["u1", "u2", "u3", "u4"], shape=(1, 64))
+        post = lambda users, fmt: client.post(  # noqa: E731
+            f"/prompts/batch?format={fmt}", json={"user_ids": users}, headers=reader()
+        )
+        assert post(["u1", "u2"], "json").status_code == 200
+        _bad(post(["u1", "u2", "u3", "u4"], "json"), 422, "send at most 2 users")
+        assert post(["u1", "u2", "u3"], "safetensors").status_code == 200
+        _bad(post(["u1", "u2", "u3", "u4"], "safetensors"), 422, "PM_MAX_BATCH_REPLY_BYTES")
