@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated, Literal
 
 import numpy as np
@@ -14,7 +15,7 @@ from safetensors.numpy import save as save_safetensors
 from app import codec
 from app.batch_encoding import batch_json, batch_safetensors, found_values
 from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
-from app.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+from app.errors import InvalidInputError, NotFoundError
 from app.fastpath import etag_matches, prompt_headers
 from app.metrics import PROMPTS_SERVED
 from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
@@ -87,11 +88,8 @@ async def get_prompt(
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 
-async def _upload(request: Request, *, max_bytes: int, dtype: str) -> np.ndarray:
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise PayloadTooLargeError(f"Body is {len(body)} bytes; the limit is {max_bytes}.")
-    if request.headers.get("content-type", "").startswith("application/json"):
+def _parse_upload(body: bytes, *, is_json: bool, dtype: str) -> np.ndarray:
+    if is_json:
         try:
             upload = PromptUpload.model_validate(json.loads(body))
             return np.asarray(upload.values, dtype=np.float64)
@@ -106,20 +104,9 @@ async def _upload(request: Request, *, max_bytes: int, dtype: str) -> np.ndarray
     return np.frombuffer(body, dtype=codec.numpy_dtype(dtype)).astype(np.float64)
 
 
-@router.put("/users/{user_id}/prompt", response_model=PromptWritten)
-async def put_prompt(
-    user_id: UserId,
-    request: Request,
-    store: StoreDep,
-    settings: SettingsDep,
-    _: AdminDep,
-    model: ModelQuery = None,
-    x_prompt_dtype: Annotated[
-        Literal["float32", "float16"], Header(description="dtype of a raw body")
-    ] = "float32",
-) -> PromptWritten:
-    meta = _readable(store, model, None)
-    array = await _upload(request, max_bytes=settings.max_body_bytes, dtype=x_prompt_dtype)
+def _prompt_value(body: bytes, meta: SetFormat, *, is_json: bool, dtype: str) -> bytes:
+    """The uploaded prompt as the set stores it, checked against the set's shape and dtype."""
+    array = _parse_upload(body, is_json=is_json, dtype=dtype)
     if array.ndim == 1 and array.size == int(np.prod(meta.shape)):
         array = array.reshape(meta.shape)
     elif array.ndim == 1:
@@ -127,10 +114,31 @@ async def put_prompt(
             f"Raw body holds {array.size} values; {meta.model} prompts have shape "
             f"{meta.shape} = {int(np.prod(meta.shape))} values."
         )
-    value = codec.encode(
+    return codec.encode(
         codec.check_prompt(array, shape=tuple(meta.shape), dtype=meta.dtype), meta.dtype
     )
-    created = store.onboard(meta.model, meta.version, user_id, value)
+
+
+@router.put("/users/{user_id}/prompt", response_model=PromptWritten)
+async def put_prompt(
+    user_id: UserId,
+    request: Request,
+    store: StoreDep,
+    _: AdminDep,
+    model: ModelQuery = None,
+    x_prompt_dtype: Annotated[
+        Literal["float32", "float16"], Header(description="dtype of a raw body")
+    ] = "float32",
+) -> PromptWritten:
+    # Async only to read the body; the store's calls (sync client) and the decoding run in
+    # worker threads, so a slow Redis or a large body never holds up the reads on the loop.
+    meta = await to_thread.run_sync(_readable, store, model, None)
+    body = await request.body()  # the body gate (app.handlers) holds it to PM_MAX_BODY_BYTES
+    is_json = request.headers.get("content-type", "").startswith("application/json")
+    value = await to_thread.run_sync(
+        partial(_prompt_value, body, meta, is_json=is_json, dtype=x_prompt_dtype)
+    )
+    created = await to_thread.run_sync(store.onboard, meta.model, meta.version, user_id, value)
     return PromptWritten(
         user_id=user_id,
         model=meta.model,

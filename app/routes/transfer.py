@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,8 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from app import transfer
 from app.bundle import published
-from app.deps import AdminDep, SettingsDep, StoreDep
-from app.errors import InvalidInputError, PayloadTooLargeError, ServiceError
+from app.deps import AdminDep, StoreDep
+from app.errors import InvalidInputError, ServiceError
 from app.routes.bundles import ModelName, Version
 from app.schemas import Imported
 from app.setfile import SetFile, open_setfile
@@ -48,20 +49,25 @@ def export_set(
     return StreamingResponse(out.chunks, media_type="application/octet-stream", headers=headers)
 
 
-async def _receive(request: Request, *, limit: int) -> Path:
-    """The body, streamed into a temporary file (never whole in memory)."""
-    descriptor, name = tempfile.mkstemp(prefix="pm-import-", suffix=".safetensors")
-    path, size = Path(name), 0
+_WRITE_BYTES = 1 << 20  # the body goes to disk in blocks of this size, each in a worker thread
+
+
+async def _receive(request: Request) -> Path:
+    """The body, streamed into a temporary file (never whole in memory); the body gate holds it
+    to PM_MAX_IMPORT_BYTES. The disk's writes run in worker threads, off the event loop."""
+    descriptor, name = await to_thread.run_sync(
+        partial(tempfile.mkstemp, prefix="pm-import-", suffix=".safetensors")
+    )
+    path = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            block = bytearray()
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLargeError(
-                        f"The import is over {limit} bytes (PM_MAX_IMPORT_BYTES); raise the limit "
-                        "or split the set."
-                    )
-                handle.write(chunk)
+                block += chunk
+                if len(block) >= _WRITE_BYTES:
+                    await to_thread.run_sync(handle.write, bytes(block))
+                    block.clear()
+            await to_thread.run_sync(handle.write, bytes(block))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -106,7 +112,6 @@ async def import_set(
     name: ModelName,
     request: Request,
     store: StoreDep,
-    settings: SettingsDep,
     _: AdminDep,
     activate: bool = False,
     dtype: Annotated[
@@ -126,10 +131,10 @@ async def import_set(
 ) -> Any:
     """A set file (see export) as a new sealed version of ``name``; checked whole before
     anything is stored, written and verified as the workers write sets."""
-    store.get_model(name)
-    path = await _receive(request, limit=settings.max_import_bytes)
+    await to_thread.run_sync(store.get_model, name)  # 404 before the body is read
+    path = await _receive(request)
     options = transfer.ImportOptions(activate, dtype, head_from_version, placement)
     try:
         return await to_thread.run_sync(_import, store, name, path, options)
     finally:
-        path.unlink(missing_ok=True)
+        await to_thread.run_sync(partial(path.unlink, missing_ok=True))
