@@ -29,7 +29,7 @@ def found_values(users: list[str], values: list[bytes | None]) -> dict[str, byte
 def batch_json(meta: SetFormat, users: list[str], found: dict[str, bytes]) -> bytes:
     """``BatchOut`` as JSON bytes.
 
-    ``prompts`` is joined by hand: user ids match USER_ID_PATTERN (BatchRequest checks) and
+    ``prompts`` is joined by hand: user ids match USER_ID_PATTERN (BatchRequest.checked_ids) and
     base64 uses A-Z a-z 0-9 + / =, so neither needs JSON escaping; the rest goes through json.
     """
     head = {

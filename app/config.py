@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     # Set imports stream to a temporary file, so they may be far larger than other bodies.
     max_import_bytes: int = Field(default=64 * 1024**3, ge=1024)
     max_batch_users: int = Field(default=1000, ge=1)
+    # A batch's reply, bounded in bytes too: users times prompt size, whatever the model.
+    max_batch_reply_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     redis_timeout_s: float = Field(default=2.0, gt=0)
 
     # Workers.

@@ -58,18 +58,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
     # Pure ASGI middleware (no BaseHTTPMiddleware wrapping); the last added is the outermost, so
-    # metrics also count the 413s of the body limit and the reads of the fast path.
+    # metrics count every answer, and the fast path's raw reads (no body) skip the body gate.
+    app.add_middleware(
+        handlers.BodyGateMiddleware,
+        settings=settings,
+        openapi=app.openapi,
+        streamed=transfer.STREAMED_BODIES,
+    )
     app.add_middleware(
         PromptFastPath,
         store=app.state.store,
         settings=settings,
         route=next(r for r in prompts.router.routes if getattr(r, "path", None) == fastpath.PATH),
         exception_handlers=app.exception_handlers,
-    )
-    app.add_middleware(
-        handlers.BodyLimitMiddleware,
-        max_bytes=settings.max_body_bytes,
-        exempt=transfer.STREAMED_BODIES,
     )
     app.add_middleware(metrics.MetricsMiddleware)
     return app

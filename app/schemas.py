@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
+from app.errors import InvalidInputError
 from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN
+from models.ids import USER_ID_RULE, is_user_id
 
 StoredDtype = Annotated[
     Literal["float32", "float16"],
@@ -222,8 +223,16 @@ class PromptWritten(BaseModel):
     digest: str
 
 
+# Documented with the id rule, checked by BatchRequest.checked_ids once the count is allowed.
+_BatchUserId = Annotated[
+    str, WithJsonSchema({"type": "string", "pattern": USER_ID_PATTERN, "maxLength": 128})
+]
+
+
 class BatchRequest(Strict):
-    user_ids: list[str] = Field(min_length=1)
+    user_ids: list[_BatchUserId] = Field(
+        min_length=1, description="At most PM_MAX_BATCH_USERS ids (default 1000)."
+    )
     model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
     version: str | None = Field(
         default=None,
@@ -232,16 +241,23 @@ class BatchRequest(Strict):
     )
 
     @model_validator(mode="after")
-    def _ids(self) -> BatchRequest:
+    def _pinned(self) -> BatchRequest:
         if self.version is not None and self.model is None:
             raise ValueError("version pins a version of a model: give model as well")
-        bad = [u for u in self.user_ids if not re.fullmatch(USER_ID_PATTERN, u)]
-        if bad:
-            raise ValueError(
-                f"invalid user ids {[b[:40] for b in bad[:5]]}; use 1-128 characters from "
-                "A-Z a-z 0-9 _ . : -"
-            )
         return self
+
+    def checked_ids(self, *, max_users: int) -> list[str]:
+        """The ids, counted before any is checked: a list over the limit costs one ``len``."""
+        if len(self.user_ids) > max_users:
+            raise InvalidInputError(
+                f"{len(self.user_ids)} users requested; send at most {max_users} per request."
+            )
+        bad = [u for u in self.user_ids if not is_user_id(u)]
+        if bad:
+            raise InvalidInputError(
+                f"invalid user ids {[b[:40] for b in bad[:5]]}; use {USER_ID_RULE}."
+            )
+        return self.user_ids
 
 
 class BatchOut(BaseModel):

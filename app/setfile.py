@@ -17,6 +17,7 @@ and ``placement``. The header is written first, so an export streams row by row.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ RAW, INPUT = "raw_embedding_table", "model_input"
 DTYPES = {"float32": "F32", "float16": "F16"}
 _NUMPY = {"F32": "<f4", "F16": "<f2", "U8": "u1"}
 _MAX_HEADER = 100_000_000  # what the safetensors library itself accepts
+_MAX_DIM = 2**63 - 1  # numpy's (and safetensors') sizes are signed 64-bit
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class Entry:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_NUMPY[self.dtype]).itemsize
+    def nbytes(self) -> int:  # Python ints: a crafted shape cannot wrap around
+        return math.prod(self.shape) * np.dtype(_NUMPY[self.dtype]).itemsize
 
 
 def header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
@@ -134,7 +136,15 @@ class SetFile:
 
     def bundle(self) -> dict[str, Any] | None:
         raw = self.metadata.get("bundle")
-        return None if raw is None else dict(json.loads(raw))
+        if raw is None:
+            return None
+        try:
+            bundle = json.loads(raw)
+        except (ValueError, RecursionError) as error:
+            raise _refuse(f"its metadata's bundle is not JSON ({error})") from error
+        if not isinstance(bundle, dict):
+            raise _refuse("its metadata's bundle is not a JSON object")
+        return bundle
 
 
 def _refuse(what: str) -> InvalidInputError:
@@ -153,28 +163,20 @@ def open_setfile(path: Path) -> SetFile:
             raise _refuse("the first 8 bytes do not give a safetensors header length")
         try:
             header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise _refuse(f"its header is not JSON ({error})") from error
+        except (ValueError, RecursionError) as error:
+            raise _refuse(f"its header is not JSON ({str(error)[:200]})") from error
     if not isinstance(header, dict):
         raise _refuse("its header is not a JSON object")
-    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    raw_metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_metadata, dict):
+        raise _refuse("its __metadata__ is not a JSON object of strings")
+    metadata = {str(k): str(v) for k, v in raw_metadata.items()}
     _check_entries(header, data_size=size - 8 - length)
     return SetFile(path, metadata, header, 8 + length)
 
 
 def _check_entries(entries: dict[str, Any], *, data_size: int) -> None:
-    spans = []
-    for name, entry in entries.items():
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _NUMPY:
-            raise InvalidInputError(
-                f"Tensor {name!r} has dtype {dtype!r}; prompts must be F32 or F16 (convert "
-                "them with .float() or .half()), user_ids and present U8, head tensors F32."
-            )
-        nbytes = Entry(name, dtype, tuple(shape)).nbytes
-        if not isinstance(offsets, list) or offsets[1] - offsets[0] != nbytes:
-            raise _refuse(f"tensor {name!r} of shape {shape} does not fill its byte range")
-        spans.append((int(offsets[0]), int(offsets[1])))
+    spans = [_span(name, entry) for name, entry in entries.items()]
     at = 0
     for start, end in sorted(spans):
         if start != at:
@@ -182,11 +184,43 @@ def _check_entries(entries: dict[str, Any], *, data_size: int) -> None:
         at = end
     if at != data_size:
         raise _refuse(f"the data holds {data_size} bytes but its tensors {at}")
+    for name, rank in (("present", 1), ("user_ids", 2)):
+        if name in entries and len(entries[name]["shape"]) != rank:
+            raise _refuse(f"tensor {name!r} has shape {entries[name]['shape']}; it must have "
+                          f"{rank} dimension{'s' if rank > 1 else ''}")  # fmt: skip
     if "prompts" not in entries or entries["prompts"]["dtype"] not in ("F32", "F16"):
         raise InvalidInputError(
             "The file has no F32 or F16 tensor named 'prompts' [N, l, d]: name the users' "
             "prompts 'prompts', one row per user."
         )
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= _MAX_DIM  # bool is an int too: refuse it
+
+
+def _span(name: str, entry: object) -> tuple[int, int]:
+    """The byte range of one header entry, refused unless the entry is well formed."""
+    if not isinstance(entry, dict):
+        raise _refuse(f"tensor {name!r} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _NUMPY:
+        raise InvalidInputError(
+            f"Tensor {name!r} has dtype {dtype!r}; prompts must be F32 or F16 (convert "
+            "them with .float() or .half()), user_ids and present U8, head tensors F32."
+        )
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _refuse(f"tensor {name!r} has shape {str(shape)[:80]}; a shape is a list of "
+                      f"integers from 0 to {_MAX_DIM}")  # fmt: skip
+    nbytes = Entry(name, dtype, tuple(shape)).nbytes
+    if nbytes > _MAX_DIM:
+        raise _refuse(f"tensor {name!r} of shape {shape} would hold more than {_MAX_DIM} bytes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise _refuse(f"tensor {name!r} has data_offsets {str(offsets)[:80]}; give [start, end] "
+                      "byte offsets into the data")  # fmt: skip
+    if offsets[1] - offsets[0] != nbytes:
+        raise _refuse(f"tensor {name!r} of shape {shape} does not fill its byte range")
+    return offsets[0], offsets[1]
 
 
 def chunks(path: Path, *, size: int = 1 << 20) -> Iterator[bytes]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from models import assets
 from models.errors import DataError
+from models.ids import USER_ID_RULE, is_user_id
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")
 
@@ -122,7 +123,14 @@ def load_jsonl(path: Path, *, task: str) -> list[Interaction]:
                     "user_id, item_text, label and timestamp."
                 ) from error
             _check_label(label, task=task, where=f"{path}:{number}")
+            _check_user(records[-1].user_id, where=f"{path}:{number}")
     return records
+
+
+def _check_user(user: str, *, where: str) -> None:
+    """The API's rule: a user a dataset lets in must be readable, erasable and exportable."""
+    if not is_user_id(user):
+        raise DataError(f"{where}: user_id {user[:40]!r} is invalid; use {USER_ID_RULE}.")
 
 
 def _check_label(label: float, *, task: str, where: str) -> None:

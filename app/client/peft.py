@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from app.client.errors import ContractError
 from app.setfile import INPUT, RAW, open_setfile, write_setfile
+from models.ids import USER_ID_RULE, is_user_id
 
 CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 PLACEMENT = "template"
@@ -77,6 +78,18 @@ def adapters_to_setfile(root: Path, dest: Path, *, task: str, placement: str | N
     return write_setfile(dest, prompts=np.stack(rows), users=users, metadata=metadata)
 
 
+def _user_folder(out: Path, user: str) -> Path:
+    """``out / user``, refused unless it is a folder directly under ``out``: a set file is input,
+    and an id such as ``..``, ``../x`` or ``/x`` (or a link already there) would write elsewhere."""
+    root = out.resolve()
+    if not is_user_id(user) or user in (".", "..") or (root / user).resolve().parent != root:
+        raise ContractError(
+            f"User id {user[:40]!r} cannot name a folder under {out}: ids are {USER_ID_RULE}, "
+            "and neither '.' nor '..'. Nothing was written."
+        )
+    return out / user
+
+
 def setfile_to_adapters(source: Path, out: Path, *, placement: str | None = None) -> list[Path]:
     """One PEFT adapter directory per user of an exported set file, in PEFT's space."""
     if placement != PLACEMENT:
@@ -93,10 +106,10 @@ def setfile_to_adapters(source: Path, out: Path, *, placement: str | None = None
     length, width = bundle["prompt"]["shape"]
     scale = float(bundle["scale"]["input_scale"])
     present, prompts, written = setfile.present(), setfile.prompts, []
-    for row, user in enumerate(setfile.user_ids()):
-        if not present[row]:
-            continue
-        folder = out / user
+    # Every id is checked before anything is written.
+    folders = {row: _user_folder(out, user) for row, user in enumerate(setfile.user_ids())
+               if present[row]}  # fmt: skip
+    for row, folder in folders.items():
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": length,

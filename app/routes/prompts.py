@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated, Literal
 
 import numpy as np
@@ -14,7 +15,7 @@ from safetensors.numpy import save as save_safetensors
 from app import codec
 from app.batch_encoding import batch_json, batch_safetensors, found_values
 from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
-from app.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+from app.errors import InvalidInputError, NotFoundError
 from app.fastpath import etag_matches, prompt_headers
 from app.metrics import PROMPTS_SERVED
 from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
@@ -87,38 +88,25 @@ async def get_prompt(
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 
-async def _upload(request: Request, *, max_bytes: int, dtype: str) -> np.ndarray:
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise PayloadTooLargeError(f"Body is {len(body)} bytes; the limit is {max_bytes}.")
-    if request.headers.get("content-type", "").startswith("application/json"):
+def _parse_upload(body: bytes, *, is_json: bool, dtype: str) -> np.ndarray:
+    if is_json:
         try:
             upload = PromptUpload.model_validate(json.loads(body))
-        except ValueError as exc:
+            return np.asarray(upload.values, dtype=np.float64)
+        except (ValueError, RecursionError) as exc:  # bad JSON, fields, nesting or ragged rows
             raise InvalidInputError(
-                f'Body must be JSON {{"values": [[...], ...]}} (prompt_length x hidden_size): {exc}'
+                f'Body must be JSON {{"values": [[...], ...]}} (prompt_length x hidden_size, '
+                f"every row as long): {str(exc)[:300]}"
             ) from exc
-        return np.asarray(upload.values, dtype=np.float64)
     width = codec.numpy_dtype(dtype).itemsize
     if len(body) % width:
         raise InvalidInputError(f"Raw body length {len(body)} is not a multiple of {width}.")
     return np.frombuffer(body, dtype=codec.numpy_dtype(dtype)).astype(np.float64)
 
 
-@router.put("/users/{user_id}/prompt", response_model=PromptWritten)
-async def put_prompt(
-    user_id: UserId,
-    request: Request,
-    store: StoreDep,
-    settings: SettingsDep,
-    _: AdminDep,
-    model: ModelQuery = None,
-    x_prompt_dtype: Annotated[
-        Literal["float32", "float16"], Header(description="dtype of a raw body")
-    ] = "float32",
-) -> PromptWritten:
-    meta = _readable(store, model, None)
-    array = await _upload(request, max_bytes=settings.max_body_bytes, dtype=x_prompt_dtype)
+def _prompt_value(body: bytes, meta: SetFormat, *, is_json: bool, dtype: str) -> bytes:
+    """The uploaded prompt as the set stores it, checked against the set's shape and dtype."""
+    array = _parse_upload(body, is_json=is_json, dtype=dtype)
     if array.ndim == 1 and array.size == int(np.prod(meta.shape)):
         array = array.reshape(meta.shape)
     elif array.ndim == 1:
@@ -126,10 +114,31 @@ async def put_prompt(
             f"Raw body holds {array.size} values; {meta.model} prompts have shape "
             f"{meta.shape} = {int(np.prod(meta.shape))} values."
         )
-    value = codec.encode(
+    return codec.encode(
         codec.check_prompt(array, shape=tuple(meta.shape), dtype=meta.dtype), meta.dtype
     )
-    created = store.onboard(meta.model, meta.version, user_id, value)
+
+
+@router.put("/users/{user_id}/prompt", response_model=PromptWritten)
+async def put_prompt(
+    user_id: UserId,
+    request: Request,
+    store: StoreDep,
+    _: AdminDep,
+    model: ModelQuery = None,
+    x_prompt_dtype: Annotated[
+        Literal["float32", "float16"], Header(description="dtype of a raw body")
+    ] = "float32",
+) -> PromptWritten:
+    # Async only to read the body; the store's calls (sync client) and the decoding run in
+    # worker threads, so a slow Redis or a large body never holds up the reads on the loop.
+    meta = await to_thread.run_sync(_readable, store, model, None)
+    body = await request.body()  # the body gate (app.handlers) holds it to PM_MAX_BODY_BYTES
+    is_json = request.headers.get("content-type", "").startswith("application/json")
+    value = await to_thread.run_sync(
+        partial(_prompt_value, body, meta, is_json=is_json, dtype=x_prompt_dtype)
+    )
+    created = await to_thread.run_sync(store.onboard, meta.model, meta.version, user_id, value)
     return PromptWritten(
         user_id=user_id,
         model=meta.model,
@@ -150,6 +159,27 @@ def erase_user(user_id: UserId, store: StoreDep, _: AdminDep) -> Erased:
 # Above this many value bytes, encoding the batch answer moves off the event loop.
 _INLINE_ENCODE_BYTES = 1 << 20
 _BATCH_ENCODERS = {"json": batch_json, "safetensors": batch_safetensors}
+
+
+def _encoded_bytes(value_bytes: int, format: str) -> int:
+    return 4 * -(-value_bytes // 3) if format == "json" else value_bytes  # base64 in JSON
+
+
+def _check_reply_size(
+    meta: SetFormat, users: list[str], *, value_bytes: int, format: str, limit: int
+) -> None:
+    """Refuse a reply over ``limit`` bytes before it is built, saying how many users fit."""
+    reply = _encoded_bytes(value_bytes, format) + sum(len(u) + 6 for u in users)
+    if reply <= limit:
+        return
+    prompt = codec.numpy_dtype(meta.dtype).itemsize * int(np.prod(meta.shape))
+    fit = limit // (_encoded_bytes(prompt, format) + 6 + max(len(u) for u in users))
+    advice = f"send at most {fit} users per request" if fit else "raise the limit"
+    raise InvalidInputError(
+        f"The reply would hold about {reply} bytes, over PM_MAX_BATCH_REPLY_BYTES ({limit}): "
+        f"{meta.model} version {meta.version} prompts are {prompt} bytes each, so {advice} "
+        f"({format})."
+    )
 
 
 @router.post(
@@ -174,17 +204,17 @@ async def batch(
     hold ``prompts`` ``[n_found, l, d]`` with ``users``, ``missing``, ``model`` and ``version``
     in the file's metadata.
     """
-    if len(body.user_ids) > settings.max_batch_users:
-        raise InvalidInputError(
-            f"{len(body.user_ids)} users requested; send at most {settings.max_batch_users}."
-        )
-    meta, values = await store.read_prompts(body.model, body.version, body.user_ids)
-    found = found_values(body.user_ids, values)
+    users = body.checked_ids(max_users=settings.max_batch_users)
+    meta, values = await store.read_prompts(body.model, body.version, users)
+    found = found_values(users, values)
+    value_bytes = sum(len(v) for v in found.values())
+    _check_reply_size(meta, users, value_bytes=value_bytes, format=format,
+                      limit=settings.max_batch_reply_bytes)  # fmt: skip
     encode = _BATCH_ENCODERS[format]
-    if sum(len(v) for v in found.values()) > _INLINE_ENCODE_BYTES:
-        content = await to_thread.run_sync(encode, meta, body.user_ids, found)
+    if value_bytes > _INLINE_ENCODE_BYTES:
+        content = await to_thread.run_sync(encode, meta, users, found)
     else:
-        content = encode(meta, body.user_ids, found)
+        content = encode(meta, users, found)
     PROMPTS_SERVED.labels("batch").inc(len(found))
     media_type = "application/json" if format == "json" else "application/octet-stream"
     return Response(content, media_type=media_type)

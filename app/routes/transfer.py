@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,15 +15,17 @@ from fastapi.responses import StreamingResponse
 
 from app import transfer
 from app.bundle import published
-from app.deps import AdminDep, SettingsDep, StoreDep
-from app.errors import PayloadTooLargeError
+from app.deps import AdminDep, StoreDep
+from app.errors import InvalidInputError, ServiceError
 from app.routes.bundles import ModelName, Version
 from app.schemas import Imported
-from app.setfile import open_setfile
+from app.setfile import SetFile, open_setfile
 from app.store import Store
+from models.errors import MigrationError
 
 router = APIRouter(prefix="/models", tags=["transfer"])
-# Imports stream their body to disk and check PM_MAX_IMPORT_BYTES themselves.
+# Imports stream their body to disk: the body gate (app.handlers) holds them to
+# PM_MAX_IMPORT_BYTES instead of PM_MAX_BODY_BYTES, counting as they stream.
 STREAMED_BODIES = re.compile(r"/models/[^/]+/import")
 
 
@@ -46,29 +49,50 @@ def export_set(
     return StreamingResponse(out.chunks, media_type="application/octet-stream", headers=headers)
 
 
-async def _receive(request: Request, *, limit: int) -> Path:
-    """The body, streamed into a temporary file (never whole in memory)."""
-    descriptor, name = tempfile.mkstemp(prefix="pm-import-", suffix=".safetensors")
-    path, size = Path(name), 0
+_WRITE_BYTES = 1 << 20  # the body goes to disk in blocks of this size, each in a worker thread
+
+
+async def _receive(request: Request) -> Path:
+    """The body, streamed into a temporary file (never whole in memory); the body gate holds it
+    to PM_MAX_IMPORT_BYTES. The disk's writes run in worker threads, off the event loop."""
+    descriptor, name = await to_thread.run_sync(
+        partial(tempfile.mkstemp, prefix="pm-import-", suffix=".safetensors")
+    )
+    path = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            block = bytearray()
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLargeError(
-                        f"The import is over {limit} bytes (PM_MAX_IMPORT_BYTES); raise the limit "
-                        "or split the set."
-                    )
-                handle.write(chunk)
+                block += chunk
+                if len(block) >= _WRITE_BYTES:
+                    await to_thread.run_sync(handle.write, bytes(block))
+                    block.clear()
+            await to_thread.run_sync(handle.write, bytes(block))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return path
 
 
+def _checked(
+    store: Store, model: str, path: Path, options: transfer.ImportOptions
+) -> tuple[SetFile, transfer.Checked]:
+    """The file, checked whole. Its header and metadata are the sender's: whatever in them the
+    checks did not foresee is still the sender's mistake (422), never the service's (500)."""
+    try:
+        setfile = open_setfile(path)
+        return setfile, transfer.check(store, model, setfile, options)
+    except (ServiceError, MigrationError):
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as error:
+        raise InvalidInputError(
+            f"The set file is malformed ({type(error).__name__}: {str(error)[:200]}): export "
+            "sets with GET /models/{name}/versions/{version}/export and send them unchanged."
+        ) from error
+
+
 def _import(store: Store, model: str, path: Path, options: transfer.ImportOptions) -> Imported:
-    setfile = open_setfile(path)
-    checked = transfer.check(store, model, setfile, options)
+    setfile, checked = _checked(store, model, path, options)
     meta = transfer.write(store, model, setfile, checked)
     if options.activate:
         store.activate(model, meta.version)
@@ -88,7 +112,6 @@ async def import_set(
     name: ModelName,
     request: Request,
     store: StoreDep,
-    settings: SettingsDep,
     _: AdminDep,
     activate: bool = False,
     dtype: Annotated[
@@ -108,10 +131,10 @@ async def import_set(
 ) -> Any:
     """A set file (see export) as a new sealed version of ``name``; checked whole before
     anything is stored, written and verified as the workers write sets."""
-    store.get_model(name)
-    path = await _receive(request, limit=settings.max_import_bytes)
+    await to_thread.run_sync(store.get_model, name)  # 404 before the body is read
+    path = await _receive(request)
     options = transfer.ImportOptions(activate, dtype, head_from_version, placement)
     try:
         return await to_thread.run_sync(_import, store, name, path, options)
     finally:
-        path.unlink(missing_ok=True)
+        await to_thread.run_sync(partial(path.unlink, missing_ok=True))

@@ -31,9 +31,9 @@ The read functions (``app/store/functions.py``) build a set's keys in Lua the sa
 
 from __future__ import annotations
 
-import re
-
 from app.errors import InvalidInputError
+from models.ids import USER_ID_PATTERN as USER_ID_PATTERN  # the dataset loaders' rule too
+from models.ids import USER_ID_RULE, is_user_id
 
 # ---- the registry: one hash tag, so a registry change is one slot's ---------------------------
 
@@ -143,13 +143,10 @@ class JobKeys:
 
 # ---- the names that go into keys --------------------------------------------------------------
 
-USER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 def validate_user_id(user: str) -> str:
-    if not re.fullmatch(USER_ID_PATTERN, user):
-        raise InvalidInputError(
-            f"User id {user[:40]!r} is invalid; use 1-128 characters from A-Z a-z 0-9 _ . : -."
-        )
+    if not is_user_id(user):
+        raise InvalidInputError(f"User id {user[:40]!r} is invalid; use {USER_ID_RULE}.")
     return user

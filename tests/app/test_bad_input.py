@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.cluster import RedisCluster
 
-from app.store import Store
-from tests.conftest import admin, reader, seed_set
+from app.main import create_app
+from app.store import USER_ID_PATTERN, Store
+from tests.app.sets import model_set
+from tests.conftest import RedisServer, admin, make_settings, reader, seed_set
 
 USERS = ["u1", "u2"]
 
@@ -157,3 +160,140 @@ def test_register_dataset(client: TestClient, tmp_path: Path) -> None:
     assert response.status_code == 201
     names = [d["name"] for d in client.get("/datasets", headers=reader()).json()]
     assert {"movielens-100k", "movielens-1m", "mine"} <= set(names)
+
+
+def _setfile_bytes(header: object, data: bytes = b"") -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _prompts_entry(**fields: object) -> dict[str, object]:
+    return {"dtype": "F32", "shape": [1, 1, 48], "data_offsets": [0, 192]} | fields
+
+
+ROW = b"\0" * 192  # one [1, 1, 48] F32 prompt
+OVER_64_BITS = [2**62, 2**62, 48]
+MALFORMED_HEADERS: dict[str, tuple[bytes, str]] = {
+    "entry not an object": (_setfile_bytes({"prompts": 5}, ROW), "not an object"),
+    "shape not a list": (_setfile_bytes({"prompts": _prompts_entry(shape="abc")}, ROW), "shape"),
+    "shape missing": (_setfile_bytes({"prompts": _prompts_entry(shape=None)}, ROW), "shape"),
+    "shape over 64 bits": (
+        _setfile_bytes({"prompts": _prompts_entry(shape=OVER_64_BITS, data_offsets=[0, 0])}),
+        "more than",
+    ),
+    "dimension over 64 bits": (
+        _setfile_bytes({"prompts": _prompts_entry(shape=[2**64, 1, 48])}, ROW),
+        "integers from 0",
+    ),
+    "negative dimension": (_setfile_bytes({"prompts": _prompts_entry(shape=[-1, 1, 48])}), "shape"),
+    "boolean dimension": (
+        _setfile_bytes({"prompts": _prompts_entry(shape=[True, 1, 48])}),
+        "shape",
+    ),
+    "offsets not numbers": (
+        _setfile_bytes({"prompts": _prompts_entry(data_offsets=["a", "b"])}, ROW),
+        "data_offsets",
+    ),
+    "one offset": (_setfile_bytes({"prompts": _prompts_entry(data_offsets=[192])}, ROW), "offsets"),
+    "dtype not a string": (
+        _setfile_bytes({"prompts": _prompts_entry(dtype=["F32"])}, ROW),
+        "dtype",
+    ),
+    "metadata not an object": (
+        _setfile_bytes({"__metadata__": [1], "prompts": _prompts_entry()}, ROW),
+        "__metadata__",
+    ),
+    "nested too deep": (_setfile_bytes(b"[" * 50_000 + b"]" * 50_000), "not JSON"),
+    "present of two dimensions": (
+        _setfile_bytes(
+            {
+                "prompts": _prompts_entry(),
+                "present": {"dtype": "U8", "shape": [1, 1], "data_offsets": [192, 193]},
+            },
+            ROW + b"\1",
+        ),
+        "1 dimension",
+    ),
+    "bundle not JSON": (
+        _setfile_bytes(
+            {
+                "__metadata__": {
+                    "format": "prompt-migration/prompt-set",
+                    "space": "model_input",
+                    "bundle": "{not json",
+                },
+                "prompts": _prompts_entry(),
+            },
+            ROW,
+        ),
+        "bundle is not JSON",
+    ),
+    "bundle of the wrong shape": (
+        _setfile_bytes(
+            {
+                "__metadata__": {
+                    "format": "prompt-migration/prompt-set",
+                    "task": "rating",
+                    "space": "raw_embedding_table",
+                    "bundle": '{"checkpoint": 5}',
+                },
+                "prompts": _prompts_entry(),
+            },
+            ROW,
+        ),
+        "malformed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_HEADERS, ids=list(MALFORMED_HEADERS))
+def test_malformed_import_headers_get_422(
+    client: TestClient, store: Store, store_redis: Redis, case: str
+) -> None:
+    model_set(store, users=USERS)
+    before = _snapshot(store.redis)
+    body, phrase = MALFORMED_HEADERS[case]
+    response = client.post("/models/tiny-gemma/import", content=body, headers=admin())
+    _bad(response, 422, phrase)
+    assert _snapshot(store.redis) == before
+
+
+def test_malformed_put_bodies_get_422(client: TestClient, store: Store) -> None:
+    seed_set(store, model="m-a", users=USERS)
+    before = _snapshot(store.redis)
+    jsonct = admin() | {"Content-Type": "application/json"}
+    cases = {
+        "ragged rows": json.dumps({"values": [[1.0] * 8, [1.0] * 7]}).encode(),
+        "nested too deep": b'{"values": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        "values not a list": b'{"values": {"a": 1}}',
+        "number over 64 bits": b'{"values": [[' + b"9" * 400 + b", 1, 1, 1, 1, 1, 1, 1]]}",
+    }
+    for name, body in cases.items():
+        response = client.put("/users/u1/prompt", content=body, headers=jsonct)
+        assert response.status_code != 500, name
+        _bad(response, 422, "values")
+    assert _snapshot(store.redis) == before
+
+
+def test_batch_counts_users_before_it_checks_any_id(client: TestClient) -> None:
+    """Over the limit, a batch is refused on its count: no id of it is checked."""
+    too_many = {"user_ids": ["not an id"] * 1001}
+    _bad(client.post("/prompts/batch", json=too_many, headers=reader()), 422, "send at most 1000")
+    one_bad = {"user_ids": ["ok", "not an id"]}
+    _bad(client.post("/prompts/batch", json=one_bad, headers=reader()), 422, "invalid user ids")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["BatchRequest"]
+    assert schema["properties"]["user_ids"]["items"]["pattern"] == USER_ID_PATTERN
+
+
+def test_batch_replies_are_bounded_in_bytes(redis_server: RedisServer, store_redis: Redis) -> None:
+    settings = make_settings(redis_server, max_batch_reply_bytes=1024)
+    with TestClient(create_app(settings)) as client:
+        store: Store = client.app.state.store  # type: ignore[attr-defined]
+        seed_set(store, model="m-a", users=["u1", "u2", "u3", "u4"], shape=(1, 64))
+        post = lambda users, fmt: client.post(  # noqa: E731
+            f"/prompts/batch?format={fmt}", json={"user_ids": users}, headers=reader()
+        )
+        assert post(["u1", "u2"], "json").status_code == 200
+        _bad(post(["u1", "u2", "u3", "u4"], "json"), 422, "send at most 2 users")
+        assert post(["u1", "u2", "u3"], "safetensors").status_code == 200
+        _bad(post(["u1", "u2", "u3", "u4"], "safetensors"), 422, "PM_MAX_BATCH_REPLY_BYTES")

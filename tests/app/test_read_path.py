@@ -208,7 +208,7 @@ def test_metrics_count_routes_statuses_and_413(client: TestClient, store: Store)
     for labels, delta in (
         ({"method": "GET", "route": route, "status": "200"}, 1),
         ({"method": "GET", "route": route, "status": "401"}, 1),
-        ({"method": "POST", "route": "unmatched", "status": "413"}, 1),
+        ({"method": "POST", "route": "/prompts/batch", "status": "413"}, 1),
     ):
         assert _sample(after, name, **labels) - _sample(before, name, **labels) == delta, labels
     count = "pm_http_request_seconds_count"

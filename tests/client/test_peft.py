@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,35 @@ def test_exported_adapters_load_in_peft_and_come_back(
     assert value is not None
     np.testing.assert_allclose(np.frombuffer(value, "<f4").reshape(2, 48), prompts["u2"],
                                rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
+@pytest.mark.parametrize("user", ["../escaped", "..", ".", "ABSOLUTE", "a/b", "caf\u00e9"])
+def test_export_never_writes_outside_its_folder(tmp_path: Path, user: str) -> None:
+    user = str(tmp_path / "absolute") if user == "ABSOLUTE" else user
+    bundle = {"prompt": {"shape": [1, 4]}, "scale": {"input_scale": 1.0},
+              "checkpoint": {"name": "tiny-gemma"}}  # fmt: skip
+    source = setfile.write_setfile(
+        tmp_path / "set.safetensors", prompts=np.ones((2, 1, 4), dtype=np.float32),
+        users=["ok", user.encode("ascii", "replace").decode()],
+        metadata={"space": setfile.RAW, "bundle": json.dumps(bundle)},
+    )  # fmt: skip
+    (tmp_path / "out").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ContractError, match="cannot name a folder"):
+        setfile_to_adapters(source, tmp_path / "out", placement="template")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_export_refuses_a_link_out_of_its_folder(tmp_path: Path) -> None:
+    bundle = {"prompt": {"shape": [1, 4]}, "scale": {"input_scale": 1.0},
+              "checkpoint": {"name": "tiny-gemma"}}  # fmt: skip
+    source = setfile.write_setfile(
+        tmp_path / "set.safetensors", prompts=np.ones((1, 1, 4), dtype=np.float32),
+        users=["linked"], metadata={"space": setfile.RAW, "bundle": json.dumps(bundle)},
+    )  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ContractError, match="cannot name a folder"):
+        setfile_to_adapters(source, tmp_path / "out", placement="template")
+    assert list((tmp_path / "elsewhere").iterdir()) == []

@@ -57,6 +57,18 @@ def test_jsonl_round_trip_and_errors(tmp_path: Path) -> None:
         load_interactions(str(path), task="rating")
 
 
+@pytest.mark.parametrize("user", ["bad id", "caf\u00e9", "../escaped", "/abs", "", "u" * 129])
+def test_jsonl_user_ids_follow_the_apis_rule(tmp_path: Path, user: str) -> None:
+    """A user the API could not read, erase or export never enters through a dataset."""
+    path = tmp_path / "data.jsonl"
+    good = {"user_id": "u-1.a:B_2", "item_text": "x", "label": 4, "timestamp": 1}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good | {"user_id": user}) + "\n")
+    with pytest.raises(DataError, match=r"data\.jsonl:2: user_id .* is invalid; use 1-128"):
+        load_interactions(str(path), task="rating")
+    path.write_text(json.dumps(good | {"user_id": 42}) + "\n")  # a number is its digits
+    assert [r.user_id for r in load_interactions(str(path), task="rating")] == ["42"]
+
+
 def test_empty_and_missing_datasets_are_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="no interactions"):
