@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 _MIN_TOKEN_CHARS = 32
@@ -38,6 +39,12 @@ class Settings(BaseSettings):
     # A batch's reply, bounded in bytes too: users times prompt size, whatever the model.
     max_batch_reply_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    # The store's ACL users of direct readers (app/client/direct.py), comma separated
+    # (PM_READER_ACL_USERS=pm-reader) or a JSON list: the service grants them the keys of the
+    # readable sets and no others (app/store/reader_acl.py), and checks the grants every
+    # reader_acl_sync_s. Empty: the service manages no ACL.
+    reader_acl_users: Annotated[list[str], NoDecode] = []
+    reader_acl_sync_s: float = Field(default=10.0, gt=0)
 
     # Workers.
     device: str | None = None
@@ -53,6 +60,18 @@ class Settings(BaseSettings):
     quality_tolerance: float = Field(default=0.05, ge=0)
     version_grace_s: int = Field(default=24 * 3600, ge=0)
     model_cache_size: int = Field(default=2, ge=1)
+
+    @field_validator("reader_acl_users", mode="before")
+    @classmethod
+    def _user_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [user.strip() for user in text.split(",") if user.strip()]
+            )
+        return value
 
     @model_validator(mode="after")
     def _cluster_needs_a_broker(self) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from app.readiness import ReadinessProbe
 from app.routes import bundles, datasets, health, migrations, models, prompts, transfer
 from app.schemas import ERROR_RESPONSES
 from app.store import REDIS_DOWN, Store, connect_redis, connect_redis_async
+from app.store.reader_acl import keep_reader_acl
 from workers.celery_app import make_celery
 
 
@@ -29,11 +31,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Redis that is down now gets them on the API's first read after it is back.
         with contextlib.suppress(*REDIS_DOWN):
             await store.aload_functions()
+        # The direct readers' grants: a service user that may not set them stops the start-up
+        # (ReaderAclError says what to grant); a Redis that is down gets them on a later check.
+        with contextlib.suppress(*REDIS_DOWN):
+            await asyncio.to_thread(store.sync_reader_acl)
+        grants = asyncio.create_task(keep_reader_acl(store, every_s=settings.reader_acl_sync_s))
         # Everything built at start-up moves out of the collector's reach: a full collection of
         # it stalls every in-flight read (the read path's p99, bench/README.md).
         gc.collect()
         gc.freeze()
         yield
+        grants.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await grants
         store.redis.close()
         if store.aredis is not None:
             await store.aredis.aclose()
@@ -50,7 +60,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The read hot path (GET /users/{id}/prompt, POST /prompts/batch) uses the asyncio client;
     # the other routes and the workers use the sync one.
     aredis = connect_redis_async(url, timeout_s=timeout_s, cluster=cluster)
-    app.state.store = Store(redis, write_batch=settings.write_batch, aredis=aredis)
+    app.state.store = Store(
+        redis, write_batch=settings.write_batch, aredis=aredis,
+        reader_acl_users=settings.reader_acl_users,
+    )  # fmt: skip
     app.state.celery = make_celery(settings)
     app.state.readiness = ReadinessProbe(store=app.state.store, celery=app.state.celery)
     handlers.install(app)

@@ -39,7 +39,9 @@ def store() -> Store:
             timeout_s=max(settings.redis_timeout_s, 10),
             cluster=settings.redis_cluster,
         )
-        _store = Store(redis, write_batch=settings.write_batch)
+        _store = Store(
+            redis, write_batch=settings.write_batch, reader_acl_users=settings.reader_acl_users
+        )
     return _store
 
 

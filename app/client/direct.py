@@ -5,24 +5,30 @@ the active pointer (or a pinned version), the seal check and the values in one r
 promotion lands wholly before or after it and an unsealed set is never read. The API loads the
 function library at start-up; a reader cannot load code.
 
-A Redis ACL user that may run only those functions, and read only what they read, is enough
-(Redis 7; the tests read as this user and are refused everything else)::
+A Redis ACL user that may run only those functions is enough (Redis 7; the tests read as this
+user and are refused everything else). Create it with these base rules, which grant no set::
 
-    ACL SETUSER pm-reader on >READER_PASSWORD resetkeys %R~pm:{registry}:active %R~pm:{*}:meta
-        %R~pm:{*}:u:* resetchannels -@all +fcall_ro +get +hget +ping
+    ACL SETUSER pm-reader on >READER_PASSWORD resetkeys %R~pm:{registry}:active
+        resetchannels -@all +fcall_ro +get +hget +ping
 
-Redis checks the commands a function runs against its caller's ACL, so the user holds the GET
-and HGET the function runs, on those keys only: no job records, datasets or models, no code, no
-writes. The same rights let it GET a value key or HGET a set's metadata by name, without the seal
-check; only the function's reads are atomic and refuse unsealed sets. On a Redis Cluster, create the user on every node and add ``+cluster|slots +command``
-(the client's discovery of the nodes).
+and name it in the service's ``PM_READER_ACL_USERS``. Redis checks the commands a function runs
+against its caller's ACL, so the user holds the GET and HGET the function runs; the service
+grants them on the keys of the readable sets only (sealed, not deleted; app/store/reader_acl.py),
+so a GET or HGET by key name reaches nothing the function would refuse: no set still being
+written, no job records, datasets or models, no code, no writes. A set the user is not granted
+reads as :class:`Unauthorized` (a restarted Redis has the base rules until the API grants the
+sets again, within seconds). On a Redis Cluster, create the user on every node and add
+``+cluster|slots +command`` (the client's discovery of the nodes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
-from app.client.errors import NotFound, Unavailable
+from redis.exceptions import NoPermissionError, ResponseError
+
+from app.client.errors import NotFound, Unauthorized, Unavailable
 from app.client.http import Batch
 from app.codec import decode
 from app.errors import NotFoundError
@@ -30,13 +36,40 @@ from app.store import REDIS_DOWN, SEALED, SetFormat, connect_redis_async
 from app.store.functions import ReadFunctions
 from app.store.meta import parse_meta
 
-# The ACL line above, as arguments of ACL SETUSER (without the password).
+# The base rules above, as arguments of ACL SETUSER (without the password).
 ACL_RULES = (
-    "on", "resetkeys", "%R~pm:{registry}:active", "%R~pm:{*}:meta", "%R~pm:{*}:u:*",
+    "on", "resetkeys", "%R~pm:{registry}:active",
     "resetchannels", "-@all", "+fcall_ro", "+get", "+hget", "+ping",
 )  # fmt: skip
 # What a reader on a Redis Cluster adds: the client's discovery of the nodes.
 CLUSTER_ACL_RULES = ("+cluster|slots", "+command")
+
+
+def _not_granted(error: ResponseError) -> bool:
+    """A key the reader's ACL does not grant: NOPERM for a declared key, or a function's refused
+    GET or HGET."""
+    refused = "can't access at least one of the keys" in str(error)
+    return refused or isinstance(error, NoPermissionError)
+
+
+@contextlib.contextmanager
+def _client_errors(model: str | None, version: str | None) -> Iterator[None]:
+    """The client's typed errors for what a read raises."""
+    try:
+        yield
+    except NotFoundError as error:
+        raise NotFound(error.detail, status=404, code=error.code) from error
+    except REDIS_DOWN as error:
+        if isinstance(error, ResponseError) and _not_granted(error):
+            what = f"{model or 'the default model'} version {version or '(active)'}"
+            raise Unauthorized(
+                f"This reader's Redis user is not granted {what}: the set is not sealed, was "
+                "deleted, or the service has not granted it yet (it grants the readable sets to "
+                "the users in PM_READER_ACL_USERS, within seconds after a Redis restart).",
+                status=403,
+                code="not_granted",
+            ) from error
+        raise Unavailable(f"The store is unreachable: {error}", status=503) from error
 
 
 class DirectReader:
@@ -53,22 +86,15 @@ class DirectReader:
     async def _read(
         self, users: Sequence[str], model: str | None, version: str | None
     ) -> tuple[str, str, list[bytes | None]]:
-        try:
-            return await self._functions.read(model, version, users)
-        except NotFoundError as error:
-            raise NotFound(error.detail, status=404, code=error.code) from error
-        except REDIS_DOWN as error:
-            raise Unavailable(f"The store is unreachable: {error}", status=503) from error
+        with _client_errors(model, version):
+            found = await self._functions.read(model, version, users)
+        return found
 
     async def _format(self, model: str, version: str) -> SetFormat:
         found = self._formats.get((model, version))
         if found is None:
-            try:
+            with _client_errors(model, version):
                 doc = await self._functions.sealed_doc(model, version)
-            except NotFoundError as error:
-                raise NotFound(error.detail, status=404, code=error.code) from error
-            except REDIS_DOWN as error:
-                raise Unavailable(f"The store is unreachable: {error}", status=503) from error
             if len(self._formats) > 1024:
                 self._formats.clear()
             found = self._formats[(model, version)] = parse_meta(

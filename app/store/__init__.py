@@ -10,9 +10,12 @@ One :class:`Store` holds the clients; its methods come from a module per concept
 - ``functions.py`` the read path's Redis functions, their reply format, and how they are called
 - ``reads.py``     the API's asyncio read path that runs them
 - ``jobs.py``      job records, idempotency, chunks, leases and counters
+- ``reader_acl.py`` direct readers' grants: the keys of the readable sets, and no others
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -24,6 +27,7 @@ from app.store.functions import ReadFunctions
 from app.store.jobs import JobsMixin
 from app.store.keys import MODEL_NAME_PATTERN, USER_ID_PATTERN, validate_user_id
 from app.store.meta import SEALED, WRITING, SetFormat, SetMeta
+from app.store.reader_acl import ReaderAclMixin
 from app.store.reads import ReadsMixin
 from app.store.registry import Activation, RegistryMixin
 from app.store.sets import SetsMixin
@@ -44,13 +48,15 @@ __all__ = [
 ]
 
 
-class Store(RegistryMixin, SetsMixin, ReadsMixin, JobsMixin):
+class Store(RegistryMixin, SetsMixin, ReadsMixin, JobsMixin, ReaderAclMixin):
     def __init__(
         self, redis: Redis | RedisCluster, *, write_batch: int = 500,
         aredis: AsyncRedis | AsyncRedisCluster | None = None,
+        reader_acl_users: Sequence[str] = (),
     ) -> None:  # fmt: skip
         self.redis = redis
         self.write_batch = write_batch
+        self.reader_acl_users = tuple(reader_acl_users)
         self._sealed = {}
         self.aredis = aredis  # the API's asyncio client (read hot path); None in workers
         if aredis is not None:

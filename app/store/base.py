@@ -20,6 +20,7 @@ class StoreBase:
     write_batch: int
     _sealed: dict[tuple[str, str], SetFormat]  # sealed sets' formats, which never change
     aredis: AsyncRedis | AsyncRedisCluster | None
+    reader_acl_users: tuple[str, ...]  # direct readers' ACL users whose grants the store keeps
 
 
 def as_bytes(value: Any) -> bytes | None:

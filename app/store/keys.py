@@ -9,6 +9,7 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{registry}:seq``             hash  model -> last allocated version number
 - ``pm:{registry}:datasets``        hash  dataset name -> JSON spec
 - ``pm:{registry}:retired``         zset  "model/version" -> purge-after time
+- ``pm:{registry}:reader-acl``      string a lock: one process at a time sets the readers' grants
 - ``pm:{<model>:<version>}:meta``   hash  doc (JSON: shape, dtype, task, lineage, ...), state, and
                                     the set's current count and digest (onboarding and erasure
                                     keep both up to date)
@@ -43,6 +44,7 @@ ACTIVE = f"{REGISTRY}:active"
 SEQ = f"{REGISTRY}:seq"
 DATASETS = f"{REGISTRY}:datasets"
 RETIRED = f"{REGISTRY}:retired"
+READER_ACL_LOCK = f"{REGISTRY}:reader-acl"
 # The field of ACTIVE that names the default model.
 DEFAULT_MODEL = "__default__"
 

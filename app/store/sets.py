@@ -24,6 +24,10 @@ class SetsMixin(StoreBase):
         def list_models(self) -> list[dict[str, Any]]: ...
         def active_pointers(self) -> dict[str, str]: ...
 
+    if TYPE_CHECKING:  # from ReaderAclMixin
+
+        def sync_reader_acl(self) -> bool: ...
+
     def allocate_version(self, model: str) -> str:
         return str(self.redis.hincrby(keys.SEQ, model, 1))
 
@@ -135,9 +139,11 @@ class SetsMixin(StoreBase):
         expected_digest: str,
         metrics: dict[str, Any] | None = None,
     ) -> SetMeta:
-        """Read everything back, verify count and digest, then mark the set readable."""
+        """Read everything back, verify count and digest, then mark the set readable and grant
+        it to the direct readers (a retried seal grants it again)."""
         meta = self.get_meta(model, version)
         if meta.state == SEALED:
+            self.sync_reader_acl()
             return meta
         users = self.set_users(model, version)
         values = self.get_prompts(model, version, users)
@@ -150,6 +156,7 @@ class SetsMixin(StoreBase):
             )
         meta.metrics = metrics or meta.metrics
         self._seal_without_erased(meta, items, digest=digest)
+        self.sync_reader_acl()
         return meta
 
     def _seal_without_erased(
@@ -293,8 +300,10 @@ class SetsMixin(StoreBase):
         set_keys = SetKeys(model, version)
         if self.active_pointers().get(model) == version:
             raise ConflictError(f"{model} version {version} is active; activate another first.")
-        # The metadata goes first: from then on readers find no set, never a set missing users.
+        # The metadata goes first: from then on readers find no set, never a set missing users;
+        # then the direct readers lose their grants on it, before its values go.
         self.redis.delete(set_keys.meta)
+        self.sync_reader_acl()
         for batch in _batched(self.redis.scan_iter(match=set_keys.pattern, count=1000), 500):
             self.redis.delete(*batch)
         self.redis.zrem(keys.versions_key(model), version)
