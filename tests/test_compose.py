@@ -15,7 +15,11 @@ from redis import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.config import Settings
 from app.local_redis import free_port
+from app.store import SEALED, WRITING, SetMeta, Store
+from app.store.functions import READ
+from app.store.keys import ACTIVE, SetKeys
 from tests.conftest import wait_for
 
 yaml = pytest.importorskip("yaml")
@@ -169,3 +173,27 @@ def test_the_store_has_password_users_and_a_memory_cap(store_server: int) -> Non
         reader.set("pm:x", "2")
     with pytest.raises(AuthenticationError):
         Redis(port=store_server, username="pm-reader", password="wrong").ping()
+
+
+def test_the_store_reader_gets_the_readable_sets_that_the_service_grants(
+    store_server: int,
+) -> None:
+    service = Redis(port=store_server, username="pm-service", password=ENV["PM_STORE_PASSWORD"])
+    reader = Redis(port=store_server, username="pm-reader", password=ENV["PM_READER_PASSWORD"])
+    users = _compose()["x-env"]["PM_READER_ACL_USERS"]
+    assert Settings(environment="test", reader_acl_users=users).reader_acl_users == ["pm-reader"]
+    store = Store(service, reader_acl_users=["pm-reader"])
+    store.load_functions()
+    for state, version in ((SEALED, "1"), (WRITING, "2")):
+        store.put_model("m", {"name": "m"})
+        store.begin_set(SetMeta(model="m", version=version, task="rating", shape=[1, 1]))
+        store.redis.hset(SetKeys("m", version).meta, "state", state)
+        store.redis.set(SetKeys("m", version).value("u"), b"v")
+    with pytest.raises(NoPermissionError):  # the base rules grant no set
+        reader.get(SetKeys("m", "1").value("u"))
+    assert store.sync_reader_acl()  # pm-service may set the reader's grants
+    assert reader.fcall_ro(READ, 1, ACTIVE, "m", "1", "u") == [3, b"m", b"1", b"v"]
+    assert reader.get(SetKeys("m", "1").value("u")) == b"v"
+    for attempt in (("GET", SetKeys("m", "2").value("u")), ("SCRIPT", "LOAD", "return 1")):
+        with pytest.raises(NoPermissionError):
+            reader.execute_command(*attempt)
