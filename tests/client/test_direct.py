@@ -187,6 +187,32 @@ def test_a_reader_that_lost_its_grants_gets_them_back(
         assert as_reader.get(value_key) == prompts["u1"].astype("<f4").tobytes()
 
 
+def test_a_set_a_worker_seals_is_granted_at_once(
+    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, reader_url: str
+) -> None:
+    """Workers build their store from the same settings, so sealing there grants the set too
+    (no API runs here to catch up)."""
+    from app.config import get_settings
+    from workers import context
+
+    monkeypatch.setenv("PM_REDIS_URL", redis_server.url())
+    monkeypatch.setenv("PM_READER_ACL_USERS", READER_USER)
+    monkeypatch.setattr(context, "_store", None)
+    get_settings.cache_clear()
+    try:
+        worker_store = context.store()
+        worker_store.put_model("tiny-gemma", {"name": "tiny-gemma"})
+        version = _unsealed_set(worker_store)
+        value_key = SetKeys("tiny-gemma", version).value("u1")
+        with Redis.from_url(reader_url) as as_reader:
+            assert _refused(as_reader, "GET", value_key)
+            _seal(worker_store, version)
+            assert as_reader.get(value_key) == VALUE
+        worker_store.redis.close()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_the_api_refuses_to_start_when_it_may_not_grant_readers(
     redis_server: RedisServer, store_redis: Redis
 ) -> None:
