@@ -145,6 +145,8 @@ class ReaderAclMixin(StoreBase):
 async def keep_reader_acl(store: ReaderAclMixin, *, every_s: float) -> None:
     """Check the readers' grants every ``every_s`` seconds until cancelled: a restarted Redis,
     or an operator's ACL change, is repaired within that."""
+    if not store.reader_acl_users:
+        return
     while True:
         await asyncio.sleep(every_s)
         try:
