@@ -92,10 +92,15 @@ def stop_leftovers(path: Path, *, say: Callable[[str], None], timeout_s: float =
 
 
 def terminate(process: Tracked, *, timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL if it still runs after ``timeout_s``."""
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+    """SIGTERM (and SIGCONT: a stopped process acts on nothing else), then SIGKILL if it still
+    runs after ``timeout_s``."""
+    for signals, wait_s in (
+        ((signal.SIGTERM, signal.SIGCONT), timeout_s),
+        ((signal.SIGKILL,), 5.0),
+    ):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, sig)
+            for sig in signals:
+                os.kill(process.pid, sig)
         if gone(process, timeout_s=wait_s):
             return
 

@@ -26,6 +26,7 @@ import pytest
 from redis import Redis
 
 from app.local_redis import LocalRedis, free_port
+from app.processes import Tracked, working_in
 from app.store import SEALED, Store
 from tests.conftest import ADMIN, READER, ROOT, wait_for
 from tests.workers.helpers import (
@@ -353,6 +354,32 @@ def test_a_killed_supervisor_leaves_nothing_and_the_next_start_has_the_data(
             stop(second)
     finally:
         end_all(data_dir)
+
+
+@NEEDS_REDIS
+def test_a_start_stops_the_store_a_dead_run_left_on_its_data_directory(tmp_path: Path) -> None:
+    """What a supervisor leaves where children cannot die with it: its store still running."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (tmp_path / "run").mkdir()
+    left = LocalRedis(str(shutil.which("redis-server")), data_dir, persist=True)
+    left.start()
+    try:
+        assert left.proc is not None
+        redis = Tracked.of("redis", left.proc.pid)
+        assert redis is not None
+        dead = Tracked("supervisor", left.proc.pid, "a start time no live process has")
+        (tmp_path / "run" / "children").write_text(f"{dead.line()}\n{redis.line()}\n")
+        service = launch(tmp_path, port=free_port(), args=["--data-dir", str(data_dir)])
+        try:
+            assert service.proc.poll() is None, service.output()
+            assert left.proc.wait(timeout=30) == 0  # SIGTERM: Redis saved and exited
+            assert f"stopping redis (pid {left.proc.pid})" in service.output()
+            assert working_in(data_dir, program="redis-server") == [service.pid("redis")]
+        finally:
+            stop(service)
+    finally:
+        left.stop()
 
 
 @NEEDS_REDIS
