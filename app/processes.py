@@ -26,16 +26,17 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def start_time(pid: int) -> str | None:
     """When ``pid`` started, as the system tells it; None once it is gone (or a zombie)."""
-    if Path("/proc/self/stat").exists():
-        try:
-            fields = (
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            )  # the name may hold spaces
-        except (OSError, IndexError):
-            return None
-        return None if fields[0] in "ZX" else fields[19]  # state, then starttime (field 22)
-    out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True)
-    return out.stdout.strip() or None
+    if not Path("/proc/self/stat").exists():  # not Linux: ask ps
+        out = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True
+        )
+        return out.stdout.strip() or None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]  # the state; starttime is field 22
 
 
 @dataclass(frozen=True)

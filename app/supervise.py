@@ -89,10 +89,10 @@ class Supervisor:
         children again, and a child's death signal fires when the thread that started it ends."""
 
         def loop() -> None:
-            while True:
-                time.sleep(interval_s)
+            while not self._stopping.wait(interval_s):
                 with self._checking:
                     self.check()
+            threading.Event().wait()  # ending would signal its children before stop() ends them
 
         threading.Thread(target=loop, name="supervisor", daemon=True).start()
 
