@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from redis import Redis
@@ -36,6 +36,7 @@ class LocalRedis:
         extra_args: Sequence[str] = (),
         persist: bool = False,
         own_group: bool = False,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.binary = binary
         self.workdir = workdir
@@ -43,6 +44,7 @@ class LocalRedis:
         self.extra_args = list(extra_args)
         self.persist = persist
         self.own_group = own_group
+        self.preexec_fn = preexec_fn
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -67,7 +69,9 @@ class LocalRedis:
             # In its own process group, a Ctrl-C in the terminal reaches only the supervisor,
             # which stops the store last, after everything that writes to it.
             group = 0 if self.own_group else None
-            self.proc = subprocess.Popen(self.args(), stdout=out, stderr=out, process_group=group)
+            self.proc = subprocess.Popen(
+                self.args(), stdout=out, stderr=out, process_group=group, preexec_fn=self.preexec_fn
+            )
         client = Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:

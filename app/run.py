@@ -27,6 +27,7 @@ from typing import IO, Any
 import httpx
 
 from app.local_redis import LocalRedis, free_port
+from app.processes import die_with_parent, working_in
 from app.supervise import Spawn, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,16 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
     return handle
 
 
+def refuse_a_second_store(data_dir: Path) -> None:
+    """Two redis-servers appending to one directory corrupt it, whoever started the other."""
+    pids = " ".join(map(str, working_in(data_dir, program="redis-server")))
+    if pids:
+        raise SystemExit(
+            f"A redis-server (pid {pids}) already serves the data directory {data_dir}, and this "
+            f"run directory has no record of it: stop it (kill {pids}), then start again."
+        )
+
+
 def reset_data_dir(data_dir: Path) -> None:
     """``--fresh``: drop the store's files, so the embedded Redis starts empty."""
     shutil.rmtree(data_dir / "appendonlydir", ignore_errors=True)
@@ -98,7 +109,11 @@ def reset_data_dir(data_dir: Path) -> None:
 
 def start_redis(supervisor: Supervisor, *, data_dir: Path) -> str:
     log = supervisor.log_path("redis")
-    server = LocalRedis(redis_binary(), data_dir, log=log, persist=True, own_group=True)
+    # SIGTERM: Redis writes out its append-only file and exits at once.
+    server = LocalRedis(
+        redis_binary(), data_dir, log=log, persist=True, own_group=True,
+        preexec_fn=die_with_parent(signal.SIGTERM),
+    )  # fmt: skip
 
     def spawn() -> subprocess.Popen[bytes]:
         server.start(timeout_s=REDIS_LOAD_TIMEOUT_S)  # same port: clients reconnect by themselves
@@ -140,9 +155,12 @@ def spawner(supervisor: Supervisor, name: str, args: list[str], env: dict[str, s
         with supervisor.log_path(name).open("ab") as log:
             # Its own process group: Ctrl-C reaches the supervisor alone, which stops the
             # children in order instead of racing their restarts.
+            # SIGKILL when the supervisor dies: a worker's warm shutdown would first finish its
+            # task; the broker delivers a killed task again, as after any worker crash.
             return subprocess.Popen(
-                args, cwd=ROOT, env=env, stdout=log, stderr=log, process_group=0
-            )
+                args, cwd=ROOT, env=env, stdout=log, stderr=log, process_group=0,
+                preexec_fn=die_with_parent(signal.SIGKILL),
+            )  # fmt: skip
 
     return spawn
 
@@ -340,9 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     embedded = not os.environ.get("PM_REDIS_URL")
     lock = lock_data_dir(args.data_dir) if embedded else None
+    supervisor = Supervisor(args.run_dir, say=lambda line: print(line, flush=True))
+    supervisor.stop_leftovers()  # before anything starts: a dead run's store, worker and API
+    if embedded:
+        refuse_a_second_store(args.data_dir)
     if embedded and args.fresh:
         reset_data_dir(args.data_dir)
-    supervisor = Supervisor(args.run_dir, say=lambda line: print(line, flush=True))
     # Both explicit: a shell that starts this in the background leaves SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -6,6 +6,9 @@ backoff that doubles with each quick death (a child that ran ``stable_s`` starts
 first step). A child that keeps dying at once is a configuration error, not a fault: after
 ``max_failures`` quick deaths in a row the supervisor gives up and says so. ``stop()`` ends the
 children in the reverse order of their start, so the store goes last.
+
+The children are recorded in ``run_dir/children`` (see ``app.processes``): a start in the same
+run directory first stops what a supervisor that died left running (``stop_leftovers()``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from app.processes import Tracked, record, stop_leftovers
 
 Spawn = Callable[[], subprocess.Popen[bytes]]
 
@@ -59,8 +64,13 @@ class Supervisor:
         self.stable_s, self.max_failures = stable_s, max_failures
         self.children: list[Child] = []
         self.failed: str | None = None  # why the supervisor gave up, once it has
+        self.records = run_dir / "children"
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._checking = threading.Lock()  # held by a check; stop() waits for it to end
+
+    def stop_leftovers(self) -> None:
+        """Stop the children a dead supervisor of this run directory left running."""
+        stop_leftovers(self.records, say=self.say)
 
     def start(self, name: str, spawn: Spawn) -> subprocess.Popen[bytes]:
         """Start a child now (the caller's thread: start-up errors reach the caller)."""
@@ -75,14 +85,16 @@ class Supervisor:
         return child.proc.pid if child is not None and child.proc is not None else None
 
     def watch(self, *, interval_s: float = 0.2) -> None:
-        """Poll the children from a thread until ``stop()``."""
+        """Poll the children from a thread until ``stop()``. The thread never ends: it starts
+        children again, and a child's death signal fires when the thread that started it ends."""
 
         def loop() -> None:
             while not self._stopping.wait(interval_s):
-                self.check()
+                with self._checking:
+                    self.check()
+            threading.Event().wait()  # ending would signal its children before stop() ends them
 
-        self._thread = threading.Thread(target=loop, name="supervisor", daemon=True)
-        self._thread.start()
+        threading.Thread(target=loop, name="supervisor", daemon=True).start()
 
     def check(self) -> None:
         now = time.monotonic()
@@ -134,6 +146,8 @@ class Supervisor:
         child.proc = child.spawn()
         child.started = time.monotonic()
         (self.run_dir / f"{child.name}.pid").write_text(f"{child.proc.pid}\n")
+        running = (Tracked.of(c.name, c.proc.pid) for c in self.children if c.proc is not None)
+        record(self.records, [t for t in running if t is not None])
 
     def raise_if_failed(self) -> None:
         if self.failed:
@@ -144,9 +158,8 @@ class Supervisor:
 
     def stop(self, *, timeout_s: float = 15.0) -> None:
         """SIGTERM each child, newest first, then SIGKILL what is left after ``timeout_s``."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join()
+        with self._checking:  # no restart after this
+            self._stopping.set()
         for child in reversed(self.children):
             proc = child.proc
             if proc is None or proc.poll() is not None:
@@ -160,3 +173,4 @@ class Supervisor:
                 proc.wait()
             (self.run_dir / f"{child.name}.pid").unlink(missing_ok=True)
         self.children.clear()
+        self.records.unlink(missing_ok=True)

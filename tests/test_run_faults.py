@@ -8,6 +8,7 @@ has exactly the expected prompt. The last test stops the service as Ctrl-C does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,7 +25,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.local_redis import free_port
+from app.local_redis import LocalRedis, free_port
+from app.processes import Tracked, working_in
 from app.store import SEALED, Store
 from tests.conftest import ADMIN, READER, ROOT, wait_for
 from tests.workers.helpers import (
@@ -61,12 +63,13 @@ class Supervised:
     run_dir: Path
     out: Path
     redis_url: str
+    since: int = 0  # where this run's output starts in ``out``
 
     def pid(self, name: str) -> int:
         return int((self.run_dir / f"{name}.pid").read_text())
 
     def output(self) -> str:
-        return self.out.read_text(errors="replace")
+        return self.out.read_bytes()[self.since :].decode(errors="replace")
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=10)
@@ -75,32 +78,50 @@ class Supervised:
         return Store(Redis.from_url(self.redis_url, socket_timeout=5))
 
 
+def launch(
+    tmp: Path, *, port: int, args: list[str], env: dict[str, str] | None = None
+) -> Supervised:
+    """``python -m app.run --no-demo`` on ``port``, its logs in ``tmp/run``; returns it once the
+    API is ready (or once it exits: check ``proc.poll()``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PM_")} | FAULT_ENV | (env or {})
+    argv = [sys.executable, "-m", "app.run", "--no-demo", "--port", str(port)]
+    argv += ["--run-dir", str(tmp / "run"), *args]
+    out = tmp / "app-run.out"
+    with out.open("ab") as log:
+        since = log.tell()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
+    service = Supervised(proc, f"http://127.0.0.1:{port}", tmp / "run", out, "", since)
+    try:
+        wait_for(lambda: "API ready" in service.output() or proc.poll() is not None, timeout=180)
+    except AssertionError:
+        stop(service)
+        raise
+    urls = re.findall(r"local Redis at (redis://\S+);", service.output())
+    service.redis_url = urls[-1] if urls else ""
+    return service
+
+
+def stop(service: Supervised) -> None:
+    """Ctrl-C, as an operator stops it."""
+    if service.proc.poll() is None:
+        service.proc.send_signal(signal.SIGINT)
+        try:
+            service.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.proc.kill()
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     tmp = tmp_path_factory.mktemp("run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PM_")} | FAULT_ENV
-    port = free_port()
-    args = [sys.executable, "-m", "app.run", "--no-demo", "--port", str(port)]
-    args += ["--run-dir", str(tmp / "run"), "--data-dir", str(tmp / "data")]
-    out = tmp / "app-run.out"
-    with out.open("wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
-    service = Supervised(proc, f"http://127.0.0.1:{port}", tmp / "run", out, "")
+    service = launch(tmp, port=free_port(), args=["--data-dir", str(tmp / "data")])
     try:
-        wait_for(lambda: "API ready" in service.output() or proc.poll() is not None, timeout=180)
-        match = re.search(r"local Redis at (redis://\S+);", service.output())
-        assert match and proc.poll() is None, service.output()
-        service.redis_url = match.group(1)
+        assert service.redis_url and service.proc.poll() is None, service.output()
         yield service
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(service)
 
 
 def admin() -> dict[str, str]:
@@ -259,3 +280,123 @@ def test_ctrl_c_stops_every_child(service: Supervised) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "restarting" not in service.output().split("Stopping ...")[-1]
+
+
+KINDS = {"celery": "worker", "uvicorn": "api", "app.run": "supervisor"}
+
+
+def kind_of(entry: Path, data_dir: Path) -> str | None:
+    """What ``/proc/PID`` is for ``data_dir``: a redis-server working in it (its title overwrites
+    its environment), or a process whose environment names it; a zombie is nothing."""
+    if (entry / "comm").read_text().strip() == "redis-server":
+        return "redis" if os.readlink(entry / "cwd") == str(data_dir.resolve()) else None
+    if f"PM_DATA_DIR={data_dir}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+        return None
+    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return next((kind for word, kind in KINDS.items() if word in cmdline), None)
+
+
+def started_for(data_dir: Path) -> dict[str, list[int]]:
+    """The live processes of a ``make run`` on ``data_dir``, by kind."""
+    found: dict[str, list[int]] = {kind: [] for kind in ("redis", *KINDS.values())}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            kind = kind_of(entry, data_dir)
+        except (OSError, UnicodeDecodeError):  # gone meanwhile, or not ours
+            continue
+        if kind is not None:
+            found[kind].append(int(entry.name))
+    return found
+
+
+def end_all(data_dir: Path) -> None:
+    """Kill whatever a failed test left running for ``data_dir`` (by pid)."""
+    for pids in started_for(data_dir).values():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+NEEDS_REDIS = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (apt-get install redis-server)",
+)
+
+
+@NEEDS_REDIS
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="counts processes in /proc")
+def test_a_killed_supervisor_leaves_nothing_and_the_next_start_has_the_data(
+    tmp_path: Path,
+) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    env = {"PM_DATA_DIR": str(data_dir)}
+    first = launch(tmp_path, port=port, args=[], env=env)
+    try:
+        assert first.proc.poll() is None, first.output()
+        with first.http() as http:
+            response = http.post("/models", json={"name": SOURCE}, headers=admin())
+            assert response.status_code in (200, 201), response.text
+        pid, _ = kill(first, "redis")  # restarted from the supervisor's thread, not the main one
+        assert_restarted(first, "redis", pid)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        wait_for(lambda: not any(started_for(data_dir).values()), timeout=20,
+                 what=f"the children to die with their supervisor: {started_for(data_dir)}")  # fmt: skip
+
+        second = launch(tmp_path, port=port, args=[], env=env)
+        try:
+            assert second.proc.poll() is None, second.output()
+            running = {kind: len(pids) for kind, pids in started_for(data_dir).items()}
+            assert running == {"redis": 1, "worker": 1, "api": 1, "supervisor": 1}, running
+            with second.http() as http:  # the same port, the same store
+                models = http.get("/models", headers=reader())
+            assert models.status_code == 200 and f'"{SOURCE}"' in models.text, models.text
+        finally:
+            stop(second)
+    finally:
+        end_all(data_dir)
+
+
+@NEEDS_REDIS
+def test_a_start_stops_the_store_a_dead_run_left_on_its_data_directory(tmp_path: Path) -> None:
+    """What a supervisor leaves where children cannot die with it: its store still running."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (tmp_path / "run").mkdir()
+    left = LocalRedis(str(shutil.which("redis-server")), data_dir, persist=True)
+    left.start()
+    try:
+        assert left.proc is not None
+        redis = Tracked.of("redis", left.proc.pid)
+        assert redis is not None
+        dead = Tracked("supervisor", left.proc.pid, "a start time no live process has")
+        (tmp_path / "run" / "children").write_text(f"{dead.line()}\n{redis.line()}\n")
+        service = launch(tmp_path, port=free_port(), args=["--data-dir", str(data_dir)])
+        try:
+            assert service.proc.poll() is None, service.output()
+            assert left.proc.wait(timeout=30) == 0  # SIGTERM: Redis saved and exited
+            assert f"stopping redis (pid {left.proc.pid})" in service.output()
+            assert working_in(data_dir, program="redis-server") == [service.pid("redis")]
+        finally:
+            stop(service)
+    finally:
+        left.stop()
+
+
+@NEEDS_REDIS
+def test_a_start_refuses_a_data_directory_another_redis_server_serves(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    other = LocalRedis(str(shutil.which("redis-server")), data_dir, persist=True)
+    other.start()
+    try:
+        assert other.proc is not None
+        service = launch(tmp_path, port=free_port(), args=["--data-dir", str(data_dir)])
+        try:
+            assert service.proc.wait(timeout=60) != 0, service.output()
+        finally:
+            stop(service)
+        assert f"pid {other.proc.pid}" in service.output(), service.output()
+        assert "Started a local Redis" not in service.output()
+    finally:
+        other.stop()
