@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     # by the redelivered task once it lapses.
     lease_ttl_s: float = Field(default=60.0, gt=0)
     restore_interval_s: int = Field(default=10, ge=1)
+    # A stage whose worker died this many times while running it (killed, e.g. for memory)
+    # fails its job instead of being delivered again for ever.
+    max_stage_runs: int = Field(default=3, ge=1)
+    # Each run of a stage must end within this, or its job fails (checked by the stage between
+    # steps: the solo pool enforces no Celery time limit).
+    stage_time_limit_s: float = Field(default=12 * 3600, gt=0)
+    # Retries of a stage through a store outage, with exponential backoff (8: about 4 minutes);
+    # after them its job fails.
+    store_retries: int = Field(default=8, ge=0, le=20)
     quality_tolerance: float = Field(default=0.05, ge=0)
     version_grace_s: int = Field(default=24 * 3600, ge=0)
     model_cache_size: int = Field(default=2, ge=1)

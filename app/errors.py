@@ -27,6 +27,13 @@ class InvalidInputError(ServiceError):
     code = "invalid_input"
 
 
+class BrokerUnavailableError(ServiceError):
+    """The task queue did not take a job's first task: the job was failed, never started."""
+
+    status_code = 503
+    code = "broker_unavailable"
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     code = "payload_too_large"

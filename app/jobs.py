@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.errors import ConflictError, InvalidInputError, NotFoundError
+from app.errors import BrokerUnavailableError, ConflictError, InvalidInputError, NotFoundError
 from app.schemas import Job, MigrationCreate, TrainRequest
 from app.store import SEALED, SetMeta, Store
 
@@ -121,7 +121,7 @@ def create_migration(
     record["sources"] = [{"model": meta.model, "version": meta.version} for meta in sources]
     job, created = store.create_job(record, idempotency_key=idempotency_key, request_hash=digest)
     if created:
-        celery.send_task(f"{TASKS}.train_stage", args=[job["id"]])
+        start(store, celery, job, task="train_stage", idempotency_key=idempotency_key)
     return job, created
 
 
@@ -132,8 +132,29 @@ def create_training(store: Store, celery: Celery, model: str, body: TrainRequest
     record = _new_record("train", body.model_dump(), target)
     record["sources"] = []
     job, _ = store.create_job(record, idempotency_key=None, request_hash="")
-    celery.send_task(f"{TASKS}.train_prompt_set", args=[job["id"]])
+    start(store, celery, job, task="train_prompt_set", idempotency_key=None)
     return job
+
+
+def start(
+    store: Store, celery: Celery, job: dict[str, Any], *, task: str, idempotency_key: str | None
+) -> None:
+    """Send the job's first task. If the broker does not take it, nothing ever would run the
+    job: it is failed, its Idempotency-Key freed for the retry, and the request answered 503."""
+    try:
+        celery.send_task(f"{TASKS}.{task}", args=[job["id"]])
+    except Exception as exc:  # OperationalError, or a RuntimeError once the backend gave up
+        error = (
+            f"The task queue (broker) was unreachable ({exc}), so the job never started; retry "
+            "the request (the same Idempotency-Key makes a new job). Operators: check "
+            "PM_BROKER_URL and that the broker is running."
+        )
+        store.update_job(
+            job["id"], state=FAILED, stage=FAILED, error=error, finished_at=time.time()
+        )
+        if idempotency_key:
+            store.forget_idempotency(idempotency_key, job_id=job["id"])
+        raise BrokerUnavailableError(error) from exc
 
 
 def cancel(store: Store, job_id: str) -> dict[str, Any]:

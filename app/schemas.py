@@ -20,6 +20,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Upper bounds on the fields that size a job's work and memory: beyond them a request is a
+# mistake (or an attack) that would hold a worker for days or kill it for memory.
+MAX_USERS = 10_000_000  # more users than any dataset the service trains on holds
+MAX_WIDTH = 4096  # adapter hidden units, principal directions, examples per step
+MAX_SEED = 2**32 - 1  # what every generator (torch, numpy) accepts
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Random seed, 0 to 2**32 - 1.")]
+
+
 # ---- models -------------------------------------------------------------------------------------
 
 
@@ -60,14 +68,14 @@ class ActivateOut(BaseModel):
 class TrainRequest(Strict):
     dataset: str = Field(examples=["movielens-100k"])
     task: Literal["rating", "binary"] = "rating"
-    max_users: int | None = Field(default=None, ge=1)
+    max_users: int | None = Field(default=None, ge=1, le=MAX_USERS)
     max_train_per_user: int = Field(default=30, ge=1, le=10_000)
     epochs: int = Field(default=10, ge=1, le=1000)
     prompt_length: int = Field(default=1, ge=1, le=64)
     lr: float | None = Field(default=None, gt=0)
     activate: bool = True
     dtype: StoredDtype = "float32"
-    seed: int = 0
+    seed: Seed = 0
 
 
 # ---- migrations ---------------------------------------------------------------------------------
@@ -80,7 +88,9 @@ class SourceRef(Strict):
 
 class Selection(Strict):
     strategy: Literal["puma", "random", "all"] = "puma"
-    budget: int | None = Field(default=None, ge=1, description="Users trained on; None = all.")
+    budget: int | None = Field(
+        default=None, ge=1, le=MAX_USERS, description="Users trained on; None = all."
+    )
     post_stratify: bool = Field(
         default=False,
         description="puma: weigh each selected user's examples by its cluster's population share "
@@ -94,9 +104,9 @@ class AdapterOptions(Strict):
     `recipe` field shows what it ran."""
 
     epochs: int | None = Field(default=None, ge=1, le=1000)
-    hidden: int | None = Field(default=None, ge=1)
+    hidden: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
     lr: float | None = Field(default=None, gt=0)
-    batch_size: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
     max_train_per_user: int | None = Field(
         default=None, ge=1, le=10_000,
         description="Train the adapter on each selected user's latest N interactions only: more "
@@ -104,7 +114,7 @@ class AdapterOptions(Strict):
         "`all`.",
     )  # fmt: skip
     input_rank: int | None = Field(
-        default=None, ge=1,
+        default=None, ge=1, le=MAX_WIDTH,
         description="Read only the source table's top N principal directions; needs more than N "
         "prompt vectors in the source set. Default: 64, or as many as the source set has.",
     )  # fmt: skip
@@ -140,7 +150,7 @@ class MigrationCreate(Strict):
         "embeddings, with the source head refitted to the target on the dataset's item texts; "
         "ready in seconds, less accurate (see the README).",
     )  # fmt: skip
-    max_users: int | None = Field(default=None, ge=1)
+    max_users: int | None = Field(default=None, ge=1, le=MAX_USERS)
     max_train_per_user: int = Field(
         default=30, ge=1, le=10_000, description="Most recent training interactions per user."
     )
@@ -150,7 +160,7 @@ class MigrationCreate(Strict):
     auto_promote: bool = True
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
     dtype: StoredDtype = "float32"
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _distinct(self) -> MigrationCreate:
@@ -324,7 +334,7 @@ _ERROR_CODES = {
     409: "Conflicts with the current state",
     413: "Body over the size limit",
     422: "Invalid input; `problems` names the fields",
-    503: "Redis unreachable; retry shortly",
+    503: "Redis or the task queue unreachable; retry shortly",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text} for code, text in _ERROR_CODES.items()

@@ -222,7 +222,9 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.name = f"test-{uuid.uuid4().hex[:8]}"  # the node is name@hostname
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start, and unless ``wait`` is False wait until it answers a ping (which a solo worker
+        busy with a task does only once the task ends)."""
         args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
         args += ["-Q", "gpu,default", "--pool", "solo", "--loglevel", "INFO"]
         args += ["-n", f"{self.name}@%h", "--without-gossip", "--without-mingle"]
@@ -230,7 +232,8 @@ class Worker:
             self.proc = subprocess.Popen(
                 args, cwd=ROOT, env=worker_env(self.settings), stdout=out, stderr=out
             )
-        self._wait_ready()
+        if wait:
+            self._wait_ready()
 
     def _wait_ready(self) -> None:
         from workers.celery_app import make_celery

@@ -116,7 +116,7 @@ def train(
     job.update(stage="training", users_selected=len(selected.users))
     job.store.count(job.id, "adapter_trainings")
     if job.settings.stage_delay_s:
-        time.sleep(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here
+        job.pause(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here
     target = load_model(target_name)
     result = train_adapter(
         sources=sets,

@@ -22,8 +22,14 @@ def make_celery(settings: Settings) -> Celery:
             f"{TASKS}.finalize": {"queue": GPU_QUEUE},
             f"{TASKS}.train_prompt_set": {"queue": GPU_QUEUE},
             f"{TASKS}.promote": {"queue": DEFAULT_QUEUE},
+            f"{TASKS}.fail_job": {"queue": DEFAULT_QUEUE},
         },
-        # A task is acknowledged only after it ran; a killed worker's task is delivered again.
+        # The solo pool enforces no time limit: each stage checks its own (Job.check_cancel).
+        # A pool that does enforce these ends a stage a little after that check would have.
+        task_soft_time_limit=settings.stage_time_limit_s + 60,
+        task_time_limit=settings.stage_time_limit_s + 300,
+        # A task is acknowledged only after it ran; a killed worker's task is delivered again
+        # (a bounded number of times: workers.lease.check_runs).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

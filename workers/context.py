@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from app.config import Settings, get_settings
 from app.errors import NotFoundError, ServiceError
 from app.jobs import (
@@ -22,12 +24,16 @@ from app.jobs import (
 from app.store import REDIS_DOWN, SEALED, Store, connect_redis
 from models.errors import Cancelled, MigrationError
 from models.foundation import FoundationModel
-from workers.lease import LeaseHeld, held
+from workers.lease import LeaseHeld, RunsExhausted, held
 
 # Transient: the task is delivered again later and the job stays as it is.
 _COME_BACK_LATER: tuple[type[Exception], ...] = (LeaseHeld, *REDIS_DOWN)
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
 _store: Store | None = None
+
+
+class TimeLimitExceeded(Exception):
+    """A stage ran past its time limit; its job fails."""
 
 
 def store() -> Store:
@@ -67,6 +73,23 @@ class Job:
         self.record = self.store.get_job(job_id)
         self._last_check = 0.0
         self._last_progress = 0.0
+        self._stage = "stage"
+        self._deadline: float | None = None
+
+    def limit_time(self, stage: str, *, seconds: float) -> None:
+        """From now, this run of ``stage`` must end within ``seconds`` (see ``check_cancel``)."""
+        self._stage, self._deadline = stage, time.monotonic() + seconds
+
+    def overtime(self) -> str | None:
+        """Why the stage must stop for time, or None while it is within its limit."""
+        if self._deadline is None or time.monotonic() < self._deadline:
+            return None
+        limit = self.settings.stage_time_limit_s
+        return (
+            f"stage {self._stage} ran past its time limit of {limit:g} s "
+            "(PM_STAGE_TIME_LIMIT_S); the job was abandoned. Retry with less work (fewer epochs, "
+            "a smaller selection.budget or max_users), or raise the limit."
+        )
 
     @property
     def target(self) -> tuple[str, str]:
@@ -81,15 +104,28 @@ class Job:
         self.record.update(fields)
 
     def should_stop(self) -> bool:
+        """Asked between training steps: a cancelled or overtime stage stops (``Cancelled``,
+        which ``run_guarded`` reports as a time-limit failure once past the deadline)."""
         now = time.monotonic()
         if now - self._last_check < 0.25:
             return False
         self._last_check = now
-        return self.store.cancel_requested(self.id)
+        return self.overtime() is not None or self.store.cancel_requested(self.id)
 
     def check_cancel(self) -> None:
+        """Between steps of a stage: stop on cancellation, or past the stage's time limit."""
+        overtime = self.overtime()
+        if overtime is not None:
+            raise TimeLimitExceeded(overtime)
         if self.store.cancel_requested(self.id):
             raise Cancelled(f"job {self.id} cancelled")
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, still answering cancellation and the time limit (test-only slowdowns)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.check_cancel()
+            time.sleep(min(left, 0.25))
 
     def progress(self, start: float, span: float) -> Callable[[dict[str, float]], None]:
         """An on_progress callback mapping a stage's 0..1 onto [start, start + span]."""
@@ -118,21 +154,35 @@ def run_guarded(job_id: str, stage: Callable[[Job], Any], *, lease: str | None =
         job.check_cancel()
         if job.record["state"] != RUNNING:
             job.update(state=RUNNING, started_at=time.time())
+        job.limit_time(lease or "stage", seconds=job.settings.stage_time_limit_s)
         if lease is None:
             return stage(job)
-        with held(job.store, job.id, lease, ttl_s=job.settings.lease_ttl_s):
+        ttl_s, max_runs = job.settings.lease_ttl_s, job.settings.max_stage_runs
+        with held(job.store, job.id, lease, ttl_s=ttl_s, max_runs=max_runs):
             job.record = job.store.get_job(job.id)  # the last holder may have finished the job
             return None if job.record["state"] in TERMINAL else stage(job)
     except Cancelled:
-        abandon(job)
-    except (MigrationError, ServiceError) as exc:
+        abandon(job, error=job.overtime())
+    except (MigrationError, ServiceError, RunsExhausted, TimeLimitExceeded) as exc:
         abandon(job, error=str(exc))
+    except SoftTimeLimitExceeded:  # Celery's own limit, on a pool that enforces it (not solo)
+        abandon(job, error=job.overtime() or f"stage {lease} ran past Celery's soft time limit")
     except _COME_BACK_LATER:
         raise  # transient: the task is retried, the job stays as it is
     except Exception as exc:
         abandon(job, error=f"internal error: {exc!r}")
         raise
     return None
+
+
+def fail(job_id: str, *, error: str) -> None:
+    """Fail a job that has not ended (e.g. its stage gave up on an unreachable store)."""
+    try:
+        job = Job(job_id)
+    except NotFoundError:
+        return
+    if job.record["state"] not in TERMINAL:
+        abandon(job, error=error)
 
 
 def abandon(job: Job, *, error: str | None = None) -> None:

@@ -86,7 +86,8 @@ def map_missing_chunks(job: Job) -> None:
         if index not in done:  # map_chunk checks again: a chord task may finish it meanwhile
             job.check_cancel()
             # A chunk task still on it holds the lease: finalize then comes back later.
-            with held(job.store, job.id, f"chunk:{index}", ttl_s=job.settings.lease_ttl_s):
+            ttl_s, max_runs = job.settings.lease_ttl_s, job.settings.max_stage_runs
+            with held(job.store, job.id, f"chunk:{index}", ttl_s=ttl_s, max_runs=max_runs):
                 map_chunk(job, index)
 
 
@@ -105,7 +106,7 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
         return {"chunk": index, "skipped": True}
     started = time.perf_counter()
     if job.settings.chunk_delay_s:
-        time.sleep(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
+        job.pause(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
     sets = [
         load_set(s["model"], s["version"], users=planned_chunks(job)[index], skip_missing=True)
         for s in job.record["sources"]

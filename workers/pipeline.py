@@ -18,13 +18,21 @@ from collections.abc import Callable
 
 from models.errors import DataError
 from workers.adapter_training import fit_map, job_recipe, select, train
-from workers.context import Job, run_guarded
+from workers.context import Job, fail, run_guarded
 from workers.finalize import finalize
 from workers.mapping import map_chunk, plan_mapping
 from workers.prompt_training import train_prompt_set
 from workers.sets import common_users, load_set, load_splits, source_task
 
-__all__ = ["Job", "finalize", "map_chunk", "run_guarded", "train_and_dispatch", "train_prompt_set"]
+__all__ = [
+    "Job",
+    "fail",
+    "finalize",
+    "map_chunk",
+    "run_guarded",
+    "train_and_dispatch",
+    "train_prompt_set",
+]
 
 
 def prepare_and_train(job: Job) -> int:

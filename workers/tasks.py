@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery import Task, chord, group
+from celery.utils.time import get_exponential_backoff_interval
 
 from app.config import get_settings
 from app.store import REDIS_DOWN
 from workers import pipeline
-from workers.celery_app import app
+from workers.celery_app import DEFAULT_QUEUE, app
 from workers.lease import LeaseHeld
 
-# A Redis outage is transient: retry with backoff; every stage is idempotent.
-RETRY = {"autoretry_for": REDIS_DOWN, "retry_backoff": True, "max_retries": 8, "bind": True}
+log = logging.getLogger(__name__)
 
 
-def leased(task: Task, job_id: str, stage: Callable[[pipeline.Job], Any], *, lease: str) -> Any:
+class Stage(Task):
+    """A stage's task: once its retries through a store outage are spent (see ``leased``), its
+    job is failed by ``fail_job``, which waits for the store to answer again, so that the job
+    does not stay ``running`` with its set ``writing``."""
+
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo
+    ) -> None:
+        if not isinstance(exc, REDIS_DOWN):
+            return  # run_guarded already recorded why the job failed
+        error = (
+            f"the store (Redis) stayed unreachable through {get_settings().store_retries} "
+            f"retries of stage {self.name.rsplit('.', 1)[-1]} ({exc}); the job was abandoned. "
+            "Check Redis (PM_REDIS_URL), then start the job again."
+        )
+        try:
+            fail_job.apply_async(args=[args[0], error], queue=DEFAULT_QUEUE)
+        except Exception:  # the broker is down too: the unacknowledged task comes back instead
+            log.exception("could not send fail_job for job %s", args[0])
+
+
+def leased(
+    task: Task, job_id: str, stage: Callable[[pipeline.Job], Any], *, lease: str, outages: int
+) -> Any:
     """Run ``stage`` under its lease; a delivery that finds it held comes back later, for as
-    long as a live worker holds it."""
+    long as a live worker holds it. A store outage is retried with backoff (every stage is
+    idempotent), ``PM_STORE_RETRIES`` times, counted apart from the lease's waits."""
     try:
         return pipeline.run_guarded(job_id, stage, lease=lease)
     except LeaseHeld as held:
@@ -29,31 +55,56 @@ def leased(task: Task, job_id: str, stage: Callable[[pipeline.Job], Any], *, lea
         # lease for as long as its stage runs, and a dead one's lapses within its TTL.
         retries = task.request.retries + 1
         raise task.retry(exc=held, countdown=wait, max_retries=retries) from held
+    except REDIS_DOWN as down:
+        if outages >= get_settings().store_retries:
+            raise  # Stage.on_failure fails the job
+        countdown = get_exponential_backoff_interval(
+            factor=1, retries=outages, maximum=600, full_jitter=True
+        )
+        kwargs = {**(task.request.kwargs or {}), "outages": outages + 1}
+        retries = task.request.retries + 1
+        raise task.retry(
+            exc=down, countdown=countdown, max_retries=retries, kwargs=kwargs
+        ) from down
 
 
-@app.task(name="workers.tasks.train_prompt_set", **RETRY)
-def train_prompt_set(self: Task, job_id: str) -> None:
-    leased(self, job_id, pipeline.train_prompt_set, lease="train_prompts")
+@app.task(name="workers.tasks.train_prompt_set", base=Stage, bind=True)
+def train_prompt_set(self: Task, job_id: str, outages: int = 0) -> None:
+    leased(self, job_id, pipeline.train_prompt_set, lease="train_prompts", outages=outages)
 
 
-@app.task(name="workers.tasks.train_stage", **RETRY)
-def train_stage(self: Task, job_id: str) -> None:
+@app.task(name="workers.tasks.train_stage", base=Stage, bind=True)
+def train_stage(self: Task, job_id: str, outages: int = 0) -> None:
     def dispatch(chunks: int) -> None:
         # Chunks fan out over every worker on the gpu queue; finalize runs once all answered.
         header = group(map_chunk.si(job_id, index) for index in range(chunks))
         chord(header)(finalize.si(job_id))
 
     stage = lambda job: pipeline.train_and_dispatch(job, dispatch=dispatch)  # noqa: E731
-    leased(self, job_id, stage, lease="train")
+    leased(self, job_id, stage, lease="train", outages=outages)
 
 
-@app.task(name="workers.tasks.map_chunk", **RETRY)
-def map_chunk(self: Task, job_id: str, index: int) -> dict[str, Any] | None:
+@app.task(name="workers.tasks.map_chunk", base=Stage, bind=True)
+def map_chunk(self: Task, job_id: str, index: int, outages: int = 0) -> dict[str, Any] | None:
     stage = lambda job: pipeline.map_chunk(job, index)  # noqa: E731
-    result: dict[str, Any] | None = leased(self, job_id, stage, lease=f"chunk:{index}")
+    result: dict[str, Any] | None = leased(
+        self, job_id, stage, lease=f"chunk:{index}", outages=outages
+    )
     return result
 
 
-@app.task(name="workers.tasks.finalize", **RETRY)
-def finalize(self: Task, job_id: str) -> None:
-    leased(self, job_id, pipeline.finalize, lease="finalize")
+@app.task(name="workers.tasks.finalize", base=Stage, bind=True)
+def finalize(self: Task, job_id: str, outages: int = 0) -> None:
+    leased(self, job_id, pipeline.finalize, lease="finalize", outages=outages)
+
+
+# Retried until the store answers again, at most a minute apart: only then can the job be failed.
+@app.task(
+    name="workers.tasks.fail_job",
+    autoretry_for=REDIS_DOWN,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def fail_job(job_id: str, error: str) -> None:
+    pipeline.fail(job_id, error=error)

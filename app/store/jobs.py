@@ -22,6 +22,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Delete an Idempotency-Key only while it still names the job (its value is "<job id> <hash>").
+_FORGET_LUA = """
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, #ARGV[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class JobsMixin(StoreBase):
     def create_job(
@@ -37,6 +44,11 @@ class JobsMixin(StoreBase):
         self.redis.hset(job_key(job_id), mapping={k: json.dumps(v) for k, v in record.items()})
         self.redis.zadd(keys.JOB_INDEX, {job_id: float(record["created_at"])})
         return record, True
+
+    def forget_idempotency(self, idempotency_key: str, *, job_id: str) -> None:
+        """Free the key of a job that never started, so a retry with it makes a new job."""
+        idem = keys.idempotency_key(idempotency_key)
+        self.redis.eval(_FORGET_LUA, 1, idem, f"{job_id} ")
 
     def find_idempotent(self, idempotency_key: str, request_hash: str) -> dict[str, Any] | None:
         idem = keys.idempotency_key(idempotency_key)
