@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 
 from app.errors import BrokerUnavailableError, ConflictError, InvalidInputError, NotFoundError
+from app.queue import TaskName
 from app.schemas import Job, MigrationCreate, TrainRequest
 from app.store import SEALED, SetMeta, Store
 
@@ -20,7 +21,6 @@ QUEUED, RUNNING = "queued", "running"
 PROMOTED, AWAITING, GATE_FAILED = "promoted", "awaiting_promotion", "gate_failed"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({PROMOTED, AWAITING, GATE_FAILED, SUCCEEDED, FAILED, CANCELLED})
-TASKS = "workers.tasks"
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -121,7 +121,7 @@ def create_migration(
     record["sources"] = [{"model": meta.model, "version": meta.version} for meta in sources]
     job, created = store.create_job(record, idempotency_key=idempotency_key, request_hash=digest)
     if created:
-        start(store, celery, job, task="train_stage", idempotency_key=idempotency_key)
+        start(store, celery, job, task=TaskName.train_stage, idempotency_key=idempotency_key)
     return job, created
 
 
@@ -132,17 +132,22 @@ def create_training(store: Store, celery: Celery, model: str, body: TrainRequest
     record = _new_record("train", body.model_dump(), target)
     record["sources"] = []
     job, _ = store.create_job(record, idempotency_key=None, request_hash="")
-    start(store, celery, job, task="train_prompt_set", idempotency_key=None)
+    start(store, celery, job, task=TaskName.train_prompt_set, idempotency_key=None)
     return job
 
 
 def start(
-    store: Store, celery: Celery, job: dict[str, Any], *, task: str, idempotency_key: str | None
+    store: Store,
+    celery: Celery,
+    job: dict[str, Any],
+    *,
+    task: TaskName,
+    idempotency_key: str | None,
 ) -> None:
     """Send the job's first task. If the broker does not take it, nothing ever would run the
     job: it is failed, its Idempotency-Key freed for the retry, and the request answered 503."""
     try:
-        celery.send_task(f"{TASKS}.{task}", args=[job["id"]])
+        celery.send_task(task, args=[job["id"]])
     except Exception as exc:  # OperationalError, or a RuntimeError once the backend gave up
         error = (
             f"The task queue (broker) was unreachable ({exc}), so the job never started; retry "

@@ -13,12 +13,12 @@ from fastapi import FastAPI
 from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
 from app.fastpath import PromptFastPath
+from app.queue import make_celery
 from app.readiness import ReadinessProbe
 from app.routes import bundles, datasets, health, migrations, models, prompts, transfer
 from app.schemas import ERROR_RESPONSES
 from app.store import REDIS_DOWN, Store, connect_redis, connect_redis_async
 from app.store.reader_acl import keep_reader_acl
-from workers.celery_app import make_celery
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

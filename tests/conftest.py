@@ -246,7 +246,7 @@ class Worker:
             self._wait_ready()
 
     def _wait_ready(self) -> None:
-        from workers.celery_app import make_celery
+        from app.queue import make_celery
 
         celery = make_celery(self.settings)
         deadline = time.monotonic() + 60

@@ -11,9 +11,10 @@ from celery import Task, chord, group
 from celery.utils.time import get_exponential_backoff_interval
 
 from app.config import get_settings
+from app.queue import DEFAULT_QUEUE, TaskName
 from app.store import REDIS_DOWN
 from workers import pipeline
-from workers.celery_app import DEFAULT_QUEUE, app
+from workers.celery_app import app
 from workers.lease import LeaseHeld
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,12 @@ def leased(
         ) from down
 
 
-@app.task(name="workers.tasks.train_prompt_set", base=Stage, bind=True)
+@app.task(name=TaskName.train_prompt_set, base=Stage, bind=True)
 def train_prompt_set(self: Task, job_id: str, outages: int = 0) -> None:
     leased(self, job_id, pipeline.train_prompt_set, lease="train_prompts", outages=outages)
 
 
-@app.task(name="workers.tasks.train_stage", base=Stage, bind=True)
+@app.task(name=TaskName.train_stage, base=Stage, bind=True)
 def train_stage(self: Task, job_id: str, outages: int = 0) -> None:
     def dispatch(chunks: int) -> None:
         # Chunks fan out over every worker on the gpu queue; finalize runs once all answered.
@@ -84,7 +85,7 @@ def train_stage(self: Task, job_id: str, outages: int = 0) -> None:
     leased(self, job_id, stage, lease="train", outages=outages)
 
 
-@app.task(name="workers.tasks.map_chunk", base=Stage, bind=True)
+@app.task(name=TaskName.map_chunk, base=Stage, bind=True)
 def map_chunk(self: Task, job_id: str, index: int, outages: int = 0) -> dict[str, Any] | None:
     stage = lambda job: pipeline.map_chunk(job, index)  # noqa: E731
     result: dict[str, Any] | None = leased(
@@ -93,14 +94,14 @@ def map_chunk(self: Task, job_id: str, index: int, outages: int = 0) -> dict[str
     return result
 
 
-@app.task(name="workers.tasks.finalize", base=Stage, bind=True)
+@app.task(name=TaskName.finalize, base=Stage, bind=True)
 def finalize(self: Task, job_id: str, outages: int = 0) -> None:
     leased(self, job_id, pipeline.finalize, lease="finalize", outages=outages)
 
 
 # Retried until the store answers again, at most a minute apart: only then can the job be failed.
 @app.task(
-    name="workers.tasks.fail_job",
+    name=TaskName.fail_job,
     autoretry_for=REDIS_DOWN,
     retry_backoff=True,
     retry_backoff_max=60,

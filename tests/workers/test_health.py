@@ -8,9 +8,9 @@ from collections.abc import Callable
 from redis import Redis
 
 from app.config import Settings
+from app.queue import make_celery
 from app.store import Store
 from tests.conftest import Worker
-from workers.celery_app import make_celery
 from workers.health import main, node_name
 
 
