@@ -62,6 +62,42 @@ def _run(args: list[str]) -> tuple[str, float]:
     return out, usage.ru_utime + usage.ru_stime
 
 
+def wrk_args(
+    base_url: str,
+    *,
+    mode: str,
+    token: str,
+    model: str,
+    users: int,
+    batch: int,
+    connections: int,
+    seconds: float,
+    threads: int = 2,
+    delay_ms: float = 0.0,
+) -> list[str]:
+    """The ``wrk`` command line for bench/wrk_prompts.lua; ``delay_ms`` > 0 paces each connection
+    (a request at most every ``delay_ms``, not counted in the latency)."""
+    args = [require("wrk"), f"-t{min(threads, connections)}", f"-c{connections}"]
+    args += [f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA_SCRIPT), base_url]
+    return [*args, "--", mode, token, model, str(users), str(batch), str(delay_ms)]
+
+
+def parse_wrk(out: str, *, cpu_seconds: float) -> Load:
+    """The Load of wrk's output (the WRK_RESULT line bench/wrk_prompts.lua prints)."""
+    match = re.search(r"^WRK_RESULT (\{.*\})$", out, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result line:\n{out[-3000:]}")
+    raw = json.loads(match.group(1))
+    lat = raw["latency_us"]
+    return Load(
+        requests=raw["requests"],
+        seconds=raw["duration_us"] / 1e6,
+        errors=sum(raw["errors"].values()),
+        latency_ms={k: round(v / 1000, 3) for k, v in lat.items()},
+        cpu_seconds=round(cpu_seconds, 2),
+    )
+
+
 def wrk(
     base_url: str,
     *,
@@ -75,22 +111,12 @@ def wrk(
     threads: int = 2,
 ) -> Load:
     """``wrk`` against ``base_url`` with bench/wrk_prompts.lua in ``mode`` (single or batch)."""
-    args = [require("wrk"), f"-t{min(threads, connections)}", f"-c{connections}"]
-    args += [f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA_SCRIPT), base_url]
-    args += ["--", mode, token, model, str(users), str(batch)]
+    args = wrk_args(
+        base_url, mode=mode, token=token, model=model, users=users, batch=batch,
+        connections=connections, seconds=seconds, threads=threads,
+    )  # fmt: skip
     out, cpu = _run(args)
-    match = re.search(r"^WRK_RESULT (\{.*\})$", out, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk printed no result line:\n{out[-3000:]}")
-    raw = json.loads(match.group(1))
-    lat = raw["latency_us"]
-    return Load(
-        requests=raw["requests"],
-        seconds=raw["duration_us"] / 1e6,
-        errors=sum(raw["errors"].values()),
-        latency_ms={k: round(v / 1000, 3) for k, v in lat.items()},
-        cpu_seconds=round(cpu, 2),
-    )
+    return parse_wrk(out, cpu_seconds=cpu)
 
 
 def redis_benchmark(

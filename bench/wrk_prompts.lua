@@ -1,8 +1,9 @@
 -- wrk script for bench/serving.py: random users' prompts, one JSON line of results at the end.
---   wrk ... -s bench/wrk_prompts.lua -- MODE TOKEN MODEL USERS BATCH
+--   wrk ... -s bench/wrk_prompts.lua -- MODE TOKEN MODEL USERS BATCH [DELAY_MS]
 -- MODE: "single" (GET /users/{id}/prompt?model=MODEL), "batch" (POST /prompts/batch of BATCH
 -- distinct users, JSON) or "safetensors" (the same batch as ?format=safetensors). User ids are u + 12 digits, 0 .. USERS-1: the ids bench/serving.py writes,
--- and the keys redis-benchmark's __rand_int__ produces.
+-- and the keys redis-benchmark's __rand_int__ produces. DELAY_MS > 0 paces each connection
+-- (bench/upgrade.py reads at a steady rate beside a job instead of saturating the machine).
 
 local counter = 0
 
@@ -17,6 +18,13 @@ function init(args)
   mode, model, users, batch = args[1], args[3], tonumber(args[4]), tonumber(args[5])
   headers = { ["Authorization"] = "Bearer " .. args[2], ["Content-Type"] = "application/json" }
   math.randomseed(1000 + seed)
+  local pause = tonumber(args[6] or "0") or 0
+  if pause > 0 then
+    -- wrk looks for delay() after init; the pause is not counted in the latency.
+    function delay()
+      return pause
+    end
+  end
 end
 
 local function user_id(n)

@@ -1,0 +1,45 @@
+"""The upgrade benchmark end to end on the tiny models (its figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bench import upgrade
+
+TINY = ["--source", "tiny-llama", "--target", "tiny-gemma", "--dataset", "synthetic-tiny",
+        "--budget", "8", "--train-users", "0", "--train-epochs", "2", "--max-train", "30",
+        "--job-extra", json.dumps({"adapter": {"epochs": 2, "hidden": 16},
+                                   "quality_gate": {"tolerance": 100.0}}),
+        "--write-rate", "20", "--idle-seconds", "1", "--sample", "50"]  # fmt: skip
+
+
+def test_upgrade_benchmark_runs_the_whole_job_and_checks_it(tmp_path: Path) -> None:
+    out = tmp_path / "upgrade.json"
+    reads = [] if shutil.which("wrk") else ["--read-connections", "0"]
+    argv = ["--users", "400", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    upgrade.main(argv + reads)
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpu_count"] >= 1
+    (run,) = result["runs"]
+    assert run["users"] == 400
+    assert run["state"] == "promoted", run
+    assert run["stage_seconds"] and all(s >= 0 for s in run["stage_seconds"].values())
+    assert run["users_per_s"] > 0
+    assert set(run["peak_rss_mb"]) == {"worker", "api", "redis"}
+    assert all(v > 0 for v in run["peak_rss_mb"].values())
+    assert run["redis_used_mb"] > 0
+    for which in ("idle", "during"):
+        latency = run["read_ms"][which]
+        if reads:
+            assert latency is None
+        else:
+            assert 0 < latency["p50"] <= latency["p99"], which
+    check = run["check"]
+    for name in ("lost", "stale", "extra", "sampled"):
+        assert isinstance(check[name], int), (name, check)
+    assert check["sampled"] >= 50
+    assert check["count"] >= 400 - check["lost"]
+    # The source set came from the API's training, cached for the next run.
+    assert list((tmp_path / "cache").glob("upgrade-source-tiny-llama-*.safetensors"))
