@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from prompt_migration_client.contract import CONTRACT_VERSION, RAW
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.errors import ConflictError
 from app.store import SEALED, SetMeta, Store
-from models.contract import CONTRACT_VERSION, RAW, CheckpointFacts, checkpoint_facts, describe
+from models.contract import CheckpointFacts, checkpoint_facts, describe
 from models.registry import resolve_checkpoint
 from models.tasks import get_task
 

@@ -16,11 +16,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi.security.utils import get_authorization_scheme_param
+from prompt_migration_client import codec
 from starlette.requests import Request
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import codec
 from app.config import Settings
 from app.deps import token_scope
 from app.errors import NotFoundError

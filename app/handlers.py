@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security.utils import get_authorization_scheme_param
+from prompt_migration_client.errors import FormatError
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -34,6 +35,12 @@ def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
 async def _service(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     return _error(exc.status_code, exc.code, exc.detail)
+
+
+async def _format(_: Request, exc: Exception) -> Response:
+    """A value or set file the caller sent that breaks the wire format (the client's modules)."""
+    assert isinstance(exc, FormatError)
+    return _error(exc.status, exc.code, exc.detail)
 
 
 async def _auth(_: Request, exc: Exception) -> Response:
@@ -82,6 +89,7 @@ async def _http(request: Request, exc: Exception) -> Response:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(ServiceError, _service)
+    app.add_exception_handler(FormatError, _format)
     app.add_exception_handler(AuthError, _auth)
     app.add_exception_handler(MigrationError, _migration)
     app.add_exception_handler(RequestValidationError, _validation)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from prompt_migration_client.ids import USER_ID_RULE, is_user_id
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from app.errors import InvalidInputError
 from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN
-from models.ids import USER_ID_RULE, is_user_id
 
 StoredDtype = Annotated[
     Literal["float32", "float16"],

@@ -17,25 +17,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
-
-from app import codec
-from app.bundle import Bundle, checkpoint_view
-from app.errors import InvalidInputError
-from app.setfile import (
+from prompt_migration_client import codec
+from prompt_migration_client.contract import INPUT, RAW, SPACES
+from prompt_migration_client.setfile import (
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
-    INPUT,
-    RAW,
     Entry,
     SetFile,
     encode_ids,
     header_bytes,
 )
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from app.bundle import Bundle, checkpoint_view
+from app.errors import InvalidInputError
 from app.store import USER_ID_PATTERN, SetMeta, Store
-from models.contract import SPACES, CheckpointFacts
+from models.contract import CheckpointFacts
 from models.tasks import Task, get_task
 
 # ---- export --------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prompt_migration_client import codec
 
-from app import codec
 from app.config import Settings
 from app.store import SetMeta, Store, connect_redis
 from bench.serving import local_redis

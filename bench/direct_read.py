@@ -16,8 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
+from prompt_migration_client.direct import DirectReader
 
-from app.client.direct import DirectReader
 from app.store import connect_redis_async
 from app.store.functions import LIBRARY
 from app.store.keys import SetKeys

@@ -48,10 +48,10 @@ from urllib.parse import urlparse
 
 import httpx
 import numpy as np
+from prompt_migration_client import codec
 from redis import Redis
 from redis.cluster import RedisCluster
 
-from app import codec
 from app.local_redis import LocalRedis, LocalRedisCluster, free_port
 from app.store import SetMeta, Store, connect_redis
 from app.store.keys import value_key_prefix

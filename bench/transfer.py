@@ -27,11 +27,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prompt_migration_client import codec
+from prompt_migration_client.operator import OperatorClient
 from redis import Redis
 from safetensors.torch import save as save_tensors
 
-from app import codec
-from app.client.operator import OperatorClient
 from app.local_redis import LocalRedis, free_port
 from app.store import SetMeta, Store
 from models.tasks import get_task

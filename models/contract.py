@@ -6,7 +6,8 @@ prompt ``[l, d]`` times ``input_scale``, then ``embed(suffix_token_ids)``; the l
 tokens at the last position (after the checkpoint's final soft-capping, if any) go through the
 task head. ``embed`` is the checkpoint's own input embedding module, which applies
 ``input_scale`` itself (Gemma: sqrt(d)); a stored prompt is a row of the raw embedding table, so
-whoever splices it into the input applies the scale (see ``SPACES``).
+whoever splices it into the input applies the scale (``SPACES`` in the client's contract module,
+which names the spaces and the contract's version for the service and its consumers).
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prompt_migration_client.contract import RAW
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from models.foundation import spell_answer
 from models.tasks import Task
-
-CONTRACT_VERSION = 1
-# Where a prompt's vectors live. The service stores RAW; transformers' ``inputs_embeds``, vLLM's
-# ``prompt_embeds`` and PEFT prompt-tuning adapters hold INPUT (RAW times ``input_scale``).
-RAW, INPUT = "raw_embedding_table", "model_input"
-SPACES = (RAW, INPUT)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prompt_migration_client.ids import USER_ID_RULE, is_user_id
+
 from models import assets
 from models.errors import DataError
-from models.ids import USER_ID_RULE, is_user_id
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prompt_migration_client import codec
 from redis import Redis
 from safetensors.torch import save as save_tensors
 
-from app import codec
 from app.config import Settings
 from app.local_redis import LocalRedis, LocalRedisCluster
 from app.store import SetMeta, Store

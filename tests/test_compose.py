@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prompt_migration_client.functions import READ
 from redis import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,7 +19,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.config import Settings
 from app.local_redis import free_port
 from app.store import SEALED, WRITING, SetMeta, Store
-from app.store.functions import READ
 from app.store.keys import ACTIVE, SetKeys
 from tests.conftest import wait_for
 

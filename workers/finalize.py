@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app import codec
+from prompt_migration_client import codec
+
 from app.errors import ConflictError
 from app.jobs import (
     AWAITING,

@@ -7,7 +7,8 @@ import json
 import time
 from typing import Any
 
-from app import codec
+from prompt_migration_client import codec
+
 from app.store import SetMeta
 from models.adapter.model import adapter_from_bytes
 from models.migration import common_users as users_in_every_set

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from prompt_migration_client import codec
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from app import codec
 from app.store import SetMeta, Store
 from models.data import Splits, load_interactions, split_chronological
 from models.errors import DataError

@@ -10,10 +10,10 @@ import numpy as np
 from anyio import to_thread
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from prompt_migration_client import codec
+from prompt_migration_client.batch import batch_json, batch_safetensors, found_values
 from safetensors.numpy import save as save_safetensors
 
-from app import codec
-from app.batch_encoding import batch_json, batch_safetensors, found_values
 from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
 from app.errors import InvalidInputError, NotFoundError
 from app.fastpath import etag_matches, prompt_headers

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import StreamingResponse
+from prompt_migration_client.errors import FormatError
+from prompt_migration_client.setfile import SetFile, open_setfile
 
 from app import transfer
 from app.bundle import published
@@ -19,7 +21,6 @@ from app.deps import AdminDep, StoreDep
 from app.errors import InvalidInputError, ServiceError
 from app.routes.bundles import ModelName, Version
 from app.schemas import Imported
-from app.setfile import SetFile, open_setfile
 from app.store import Store
 from models.errors import MigrationError
 
@@ -82,7 +83,7 @@ def _checked(
     try:
         setfile = open_setfile(path)
         return setfile, transfer.check(store, model, setfile, options)
-    except (ServiceError, MigrationError):
+    except (ServiceError, FormatError, MigrationError):
         raise
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as error:
         raise InvalidInputError(

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from prompt_migration_client.functions import ReadFunctions
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from app.store.connect import REDIS_DOWN, connect_redis, connect_redis_async
-from app.store.functions import ReadFunctions
 from app.store.jobs import JobsMixin
 from app.store.keys import MODEL_NAME_PATTERN, USER_ID_PATTERN, validate_user_id
 from app.store.meta import SEALED, WRITING, SetFormat, SetMeta

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# What an unreachable store raises: the client's definition, which its direct reader uses too.
+from prompt_migration_client.functions import REDIS_DOWN as REDIS_DOWN
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -11,7 +13,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 
@@ -22,11 +24,6 @@ def _fail_fast(timeout_s: float) -> dict[str, Any]:
         "socket_connect_timeout": timeout_s,
         "health_check_interval": 30,
     }
-
-
-# What an unreachable store raises: a Redis Cluster with no node answering raises
-# RedisClusterException, which is not a RedisError.
-REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 
 def connect_redis(url: str, *, timeout_s: float, cluster: bool = False) -> Redis | RedisCluster:

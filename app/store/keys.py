@@ -32,21 +32,24 @@ The read functions (``app/store/functions.py``) build a set's keys in Lua the sa
 
 from __future__ import annotations
 
+# The keys the read functions are handed are the client's, since direct readers hand them too:
+# ACTIVE (model -> active version; DEFAULT_MODEL -> the default model) and a set's prefix.
+from prompt_migration_client.functions import ACTIVE as ACTIVE
+from prompt_migration_client.functions import DEFAULT_MODEL as DEFAULT_MODEL
+from prompt_migration_client.functions import set_prefix as set_prefix
+from prompt_migration_client.ids import USER_ID_PATTERN as USER_ID_PATTERN  # the loaders' too
+from prompt_migration_client.ids import USER_ID_RULE, is_user_id
+
 from app.errors import InvalidInputError
-from models.ids import USER_ID_PATTERN as USER_ID_PATTERN  # the dataset loaders' rule too
-from models.ids import USER_ID_RULE, is_user_id
 
 # ---- the registry: one hash tag, so a registry change is one slot's ---------------------------
 
 REGISTRY = "pm:{registry}"
 MODELS = f"{REGISTRY}:models"
-ACTIVE = f"{REGISTRY}:active"
 SEQ = f"{REGISTRY}:seq"
 DATASETS = f"{REGISTRY}:datasets"
 RETIRED = f"{REGISTRY}:retired"
 READER_ACL_LOCK = f"{REGISTRY}:reader-acl"
-# The field of ACTIVE that names the default model.
-DEFAULT_MODEL = "__default__"
 
 
 def versions_key(model: str) -> str:
@@ -54,10 +57,6 @@ def versions_key(model: str) -> str:
 
 
 # ---- prompt sets: a set's keys share the hash tag {model:version} -----------------------------
-
-
-def set_prefix(model: str, version: str) -> str:
-    return f"pm:{{{model}:{version}}}"
 
 
 class SetKeys:

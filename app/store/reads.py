@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from prompt_migration_client.errors import NotFound
+from prompt_migration_client.functions import NoActiveVersion, ReadFunctions
+
 from app.errors import NotFoundError
 from app.store.base import StoreBase
-from app.store.functions import LIBRARY, NoActiveVersion, ReadFunctions
+from app.store.functions import LIBRARY
 from app.store.keys import MODELS, SetKeys
 from app.store.meta import SEALED, SetFormat, SetMeta, parse_meta
 
@@ -50,6 +53,8 @@ class ReadsMixin(StoreBase):
                 f"Model {error.model!r} has no active prompt set; train one (POST /models/"
                 f"{error.model}/train) or run a migration to it."
             ) from None
+        except NotFound as error:  # the set is missing or not sealed
+            raise NotFoundError(error.detail) from error
         found = self._sealed.get((found_model, found_version))
         if found is None:
             meta = await self._aget_meta(found_model, found_version)

@@ -8,9 +8,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from prompt_migration_client import codec
 from redis.client import Pipeline
 
-from app import codec
 from app.errors import ConflictError, IntegrityError, NotFoundError
 from app.store import keys
 from app.store.base import StoreBase, as_bytes, as_text

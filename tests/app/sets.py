@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 import torch
+from prompt_migration_client import codec
 from safetensors.torch import save as save_tensors
 
-from app import codec
 from app.store import SetMeta, Store
 from models.tasks import get_task
 from models.tiny import TINY_SPECS

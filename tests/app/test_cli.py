@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client import NotFound, cli
+from prompt_migration_client.operator import OperatorClient
 from typer.testing import CliRunner
 
-from app import cli
-from app.client import NotFound
-from app.client.operator import OperatorClient
 from app.config import Settings
 from app.store import Store
 from tests.app.sets import model_set

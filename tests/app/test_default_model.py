@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client.operator import OperatorClient
 
-from app.client.operator import OperatorClient
 from app.errors import ConflictError
 from app.store import Store
 from tests.app.sets import model_set

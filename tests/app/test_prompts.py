@@ -6,9 +6,9 @@ import base64
 
 import numpy as np
 from fastapi.testclient import TestClient
+from prompt_migration_client import codec
 from safetensors.numpy import load as load_safetensors
 
-from app import codec
 from app.store import Store
 from tests.conftest import admin, reader, seed_set
 

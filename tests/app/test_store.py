@@ -6,8 +6,8 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client import codec
 
-from app import codec
 from app.errors import ConflictError, IntegrityError
 from app.store import SetMeta, Store
 from tests.conftest import seed_set

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client import BadRequest, NotFound
+from prompt_migration_client.contract import RAW
+from prompt_migration_client.operator import OperatorClient
+from prompt_migration_client.setfile import write_setfile
 from redis import Redis
 from safetensors.numpy import load_file
 
 from app import transfer
 from app.bundle import published
-from app.client import BadRequest, NotFound
-from app.client.operator import OperatorClient
-from app.setfile import write_setfile
 from app.store import Store
-from models.contract import RAW
 from tests.app.sets import model_set
 from tests.conftest import ADMIN, reader
 

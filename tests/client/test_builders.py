@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prompt_migration_client import ContractError, PromptClient
+from prompt_migration_client.builders import InputBuilder, Predictor
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -13,8 +15,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from app.client import ContractError, PromptClient
-from app.client.builders import InputBuilder, Predictor
 from app.store import Store
 from models.data import Interaction
 from models.evaluation import predict_set

@@ -9,15 +9,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client import NotFound, Unauthorized, Unavailable, codec
+from prompt_migration_client.direct import ACL_RULES, CLUSTER_ACL_RULES, DirectReader
+from prompt_migration_client.functions import FORMAT, READ, READ_SET
 from redis import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from app import codec
-from app.client import NotFound, Unauthorized, Unavailable
-from app.client.direct import ACL_RULES, CLUSTER_ACL_RULES, DirectReader
 from app.config import Settings
 from app.store import SetMeta, Store
-from app.store.functions import FORMAT, READ, READ_SET
 from app.store.keys import ACTIVE, DATASETS, MODELS, SetKeys, job_key
 from app.store.reader_acl import ReaderAclError, escape_glob, reader_key_patterns
 from tests.app.sets import model_set

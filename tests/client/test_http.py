@@ -8,8 +8,14 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client import (
+    AsyncPromptClient,
+    BadRequest,
+    NotFound,
+    PromptClient,
+    Unauthorized,
+)
 
-from app.client import AsyncPromptClient, BadRequest, NotFound, PromptClient, Unauthorized
 from app.config import Settings
 from app.store import Store
 from tests.app.sets import model_set

@@ -11,16 +11,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from prompt_migration_client import BadRequest, ContractError, contract, setfile
+from prompt_migration_client.builders import InputBuilder
+from prompt_migration_client.operator import OperatorClient
+from prompt_migration_client.peft import adapters_to_setfile, setfile_to_adapters
 from redis import Redis
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from app import setfile
-from app.client import BadRequest, ContractError
-from app.client.builders import InputBuilder
-from app.client.operator import OperatorClient
-from app.client.peft import adapters_to_setfile, setfile_to_adapters
 from app.store import Store
-from models import contract
 from models.registry import resolve_checkpoint
 from tests.app.sets import model_set
 from tests.app.test_transfer import stored
@@ -48,10 +46,6 @@ def peft_adapters(root: Path, users: list[str]) -> dict[str, np.ndarray]:
         model.save_pretrained(str(root / user))
         vectors[user] = weight.detach().numpy().copy()
     return vectors
-
-
-def test_space_names_match_the_contract() -> None:
-    assert (setfile.RAW, setfile.INPUT) == (contract.RAW, contract.INPUT)
 
 
 def test_peft_adapters_import_only_for_the_templates_place(
@@ -115,7 +109,7 @@ def test_export_never_writes_outside_its_folder(tmp_path: Path, user: str) -> No
     source = setfile.write_setfile(
         tmp_path / "set.safetensors", prompts=np.ones((2, 1, 4), dtype=np.float32),
         users=["ok", user.encode("ascii", "replace").decode()],
-        metadata={"space": setfile.RAW, "bundle": json.dumps(bundle)},
+        metadata={"space": contract.RAW, "bundle": json.dumps(bundle)},
     )  # fmt: skip
     (tmp_path / "out").mkdir()
     before = sorted(tmp_path.rglob("*"))
@@ -129,7 +123,7 @@ def test_export_refuses_a_link_out_of_its_folder(tmp_path: Path) -> None:
               "checkpoint": {"name": "tiny-gemma"}}  # fmt: skip
     source = setfile.write_setfile(
         tmp_path / "set.safetensors", prompts=np.ones((1, 1, 4), dtype=np.float32),
-        users=["linked"], metadata={"space": setfile.RAW, "bundle": json.dumps(bundle)},
+        users=["linked"], metadata={"space": contract.RAW, "bundle": json.dumps(bundle)},
     )  # fmt: skip
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()

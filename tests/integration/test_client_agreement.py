@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prompt_migration_client import PromptClient
+from prompt_migration_client.builders import InputBuilder, Predictor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.client import PromptClient
-from app.client.builders import InputBuilder, Predictor
 from app.config import Settings
 from app.main import create_app
 from app.store import Store

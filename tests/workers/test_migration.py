@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prompt_migration_client import codec
 from redis import Redis
 
-from app import codec
 from app.store import Store
 from models import recipe
 from models.adapter.model import adapter_from_bytes

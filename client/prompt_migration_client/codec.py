@@ -1,4 +1,7 @@
-"""Prompt values on the wire and in Redis: raw little-endian fp32/fp16 bytes, sha256 digests."""
+"""Prompt values on the wire and in Redis: raw little-endian fp32/fp16 bytes, sha256 digests.
+
+The service stores and serves exactly these bytes, and imports this module to write them.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from app.errors import InvalidInputError
+from prompt_migration_client.errors import FormatError
 
 DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2"}
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
     if dtype not in DTYPES:
-        raise InvalidInputError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+        raise FormatError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
     return np.dtype(DTYPES[dtype])
 
 
@@ -60,13 +63,13 @@ def check_prompt(
 ) -> np.ndarray:
     """Validate an uploaded prompt: the set's shape, finite values that fit the dtype."""
     if tuple(array.shape) != tuple(shape):
-        raise InvalidInputError(
+        raise FormatError(
             f"Prompt has shape {list(array.shape)} but this prompt set stores {list(shape)} "
             "(prompt_length x hidden_size); send exactly that shape."
         )
     if not np.isfinite(array).all():
-        raise InvalidInputError("Prompt contains NaN or Inf; send finite values only.")
+        raise FormatError("Prompt contains NaN or Inf; send finite values only.")
     limit = float(np.finfo(numpy_dtype(dtype)).max)
     if np.abs(array).max(initial=0.0) > limit:
-        raise InvalidInputError(f"Prompt values exceed the {dtype} range (|x| <= {limit:g}).")
+        raise FormatError(f"Prompt values exceed the {dtype} range (|x| <= {limit:g}).")
     return array.astype(np.float32)

@@ -7,18 +7,18 @@ back as ``If-None-Match`` and a 304 reuses it. Batch reads come from one version
 
 from __future__ import annotations
 
-import base64
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
-import numpy as np
 
-from app.client.contract import Bundle, Prompt
-from app.client.errors import ClientError, ContractError, from_response
-from app.codec import decode
+from prompt_migration_client.batch import Batch, parse_json, parse_safetensors
+from prompt_migration_client.codec import decode
+from prompt_migration_client.contract import Bundle, Prompt
+from prompt_migration_client.errors import ClientError, ContractError, from_response
+
+Encoding = Literal["json", "safetensors"]
 
 
 class Response(Protocol):
@@ -34,16 +34,6 @@ class Response(Protocol):
     def text(self) -> str: ...
     def json(self, **kwargs: Any) -> Any: ...
     def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]: ...
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Prompts of many users from one version: ``prompts`` user -> ``[l, d]`` float32."""
-
-    model: str
-    version: str
-    prompts: dict[str, np.ndarray]
-    missing: list[str] = field(default_factory=list)
 
 
 def raise_for(response: Any) -> Response:
@@ -101,13 +91,14 @@ def _prompt_from(user: str, response: Response) -> Prompt:
     )
 
 
-def _batch_from(body: dict[str, Any]) -> Batch:
-    dtype, shape = body["dtype"], tuple(body["shape"])
-    prompts = {
-        user: decode(base64.b64decode(text), dtype=dtype, shape=shape)
-        for user, text in body["prompts"].items()
-    }
-    return Batch(str(body["model"]), str(body["version"]), prompts, list(body["missing"]))
+def _batch_from(response: Response, encoding: Encoding) -> Batch:
+    if encoding == "safetensors":
+        return parse_safetensors(response.content)
+    return parse_json(response.json())
+
+
+def _format_params(encoding: Encoding) -> dict[str, str]:
+    return {} if encoding == "json" else {"format": encoding}
 
 
 def _batch_body(users: list[str], model: str | None, version: str | None) -> dict[str, Any]:
@@ -183,12 +174,14 @@ class PromptClient:
         return self._prompts.put(key, _prompt_from(user, response))
 
     def prompts(
-        self, users: list[str], *, model: str | None = None, version: str | None = None
-    ) -> Batch:
+        self, users: list[str], *, model: str | None = None, version: str | None = None,
+        encoding: Encoding = "json",
+    ) -> Batch:  # fmt: skip
         """Many users' prompts from one version, in one atomic read (at most the service's
-        ``PM_MAX_BATCH_USERS`` per call)."""
-        body = _batch_body(users, model, version)
-        return _batch_from(self.json("POST", "/prompts/batch", json=body))
+        ``PM_MAX_BATCH_USERS`` per call); ``encoding`` is the answer's, the same values."""
+        body, params = _batch_body(users, model, version), _format_params(encoding)
+        response = self.request("POST", "/prompts/batch", json=body, params=params)
+        return _batch_from(response, encoding)
 
 
 class AsyncPromptClient:
@@ -241,11 +234,12 @@ class AsyncPromptClient:
         return self._prompts.put(key, _prompt_from(user, response))
 
     async def prompts(
-        self, users: list[str], *, model: str | None = None, version: str | None = None
-    ) -> Batch:
-        body = _batch_body(users, model, version)
-        response = await self.request("POST", "/prompts/batch", json=body)
-        return _batch_from(response.json())
+        self, users: list[str], *, model: str | None = None, version: str | None = None,
+        encoding: Encoding = "json",
+    ) -> Batch:  # fmt: skip
+        body, params = _batch_body(users, model, version), _format_params(encoding)
+        response = await self.request("POST", "/prompts/batch", json=body, params=params)
+        return _batch_from(response, encoding)
 
 
 __all__ = ["AsyncPromptClient", "Batch", "ClientError", "PromptClient", "raise_for"]

@@ -1,6 +1,7 @@
-"""The operator's command line over the HTTP API (``python -m app.cli --help``).
+"""The operator's command line over the HTTP API (``prompt-migration --help``, or
+``python -m prompt_migration_client.cli``; the ``cli`` extra).
 
-Every command is one or a few API calls through ``app.client.operator.OperatorClient``; the
+Every command is one or a few API calls through :class:`OperatorClient`; the
 service URL and the admin token come from ``--url``/``PM_URL`` and ``--token``/``PM_ADMIN_TOKEN``.
 """
 
@@ -17,9 +18,9 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from app.client.errors import ClientError
-from app.client.operator import OperatorClient
-from app.client.peft import adapters_to_setfile, setfile_to_adapters
+from prompt_migration_client.errors import ClientError
+from prompt_migration_client.operator import OperatorClient
+from prompt_migration_client.peft import adapters_to_setfile, setfile_to_adapters
 
 TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
 cli = typer.Typer(help="Operate the prompt migration service over its HTTP API.",

@@ -9,7 +9,7 @@ Tensors, in this order in the file:
 - ``head.<name>`` F32: the task head's tensors (absent when the file carries no head).
 
 ``__metadata__`` holds ``format`` (``prompt-migration/prompt-set``), ``format_version``, ``task``,
-``space`` (``raw_embedding_table`` or ``model_input``: see ``models.contract``), ``bundle`` (the
+``space`` (``raw_embedding_table`` or ``model_input``: see ``contract.SPACES``), ``bundle`` (the
 set's published contract, JSON) and, for files converted from other formats, ``source_format``
 and ``placement``. The header is written first, so an export streams row by row.
 """
@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import InvalidInputError
+from prompt_migration_client.errors import FormatError
 
 FORMAT, FORMAT_VERSION = "prompt-migration/prompt-set", "1"
-# The spaces of models.contract, spelled here too so that the client needs no ML core.
-RAW, INPUT = "raw_embedding_table", "model_input"
 DTYPES = {"float32": "F32", "float16": "F16"}
 _NUMPY = {"F32": "<f4", "F16": "<f2", "U8": "u1"}
 _MAX_HEADER = 100_000_000  # what the safetensors library itself accepts
@@ -147,10 +145,10 @@ class SetFile:
         return bundle
 
 
-def _refuse(what: str) -> InvalidInputError:
-    return InvalidInputError(f"Not a prompt set file: {what}. Export one with GET "
-                             "/models/{name}/versions/{version}/export (or `python -m app.cli "
-                             "export`) and send it unchanged.")  # fmt: skip
+def _refuse(what: str) -> FormatError:
+    return FormatError(f"Not a prompt set file: {what}. Export one with GET "
+                       "/models/{name}/versions/{version}/export (or `prompt-migration "
+                       "export`) and send it unchanged.")  # fmt: skip
 
 
 def open_setfile(path: Path) -> SetFile:
@@ -189,7 +187,7 @@ def _check_entries(entries: dict[str, Any], *, data_size: int) -> None:
             raise _refuse(f"tensor {name!r} has shape {entries[name]['shape']}; it must have "
                           f"{rank} dimension{'s' if rank > 1 else ''}")  # fmt: skip
     if "prompts" not in entries or entries["prompts"]["dtype"] not in ("F32", "F16"):
-        raise InvalidInputError(
+        raise FormatError(
             "The file has no F32 or F16 tensor named 'prompts' [N, l, d]: name the users' "
             "prompts 'prompts', one row per user."
         )
@@ -205,7 +203,7 @@ def _span(name: str, entry: object) -> tuple[int, int]:
         raise _refuse(f"tensor {name!r} is not an object with dtype, shape and data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _NUMPY:
-        raise InvalidInputError(
+        raise FormatError(
             f"Tensor {name!r} has dtype {dtype!r}; prompts must be F32 or F16 (convert "
             "them with .float() or .half()), user_ids and present U8, head tensors F32."
         )

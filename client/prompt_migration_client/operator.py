@@ -1,6 +1,6 @@
 """The operator's side of the client: models, jobs, promotion, rollback, export and import.
 
-The CLI (``python -m app.cli``) is a thin shell over this class.
+The CLI (``prompt-migration``, in ``cli.py``) is a thin shell over this class.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from app.client.http import PromptClient, raise_for
-from app.setfile import chunks
+from prompt_migration_client.http import PromptClient, raise_for
+from prompt_migration_client.setfile import chunks
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 

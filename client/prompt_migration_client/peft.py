@@ -25,9 +25,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from app.client.errors import ContractError
-from app.setfile import INPUT, RAW, open_setfile, write_setfile
-from models.ids import USER_ID_RULE, is_user_id
+from prompt_migration_client.contract import INPUT, RAW
+from prompt_migration_client.errors import ContractError
+from prompt_migration_client.ids import USER_ID_RULE, is_user_id
+from prompt_migration_client.setfile import open_setfile, write_setfile
 
 CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 PLACEMENT = "template"
@@ -97,7 +98,7 @@ def setfile_to_adapters(source: Path, out: Path, *, placement: str | None = None
             "PEFT's forward prepends prompt-tuning vectors to the whole input, but this set was "
             "made for a template that places them after the item text: PeftModel would predict "
             "differently. Pass placement='template' to export them for splicing at the "
-            "template's place (app.client.builders), not for PeftModel's forward."
+            "template's place (prompt_migration_client.builders), not for PeftModel's forward."
         )
     setfile = open_setfile(source)
     bundle = setfile.bundle()

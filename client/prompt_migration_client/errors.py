@@ -47,6 +47,14 @@ class ContractError(ClientError):
     """A bundle, prompt or checkpoint that do not fit together (a consumer-side mistake)."""
 
 
+class FormatError(BadRequest):
+    """A value or set file that does not follow the wire format. The service raises it too, for
+    what a caller sent, and answers it as 422 ``invalid_input``."""
+
+    def __init__(self, detail: str, *, status: int = 422, code: str = "invalid_input") -> None:
+        super().__init__(detail, status=status, code=code)
+
+
 _BY_STATUS: dict[int, type[ClientError]] = {
     400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict,
     413: PayloadTooLarge, 422: BadRequest, 503: Unavailable,

@@ -13,9 +13,9 @@ user and are refused everything else). Create it with these base rules, which gr
 
 and name it in the service's ``PM_READER_ACL_USERS``. Redis checks the commands a function runs
 against its caller's ACL, so the user holds the GET and HGET the function runs; the service
-grants them on the keys of the readable sets only (sealed, not deleted; app/store/reader_acl.py),
-so a GET or HGET by key name reaches nothing the function would refuse: no set still being
-written, no job records, datasets or models, no code, no writes. A set the user is not granted
+grants them on the keys of the readable sets only (sealed, not deleted), so a GET or HGET by key
+name reaches nothing the function would refuse: no set still being written, no job records,
+datasets or models, no code, no writes. A set the user is not granted
 reads as :class:`Unauthorized` (a restarted Redis has the base rules until the API grants the
 sets again, within seconds). On a Redis Cluster, create the user on every node and add
 ``+cluster|slots +command`` (the client's discovery of the nodes).
@@ -24,17 +24,16 @@ sets again, within seconds). On a Redis Cluster, create the user on every node a
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from redis.exceptions import NoPermissionError, ResponseError
 
-from app.client.errors import NotFound, Unauthorized, Unavailable
-from app.client.http import Batch
-from app.codec import decode
-from app.errors import NotFoundError
-from app.store import REDIS_DOWN, SEALED, SetFormat, connect_redis_async
-from app.store.functions import ReadFunctions
-from app.store.meta import parse_meta
+from prompt_migration_client.batch import Batch
+from prompt_migration_client.codec import decode
+from prompt_migration_client.errors import Unauthorized, Unavailable
+from prompt_migration_client.functions import REDIS_DOWN, ReadFunctions, connect
 
 # The base rules above, as arguments of ACL SETUSER (without the password).
 ACL_RULES = (
@@ -57,8 +56,6 @@ def _client_errors(model: str | None, version: str | None) -> Iterator[None]:
     """The client's typed errors for what a read raises."""
     try:
         yield
-    except NotFoundError as error:
-        raise NotFound(error.detail, status=404, code=error.code) from error
     except REDIS_DOWN as error:
         if isinstance(error, ResponseError) and _not_granted(error):
             what = f"{model or 'the default model'} version {version or '(active)'}"
@@ -72,13 +69,32 @@ def _client_errors(model: str | None, version: str | None) -> Iterator[None]:
         raise Unavailable(f"The store is unreachable: {error}", status=503) from error
 
 
+@dataclass(frozen=True)
+class _Format:
+    """What decoding a sealed set's values needs (it never changes once sealed)."""
+
+    model: str
+    version: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, doc: str) -> _Format:
+        """From the set's metadata document, as ``pm_format`` returns it."""
+        fields = json.loads(doc)
+        shape = tuple(int(n) for n in fields["shape"])
+        return cls(
+            str(fields["model"]), str(fields["version"]), shape, str(fields.get("dtype", "float32"))
+        )
+
+
 class DirectReader:
     """Async reads of the store at ``url`` (``redis://user:password@host:port/db``)."""
 
     def __init__(self, url: str, *, cluster: bool = False, timeout_s: float = 2.0) -> None:
-        self.aredis = connect_redis_async(url, timeout_s=timeout_s, cluster=cluster)
+        self.aredis = connect(url, timeout_s=timeout_s, cluster=cluster)
         self._functions = ReadFunctions(self.aredis, reload=None)
-        self._formats: dict[tuple[str, str], SetFormat] = {}  # sealed: never changes
+        self._formats: dict[tuple[str, str], _Format] = {}  # sealed: never changes
 
     async def aclose(self) -> None:
         await self.aredis.aclose()
@@ -90,16 +106,14 @@ class DirectReader:
             found = await self._functions.read(model, version, users)
         return found
 
-    async def _format(self, model: str, version: str) -> SetFormat:
+    async def _format(self, model: str, version: str) -> _Format:
         found = self._formats.get((model, version))
         if found is None:
             with _client_errors(model, version):
                 doc = await self._functions.sealed_doc(model, version)
             if len(self._formats) > 1024:
                 self._formats.clear()
-            found = self._formats[(model, version)] = parse_meta(
-                {"doc": doc, "state": SEALED}
-            ).format()
+            found = self._formats[(model, version)] = _Format.of(doc)
         return found
 
     async def read_raw(
@@ -114,9 +128,8 @@ class DirectReader:
         """The users' prompts, ``[l, d]`` float32 each, from one version."""
         found_model, found_version, values = await self._read(users, model, version)
         found = await self._format(found_model, found_version)
-        shape = tuple(found.shape)
         prompts = {
-            user: decode(value, dtype=found.dtype, shape=shape)
+            user: decode(value, dtype=found.dtype, shape=found.shape)
             for user, value in zip(users, values, strict=True)
             if value is not None
         }

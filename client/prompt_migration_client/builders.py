@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.client.contract import Bundle
-from app.client.errors import ContractError
-from app.client.http import PromptClient
+from prompt_migration_client.contract import Bundle
+from prompt_migration_client.errors import ContractError
+from prompt_migration_client.http import PromptClient
 
 PromptValues = np.ndarray | torch.Tensor
 
@@ -90,7 +90,7 @@ class InputBuilder:
     def predict(self, prompt: PromptValues, item_text: str) -> float:
         """The task's prediction (a rating, or the probability of Yes) through the head."""
         logits = self.label_logits(prompt, item_text)
-        return float(self.bundle.apply_head(logits[None])[0])
+        return float(self.bundle.apply_head(logits[None].cpu().numpy())[0])
 
 
 class Predictor:
