@@ -43,6 +43,7 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy
+	cd client && ../$(VENV)/bin/mypy
 
 unit: setup
 	$(VENV)/bin/pytest -q

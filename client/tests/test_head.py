@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from prompt_migration_client.errors import ContractError
 from prompt_migration_client.head import apply_head, sigmoid
 
-BINARY = [{"op": "difference"}, {"op": "affine", "scale": "scale", "bias": "bias"},
+BINARY: list[dict[str, Any]] = [{"op": "difference"}, {"op": "affine", "scale": "scale", "bias": "bias"},
           {"op": "sigmoid"}]  # fmt: skip
 
 
@@ -30,7 +31,7 @@ def test_rating_head_centres_runs_the_mlp_and_clamps() -> None:
         "mlp.2.weight": rng.normal(size=(3, 4)), "mlp.2.bias": rng.normal(size=3),
         "mlp.4.weight": rng.normal(size=(1, 3)), "mlp.4.bias": np.array([3.5]),
     }  # fmt: skip
-    steps = [
+    steps: list[dict[str, Any]] = [
         {"op": "center"}, {"op": "linear", "weight": "mlp.0.weight", "bias": "mlp.0.bias"},
         {"op": "silu"}, {"op": "linear", "weight": "mlp.2.weight", "bias": "mlp.2.bias"},
         {"op": "silu"}, {"op": "linear", "weight": "mlp.4.weight", "bias": "mlp.4.bias"},
