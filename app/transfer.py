@@ -117,7 +117,7 @@ def check(store: Store, model: str, setfile: SetFile, options: ImportOptions) ->
     if meta.get("format") != FORMAT:
         raise InvalidInputError(
             f"The file's metadata names format {meta.get('format')!r}, not {FORMAT!r}: export "
-            "sets with this service, or convert PEFT adapters with the client (app.client.peft)."
+            "sets with this service, or convert PEFT adapters with the client (prompt_migration_client.peft)."
         )
     task = get_task(meta.get("task") or (bundle or {}).get("task", {}).get("name", ""))
     _check_contract(task, facts, model=model, bundle=bundle, meta=meta, options=options)

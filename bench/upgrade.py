@@ -47,10 +47,10 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import torch
+from prompt_migration_client.operator import OperatorClient
+from prompt_migration_client.setfile import Entry, header_bytes, open_setfile
 from redis import Redis
 
-from app.client.operator import OperatorClient
-from app.setfile import Entry, header_bytes, open_setfile
 from app.store import Store
 from app.store.keys import value_key_prefix
 from bench import loadgen

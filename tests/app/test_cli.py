@@ -20,7 +20,7 @@ from tests.conftest import ADMIN, Worker
 
 @pytest.fixture
 def run_cli(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
-    """``python -m app.cli ARGS`` with its client talking to the test API."""
+    """``prompt-migration ARGS`` with its client talking to the test API."""
     monkeypatch.setattr(
         cli, "make_client", lambda url, token: OperatorClient(token=ADMIN, http=client)
     )
