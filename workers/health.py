@@ -45,7 +45,6 @@ def main(
             return 0
         if (store or default_store()).busy_on(node.partition("@")[2]):
             return 0
-            return 0
         reason = "did not answer a ping and runs no stage"
     except Exception as error:  # the broker itself is unreachable
         reason = f"could not be asked ({error})"
