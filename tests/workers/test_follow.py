@@ -3,6 +3,7 @@ the stored adapter's mapping of each user's latest source prompt (a real worker,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,9 +235,11 @@ def test_a_cancelled_job_leaves_no_keys_even_after_a_late_chunk(
     # A chunk task that passed its checks before the cancel writes after the set was dropped.
     monkeypatch.setattr(context, "_store", store)
     settings: Settings = env["settings"].model_copy(update={"chunk_delay_s": 0.0})
-    map_chunk(context.Job(created["id"], settings=settings), 0)
+    plan = json.loads(store.get_blob(created["id"], "plan") or b"[]")
+    late = next(i for i in range(len(plan)) if i not in store.chunks_done(created["id"]))
+    map_chunk(context.Job(created["id"], settings=settings), late)
     assert _keys_of(store, model, version) == []
-    followers = store.followers(source["model"], source["version"])
-    assert f"{model}/{version}" not in {f.name for f in followers}
+    followers = f"pm:{{{source['model']}:{source['version']}}}:followers"
+    assert not store.redis.hexists(followers, f"{model}/{version}")
     pending = f"pm:{{{source['model']}:{source['version']}}}:pending:{model}/{version}"
     assert not store.redis.exists(pending)
