@@ -193,6 +193,8 @@ def follow(store: Store, job_id: str, *, batch: int) -> int:
         record = store.find_job(job_id)
         if record is None or not _sealed(store, record):
             return applied
+        if first:
+            store.count(job_id, "follow_tasks")  # the broker messages following costs
         try:
             with follow_lease(store, job_id, wait_s=0) as holder:
                 applied += drain(store, record, holder=holder, batch=batch).applied

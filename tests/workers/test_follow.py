@@ -129,7 +129,11 @@ def test_writes_in_every_window_of_a_job_are_followed(client: TestClient, store:
     put(client, store, "new-loading")
     erase(client, users[1])
     # During mapping, with chunks written and chunks still to come.
-    wait_for(lambda: store.chunks_done(created["id"]), timeout=120, what="a first chunk")
+    wait_for(
+        lambda: store.chunks_done(created["id"]) or job(client, created["id"])["state"] == "failed",
+        timeout=120, what="a first chunk",
+    )  # fmt: skip
+    assert job(client, created["id"])["state"] == "running", job(client, created["id"])
     for user in (users[2], users[-1]):  # most likely written already, and not yet
         put(client, store, user)
     put(client, store, "new-mapping")
