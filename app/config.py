@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     load_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the loading stage
     # A write to a followed set sends one follow task at most per this window (the task waits it
     # out, so the writes of the window go in one drain): the bound on the messages per follower.
-    follow_delay_s: float = Field(default=0.05, ge=0)
+    follow_delay_s: float = Field(default=0.2, ge=0)
     # How long a sent follow task keeps writers from sending another; past it (a lost task),
     # the next write sends one again.
     follow_wake_ttl_s: float = Field(default=10.0, gt=0)

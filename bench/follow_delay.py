@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import torch
 
+from app.config import Settings
 from app.store import Store, connect_redis
 from bench.serving import local_redis
 from bench.upgrade import Service
@@ -140,6 +141,8 @@ def main() -> None:
             result = measure(service, store, puts=args.puts, rate=args.rate)
         finally:
             service.stop()
+    delay = os.environ.get("PM_FOLLOW_DELAY_S", Settings.model_fields["follow_delay_s"].default)
+    result["follow_delay_s"] = float(delay)
     result["machine"] = {
         "arch": platform.machine(),
         "cpus": os.cpu_count(),

@@ -29,7 +29,7 @@ import torch
 from prompt_migration_client import codec
 
 from app.config import get_settings
-from app.errors import NotFoundError
+from app.errors import NotFoundError, ServiceError
 from app.jobs import wake_followers
 from app.store import SEALED, Change, Follower, Store
 from models.adapter.model import adapter_from_bytes
@@ -127,7 +127,12 @@ def drain(store: Store, record: dict[str, Any], *, holder: str, batch: int) -> D
     target = (record["target"]["model"], record["target"]["version"])
     direct = record.get("follows_target")
     followed = [(s["model"], s["version"]) for s in record["sources"]]
-    if direct:
+    live = set(store.followed_sets(*target))
+    if not live.issuperset(followed):  # a source was purged: its users can be mapped no more
+        for source in followed:
+            store.unfollow(follower=target, followed=source)
+        followed = []
+    if direct and (direct["model"], direct["version"]) in live:
         followed.append((direct["model"], direct["version"]))
     totals = Drained()
     while True:
@@ -202,6 +207,8 @@ def follow(store: Store, job_id: str, *, batch: int) -> int:
             if first:
                 raise
             return applied  # that holder looks again once it is done
+        except ServiceError:
+            return applied  # the set (or a source) was deleted meanwhile: nothing to follow
         first = False
         target = record["target"]
         if not store.has_pending(target["model"], target["version"]):

@@ -106,6 +106,13 @@ class FollowMixin(StoreBase):
     def followers(self, model: str, version: str) -> list[Follower]:
         return parse_followers(self.redis.hgetall(SetKeys(model, version).followers))
 
+    def unfollow(self, *, follower: tuple[str, str], followed: tuple[str, str]) -> None:
+        """``follower`` stops following ``followed``: its writes are no longer recorded."""
+        followed_keys, name = SetKeys(*followed), set_name(*follower)
+        self.redis.hdel(followed_keys.followers, name)
+        self.redis.delete(followed_keys.pending(name))
+        self.redis.hdel(SetKeys(*follower).follows, set_name(*followed))
+
     def unlink_follows(self, model: str, version: str) -> None:
         """The set is going: it follows nothing any more, and nothing follows it."""
         name = set_name(model, version)
