@@ -179,7 +179,8 @@ class FollowMixin(StoreBase):
             meta = parse_meta(raw)
             if meta.state != SEALED:
                 raise ConflictError(f"{model} version {version} is {meta.state}, not sealed.")
-            olds = [as_bytes(v) for v in pipe.mget(value_keys)]
+            # One MGET of the set's slot (redis-py's cluster pipeline refuses its mget()).
+            olds = [as_bytes(v) for v in pipe.execute_command("MGET", *value_keys)]
             stamps = pipe.hmget(set_keys.stamps, users)
             followers = parse_followers(pipe.hgetall(set_keys.followers))
             digest, created, removed = meta.digest, 0, 0
