@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from prompt_migration_client import codec
 
-from app import codec
 from app.store import Change, Store
 from tests.conftest import seed_set
 
