@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=256, ge=1)
     chunk_delay_s: float = Field(default=0.0, ge=0)  # test-only: widens the mapping window
     stage_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the adapter's training
+    load_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the loading stage
+    # A write to a followed set sends one follow task at most per this window (the task waits it
+    # out, so the writes of the window go in one drain): the bound on the messages per follower.
+    follow_delay_s: float = Field(default=0.2, ge=0)
+    # How long a sent follow task keeps writers from sending another; past it (a lost task),
+    # the next write sends one again.
+    follow_wake_ttl_s: float = Field(default=10.0, gt=0)
+    follow_batch: int = Field(default=256, ge=1)
     write_batch: int = Field(default=500, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=1)
     # A running stage renews its lease every third of this; a dead holder's stage is taken over
@@ -105,7 +113,7 @@ class Settings(BaseSettings):
                 _require_strong(name, getattr(self, name))
             if self.admin_token == self.read_token:
                 raise ValueError("PM_ADMIN_TOKEN and PM_READ_TOKEN must differ in production.")
-            for name in ("chunk_delay_s", "stage_delay_s"):
+            for name in ("chunk_delay_s", "stage_delay_s", "load_delay_s"):
                 if getattr(self, name):
                     raise ValueError(
                         f"PM_{name.upper()} is a test-only slowdown; unset it in production."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -14,13 +15,15 @@ from celery import Celery
 from app.errors import BrokerUnavailableError, ConflictError, InvalidInputError, NotFoundError
 from app.queue import TaskName
 from app.schemas import Job, MigrationCreate, TrainRequest
-from app.store import SEALED, SetMeta, Store
+from app.store import SEALED, Follower, SetMeta, Store
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")
 QUEUED, RUNNING = "queued", "running"
 PROMOTED, AWAITING, GATE_FAILED = "promoted", "awaiting_promotion", "gate_failed"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({PROMOTED, AWAITING, GATE_FAILED, SUCCEEDED, FAILED, CANCELLED})
+
+log = logging.getLogger(__name__)
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -160,6 +163,22 @@ def start(
         if idempotency_key:
             store.forget_idempotency(idempotency_key, job_id=job["id"])
         raise BrokerUnavailableError(error) from exc
+
+
+def wake_followers(
+    store: Store, celery: Celery, followers: list[Follower], *, delay_s: float, ttl_s: float
+) -> None:
+    """Send a follow task to each follower that has none on its way. The users are pending
+    already: a broker that does not take the task delays them to the next write, never loses
+    them, so the write that called this still succeeds."""
+    for follower in {f.name: f for f in followers}.values():
+        if not store.claim_wake(follower.model, follower.version, ttl_s=ttl_s):
+            continue
+        try:
+            celery.send_task(TaskName.follow, args=[follower.job_id], countdown=delay_s)
+        except Exception:  # OperationalError, or a RuntimeError once the backend gave up
+            store.clear_wake(follower.model, follower.version)
+            log.exception("could not send the follow task of %s", follower.name)
 
 
 def cancel(store: Store, job_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ class TaskName(StrEnum):
     map_chunk = "workers.tasks.map_chunk"
     finalize = "workers.tasks.finalize"
     fail_job = "workers.tasks.fail_job"
+    follow = "workers.tasks.follow"
 
 
 # Stages that run a model go to the GPU workers; bookkeeping goes anywhere.
@@ -28,6 +29,8 @@ ROUTES = {
     TaskName.map_chunk: GPU_QUEUE,
     TaskName.finalize: GPU_QUEUE,
     TaskName.fail_job: DEFAULT_QUEUE,
+    # A migrated set applying its sources' writes: light, and not to wait behind a training.
+    TaskName.follow: DEFAULT_QUEUE,
 }
 
 

@@ -186,13 +186,25 @@ def fail(job_id: str, *, error: str) -> None:
 
 
 def abandon(job: Job, *, error: str | None = None) -> None:
-    """Drop the unsealed target set; the active set is never touched."""
-    model, version = job.target
-    try:
-        meta = job.store.get_meta(model, version)
-        if meta.state != SEALED:
-            job.store.delete_set(model, version)
-    except ServiceError:
-        pass
+    """End the job, then drop its unsealed target set (the active set is never touched); in
+    that order, so a chunk still running sees the job ended after its write and drops the set
+    again (workers.mapping.ended)."""
     state = CANCELLED if error is None else FAILED
     job.update(state=state, stage=state, error=error, finished_at=time.time())
+    drop_unsealed_target(job)
+
+
+def drop_unsealed_target(job: Job) -> None:
+    """Delete the job's target set and what follows for it, unless it was sealed; the version
+    is retired too, so a purge removes anything a late writer still leaves."""
+    model, version = job.target
+    try:
+        if job.store.get_meta(model, version).state == SEALED:
+            return
+    except NotFoundError:
+        pass  # never begun, or deleted already: its follow relation may still be there
+    try:
+        job.store.delete_set(model, version)
+        job.store.retire(model, version)
+    except ServiceError:
+        pass

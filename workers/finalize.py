@@ -13,11 +13,11 @@ from app.jobs import (
     GATE_FAILED,
     PROMOTED,
 )
-from app.store import SEALED
 from models.evaluation import baseline_metrics, evaluate
 from models.tasks import Task
 from workers.context import Job, load_model
-from workers.mapping import map_late_users, map_missing_chunks, planned_chunks
+from workers.follow import drain_before_promotion
+from workers.mapping import map_missing_chunks, planned_chunks
 from workers.sets import load_set, load_splits, source_task
 
 
@@ -64,10 +64,6 @@ def finalize(job: Job) -> None:
         "baseline": no_prompt,
         "task": task.name,
     }
-    # Last before sealing, so the window in which a new user can still be missed stays short;
-    # a re-run after sealing must not write into the sealed set.
-    if job.store.get_meta(model, version).state != SEALED:
-        map_late_users(job)
     done = job.store.chunks_done(job.id)
     expected_count = sum(count for count, _ in done.values())
     expected_digest = codec.combine_digests(d for _, d in done.values())
@@ -79,15 +75,18 @@ def finalize(job: Job) -> None:
         expected_digest=expected_digest,
         metrics=metrics,
     )
+    # Every write on the sources (or to the target model) since the job began, before readers
+    # move: the users listed at the start are mapped, the others are pending (workers/follow.py).
+    drained = drain_before_promotion(job)
     state = GATE_FAILED if not gate["passed"] else AWAITING
     if gate["passed"] and job.request.get("auto_promote", True):
         state = auto_promote(job, model=model, version=version)
     job.store.purge_retired(grace_s=job.settings.version_grace_s)
     cost = dict(job.record.get("cost") or {})
     cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
-    cost["users_mapped"] = sealed.count
-    cost["users_erased_during_run"] = planned - sealed.count
-    cost["users_onboarded_during_run"] = planned - int(job.record.get("users_planned") or planned)
+    cost["users_mapped"] = job.store.get_meta(model, version).count
+    cost["users_erased_during_run"] = planned - sealed.count + drained.removed
+    cost["users_onboarded_during_run"] = drained.created
     cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
     job.update(
         state=state,

@@ -9,14 +9,15 @@ from typing import Any
 
 from prompt_migration_client import codec
 
+from app.jobs import CANCELLED, FAILED
 from app.store import SetMeta
 from models.adapter.model import adapter_from_bytes
 from models.migration import common_users as users_in_every_set
 from models.migration import map_prompts, stack_sources
 from models.tasks import Task
-from workers.context import Job, load_model
+from workers.context import Job, drop_unsealed_target, load_model
 from workers.lease import held
-from workers.sets import common_users, encode_rows, load_set
+from workers.sets import encode_rows, load_set
 
 _adapters: dict[str, Any] = {}
 
@@ -59,26 +60,6 @@ def split_chunks(job: Job, users: list[str]) -> list[list[str]]:
     return [users[i : i + size] for i in range(0, len(users), size)]
 
 
-def map_late_users(job: Job, *, rounds: int = 3) -> None:
-    """Map the users onboarded onto every source since the plan was made, as extra chunks.
-
-    Without this, promoting the new set would leave those users without a prompt on the model
-    they are served from. It runs while the set is still being written, so an erasure racing it
-    leaves a tombstone that sealing honours. Users onboarded onto a source after the last round
-    (or after sealing) have to be onboarded onto the new set as well.
-    """
-    for _ in range(rounds):
-        chunks = planned_chunks(job)
-        planned = {user for chunk in chunks for user in chunk}
-        late = [u for u in common_users(job.record["sources"]) if u not in planned]
-        if not late:
-            return
-        plan = [*chunks, *split_chunks(job, late)]
-        job.store.put_blob(job.id, "plan", json.dumps(plan).encode())
-        job.update(users_total=len(planned) + len(late))
-        map_missing_chunks(job)
-
-
 def map_missing_chunks(job: Job) -> None:
     """Map, here, every chunk of the plan not done yet (one a lost chord message never ran, or
     one added after the chord)."""
@@ -90,6 +71,19 @@ def map_missing_chunks(job: Job) -> None:
             ttl_s, max_runs = job.settings.lease_ttl_s, job.settings.max_stage_runs
             with held(job.store, job.id, f"chunk:{index}", ttl_s=ttl_s, max_runs=max_runs):
                 map_chunk(job, index)
+
+
+def ended(job: Job) -> bool:
+    """After a chunk's write: a job cancelled or failed meanwhile may have had its set deleted
+    before this write landed, so the chunk deletes it again (a cancellation not yet acted on
+    then ends the job here, through run_guarded)."""
+    record = job.store.get_job(job.id)
+    if record["state"] not in (FAILED, CANCELLED) and not record.get("cancel_requested"):
+        return False
+    drop_unsealed_target(job)
+    if record["state"] not in (FAILED, CANCELLED):
+        job.check_cancel()
+    return True
 
 
 def _adapter(job: Job) -> Any:
@@ -117,6 +111,8 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     items = encode_rows(users, mapped, dtype=str(job.request.get("dtype") or "float32"))
     model, version = job.target
     job.store.write_prompts(model, version, items)
+    if ended(job):
+        return {"chunk": index, "discarded": True}
     if job.store.mark_chunk_done(job.id, index, count=len(items), digest=codec.set_digest(items)):
         job.store.add_seconds(job.id, "map_seconds", time.perf_counter() - started)
     done = job.store.chunks_done(job.id)

@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from models.errors import DataError
+from models.migration import common_users as users_in_every_set
 from workers.adapter_training import fit_map, job_recipe, select, train
 from workers.context import Job, fail, run_guarded
 from workers.finalize import finalize
+from workers.follow import start_following
 from workers.mapping import map_chunk, plan_mapping
 from workers.prompt_training import train_prompt_set
 from workers.sets import common_users, load_set, load_splits, source_task
@@ -39,15 +41,22 @@ def prepare_and_train(job: Job) -> int:
     """Select users, train the adapter (once), plan the chunks; returns the chunk count."""
     sources = job.record["sources"]
     task = source_task(sources)
+    start_following(job)  # before the users are listed: a later write is pending, not missed
     users = common_users(sources)
     if not users:
         raise DataError("The source prompt sets share no users; nothing to migrate.")
     job.update(stage="loading", users_total=len(users))
     splits = load_splits(job, task=task.name, users=users)
+    if job.settings.load_delay_s:
+        job.pause(job.settings.load_delay_s)  # test-only: leaves room to erase users here
     if job.store.get_blob(job.id, "adapter") is None:
         # One read of every user's prompts serves both stages: selection clusters the users with
         # training data, training standardises by the whole population the adapter will map.
-        sets = [load_set(s["model"], s["version"], users=users) for s in sources]
+        # A user erased since the listing is left out (the chunks skip them too).
+        sets = [load_set(s["model"], s["version"], users=users, skip_missing=True)
+                for s in sources]  # fmt: skip
+        present = users_in_every_set(sets)
+        sets = [s.subset(present) for s in sets]
         if job.request.get("method") == "instant":
             fit_map(job, sources=sources, sets=sets, task=task, splits=splits)
         else:

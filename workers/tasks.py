@@ -13,8 +13,10 @@ from celery.utils.time import get_exponential_backoff_interval
 from app.config import get_settings
 from app.queue import DEFAULT_QUEUE, TaskName
 from app.store import REDIS_DOWN
+from workers import follow as following
 from workers import pipeline
 from workers.celery_app import app
+from workers.context import store
 from workers.lease import LeaseHeld
 
 log = logging.getLogger(__name__)
@@ -109,3 +111,25 @@ def finalize(self: Task, job_id: str, outages: int = 0) -> None:
 )
 def fail_job(job_id: str, error: str) -> None:
     pipeline.fail(job_id, error=error)
+
+
+@app.task(name=TaskName.follow, bind=True)
+def follow(self: Task, job_id: str) -> int:
+    """Apply the writes pending for a migration's target (workers/follow.py). Retried while
+    another drain holds the set (its worker may have died: its lease lapses) and through a
+    store outage; the pending users stay recorded either way."""
+    settings = get_settings()
+    try:
+        return following.follow(store(), job_id, batch=settings.follow_batch)
+    except LeaseHeld as held:
+        tries = int(settings.lease_ttl_s) + 2  # one a second, until a dead holder's lease lapses
+        if self.request.retries >= tries:
+            raise
+        raise self.retry(exc=held, countdown=1.0, max_retries=tries) from held
+    except REDIS_DOWN as down:
+        countdown = get_exponential_backoff_interval(
+            factor=1, retries=self.request.retries, maximum=60, full_jitter=True
+        )
+        raise self.retry(
+            exc=down, countdown=countdown, max_retries=settings.store_retries
+        ) from down

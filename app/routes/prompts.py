@@ -8,18 +8,21 @@ from typing import Annotated, Literal
 
 import numpy as np
 from anyio import to_thread
+from celery import Celery
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prompt_migration_client import codec
 from prompt_migration_client.batch import batch_json, batch_safetensors, found_values
 from safetensors.numpy import save as save_safetensors
 
-from app.deps import AdminDep, ReaderDep, SettingsDep, StoreDep
+from app import jobs
+from app.config import Settings
+from app.deps import AdminDep, CeleryDep, ReaderDep, SettingsDep, StoreDep
 from app.errors import InvalidInputError, NotFoundError
 from app.fastpath import etag_matches, prompt_headers
 from app.metrics import PROMPTS_SERVED
 from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
-from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, SetFormat, Store
+from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, Follower, SetFormat, Store
 
 router = APIRouter(tags=["prompts"])
 
@@ -124,6 +127,8 @@ async def put_prompt(
     user_id: UserId,
     request: Request,
     store: StoreDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
     _: AdminDep,
     model: ModelQuery = None,
     x_prompt_dtype: Annotated[
@@ -138,7 +143,11 @@ async def put_prompt(
     value = await to_thread.run_sync(
         partial(_prompt_value, body, meta, is_json=is_json, dtype=x_prompt_dtype)
     )
-    created = await to_thread.run_sync(store.onboard, meta.model, meta.version, user_id, value)
+    created, followers = await to_thread.run_sync(
+        store.onboard_followed, meta.model, meta.version, user_id, value
+    )
+    if followers:  # migrations made from this set apply the write too (workers/follow.py)
+        await to_thread.run_sync(partial(_wake, store, celery, settings, followers))
     return PromptWritten(
         user_id=user_id,
         model=meta.model,
@@ -148,9 +157,17 @@ async def put_prompt(
     )
 
 
+def _wake(store: Store, celery: Celery, settings: Settings, followers: list[Follower]) -> None:
+    jobs.wake_followers(store, celery, followers, delay_s=settings.follow_delay_s,
+                        ttl_s=settings.follow_wake_ttl_s)  # fmt: skip
+
+
 @router.delete("/users/{user_id}", response_model=Erased)
-def erase_user(user_id: UserId, store: StoreDep, _: AdminDep) -> Erased:
-    removed = store.erase_user(user_id)
+def erase_user(
+    user_id: UserId, store: StoreDep, celery: CeleryDep, settings: SettingsDep, _: AdminDep
+) -> Erased:
+    removed, followers = store.erase_user_followed(user_id)
+    _wake(store, celery, settings, followers)
     if removed == 0:
         raise NotFoundError(f"User {user_id!r} has no prompt in any model; nothing to erase.")
     return Erased(user_id=user_id, keys_removed=removed)

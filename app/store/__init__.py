@@ -9,6 +9,7 @@ One :class:`Store` holds the clients; its methods come from a module per concept
 - ``sets.py``      prompt sets and versions: begin, write, verify, seal, onboard, erase, delete
 - ``functions.py`` the read path's Redis functions, their reply format, and how they are called
 - ``reads.py``     the API's asyncio read path that runs them
+- ``follow.py``    a migration's target following its sources: pending users, applying them
 - ``jobs.py``      job records, idempotency, chunks, leases and counters
 - ``reader_acl.py`` direct readers' grants: the keys of the readable sets, and no others
 """
@@ -24,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from app.store.connect import REDIS_DOWN, connect_redis, connect_redis_async
+from app.store.follow import Applied, Change, Follower, FollowMixin
 from app.store.jobs import JobsMixin
 from app.store.keys import MODEL_NAME_PATTERN, USER_ID_PATTERN, validate_user_id
 from app.store.meta import SEALED, WRITING, SetFormat, SetMeta
@@ -39,6 +41,9 @@ __all__ = [
     "USER_ID_PATTERN",
     "WRITING",
     "Activation",
+    "Applied",
+    "Change",
+    "Follower",
     "SetFormat",
     "SetMeta",
     "Store",
@@ -48,7 +53,7 @@ __all__ = [
 ]
 
 
-class Store(RegistryMixin, SetsMixin, ReadsMixin, JobsMixin, ReaderAclMixin):
+class Store(RegistryMixin, SetsMixin, FollowMixin, ReadsMixin, JobsMixin, ReaderAclMixin):
     def __init__(
         self, redis: Redis | RedisCluster, *, write_batch: int = 500,
         aredis: AsyncRedis | AsyncRedisCluster | None = None,

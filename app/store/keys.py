@@ -17,6 +17,14 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{<model>:<version>}:users``  set   user ids
 - ``pm:{<model>:<version>}:u:<user>`` raw little-endian prompt bytes
 - ``pm:{<model>:<version>}:erased`` hash  users erased while the set was being written
+- ``pm:{<model>:<version>}:followers`` hash "<model>/<version>" of each set that follows this one
+                                    (a migration's target) -> its job id
+- ``pm:{<model>:<version>}:pending:<model>/<version>`` hash user -> stamp (ns) of the user's last
+                                    write here that the named follower has not applied yet;
+                                    on this set's tag, so a write records it atomically
+- ``pm:{<model>:<version>}:follows`` hash "<model>/<version>" of each set this one follows -> job id
+- ``pm:{<model>:<version>}:stamps`` hash user -> stamp of the write a follower's value comes from
+- ``pm:{<model>:<version>}:follow-wake`` string set while a follow task is on its way
 - ``pm:{job:<id>}``                 hash  job record, one JSON value per field
 - ``pm:{job:<id>}:chunks``          hash  chunk index -> JSON {count, digest} once written
 - ``pm:{job:<id>}:blob:<name>``     bytes (the trained adapter, the selected users)
@@ -92,9 +100,34 @@ class SetKeys:
         return f"{self.prefix}:u:{user}"
 
     @property
+    def followers(self) -> str:
+        return f"{self.prefix}:followers"
+
+    def pending(self, follower: str) -> str:
+        """The users written here that ``follower`` ("<model>/<version>") has yet to apply."""
+        return f"{self.prefix}:pending:{follower}"
+
+    @property
+    def follows(self) -> str:
+        return f"{self.prefix}:follows"
+
+    @property
+    def stamps(self) -> str:
+        return f"{self.prefix}:stamps"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}:follow-wake"
+
+    @property
     def pattern(self) -> str:
         """A SCAN pattern for every key of the set."""
         return f"{self.prefix}:*"
+
+
+def set_name(model: str, version: str) -> str:
+    """How one set names another in the follow hashes (and in the retired versions)."""
+    return f"{model}/{version}"
 
 
 def value_key_prefix(model: str, version: str) -> str:

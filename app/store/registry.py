@@ -141,6 +141,10 @@ class RegistryMixin(StoreBase):
             )
         return Activation(previous=previous_version, default_model=as_text(default_model) or None)
 
+    def retire(self, model: str, version: str) -> None:
+        """Have ``purge_retired`` delete the version (unless it is active by then)."""
+        self.redis.zadd(keys.RETIRED, {keys.set_name(model, version): time.time()})
+
     def purge_retired(self, *, grace_s: float) -> list[str]:
         """Delete versions retired more than ``grace_s`` ago and not active again since."""
         cutoff = time.time() - grace_s

@@ -14,6 +14,7 @@ from redis.client import Pipeline
 from app.errors import ConflictError, IntegrityError, NotFoundError
 from app.store import keys
 from app.store.base import StoreBase, as_bytes, as_text
+from app.store.follow import Follower, parse_followers, record_pending, stamp_now
 from app.store.keys import SetKeys
 from app.store.meta import SEALED, WRITING, SetFormat, SetMeta, parse_meta
 
@@ -27,6 +28,10 @@ class SetsMixin(StoreBase):
     if TYPE_CHECKING:  # from ReaderAclMixin
 
         def sync_reader_acl(self) -> bool: ...
+
+    if TYPE_CHECKING:  # from FollowMixin
+
+        def unlink_follows(self, model: str, version: str) -> None: ...
 
     def allocate_version(self, model: str) -> str:
         return str(self.redis.hincrby(keys.SEQ, model, 1))
@@ -221,17 +226,24 @@ class SetsMixin(StoreBase):
     # ---- changing a set: onboarding, erasure, deletion ----------------------------------------
 
     def onboard(self, model: str, version: str, user: str, value: bytes) -> bool:
-        """Add or replace one user's prompt in a sealed set; True when the user is new.
+        """Add or replace one user's prompt in a sealed set; True when the user is new."""
+        return self.onboard_followed(model, version, user, value)[0]
 
-        The value, the users set, the count and the digest change in one transaction, so the
-        set's count and digest always describe what it holds.
+    def onboard_followed(
+        self, model: str, version: str, user: str, value: bytes
+    ) -> tuple[bool, list[Follower]]:
+        """``onboard``, and the set's followers, for whom the user is pending now (wake them).
+
+        The value, the users set, the count, the digest and the followers' pending entries
+        change in one transaction, so the set's count and digest always describe what it holds
+        and no follower misses the write.
         """
         set_keys = SetKeys(model, version)
         meta_key, value_key = set_keys.meta, set_keys.value(user)
-        created = False
+        created, followers = False, []
 
         def write(pipe: Pipeline) -> None:
-            nonlocal created
+            nonlocal created, followers
             raw = pipe.hgetall(meta_key)
             if not raw:
                 raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
@@ -240,7 +252,10 @@ class SetsMixin(StoreBase):
                 raise ConflictError(f"{model} version {version} is {meta.state}, not sealed: "
                                     "onboard users onto a readable set.")  # fmt: skip
             old = as_bytes(pipe.get(value_key))
+            followers = parse_followers(pipe.hgetall(set_keys.followers))
+            follows = bool(pipe.exists(set_keys.follows))
             digest = codec.combine_digests([meta.digest, codec.set_digest([(user, value)])])
+            stamp = stamp_now()
             pipe.multi()
             pipe.set(value_key, value)
             pipe.sadd(set_keys.users, user)
@@ -249,37 +264,48 @@ class SetsMixin(StoreBase):
             else:
                 digest = codec.digest_without(digest, [(user, old)])
             pipe.hset(meta_key, "digest", digest)
+            if follows:  # a write here is newer than any pending one of the sets it follows
+                pipe.hset(set_keys.stamps, user, stamp)
+            record_pending(pipe, set_keys, followers, user=user, stamp=stamp)
             created = old is None
 
-        self.redis.transaction(write, meta_key, value_key)
-        return created
+        self.redis.transaction(write, meta_key, value_key, set_keys.followers)
+        return created, followers
 
     def erase_user(self, user: str) -> int:
         """Remove one user's prompt from every version of every model, including sets still
         being written; returns how many sets held a prompt of the user."""
-        return sum(
-            self._erase_from_set(spec["name"], str(as_text(v)), user)
-            for spec in self.list_models()
-            for v in self.redis.zrange(keys.versions_key(spec["name"]), 0, -1)
-        )
+        return self.erase_user_followed(user)[0]
 
-    def _erase_from_set(self, model: str, version: str, user: str) -> bool:
+    def erase_user_followed(self, user: str) -> tuple[int, list[Follower]]:
+        """``erase_user``, and the followers of the sets that held the user (wake them)."""
+        held, followers = 0, []
+        for spec in self.list_models():
+            for v in self.redis.zrange(keys.versions_key(spec["name"]), 0, -1):
+                was_held, touched = self._erase_from_set(spec["name"], str(as_text(v)), user)
+                held += was_held
+                followers.extend(touched)
+        return held, followers
+
+    def _erase_from_set(self, model: str, version: str, user: str) -> tuple[bool, list[Follower]]:
         """Erase one user from one set, atomically against sealing: this watches the metadata
         that sealing writes, sealing watches the tombstones that this writes.
 
-        A sealed set loses the user, its count and its digest at once. A set still being
-        written gets a tombstone instead, and sealing removes the user, so a chunk written after
-        the erasure cannot bring the user back and the written set still verifies.
+        A sealed set loses the user, its count and its digest at once, and its followers get
+        the user as pending. A set still being written gets a tombstone instead, and sealing
+        removes the user, so a chunk written after the erasure cannot bring the user back and
+        the written set still verifies.
         """
         set_keys = SetKeys(model, version)
         meta_key, value_key = set_keys.meta, set_keys.value(user)
-        held = False
+        held, followers = False, []
 
         def erase(pipe: Pipeline) -> None:
-            nonlocal held
+            nonlocal held, followers
             raw = pipe.hgetall(meta_key)
             meta = parse_meta(raw) if raw else None
             old = as_bytes(pipe.get(value_key))
+            followers = parse_followers(pipe.hgetall(set_keys.followers)) if old else []
             held = old is not None
             pipe.multi()
             if meta is not None and meta.state == WRITING:
@@ -289,12 +315,13 @@ class SetsMixin(StoreBase):
                 return
             pipe.delete(value_key)
             pipe.srem(set_keys.users, user)
+            record_pending(pipe, set_keys, followers, user=user, stamp=stamp_now())
             if meta is not None:
                 pipe.hincrby(meta_key, "count", -1)
                 pipe.hset(meta_key, "digest", codec.digest_without(meta.digest, [(user, old)]))
 
-        self.redis.transaction(erase, meta_key, value_key)
-        return held
+        self.redis.transaction(erase, meta_key, value_key, set_keys.followers)
+        return held, followers
 
     def delete_set(self, model: str, version: str) -> None:
         set_keys = SetKeys(model, version)
@@ -304,6 +331,7 @@ class SetsMixin(StoreBase):
         # then the direct readers lose their grants on it, before its values go.
         self.redis.delete(set_keys.meta)
         self.sync_reader_acl()
+        self.unlink_follows(model, version)
         for batch in _batched(self.redis.scan_iter(match=set_keys.pattern, count=1000), 500):
             self.redis.delete(*batch)
         self.redis.zrem(keys.versions_key(model), version)
