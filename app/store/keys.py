@@ -27,6 +27,8 @@ Layout (every group shares a hash tag, so the store works on Redis Cluster):
 - ``pm:{<model>:<version>}:follow-wake`` string set while a follow task is on its way
 - ``pm:{job:<id>}``                 hash  job record, one JSON value per field
 - ``pm:{job:<id>}:chunks``          hash  chunk index -> JSON {count, digest} once written
+- ``pm:{job:<id>}:plan``            hash  chunk index -> the chunk's user ids, one per line
+- ``pm:{job:<id>}:planned``         set   every user the plan holds (so a user is planned once)
 - ``pm:{job:<id>}:blob:<name>``     bytes (the trained adapter, the selected users)
 - ``pm:{job:<id>}:lease:<stage>``   string the holder of a running stage, with a TTL it renews
 - ``pm:{job:<id>}:counters``        hash  counter -> int (stage runs, deliveries that waited)
@@ -167,6 +169,14 @@ class JobKeys:
     @property
     def counters(self) -> str:
         return f"{self.record}:counters"
+
+    @property
+    def plan(self) -> str:
+        return f"{self.record}:plan"
+
+    @property
+    def planned(self) -> str:
+        return f"{self.record}:planned"
 
     def blob(self, name: str) -> str:
         return f"{self.record}:blob:{name}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prompt_migration_client import codec
@@ -32,6 +32,15 @@ class SetsMixin(StoreBase):
     if TYPE_CHECKING:  # from FollowMixin
 
         def unlink_follows(self, model: str, version: str) -> None: ...
+
+    if TYPE_CHECKING:  # from BulkMixin
+
+        def write_checked(
+            self, model: str, version: str, users: Sequence[str], values: Sequence[bytes]
+        ) -> tuple[int, str]: ...
+        def set_size(self, model: str, version: str) -> int: ...
+        def count_values(self, model: str, version: str) -> int: ...
+        def unlink_set_keys(self, model: str, version: str) -> None: ...
 
     def allocate_version(self, model: str) -> str:
         return str(self.redis.hincrby(keys.SEQ, model, 1))
@@ -112,15 +121,18 @@ class SetsMixin(StoreBase):
         self, meta: SetMeta, *, head: bytes, batches: Iterable[Sequence[tuple[str, bytes]]],
         metrics: dict[str, Any] | None = None,
     ) -> SetMeta:  # fmt: skip
-        """Write a whole set into its version namespace batch by batch, then read it back,
-        verify count and digest, and seal it: the path every new set takes."""
+        """Write a whole set into its version namespace batch by batch, each read back as it is
+        written (``write_checked``), then seal it on their counts and digests: the path every new
+        set takes, in memory bounded by one batch."""
         self.begin_set(meta)
         self.put_head(meta.model, meta.version, head)
         count, digests = 0, []
         for items in batches:
-            self.write_prompts(meta.model, meta.version, items)
-            count += len(items)
-            digests.append(codec.set_digest(items))
+            written, digest = self.write_checked(
+                meta.model, meta.version, [u for u, _ in items], [v for _, v in items]
+            )
+            count += written
+            digests.append(digest)
         return self.seal_set(
             meta.model, meta.version, expected_count=count,
             expected_digest=codec.combine_digests(digests), metrics=metrics,
@@ -144,41 +156,46 @@ class SetsMixin(StoreBase):
         expected_digest: str,
         metrics: dict[str, Any] | None = None,
     ) -> SetMeta:
-        """Read everything back, verify count and digest, then mark the set readable and grant
-        it to the direct readers (a retried seal grants it again)."""
+        """Verify the set against what its writers wrote and read back (``expected_count`` and
+        ``expected_digest``, added up from ``write_checked``), then mark it readable and grant it
+        to the direct readers (a retried seal grants it again).
+
+        The set must list exactly that many users, each with a value; no value is read again
+        (only the erased users'), so sealing costs the ids, not the prompts.
+        """
         meta = self.get_meta(model, version)
         if meta.state == SEALED:
             self.sync_reader_acl()
             return meta
-        users = self.set_users(model, version)
-        values = self.get_prompts(model, version, users)
-        items = [(u, v) for u, v in zip(users, values, strict=True) if v is not None]
-        digest = codec.set_digest(items)
-        if len(items) != expected_count or digest != expected_digest:
+        listed = self.set_size(model, version)
+        stored = self.count_values(model, version) if listed == expected_count else listed
+        if listed != expected_count or stored != expected_count:
             raise IntegrityError(
-                f"{model} version {version}: read back {len(items)} prompts with digest "
-                f"{digest[:12]}, expected {expected_count} with {expected_digest[:12]}."
+                f"{model} version {version}: the set lists {listed} users with {stored} stored "
+                f"prompts, but its writers wrote and read back {expected_count}; a write was "
+                "lost or a key removed (check Redis's maxmemory-policy: the store needs "
+                "noeviction). Run the job again."
             )
         meta.metrics = metrics or meta.metrics
-        self._seal_without_erased(meta, items, digest=digest)
+        self._seal_without_erased(meta, count=expected_count, digest=expected_digest)
         self.sync_reader_acl()
         return meta
 
-    def _seal_without_erased(
-        self, meta: SetMeta, items: list[tuple[str, bytes]], *, digest: str
-    ) -> None:
+    def _seal_without_erased(self, meta: SetMeta, *, count: int, digest: str) -> None:
         """Drop the users erased while the set was written, and make the set readable.
 
         Both happen in one transaction that watches the tombstones: an erasure landing in
-        between makes it fail, and it runs again with that user dropped too.
+        between makes it fail, and it runs again with that user dropped too. Only the erased
+        users' values are read, to take them out of the digest.
         """
         set_keys = SetKeys(meta.model, meta.version)
         tombstones = set_keys.erased
 
         def seal(pipe: Pipeline) -> None:
-            erased = {str(as_text(u)) for u in pipe.hkeys(tombstones)}
-            dropped = [(u, v) for u, v in items if u in erased]
-            meta.count, meta.sealed_at = len(items) - len(dropped), time.time()
+            erased = [str(as_text(u)) for u in pipe.hkeys(tombstones)]
+            found = [(u, as_bytes(pipe.get(set_keys.value(u)))) for u in erased]
+            dropped = [(u, v) for u, v in found if v is not None]
+            meta.count, meta.sealed_at = count - len(dropped), time.time()
             meta.digest = codec.digest_without(digest, dropped)
             meta.state = SEALED
             pipe.multi()
@@ -329,20 +346,8 @@ class SetsMixin(StoreBase):
             raise ConflictError(f"{model} version {version} is active; activate another first.")
         # The metadata goes first: from then on readers find no set, never a set missing users;
         # then the direct readers lose their grants on it, before its values go.
-        self.redis.delete(set_keys.meta)
+        self.redis.unlink(set_keys.meta)
         self.sync_reader_acl()
         self.unlink_follows(model, version)
-        for batch in _batched(self.redis.scan_iter(match=set_keys.pattern, count=1000), 500):
-            self.redis.delete(*batch)
+        self.unlink_set_keys(model, version)
         self.redis.zrem(keys.versions_key(model), version)
-
-
-def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
