@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     # Workers.
     device: str | None = None
     chunk_size: int = Field(default=256, ge=1)
+    # Users whose prompts a migration's training stage reads: a seeded sample of at most this many
+    # fits the adapter's input statistics and, of those with ratings, the selection; the stage's
+    # memory is bounded by it, not by the population.
+    sample_users: int = Field(default=20_000, ge=1)
+    # Test users the quality gate and the job's metrics are computed on (a seeded sample).
+    eval_users: int = Field(default=2_000, ge=1)
+    # Torch threads for mapping a chunk: one leaves the other cores to Redis and the I/O, and
+    # spares the barriers that several threads cost on a busy machine.
+    map_threads: int = Field(default=1, ge=1)
     chunk_delay_s: float = Field(default=0.0, ge=0)  # test-only: widens the mapping window
     stage_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the adapter's training
     load_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the loading stage

@@ -1,16 +1,18 @@
-"""Applying a migration: users mapped and stored per second.
+"""Applying a migration: the chunk path's users/s, as one worker runs it, per chunk size.
 
-    python -m bench.apply --users 10000 --out bench/results/apply.json [--redis-url URL]
+    python -m bench.apply --users 100000 --chunk-sizes 256,1024,4096,16384 \\
+        --out bench/results/apply.json [--redis-url URL]
 
-A PumaAdapter for SmolLM2-135M -> Gemma-3-270m widths (576 -> 640, hidden 256) maps ``--users``
-random source prompts ``[1, 576]``; then the mapped prompts go into a new version the way the
-workers write them (``workers.mapping.map_chunk`` then ``finalize``): per chunk of
-``PM_CHUNK_SIZE`` users encode the rows, ``Store.write_prompts`` (pipelined, ``PM_WRITE_BATCH``
-keys per round trip) and the chunk digest; then ``Store.seal_set``, which reads every value back,
-verifies count and digest and marks the set readable. Reports users/s for mapping alone, for
-storing (write + verify + seal) alone and end to end (both, one after the other, as one worker
-does). Starts its own redis-server on a free port unless ``--redis-url``; the benchmark's set is
-deleted at the end.
+A source set of ``--users`` random prompts ``[1, 576]`` fp32 (SmolLM2-135M's width) is imported
+the way every set is written (``Store.write_complete_set``), and an adapter of the default
+recipe's shape (``models.recipe.ALL_USERS``: 64 principal directions, network width 64) for
+Gemma-3-270m's width 640 is stored as a job's adapter. Then, for each chunk size, in one process
+with the worker's own functions: the plan (``workers.mapping.plan_users``, streaming over the
+source's users), every chunk (``workers.mapping.map_chunk``: MGET the sources, decode, map under
+``PM_MAP_THREADS`` torch threads, encode, MSET + SADD, read back and digest), the seal
+(``Store.seal_set``: counts from the chunks, no value read again) and the version's deletion
+(``Store.delete_set``, incremental UNLINKs). Reports users/s of each step and the process's
+peak RSS; starts its own redis-server on a free port unless ``--redis-url``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import json
 import os
 import platform
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from prompt_migration_client import codec
 
@@ -30,15 +34,17 @@ from app.config import Settings
 from app.store import SetMeta, Store, connect_redis
 from bench.serving import local_redis
 from models.adapter import AdapterConfig, PumaAdapter
-from models.migration import map_prompts
-from workers.sets import encode_rows
+from models.adapter.model import adapter_to_bytes
+from models.recipe import ALL_USERS
+from workers import context
+from workers.context import Job
+from workers.mapping import map_chunk, plan_users
 
-MODEL = "bench-apply"
-D_IN, D_OUT, HIDDEN = 576, 640, 256  # SmolLM2-135M -> Gemma-3-270m, the adapter's default FFN
+SOURCE, TARGET = "bench-source", "bench-target"
+D_IN, D_OUT = 576, 640  # SmolLM2-135M -> Gemma-3-270m
 NOTE = (
-    "CPU only, on a machine shared with other jobs (see cpu_count and loadavg); the mapping uses "
-    "torch's intra-op threads, the store path is single-threaded Python plus redis-server on the "
-    "same machine."
+    "CPU only, on a machine shared with other jobs (see cpu_count and loadavg); one worker "
+    "process (torch threads: PM_MAP_THREADS) and redis-server on the same machine."
 )
 
 
@@ -46,58 +52,115 @@ def rate(users: int, seconds: float) -> float:
     return round(users / seconds, 1) if seconds > 0 else 0.0
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = Settings()
-    chunk_size = args.chunk_size or settings.chunk_size
-    write_batch = args.write_batch or settings.write_batch
-    torch.manual_seed(args.seed)
-    adapter = PumaAdapter(AdapterConfig(d_in=D_IN, d_out=D_OUT, hidden=HIDDEN)).eval()
-    sources = torch.randn(args.users, 1, D_IN) * 0.02
-    users = [f"u{i:07d}" for i in range(args.users)]
-    load_before = os.getloadavg()
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
-    map_prompts(adapter, sources[: min(256, args.users)])  # warm-up (allocations, kernels)
+
+def seed_source(store: Store, *, users: int, seed: int) -> dict[str, str]:
+    """The source set, written in batches of 10,000 random rows."""
+    version = store.allocate_version(SOURCE)
+    meta = SetMeta(model=SOURCE, version=version, task="rating", shape=[1, D_IN])
+    rng = np.random.default_rng(seed)
+
+    def batches() -> Any:
+        for start in range(0, users, 10_000):
+            n = min(10_000, users - start)
+            rows = (rng.standard_normal((n, 1, D_IN), dtype=np.float32) * 0.02).astype("<f4")
+            yield [(f"u{start + i:08d}", rows[i].tobytes()) for i in range(n)]
+
+    store.write_complete_set(meta, head=b"", batches=batches())
+    return {"model": SOURCE, "version": version}
+
+
+def recipe_adapter(seed: int) -> PumaAdapter:
+    torch.manual_seed(seed)
+    config = AdapterConfig(d_in=D_IN, d_out=D_OUT, hidden=ALL_USERS.hidden,
+                           input_rank=ALL_USERS.input_rank)  # fmt: skip
+    adapter = PumaAdapter(config).eval()
+    adapter.set_input_statistics(torch.randn(4096, 1, D_IN) * 0.02)
+    return adapter
+
+
+def new_job(
+    store: Store, *, source: dict[str, str], chunk_size: int, adapter: bytes, dtype: str,
+    settings: Settings,
+) -> Job:  # fmt: skip
+    job_id = uuid.uuid4().hex
+    version = store.allocate_version(TARGET)
+    record = {"id": job_id, "kind": "migration", "state": "running", "stage": "mapping",
+              "request": {"chunk_size": chunk_size, "dtype": dtype}, "sources": [source],
+              "target": {"model": TARGET, "version": version}, "created_at": time.time()}  # fmt: skip
+    store.create_job(record, idempotency_key=None, request_hash="")
+    store.put_blob(job_id, "adapter", adapter)
+    store.begin_set(SetMeta(model=TARGET, version=version, task="rating", shape=[1, D_OUT],
+                            dtype=dtype))  # fmt: skip
+    return Job(job_id, settings=settings)
+
+
+def run_size(
+    store: Store, *, source: dict[str, str], users: int, chunk_size: int, adapter: bytes,
+    dtype: str, settings: Settings,
+) -> dict[str, Any]:  # fmt: skip
+    job = new_job(store, source=source, chunk_size=chunk_size, adapter=adapter, dtype=dtype,
+                  settings=settings)  # fmt: skip
+    model, version = job.target
     t0 = time.perf_counter()
-    mapped = map_prompts(adapter, sources, batch_size=args.map_batch)
-    map_s = time.perf_counter() - t0
-    assert mapped.shape == (args.users, 1, D_OUT)
+    plan_users(job, sources=[source])
+    job.update(users_total=store.planned_users(job.id))
+    t1 = time.perf_counter()
+    for index in range(store.plan_size(job.id)):
+        map_chunk(job, index)
+    t2 = time.perf_counter()
+    done = store.chunks_done(job.id)
+    sealed = store.seal_set(
+        model, version, expected_count=sum(c for c, _ in done.values()),
+        expected_digest=codec.combine_digests(d for _, d in done.values()),
+    )  # fmt: skip
+    t3 = time.perf_counter()
+    assert sealed.count == users, (sealed.count, users)
+    store.delete_set(model, version)
+    t4 = time.perf_counter()
+    store.drop_plan(job.id)
+    return {
+        "chunk_size": chunk_size,
+        "chunks": len(done),
+        "seconds": {
+            "plan": round(t1 - t0, 3),
+            "map_chunks": round(t2 - t1, 3),
+            "seal": round(t3 - t2, 3),
+            "delete": round(t4 - t3, 3),
+        },
+        "users_per_s": {
+            "plan": rate(users, t1 - t0),
+            "chunk_path": rate(users, t2 - t1),
+            "seal": rate(users, t3 - t2),
+            "delete": rate(users, t4 - t3),
+            "plan_map_seal": rate(users, t3 - t0),
+        },
+    }
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = Settings(environment="test")
+    adapter = recipe_adapter(args.seed)
+    load_before = os.getloadavg()
     with local_redis(args.redis_url) as (redis_url, _):
         redis = connect_redis(redis_url, timeout_s=10)  # as the workers connect
-        store = Store(redis, write_batch=write_batch)
-        version = store.allocate_version(MODEL)
-        meta = SetMeta(model=MODEL, version=version, task="rating", shape=[1, D_OUT],
-                       dtype=args.dtype)  # fmt: skip
+        store = Store(redis, write_batch=settings.write_batch)
+        context._store = store  # the workers' stages use this store
         t0 = time.perf_counter()
-        store.begin_set(meta)
-        store.put_head(MODEL, version, b"")
-        encode_s = write_s = digest_s = 0.0
-        chunk_digests: list[str] = []
-        for start in range(0, args.users, chunk_size):
-            t = time.perf_counter()
-            chunk_users = users[start : start + chunk_size]
-            items = encode_rows(chunk_users, mapped[start : start + chunk_size], dtype=args.dtype)
-            t1 = time.perf_counter()
-            store.write_prompts(MODEL, version, items)
-            t2 = time.perf_counter()
-            chunk_digests.append(codec.set_digest(items))
-            t3 = time.perf_counter()
-            encode_s, write_s, digest_s = encode_s + t1 - t, write_s + t2 - t1, digest_s + t3 - t2
-        t4 = time.perf_counter()
-        sealed = store.seal_set(
-            MODEL,
-            version,
-            expected_count=args.users,
-            expected_digest=codec.combine_digests(chunk_digests),
-        )
-        seal_s = time.perf_counter() - t4
-        store_s = time.perf_counter() - t0
-        assert sealed.count == args.users
-        value_bytes = len(store.get_prompt(MODEL, version, users[0]) or b"")
-        store.delete_set(MODEL, version)
+        source = seed_source(store, users=args.users, seed=args.seed)
+        import_s = time.perf_counter() - t0
+        blob = adapter_to_bytes(adapter)
+        runs = [run_size(store, source=source, users=args.users, chunk_size=size, adapter=blob,
+                         dtype=args.dtype, settings=settings)
+                for size in args.chunk_sizes]  # fmt: skip
+        store.delete_set(source["model"], source["version"])
         redis.close()
-
-    total_s = map_s + store_s
+    best = max(runs, key=lambda r: r["users_per_s"]["chunk_path"])
     return {
         "benchmark": "apply",
         "config": {
@@ -105,17 +168,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "adapter": {
                 "d_in": D_IN,
                 "d_out": D_OUT,
-                "hidden": HIDDEN,
+                "hidden": adapter.config.hidden,
+                "input_rank": adapter.config.input_rank,
                 "params": sum(p.numel() for p in adapter.parameters()),
             },
             "source_shape": [1, D_IN],
             "target_shape": [1, D_OUT],
             "dtype": args.dtype,
-            "value_bytes": value_bytes,
-            "map_batch_size": args.map_batch,
-            "chunk_size": chunk_size,
-            "write_batch": write_batch,
-            "torch_threads": torch.get_num_threads(),
+            "value_bytes": {
+                "source": 4 * D_IN,
+                "target": codec.numpy_dtype(args.dtype).itemsize * D_OUT,
+            },
+            "map_threads": settings.map_threads,
             "redis": "external (--redis-url)" if args.redis_url else "own redis-server",
         },
         "machine": {
@@ -127,65 +191,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
         },
         "note": NOTE,
-        "seconds": {
-            "map": round(map_s, 4),
-            "encode": round(encode_s, 4),
-            "write": round(write_s, 4),
-            "chunk_digest": round(digest_s, 4),
-            "seal_verify": round(seal_s, 4),
-            "store_total": round(store_s, 4),
-            "end_to_end": round(total_s, 4),
-        },
-        "users_per_s": {
-            "map": rate(args.users, map_s),
-            "write": rate(args.users, encode_s + write_s + digest_s),
-            "seal_verify": rate(args.users, seal_s),
-            "store": rate(args.users, store_s),
-            "end_to_end": rate(args.users, total_s),
-        },
+        "import_users_per_s": rate(args.users, import_s),
+        "runs": runs,
+        "best_chunk_size": best["chunk_size"],
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
     cfg = result["config"]
     print(
-        f"\nApply benchmark: {cfg['users']} users, adapter {cfg['adapter']['d_in']} -> "
-        f"{cfg['adapter']['d_out']} (hidden {cfg['adapter']['hidden']}), {cfg['dtype']}, "
-        f"chunk {cfg['chunk_size']}, write batch {cfg['write_batch']}, "
-        f"{result['machine']['cpu_count']} CPUs, torch threads {cfg['torch_threads']}"
+        f"\nApply benchmark: {cfg['users']} users, adapter {D_IN} -> {D_OUT} (rank "
+        f"{cfg['adapter']['input_rank']}, hidden {cfg['adapter']['hidden']}), {cfg['dtype']}, "
+        f"{result['machine']['cpu_count']} CPUs, map threads {cfg['map_threads']}; "
+        f"import {result['import_users_per_s']:.0f} users/s"
     )
-    print(f"{'stage':<36}{'seconds':>10}{'users/s':>12}")
-    print("-" * 58)
-    s, r = result["seconds"], result["users_per_s"]
-    rows = [
-        ("map_prompts", s["map"], r["map"]),
-        ("encode + write_prompts + digest", s["encode"] + s["write"] + s["chunk_digest"],
-         r["write"]),
-        ("seal_set (read back, verify, seal)", s["seal_verify"], r["seal_verify"]),
-        ("store total (write + seal)", s["store_total"], r["store"]),
-        ("end to end (map + store)", s["end_to_end"], r["end_to_end"]),
-    ]  # fmt: skip
-    for name, seconds, users_s in rows:
-        print(f"{name:<36}{seconds:>10.3f}{users_s:>12.0f}")
+    print(f"{'chunk':>8}{'plan':>10}{'chunks':>10}{'seal':>10}{'delete':>10}   users/s")
+    for r in result["runs"]:
+        u = r["users_per_s"]
+        print(f"{r['chunk_size']:>8}{u['plan']:>10.0f}{u['chunk_path']:>10.0f}{u['seal']:>10.0f}"
+              f"{u['delete']:>10.0f}")  # fmt: skip
+    print(f"best chunk size {result['best_chunk_size']}; peak RSS {result['peak_rss_mb']} MB")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--users", type=int, default=10000)
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--map-batch", type=int, default=256, help="map_prompts batch_size")
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: PM_CHUNK_SIZE")
-    parser.add_argument("--write-batch", type=int, default=None, help="default: PM_WRITE_BATCH")
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--chunk-sizes", default="256,1024,4096,16384",
+                        help="comma-separated chunk sizes to time, each on a new version")  # fmt: skip
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="the new set's stored dtype")  # fmt: skip
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("users", "map_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("chunk_size", "write_batch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.users < 1:
+        parser.error("--users must be >= 1")
+    try:
+        args.chunk_sizes = [int(s) for s in args.chunk_sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error("--chunk-sizes takes integers, e.g. 1024,4096")
+    if not args.chunk_sizes or min(args.chunk_sizes) < 1:
+        parser.error("--chunk-sizes needs at least one size >= 1")
     return args
 
 

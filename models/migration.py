@@ -131,18 +131,24 @@ def train_adapter(
     vocab_maps: list[LinearMap] | None = None,
     source_model: FoundationModel | None = None,
     user_weights: Mapping[str, float] | None = None,
+    statistics: list[PromptSet] | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> AdapterResult:
     """Train the adapter on ``users`` (their source prompts and interactions), each user's
     examples weighted in the loss by ``user_weights`` (``Selection.weights``; None: alike).
-    ``source_model``: the first source's model, needed when ``config.distill_weight`` > 0."""
+    ``source_model``: the first source's model, needed when ``config.distill_weight`` > 0.
+    ``statistics``: the sets whose every common user gives the input statistics (a sample of
+    the population the adapter will map); None: ``sources``."""
     if not users:
         raise DataError("No users to train the adapter on: select at least one user.")
     splits.require_training_data(users)
     inputs = stack_sources(sources, users)
     # Every user's prompt gives the input statistics; input_rank implies standardize_inputs.
-    table = stack_sources(sources, common_users(sources)) if config.standardize_inputs else None
+    table_sets = sources if statistics is None else statistics
+    table = (
+        stack_sources(table_sets, common_users(table_sets)) if config.standardize_inputs else None
+    )
     rank = config.input_rank
     if rank is not None and table is not None:  # a small table has fewer directions than asked
         rank = fitted_rank(rank, prompt_vectors=table.shape[0] * table.shape[1],

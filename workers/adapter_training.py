@@ -23,8 +23,9 @@ from workers.context import Job, load_model
 
 
 def job_recipe(job: Job, *, sets: list[PromptSet]) -> recipe.Resolved:
-    """The measured recipe fitted to this job's population, with what its request names; the
-    job's record shows every setting and what the population-dependent rules chose."""
+    """The measured recipe fitted to this job's population (``sets``: the sample of it that
+    gives the input statistics), with what its request names; the job's record shows every
+    setting and what the population-dependent rules chose."""
     resolved = recipe_for_request(job.request, sets=sets)
     job.update(recipe=resolved.record())
     return resolved
@@ -107,11 +108,13 @@ def train(
     sources: list[dict[str, str]],
     sets: list[PromptSet],
     task: Task,
+    statistics: list[PromptSet],
     splits: Splits,
     selected: Selection,
     config: MigrationConfig,
 ) -> None:
-    """Train on the ``selected`` users; ``sets`` hold every user's prompts (input statistics)."""
+    """Train on the ``selected`` users of ``sets``; ``statistics`` hold the sample of the
+    population that gives the adapter's input statistics."""
     target_name, _ = job.target
     job.update(stage="training", users_selected=len(selected.users))
     job.store.count(job.id, "adapter_trainings")
@@ -125,6 +128,7 @@ def train(
         splits=splits.restrict(selected.users),
         users=selected.users,
         user_weights=selected.weights,
+        statistics=statistics,
         config=config,
         vocab_maps=_vocab_maps(sources, target) if config.start_from_vocab_map else None,
         source_model=load_model(sources[0]["model"]) if config.distill_weight else None,

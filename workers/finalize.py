@@ -17,27 +17,29 @@ from models.evaluation import baseline_metrics, evaluate
 from models.tasks import Task
 from workers.context import Job, load_model
 from workers.follow import drain_before_promotion
-from workers.mapping import map_missing_chunks, planned_chunks
-from workers.sets import load_set, load_splits, source_task
+from workers.mapping import map_missing_chunks
+from workers.population import member_splits, sample
+from workers.sets import load_set, source_task
 
 
 def finalize(job: Job) -> None:
     """Verify, evaluate, gate, seal and (maybe) promote; safe to run more than once (its
-    task holds a lease, so never twice at once)."""
+    task holds a lease, so never twice at once). The metrics and the gate are computed on a
+    seeded sample of the test users (``PM_EVAL_USERS``), all of them when there are fewer."""
 
     map_missing_chunks(job)
-    chunks = planned_chunks(job)
     job.check_cancel()
     job.update(stage="verifying", fraction=0.9)
     model, version = job.target
-    users = sorted(u for chunk in chunks for u in chunk)
     job.update(stage="evaluating", fraction=0.92)
     task = source_task(job.record["sources"])
-    splits = load_splits(job, task=task.name, users=users)
-    test_users = [u for u in users if u in splits.test]
-    migrated = load_set(model, version, users=test_users, skip_missing=True)
+    splits = member_splits(job, task=task.name, sets=[{"model": model, "version": version}])
+    seed = int(job.request.get("seed", 0))
+    sampled = sample(splits.test, limit=job.settings.eval_users, seed=seed)
+    tested = {u: splits.test[u] for u in sampled}
+    migrated = load_set(model, version, users=sampled, skip_missing=True)
     test_users = migrated.user_ids
-    migrated_metrics = evaluate(load_model(model), task, migrated, splits.test)
+    migrated_metrics = evaluate(load_model(model), task, migrated, tested)
     source_metrics = {}
     for s in job.record["sources"]:
         key = f"{s['model']}@{s['version']}"
@@ -46,10 +48,12 @@ def finalize(job: Job) -> None:
             source_metrics[key] = cached
             continue
         source_set = load_set(s["model"], s["version"], users=test_users, skip_missing=True)
-        source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, splits.test)
+        source_metrics[key] = evaluate(load_model(s["model"]), task, source_set, tested)
     # Scored on the same test users as the sets: what serving no prompt at all would give.
     test = {u: splits.test[u] for u in test_users}
     no_prompt = baseline_metrics(task, train=splits.train, test=test)
+    job.update(sample=dict(job.record.get("sample") or {}) | {
+        "test_users": len(test_users), "test_limit": job.settings.eval_users})  # fmt: skip
     job.check_cancel()
     gate = quality_gate(
         task=task,
@@ -67,7 +71,7 @@ def finalize(job: Job) -> None:
     done = job.store.chunks_done(job.id)
     expected_count = sum(count for count, _ in done.values())
     expected_digest = codec.combine_digests(d for _, d in done.values())
-    planned = sum(len(chunk) for chunk in planned_chunks(job))
+    planned = int(job.record.get("users_total") or 0)
     sealed = job.store.seal_set(
         model,
         version,
@@ -81,6 +85,7 @@ def finalize(job: Job) -> None:
     state = GATE_FAILED if not gate["passed"] else AWAITING
     if gate["passed"] and job.request.get("auto_promote", True):
         state = auto_promote(job, model=model, version=version)
+    job.store.drop_plan(job.id)  # the set is sealed: no chunk is mapped again
     job.store.purge_retired(grace_s=job.settings.version_grace_s)
     cost = dict(job.record.get("cost") or {})
     cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)

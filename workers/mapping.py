@@ -3,32 +3,38 @@ stored adapter into the new version."""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+import torch
 from prompt_migration_client import codec
 
 from app.jobs import CANCELLED, FAILED
 from app.store import SetMeta
 from models.adapter.model import adapter_from_bytes
-from models.migration import common_users as users_in_every_set
-from models.migration import map_prompts, stack_sources
+from models.errors import DataError
+from models.migration import map_prompts
 from models.tasks import Task
 from workers.context import Job, drop_unsealed_target, load_model
 from workers.lease import held
-from workers.sets import encode_rows, load_set
+from workers.population import scan_common
 
 _adapters: dict[str, Any] = {}
 
 
-def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], task: Task) -> int:
+def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
+    """Plan the chunks (once: a re-delivered stage resumes an unfinished plan) and begin the new
+    set; returns the chunk count."""
     model, version = job.target
-    plan = job.store.get_blob(job.id, "plan")
-    if plan is None:
-        job.update(users_planned=len(users))
-        plan = json.dumps(split_chunks(job, users)).encode()
-        job.store.put_blob(job.id, "plan", plan)
+    if not job.record.get("plan_complete"):
+        plan_users(job, sources=sources)
+        planned = job.store.planned_users(job.id)
+        if not planned:
+            raise DataError("The source prompt sets share no users; nothing to migrate.")
+        job.update(plan_complete=True, users_planned=planned, users_total=planned)
     first = job.store.get_meta(sources[0]["model"], sources[0]["version"])
     width = load_model(model).hidden_size
     meta = SetMeta(
@@ -48,23 +54,34 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], users: list[str], t
     job.store.begin_set(meta)
     job.store.put_head(model, version, job.store.get_blob(job.id, "head") or b"")
     job.update(stage="mapping", fraction=0.5)
-    return len(json.loads(plan))
+    return job.store.plan_size(job.id)
 
 
-def planned_chunks(job: Job) -> list[list[str]]:
-    return list(json.loads(job.store.get_blob(job.id, "plan") or b"[]"))
-
-
-def split_chunks(job: Job, users: list[str]) -> list[list[str]]:
+def plan_users(job: Job, *, sources: list[dict[str, str]]) -> int:
+    """Append chunks of the sources' users that no chunk holds yet, streaming over the sources
+    (one chunk in memory); returns how many users were added."""
     size = int(job.request.get("chunk_size") or job.settings.chunk_size)
-    return [users[i : i + size] for i in range(0, len(users), size)]
+    pending: dict[str, None] = {}  # ordered, and a user SSCAN lists twice is held once
+    added = 0
+    for batch in scan_common(job.store, sources):
+        pending.update(dict.fromkeys(job.store.unplanned(job.id, batch)))
+        while len(pending) >= size:
+            chunk = list(pending)[:size]
+            job.store.add_plan_chunk(job.id, chunk)
+            for user in chunk:
+                del pending[user]
+            added += len(chunk)
+    if pending:
+        job.store.add_plan_chunk(job.id, list(pending))
+        added += len(pending)
+    return added
 
 
 def map_missing_chunks(job: Job) -> None:
     """Map, here, every chunk of the plan not done yet (one a lost chord message never ran, or
     one added after the chord)."""
     done = job.store.chunks_done(job.id)
-    for index in range(len(planned_chunks(job))):
+    for index in range(job.store.plan_size(job.id)):
         if index not in done:  # map_chunk checks again: a chord task may finish it meanwhile
             job.check_cancel()
             # A chunk task still on it holds the lease: finalize then comes back later.
@@ -102,21 +119,57 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     started = time.perf_counter()
     if job.settings.chunk_delay_s:
         job.pause(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
-    sets = [
-        load_set(s["model"], s["version"], users=planned_chunks(job)[index], skip_missing=True)
-        for s in job.record["sources"]
-    ]
-    users = users_in_every_set(sets)  # an erasure since planning leaves a user out
-    mapped = map_prompts(_adapter(job), stack_sources(sets, users))
-    items = encode_rows(users, mapped, dtype=str(job.request.get("dtype") or "float32"))
+    users, rows = read_sources(job, job.store.plan_chunk(job.id, index))
+    with torch_threads(job.settings.map_threads), torch.inference_mode():
+        mapped = map_prompts(_adapter(job), rows)
+    dtype = str(job.request.get("dtype") or "float32")
     model, version = job.target
-    job.store.write_prompts(model, version, items)
+    count, digest = job.store.write_checked(model, version, users, encode_values(mapped, dtype))
     if ended(job):
         return {"chunk": index, "discarded": True}
-    if job.store.mark_chunk_done(job.id, index, count=len(items), digest=codec.set_digest(items)):
+    if job.store.mark_chunk_done(job.id, index, count=count, digest=digest):
         job.store.add_seconds(job.id, "map_seconds", time.perf_counter() - started)
     done = job.store.chunks_done(job.id)
     mapped_users = sum(count for count, _ in done.values())
     total = max(1, int(job.record.get("users_total") or 1))
     job.update(fraction=round(0.5 + 0.4 * mapped_users / total, 4))
-    return {"chunk": index, "users": len(items), "seconds": time.perf_counter() - started}
+    return {"chunk": index, "users": count, "seconds": time.perf_counter() - started}
+
+
+def read_sources(job: Job, users: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The users who still have a prompt on every source (an erasure since planning leaves a user
+    out) and their prompts concatenated on features, ``[n, l, sum d]`` fp32: one MGET per few
+    thousand users and one decode of the joined bytes per source."""
+    sources = job.record["sources"]
+    values = [job.store.read_values(s["model"], s["version"], users) for s in sources]
+    keep = [i for i in range(len(users)) if all(v[i] is not None for v in values)]
+    blocks = []
+    for source, stored in zip(sources, values, strict=True):
+        meta = job.store.get_meta(source["model"], source["version"])
+        data = b"".join(stored[i] or b"" for i in keep)
+        shape = (len(keep), *meta.shape)
+        array = np.frombuffer(data, dtype=codec.numpy_dtype(meta.dtype))
+        if array.size != int(np.prod(shape)):
+            raise DataError(
+                f"{source['model']} version {source['version']} holds prompts of another size "
+                f"than its shape {meta.shape} {meta.dtype}; re-import or retrain the set."
+            )
+        blocks.append(torch.from_numpy(array.reshape(shape).astype(np.float32)))
+    return [users[i] for i in keep], torch.cat(blocks, dim=-1)
+
+
+def encode_values(mapped: torch.Tensor, dtype: str) -> list[bytes]:
+    """Each row's stored bytes (``codec.encode`` of the row): one conversion, then slices."""
+    array = np.ascontiguousarray(mapped.numpy(), dtype=codec.numpy_dtype(dtype))
+    raw, step = array.tobytes(), array[0].nbytes if len(array) else 0
+    return [raw[i * step : (i + 1) * step] for i in range(len(array))]
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,9 +2,10 @@
 
 A prompt training is one stage (workers.prompt_training). A migration:
 
-1. ``train_and_dispatch``: load every user's source prompts, then select the users and train the
-   adapter on the recipe for the job's population (workers.adapter_training), or fit the instant
-   map; plan the chunks and send one ``map_chunk`` task per chunk (workers.mapping);
+1. ``train_and_dispatch``: draw a bounded, seeded sample of the users (workers.population) and
+   load their source prompts, then select the users and train the adapter on the recipe for the
+   sample (workers.adapter_training), or fit the instant map; plan the chunks and send one
+   ``map_chunk`` task per chunk (workers.mapping);
 2. ``map_chunk``, one per chunk, on every worker (workers.mapping);
 3. ``finalize`` once every chunk answered: verify, evaluate, gate, seal, promote
    (workers.finalize).
@@ -16,15 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from models.data import Splits
 from models.errors import DataError
 from models.migration import common_users as users_in_every_set
+from models.prompts import PromptSet
 from workers.adapter_training import fit_map, job_recipe, select, train
 from workers.context import Job, fail, run_guarded
 from workers.finalize import finalize
 from workers.follow import start_following
 from workers.mapping import map_chunk, plan_mapping
+from workers.population import draw, member_splits
 from workers.prompt_training import train_prompt_set
-from workers.sets import common_users, load_set, load_splits, source_task
+from workers.sets import load_set, source_task
 
 __all__ = [
     "Job",
@@ -42,29 +46,41 @@ def prepare_and_train(job: Job) -> int:
     sources = job.record["sources"]
     task = source_task(sources)
     start_following(job)  # before the users are listed: a later write is pending, not missed
-    users = common_users(sources)
-    if not users:
-        raise DataError("The source prompt sets share no users; nothing to migrate.")
-    job.update(stage="loading", users_total=len(users))
-    splits = load_splits(job, task=task.name, users=users)
+    job.update(stage="loading")
+    splits = member_splits(job, task=task.name, sets=sources)
     if job.settings.load_delay_s:
         job.pause(job.settings.load_delay_s)  # test-only: leaves room to erase users here
     if job.store.get_blob(job.id, "adapter") is None:
-        # One read of every user's prompts serves both stages: selection clusters the users with
-        # training data, training standardises by the whole population the adapter will map.
-        # A user erased since the listing is left out (the chunks skip them too).
-        sets = [load_set(s["model"], s["version"], users=users, skip_missing=True)
-                for s in sources]  # fmt: skip
-        present = users_in_every_set(sets)
-        sets = [s.subset(present) for s in sets]
+        sets, statistics = load_sample(job, sources=sources, splits=splits)
         if job.request.get("method") == "instant":
-            fit_map(job, sources=sources, sets=sets, task=task, splits=splits)
+            fit_map(job, sources=sources, sets=statistics, task=task, splits=splits)
         else:
-            settings = job_recipe(job, sets=sets)
+            settings = job_recipe(job, sets=statistics)
             selected = select(job, sets=sets, splits=splits, config=settings.selection)
-            train(job, sources=sources, sets=sets, task=task, splits=splits, selected=selected,
-                  config=settings.adapter)  # fmt: skip
-    return plan_mapping(job, sources=sources, users=users, task=task)
+            train(job, sources=sources, sets=sets, statistics=statistics, task=task,
+                  splits=splits, selected=selected, config=settings.adapter)  # fmt: skip
+    return plan_mapping(job, sources=sources, task=task)
+
+
+def load_sample(
+    job: Job, *, sources: list[dict[str, str]], splits: Splits
+) -> tuple[list[PromptSet], list[PromptSet]]:
+    """The prompts the training stage reads, at most two samples' worth whatever the population:
+    the sets of both samples' users, and those of the statistics' sample alone."""
+    drawn = draw(job.store, sources, limit=job.settings.sample_users,
+                 seed=int(job.request.get("seed", 0)), can_train=splits.train.__contains__)  # fmt: skip
+    if not drawn.statistics:
+        raise DataError("The source prompt sets share no users; nothing to migrate.")
+    job.update(users_total=drawn.population, sample={
+        "population": drawn.population, "statistics_users": len(drawn.statistics),
+        "selection_users": len(drawn.trainable), "limit": job.settings.sample_users,
+    })  # fmt: skip
+    wanted = sorted({*drawn.statistics, *drawn.trainable})
+    loaded = [load_set(s["model"], s["version"], users=wanted, skip_missing=True) for s in sources]
+    held = set(users_in_every_set(loaded))  # a user erased since the draw is left out
+    sets = [s.subset([u for u in wanted if u in held]) for s in loaded]
+    statistics = [s.subset([u for u in drawn.statistics if u in held]) for s in sets]
+    return sets, statistics
 
 
 def train_and_dispatch(job: Job, *, dispatch: Callable[[int], None]) -> None:

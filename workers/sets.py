@@ -45,19 +45,20 @@ def load_set(
     db: Store | None = None,
     skip_missing: bool = False,
 ) -> PromptSet:
-    """The stored set, or its ``users``; with ``skip_missing``, users without a prompt (erased
-    since they were planned) are left out instead of failing the load."""
+    """The stored set, or its ``users`` (the stages name a bounded sample or one chunk); with
+    ``skip_missing``, users without a prompt (erased since they were planned) are left out
+    instead of failing the load."""
     s = db or store()
     meta = s.get_meta(model, version)
     users = users if users is not None else s.set_users(model, version)
-    values = s.get_prompts(model, version, users)
+    values = s.read_values(model, version, users)
     missing = [u for u, v in zip(users, values, strict=True) if v is None]
     if missing and not skip_missing:
         raise DataError(f"{model} version {version} has no prompt for users {missing[:5]}.")
     found = [(u, v) for u, v in zip(users, values, strict=True) if v is not None]
-    shape = tuple(meta.shape)
-    rows = [codec.decode(v, dtype=meta.dtype, shape=shape) for _, v in found]
-    prompts = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, *shape))
+    shape = (len(found), *meta.shape)
+    data = np.frombuffer(b"".join(v for _, v in found), dtype=codec.numpy_dtype(meta.dtype))
+    prompts = torch.from_numpy(data.reshape(shape).astype(np.float32))
     head = load_tensors(s.get_head(model, version))
     return PromptSet(model, meta.task, [u for u, _ in found], prompts, head)
 
@@ -77,11 +78,6 @@ def encode_rows(
 ) -> list[tuple[str, bytes]]:
     array = prompts.detach().float().cpu().numpy()
     return [(u, codec.encode(array[i], dtype)) for i, u in enumerate(users)]
-
-
-def common_users(sources: list[dict[str, str]]) -> list[str]:
-    sets = [set(store().set_users(s["model"], s["version"])) for s in sources]
-    return sorted(set.intersection(*sets))
 
 
 def source_task(sources: list[dict[str, str]]) -> Task:

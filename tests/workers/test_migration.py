@@ -353,9 +353,9 @@ def test_erasure_during_a_migration_holds_and_the_set_still_seals(
 ) -> None:
     created = migrate(client, chunk_size=4)  # the worker waits 0.3 s before each chunk
     wait_for(lambda: store.chunks_done(created["id"]), timeout=120, what="a first chunk")
-    plan = json.loads(store.get_blob(created["id"], "plan") or b"[]")
-    written = plan[min(store.chunks_done(created["id"]))][-1]  # in the set being written
-    planned = plan[-1][-1]  # most likely not mapped yet: the chunk skips the user
+    chunks = store.plan_size(created["id"])
+    written = store.plan_chunk(created["id"], min(store.chunks_done(created["id"])))[-1]
+    planned = store.plan_chunk(created["id"], chunks - 1)[-1]  # likely not mapped yet: skipped
     for user in (written, planned):
         assert client.delete(f"/users/{user}", headers=admin()).status_code == 200
     done = wait_done(client, created["id"])
