@@ -11,8 +11,10 @@ with the worker's own functions: the plan (``workers.mapping.plan_users``, strea
 source's users), every chunk (``workers.mapping.map_chunk``: MGET the sources, decode, map under
 ``PM_MAP_THREADS`` torch threads, encode, MSET + SADD, read back and digest), the seal
 (``Store.seal_set``: counts from the chunks, no value read again) and the version's deletion
-(``Store.delete_set``, incremental UNLINKs). Reports users/s of each step and the process's
-peak RSS; starts its own redis-server on a free port unless ``--redis-url``.
+(``Store.delete_set``, incremental UNLINKs). ``--repeat`` rounds over the sizes, interleaved;
+each size reports its median round's users/s per step, the CPU the chunk path spent per user in
+this process and in redis-server (what a quiet machine's rate follows from), and the process's
+peak RSS. Starts its own redis-server on a free port unless ``--redis-url``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from prompt_migration_client import codec
 
 from app.config import Settings
 from app.store import SetMeta, Store, connect_redis
-from bench.serving import local_redis
+from bench.serving import cpu_seconds, local_redis
 from models.adapter import AdapterConfig, PumaAdapter
 from models.adapter.model import adapter_to_bytes
 from models.recipe import ALL_USERS
@@ -102,7 +104,7 @@ def new_job(
 
 def run_size(
     store: Store, *, source: dict[str, str], users: int, chunk_size: int, adapter: bytes,
-    dtype: str, settings: Settings,
+    dtype: str, settings: Settings, redis_pids: list[int],
 ) -> dict[str, Any]:  # fmt: skip
     job = new_job(store, source=source, chunk_size=chunk_size, adapter=adapter, dtype=dtype,
                   settings=settings)  # fmt: skip
@@ -110,10 +112,12 @@ def run_size(
     t0 = time.perf_counter()
     plan_users(job, sources=[source])
     job.update(users_total=store.planned_users(job.id))
-    t1 = time.perf_counter()
+    t1, cpu0, redis0 = time.perf_counter(), os.times(), cpu_seconds(redis_pids)
     for index in range(store.plan_size(job.id)):
         map_chunk(job, index)
-    t2 = time.perf_counter()
+    t2, cpu1, redis1 = time.perf_counter(), os.times(), cpu_seconds(redis_pids)
+    worker_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    redis_cpu = None if redis0 is None or redis1 is None else redis1 - redis0
     done = store.chunks_done(job.id)
     sealed = store.seal_set(
         model, version, expected_count=sum(c for c, _ in done.values()),
@@ -140,14 +144,27 @@ def run_size(
             "delete": rate(users, t4 - t3),
             "plan_map_seal": rate(users, t3 - t0),
         },
+        # CPU the chunk path spent per user, whatever else ran on the machine meanwhile.
+        "chunk_path_cpu_us_per_user": {
+            "worker": round(worker_cpu / users * 1e6, 2),
+            "redis": None if redis_cpu is None else round(redis_cpu / users * 1e6, 2),
+        },
     }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose chunk path was the median, with every round's chunk-path rate."""
+    ranked = sorted(runs, key=lambda r: r["users_per_s"]["chunk_path"])
+    middle = dict(ranked[len(ranked) // 2])
+    middle["chunk_path_users_per_s_rounds"] = [r["users_per_s"]["chunk_path"] for r in runs]
+    return middle
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(environment="test")
     adapter = recipe_adapter(args.seed)
     load_before = os.getloadavg()
-    with local_redis(args.redis_url) as (redis_url, _):
+    with local_redis(args.redis_url) as (redis_url, redis_pids):
         redis = connect_redis(redis_url, timeout_s=10)  # as the workers connect
         store = Store(redis, write_batch=settings.write_batch)
         context._store = store  # the workers' stages use this store
@@ -155,9 +172,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source = seed_source(store, users=args.users, seed=args.seed)
         import_s = time.perf_counter() - t0
         blob = adapter_to_bytes(adapter)
-        runs = [run_size(store, source=source, users=args.users, chunk_size=size, adapter=blob,
-                         dtype=args.dtype, settings=settings)
-                for size in args.chunk_sizes]  # fmt: skip
+        # Rounds over the sizes, interleaved, so that a burst of load elsewhere on the machine
+        # does not land on one size alone; each size reports its median round.
+        rounds = [[run_size(store, source=source, users=args.users, chunk_size=size,
+                            adapter=blob, dtype=args.dtype, settings=settings,
+                            redis_pids=redis_pids)
+                   for size in args.chunk_sizes] for _ in range(args.repeat)]  # fmt: skip
+        runs = [median_run([r[i] for r in rounds]) for i in range(len(args.chunk_sizes))]
         store.delete_set(source["model"], source["version"])
         redis.close()
     best = max(runs, key=lambda r: r["users_per_s"]["chunk_path"])
@@ -180,6 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "target": codec.numpy_dtype(args.dtype).itemsize * D_OUT,
             },
             "map_threads": settings.map_threads,
+            "repeat": args.repeat,
             "redis": "external (--redis-url)" if args.redis_url else "own redis-server",
         },
         "machine": {
@@ -223,10 +245,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="the new set's stored dtype")  # fmt: skip
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over the chunk sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.users < 1:
-        parser.error("--users must be >= 1")
+    if args.users < 1 or args.repeat < 1:
+        parser.error("--users and --repeat must be >= 1")
     try:
         args.chunk_sizes = [int(s) for s in args.chunk_sizes.split(",") if s.strip()]
     except ValueError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,6 +24,8 @@ from workers.lease import held
 from workers.population import scan_common
 
 _adapters: dict[str, Any] = {}
+# Users per part of a chunk that map_users reads, maps and writes in turn (overlapped).
+MAP_PART = 1024
 
 
 def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
@@ -119,12 +122,7 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     started = time.perf_counter()
     if job.settings.chunk_delay_s:
         job.pause(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
-    users, rows = read_sources(job, job.store.plan_chunk(job.id, index))
-    with torch_threads(job.settings.map_threads), torch.inference_mode():
-        mapped = map_prompts(_adapter(job), rows)
-    dtype = str(job.request.get("dtype") or "float32")
-    model, version = job.target
-    count, digest = job.store.write_checked(model, version, users, encode_values(mapped, dtype))
+    count, digest = map_users(job, job.store.plan_chunk(job.id, index))
     if ended(job):
         return {"chunk": index, "discarded": True}
     if job.store.mark_chunk_done(job.id, index, count=count, digest=digest):
@@ -136,32 +134,58 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     return {"chunk": index, "users": count, "seconds": time.perf_counter() - started}
 
 
-def read_sources(job: Job, users: list[str]) -> tuple[list[str], torch.Tensor]:
+def map_users(job: Job, users: list[str]) -> tuple[int, str]:
+    """Read, map, write and read back ``users`` a part at a time; returns the count and digest of
+    what was written. Two threads overlap the store's round trips with the mapping (socket waits
+    and torch's kernels release the GIL): the next part is read and the last one written while
+    this one is mapped."""
+    sources = job.record["sources"]
+    metas = [job.store.get_meta(s["model"], s["version"]) for s in sources]
+    dtype = str(job.request.get("dtype") or "float32")
+    model, version = job.target
+    adapter = _adapter(job)
+    parts = [users[i : i + MAP_PART] for i in range(0, len(users), MAP_PART)] or [[]]
+    with ThreadPoolExecutor(max_workers=2) as io, torch_threads(job.settings.map_threads):
+        reading = io.submit(read_sources, job, parts[0], metas=metas)
+        writes = []
+        for following in [*parts[1:], None]:
+            part, rows = reading.result()
+            if following is not None:
+                reading = io.submit(read_sources, job, following, metas=metas)
+            with torch.inference_mode():
+                values = encode_values(map_prompts(adapter, rows), dtype)
+            writes.append(io.submit(job.store.write_checked, model, version, part, values))
+        written = [w.result() for w in writes]
+    return sum(c for c, _ in written), codec.combine_digests(d for _, d in written)
+
+
+def read_sources(
+    job: Job, users: list[str], *, metas: list[SetMeta]
+) -> tuple[list[str], torch.Tensor]:
     """The users who still have a prompt on every source (an erasure since planning leaves a user
     out) and their prompts concatenated on features, ``[n, l, sum d]`` fp32: one MGET per few
     thousand users and one decode of the joined bytes per source."""
-    sources = job.record["sources"]
-    values = [job.store.read_values(s["model"], s["version"], users) for s in sources]
+    values = [job.store.read_values(m.model, m.version, users) for m in metas]
     keep = [i for i in range(len(users)) if all(v[i] is not None for v in values)]
     blocks = []
-    for source, stored in zip(sources, values, strict=True):
-        meta = job.store.get_meta(source["model"], source["version"])
-        data = b"".join(stored[i] or b"" for i in keep)
+    for meta, stored in zip(metas, values, strict=True):
+        data = bytearray().join(stored[i] or b"" for i in keep)  # writable: torch shares it
         shape = (len(keep), *meta.shape)
         array = np.frombuffer(data, dtype=codec.numpy_dtype(meta.dtype))
         if array.size != int(np.prod(shape)):
             raise DataError(
-                f"{source['model']} version {source['version']} holds prompts of another size "
-                f"than its shape {meta.shape} {meta.dtype}; re-import or retrain the set."
+                f"{meta.model} version {meta.version} holds prompts of another size than its "
+                f"shape {meta.shape} {meta.dtype}; re-import or retrain the set."
             )
-        blocks.append(torch.from_numpy(array.reshape(shape).astype(np.float32)))
+        blocks.append(torch.from_numpy(array.reshape(shape).astype(np.float32, copy=False)))
     return [users[i] for i in keep], torch.cat(blocks, dim=-1)
 
 
-def encode_values(mapped: torch.Tensor, dtype: str) -> list[bytes]:
-    """Each row's stored bytes (``codec.encode`` of the row): one conversion, then slices."""
+def encode_values(mapped: torch.Tensor, dtype: str) -> list[memoryview]:
+    """Each row's stored bytes (``codec.encode`` of the row): one conversion, then views of it
+    (no copy per row; the store's writes and digests take them as they are)."""
     array = np.ascontiguousarray(mapped.numpy(), dtype=codec.numpy_dtype(dtype))
-    raw, step = array.tobytes(), array[0].nbytes if len(array) else 0
+    raw, step = memoryview(array.tobytes()), array[0].nbytes if len(array) else 0
     return [raw[i * step : (i + 1) * step] for i in range(len(array))]
 
 

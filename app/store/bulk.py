@@ -15,9 +15,12 @@ from app.errors import IntegrityError
 from app.store.base import StoreBase, as_bytes, as_text
 from app.store.keys import SetKeys
 
-# Keys per MGET/MSET/EXISTS/UNLINK: large enough that round trips cost little next to the bytes,
-# small enough that no one command holds Redis for long (values are a few KB).
-BULK_KEYS = 2000
+# Values per MGET/MSET: round trips then cost little next to the bytes, and a command's buffers
+# (about a MB of values of a few KB) stay small enough to be cheap on both ends.
+BULK_VALUES = 500
+# Keys per command that moves ids alone (SMISMEMBER, EXISTS, UNLINK, SSCAN's count): no one
+# command holds Redis for long.
+BULK_KEYS = 1000
 
 
 class BulkMixin(StoreBase):
@@ -25,23 +28,23 @@ class BulkMixin(StoreBase):
         """The users' stored values, in order (None where a user has none), by MGET."""
         prefix = SetKeys(model, version).values
         out: list[bytes | None] = []
-        for start in range(0, len(users), BULK_KEYS):
-            keys = [prefix + user for user in users[start : start + BULK_KEYS]]
+        for start in range(0, len(users), BULK_VALUES):
+            keys = [prefix + user for user in users[start : start + BULK_VALUES]]
             out.extend(as_bytes(v) for v in self.redis.mget(keys))
         return out
 
     def write_checked(
-        self, model: str, version: str, users: Sequence[str], values: Sequence[bytes]
+        self, model: str, version: str, users: Sequence[str], values: Sequence[bytes | memoryview]
     ) -> tuple[int, str]:
         """Write the values (and list the users), read them back, and return their count and set
         digest: what sealing later adds up instead of reading the whole set again."""
         set_keys = SetKeys(model, version)
         prefix = set_keys.values
-        for start in range(0, len(users), BULK_KEYS):
-            batch = users[start : start + BULK_KEYS]
+        for start in range(0, len(users), BULK_VALUES):
+            batch = users[start : start + BULK_VALUES]
             keys = [prefix + user for user in batch]
             # Two commands, not a pipeline: a Cluster pipeline refuses multi-key commands.
-            self.redis.mset(dict(zip(keys, values[start : start + BULK_KEYS], strict=True)))
+            self.redis.mset(dict(zip(keys, values[start : start + BULK_VALUES], strict=True)))
             self.redis.sadd(set_keys.users, *batch)
         back = self.read_values(model, version, users)
         if back != list(values):
@@ -54,7 +57,9 @@ class BulkMixin(StoreBase):
             )
         return len(users), codec.set_digest(zip(users, values, strict=True))
 
-    def scan_users(self, model: str, version: str, *, count: int = 1000) -> Iterator[list[str]]:
+    def scan_users(
+        self, model: str, version: str, *, count: int = BULK_KEYS
+    ) -> Iterator[list[str]]:
         """The set's users, a batch at a time (SSCAN: a user may come twice while the set grows,
         and every user listed throughout comes at least once)."""
         key = SetKeys(model, version).users

@@ -80,7 +80,7 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
 ) -> None:
     out = tmp_path / "apply.json"
     url = redis_server.url(BENCH_DB)
-    apply.main(["--out", str(out), "--users", "300", "--chunk-sizes", "64,128",
+    apply.main(["--out", str(out), "--users", "300", "--chunk-sizes", "64,128", "--repeat", "2",
                 "--redis-url", url])  # fmt: skip
     result = json.loads(out.read_text())
     cfg = result["config"]
@@ -94,13 +94,16 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
     for run in result["runs"]:
         for step in ("plan", "chunk_path", "seal", "delete", "plan_map_seal"):
             assert run["users_per_s"][step] > 0, step
+        assert len(run["chunk_path_users_per_s_rounds"]) == 2
+        assert run["chunk_path_cpu_us_per_user"]["worker"] > 0
     assert result["best_chunk_size"] in (64, 128)
     assert result["peak_rss_mb"] > 0
 
     from redis import Redis
 
     client = Redis.from_url(url)
-    leftover = list(client.scan_iter(match="pm:{bench-*", count=1000))
+    leftover = [key for name in ("bench-source", "bench-target")
+                for key in client.scan_iter(match=f"pm:{{{name}:*", count=1000)]  # fmt: skip
     client.close()
     assert leftover == []  # the benchmark deleted its sets
 
@@ -109,5 +112,5 @@ def test_apply_float16_halves_the_stored_bytes(redis_server: RedisServer, tmp_pa
     out = tmp_path / "apply16.json"
     url = redis_server.url(BENCH_DB)
     result = apply.main(["--out", str(out), "--users", "40", "--dtype", "float16",
-                         "--chunk-sizes", "16", "--redis-url", url])  # fmt: skip
+                         "--chunk-sizes", "16", "--repeat", "1", "--redis-url", url])  # fmt: skip
     assert result["config"]["value_bytes"]["target"] == 640 * 2

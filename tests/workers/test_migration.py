@@ -38,6 +38,7 @@ from tests.workers.helpers import (
     service_with_source,
     wait_done,
 )
+from workers.population import sample
 from workers.sets import load_set
 
 # A finished migration that was not promoted: a one-epoch adapter on two interactions per user
@@ -107,6 +108,11 @@ def test_full_migration_serves_the_adapter_output(client: TestClient, store: Sto
     assert done["cost"]["users_mapped"] == len(expected)
     assert done["progress"]["users_mapped"] == len(expected)
     assert done["progress"]["fraction"] == 1.0
+    # The gate and its no-personalisation floor are scored on the same sample of test users.
+    tested = done["sample"]["test_users"]
+    assert 0 < tested <= done["sample"]["test_limit"]
+    assert done["metrics"]["migrated"]["n_users"] == tested
+    assert done["metrics"]["baseline"]["n_users"] == tested
     meta = store.get_meta(model, version)
     assert meta.lineage["parents"] == done["request"]["sources"] or meta.lineage["parents"]
     assert meta.state == "sealed" and meta.count == len(expected)
@@ -249,19 +255,27 @@ def test_ready_with_redis_and_a_worker(client: TestClient) -> None:
     assert "pm_http_requests_total" in metrics and "pm_prompts_served_total" in metrics
 
 
-def test_adapter_statistics_cover_every_source_user(client: TestClient, store: Store) -> None:
+def test_adapter_statistics_cover_the_sample_of_the_source_users(
+    client: TestClient, store: Store, env: dict[str, Any]
+) -> None:
     done = wait_done(client, migrate(client, auto_promote=False)["id"])
     assert done["state"] == "awaiting_promotion", done
     assert done["cost"]["users_trained"] == 8
-    # the request's options over the budget recipe, fitted to the source set's users
+    # the request's options over the budget recipe, fitted to the sample of the source's users
     assert done["recipe"]["adapter"]["hidden"] == 16
     assert done["recipe"]["adapter"]["distill_weight"] == recipe.BUDGET.distill_weight
     assert done["recipe"]["chosen"]["input_rank"] == done["recipe"]["adapter"]["input_rank"]
     trained = adapter_from_bytes(store.get_blob(done["id"], "adapter") or b"")
     source = store.get_job(done["id"])["sources"][0]
-    everyone = load_set(source["model"], source["version"], db=store).prompts
-    assert len(everyone) > 8  # the whole population the adapter maps, not the 8 it trained on
-    flat = everyone.reshape(-1, everyone.shape[-1])
+    everyone = store.set_users(source["model"], source["version"])
+    limit = env["settings"].sample_users
+    drawn = sample(everyone, limit=limit, seed=0)
+    assert done["sample"]["population"] == len(everyone) == done["users_total"]
+    assert done["sample"]["statistics_users"] == len(drawn) == min(limit, len(everyone))
+    assert done["sample"]["limit"] == limit
+    assert len(drawn) > 8  # the population the adapter maps, not the 8 it trained on
+    table = load_set(source["model"], source["version"], users=drawn, db=store).prompts
+    flat = table.reshape(-1, table.shape[-1])
     torch.testing.assert_close(trained.input_mean, flat.mean(0))
 
 

@@ -37,16 +37,20 @@ def digest(data: bytes) -> str:
 _MOD = 1 << 256
 
 
-def user_digest(user: str, value: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(user.encode() + b"\0" + value).digest(), "big")
+def user_digest(user: str, value: bytes | memoryview) -> int:
+    """sha256(user, NUL, value) as an integer (hashed in place: a value is not copied)."""
+    hashed = hashlib.sha256(user.encode())
+    hashed.update(b"\0")
+    hashed.update(value)
+    return int.from_bytes(hashed.digest(), "big")
 
 
-def set_digest(items: Iterable[tuple[str, bytes]]) -> str:
+def set_digest(items: Iterable[tuple[str, bytes | memoryview]]) -> str:
     """Digest of a whole prompt set, independent of order: the sum of per-user hashes mod 2^256.
 
     Being additive, chunks written by different workers combine without re-reading anything.
     """
-    return combine_digests(f"{user_digest(u, v):064x}" for u, v in items)
+    return f"{sum(user_digest(u, v) for u, v in items) % _MOD:064x}"
 
 
 def combine_digests(digests: Iterable[str]) -> str:
