@@ -195,6 +195,9 @@ class Job(BaseModel):
     cost: dict[str, Any] = {}
     # The adapter and selection settings a migration ran, and what the recipe's rules chose.
     recipe: dict[str, Any] = {}
+    # The bounded, seeded samples a migration fitted and scored on: the population's size, the
+    # users of the adapter's input statistics and of selection, and the test users.
+    sample: dict[str, Any] = {}
     gate: dict[str, Any] = {}
     error: str | None = None
     # Why a passed set was not promoted automatically (a newer set of the model is served).

@@ -270,7 +270,7 @@ def test_adapter_statistics_cover_the_sample_of_the_source_users(
     everyone = store.set_users(source["model"], source["version"])
     limit = env["settings"].sample_users
     drawn = sample(everyone, limit=limit, seed=0)
-    assert done["sample"]["population"] == len(everyone) == done["users_total"]
+    assert done["sample"]["population"] == len(everyone) == done["progress"]["users_total"]
     assert done["sample"]["statistics_users"] == len(drawn) == min(limit, len(everyone))
     assert done["sample"]["limit"] == limit
     assert len(drawn) > 8  # the population the adapter maps, not the 8 it trained on
