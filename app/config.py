@@ -48,7 +48,9 @@ class Settings(BaseSettings):
 
     # Workers.
     device: str | None = None
-    chunk_size: int = Field(default=256, ge=1)
+    # Users per chunk task: from 1,024 up the chunk path runs at the same rate (bench/README.md,
+    # "The chunk path"), and larger chunks send fewer broker messages and chunk records.
+    chunk_size: int = Field(default=4096, ge=1)
     # Users whose prompts a migration's training stage reads: a seeded sample of at most this many
     # fits the adapter's input statistics and, of those with ratings, the selection; the stage's
     # memory is bounded by it, not by the population.
