@@ -35,7 +35,7 @@ system-tools:
 		|| { echo "missing:$$missing; install them (e.g. apt-get install$$missing)" >&2; exit 1; }
 
 run: setup
-	$(PY) -m app.run
+	$(PY) -m app.dev.run
 
 lint: setup
 	$(VENV)/bin/ruff check app workers models bench tests client

@@ -1,1 +1,3 @@
-"""The HTTP service: settings, auth, schemas, routes and the Redis store."""
+"""The service: the HTTP API (``http``), jobs and the task queue (``jobs``), prompt sets as a whole
+(``sets``), the Redis store (``store``) and the embedded default of `make run` (``dev``);
+``main`` assembles the API, ``config`` holds its settings."""

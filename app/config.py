@@ -130,7 +130,7 @@ class Settings(BaseSettings):
                         f"PM_{name.upper()} is a test-only slowdown; unset it in production."
                     )
             return self
-        # Development: a missing token gets a random one (``python -m app.run`` prints them).
+        # Development: a missing token gets a random one (``python -m app.dev.run`` prints them).
         if self.admin_token is None:
             self.admin_token = SecretStr(secrets.token_urlsafe(32))
         if self.read_token is None:

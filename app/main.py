@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import fastpath, handlers, metrics
 from app.config import Settings, get_settings
-from app.fastpath import PromptFastPath
-from app.queue import make_celery
-from app.readiness import ReadinessProbe
-from app.routes import bundles, datasets, health, migrations, models, prompts, transfer
-from app.schemas import ERROR_RESPONSES
+from app.http import fastpath, handlers, metrics
+from app.http.fastpath import PromptFastPath
+from app.http.readiness import ReadinessProbe
+from app.http.routes import bundles, datasets, health, migrations, models, prompts, transfer
+from app.http.schemas import ERROR_RESPONSES
+from app.jobs.queue import make_celery
 from app.store import REDIS_DOWN, Store, connect_redis, connect_redis_async
 from app.store.reader_acl import keep_reader_acl
 

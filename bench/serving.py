@@ -52,7 +52,7 @@ from prompt_migration_client import codec
 from redis import Redis
 from redis.cluster import RedisCluster
 
-from app.local_redis import LocalRedis, LocalRedisCluster, free_port
+from app.dev.local_redis import LocalRedis, LocalRedisCluster, free_port
 from app.store import SetMeta, Store, connect_redis
 from app.store.keys import value_key_prefix
 from bench import direct_read, loadgen

@@ -32,7 +32,7 @@ from prompt_migration_client.operator import OperatorClient
 from redis import Redis
 from safetensors.torch import save as save_tensors
 
-from app.local_redis import LocalRedis, free_port
+from app.dev.local_redis import LocalRedis, free_port
 from app.store import SetMeta, Store
 from models.tasks import get_task
 

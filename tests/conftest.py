@@ -23,7 +23,7 @@ from redis import Redis
 from safetensors.torch import save as save_tensors
 
 from app.config import Settings
-from app.local_redis import LocalRedis, LocalRedisCluster
+from app.dev.local_redis import LocalRedis, LocalRedisCluster
 from app.store import SetMeta, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ class Worker:
             self._wait_ready()
 
     def _wait_ready(self) -> None:
-        from app.queue import make_celery
+        from app.jobs.queue import make_celery
 
         celery = make_celery(self.settings)
         deadline = time.monotonic() + 60

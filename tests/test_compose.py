@@ -17,7 +17,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.config import Settings
-from app.local_redis import free_port
+from app.dev.local_redis import free_port
 from app.store import SEALED, WRITING, SetMeta, Store
 from app.store.keys import ACTIVE, SetKeys
 from tests.conftest import wait_for

@@ -1,4 +1,4 @@
-"""Faults under ``python -m app.run``, on real processes: its supervisor, its persistent Redis.
+"""Faults under ``python -m app.dev.run``, on real processes: its supervisor, its persistent Redis.
 
 One supervised service (embedded Redis with its append-only file, one worker, the API) serves
 the whole module; each test SIGKILLs one child at a chosen stage of a real migration on the tiny
@@ -25,8 +25,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.local_redis import LocalRedis, free_port
-from app.processes import Tracked, working_in
+from app.dev.local_redis import LocalRedis, free_port
+from app.dev.processes import Tracked, working_in
 from app.store import SEALED, Store
 from tests.conftest import ADMIN, READER, ROOT, wait_for
 from tests.workers.helpers import (
@@ -81,10 +81,10 @@ class Supervised:
 def launch(
     tmp: Path, *, port: int, args: list[str], env: dict[str, str] | None = None
 ) -> Supervised:
-    """``python -m app.run --no-demo`` on ``port``, its logs in ``tmp/run``; returns it once the
+    """``python -m app.dev.run --no-demo`` on ``port``, its logs in ``tmp/run``; returns it once the
     API is ready (or once it exits: check ``proc.poll()``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PM_")} | FAULT_ENV | (env or {})
-    argv = [sys.executable, "-m", "app.run", "--no-demo", "--port", str(port)]
+    argv = [sys.executable, "-m", "app.dev.run", "--no-demo", "--port", str(port)]
     argv += ["--run-dir", str(tmp / "run"), *args]
     out = tmp / "app-run.out"
     with out.open("ab") as log:
@@ -282,7 +282,7 @@ def test_ctrl_c_stops_every_child(service: Supervised) -> None:
     assert "restarting" not in service.output().split("Stopping ...")[-1]
 
 
-KINDS = {"celery": "worker", "uvicorn": "api", "app.run": "supervisor"}
+KINDS = {"celery": "worker", "uvicorn": "api", "app.dev.run": "supervisor"}
 
 
 def kind_of(entry: Path, data_dir: Path) -> str | None:

@@ -15,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.config import Settings, get_settings
 from app.errors import NotFoundError, ServiceError
-from app.jobs import (
+from app.jobs.records import (
     CANCELLED,
     FAILED,
     RUNNING,

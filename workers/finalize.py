@@ -8,7 +8,7 @@ from typing import Any
 from prompt_migration_client import codec
 
 from app.errors import ConflictError
-from app.jobs import (
+from app.jobs.records import (
     AWAITING,
     GATE_FAILED,
     PROMOTED,

@@ -6,7 +6,7 @@ The job records the relation before it lists its users (``start_following``), so
 at any moment is either listed, and mapped from the value a chunk reads, or pending. Chunks and
 the drain never write the set at once: while it is written, the pending users wait; finalize
 drains them once every chunk is done and the set is sealed, before promoting it, and from then
-on a follow task, sent by each write (app.jobs.wake_followers), applies them within about a
+on a follow task, sent by each write (app.jobs.records.wake_followers), applies them within about a
 second, until the sources are purged (app/store/follow.py: the relation goes with them).
 
 Writes addressed to the target model while the job writes its new version are followed the
@@ -30,7 +30,7 @@ from prompt_migration_client import codec
 
 from app.config import get_settings
 from app.errors import NotFoundError, ServiceError
-from app.jobs import wake_followers
+from app.jobs.records import wake_followers
 from app.store import SEALED, Change, Follower, Store
 from models.adapter.model import adapter_from_bytes
 from models.migration import map_prompts

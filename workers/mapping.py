@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from prompt_migration_client import codec
 
-from app.jobs import CANCELLED, FAILED
+from app.jobs.records import CANCELLED, FAILED
 from app.store import SetMeta
 from models.adapter.model import adapter_from_bytes
 from models.errors import DataError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from app.jobs import (
+from app.jobs.records import (
     SUCCEEDED,
 )
 from app.store import SetMeta

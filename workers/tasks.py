@@ -11,7 +11,7 @@ from celery import Task, chord, group
 from celery.utils.time import get_exponential_backoff_interval
 
 from app.config import get_settings
-from app.queue import DEFAULT_QUEUE, TaskName
+from app.jobs.queue import DEFAULT_QUEUE, TaskName
 from app.store import REDIS_DOWN
 from workers import follow as following
 from workers import pipeline

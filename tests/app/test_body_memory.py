@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.local_redis import free_port
+from app.dev.local_redis import free_port
 from tests.conftest import ROOT, RedisServer, make_settings, reader, worker_env
 
 LIMIT = 1024 * 1024  # PM_MAX_BODY_BYTES for this server

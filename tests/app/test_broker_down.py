@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.local_redis import free_port
+from app.dev.local_redis import free_port
 from app.main import create_app
 from app.store import Store
 from tests.conftest import RedisServer, admin, make_settings, reader, seed_set

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.fastpath import PromptFastPath
+from app.http.fastpath import PromptFastPath
 from app.store import Store
 from tests.conftest import admin, reader, seed_set
 

@@ -13,7 +13,7 @@ import pytest
 from redis import Redis
 
 from app.config import Settings
-from app.local_redis import free_port
+from app.dev.local_redis import free_port
 from tests.conftest import ROOT, reader, wait_for, worker_env
 
 

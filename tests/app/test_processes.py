@@ -1,4 +1,4 @@
-"""What ``make run`` does about children that outlive it, on real processes (``app.processes``)."""
+"""What ``make run`` does about children that outlive it, on real processes (``app.dev.processes``)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from app.processes import Tracked, record, recorded, stop_leftovers
+from app.dev.processes import Tracked, record, recorded, stop_leftovers
 from tests.conftest import ROOT, wait_for
 
 RECORD_AND_EXIT = """
 import sys
 from pathlib import Path
-from app.processes import Tracked, record
+from app.dev.processes import Tracked, record
 worker, api = (int(pid) for pid in sys.argv[2:])
 record(Path(sys.argv[1]), [Tracked.of("worker", worker), Tracked("api", api, "another start")])
 """
@@ -26,7 +26,7 @@ record(Path(sys.argv[1]), [Tracked.of("worker", worker), Tracked("api", api, "an
 # (the kernel signals the child when the thread that forked it ends); prints its pid and waits.
 PARENT = """
 import signal, subprocess, threading
-from app.processes import die_with_parent
+from app.dev.processes import die_with_parent
 def spawn():
     child = subprocess.Popen(["sleep", "300"], preexec_fn=die_with_parent(signal.SIGKILL))
     print(child.pid, flush=True)

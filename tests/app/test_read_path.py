@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from safetensors import safe_open
 
-from app.schemas import BatchOut
+from app.http.schemas import BatchOut
 from app.store import SetMeta, Store
 from tests.conftest import admin, read_burst_errors, reader, seed_set
 

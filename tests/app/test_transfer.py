@@ -15,8 +15,8 @@ from prompt_migration_client.setfile import write_setfile
 from redis import Redis
 from safetensors.numpy import load_file
 
-from app import transfer
-from app.bundle import published
+from app.sets import transfer
+from app.sets.bundle import published
 from app.store import Store
 from tests.app.sets import model_set
 from tests.conftest import ADMIN, reader

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from app.config import Settings
-from app.jobs import TERMINAL
+from app.jobs.records import TERMINAL
 from app.main import create_app
 from app.store import Store
 from tests.conftest import Worker, admin, reader, wait_for

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from redis import Redis
 
 from app.config import Settings
-from app.queue import make_celery
+from app.jobs.queue import make_celery
 from app.store import Store
 from tests.conftest import Worker
 from workers.health import main, node_name

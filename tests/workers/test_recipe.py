@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.schemas import MigrationCreate
+from app.http.schemas import MigrationCreate
 from bench.quality import PRESETS
 from models import recipe
 from models.prompts import PromptSet

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from redis import Redis
 
+from app.dev.local_redis import LocalRedis
 from app.errors import NotFoundError
-from app.local_redis import LocalRedis
 from app.store import Store
 from tests.conftest import RedisServer, make_settings, wait_for
 from tests.workers.helpers import TARGET, job, migrate, service_with_source, wait_done

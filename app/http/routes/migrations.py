@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from app import jobs
-from app.deps import AdminDep, CeleryDep, ReaderDep, StoreDep
-from app.schemas import Job, JobList, MigrationCreate
+from app.http.deps import AdminDep, CeleryDep, ReaderDep, StoreDep
+from app.http.schemas import Job, JobList, MigrationCreate
+from app.jobs import records as jobs
 
 router = APIRouter(prefix="/migrations", tags=["migrations"])
 

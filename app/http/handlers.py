@@ -21,9 +21,9 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.deps import AuthError, token_scope
 from app.errors import ServiceError
-from app.metrics import REDIS_ERRORS
+from app.http.deps import AuthError, token_scope
+from app.http.metrics import REDIS_ERRORS
 from models.errors import MigrationError, UnknownModelError
 
 

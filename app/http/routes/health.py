@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from app.deps import ReadinessDep
+from app.http.deps import ReadinessDep
 
 router = APIRouter(tags=["health"])
 

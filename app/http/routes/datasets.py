@@ -7,10 +7,10 @@ from pathlib import Path
 
 from fastapi import APIRouter, status
 
-from app.deps import AdminDep, ReaderDep, StoreDep
 from app.errors import InvalidInputError
-from app.jobs import BUILTIN_DATASETS
-from app.schemas import DatasetCreate, DatasetOut
+from app.http.deps import AdminDep, ReaderDep, StoreDep
+from app.http.schemas import DatasetCreate, DatasetOut
+from app.jobs.records import BUILTIN_DATASETS
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

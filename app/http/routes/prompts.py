@@ -15,13 +15,13 @@ from prompt_migration_client import codec
 from prompt_migration_client.batch import batch_json, batch_safetensors, found_values
 from safetensors.numpy import save as save_safetensors
 
-from app import jobs
 from app.config import Settings
-from app.deps import AdminDep, CeleryDep, ReaderDep, SettingsDep, StoreDep
 from app.errors import InvalidInputError, NotFoundError
-from app.fastpath import etag_matches, prompt_headers
-from app.metrics import PROMPTS_SERVED
-from app.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
+from app.http.deps import AdminDep, CeleryDep, ReaderDep, SettingsDep, StoreDep
+from app.http.fastpath import etag_matches, prompt_headers
+from app.http.metrics import PROMPTS_SERVED
+from app.http.schemas import BatchOut, BatchRequest, Erased, PromptJSON, PromptUpload, PromptWritten
+from app.jobs import records as jobs
 from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, Follower, SetFormat, Store
 
 router = APIRouter(tags=["prompts"])
@@ -58,7 +58,7 @@ async def get_prompt(
     format: Literal["raw", "json", "safetensors"] = "raw",
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    # Served by app.fastpath.PromptFastPath for format=raw; this route documents the contract and
+    # Served by app.http.fastpath.PromptFastPath for format=raw; this route documents the contract and
     # answers the other formats. One round trip: pointer, seal check and value, atomically.
     meta, (value,) = await store.read_prompts(model, version, [user_id])
     if value is None:
@@ -138,7 +138,7 @@ async def put_prompt(
     # Async only to read the body; the store's calls (sync client) and the decoding run in
     # worker threads, so a slow Redis or a large body never holds up the reads on the loop.
     meta = await to_thread.run_sync(_readable, store, model, None)
-    body = await request.body()  # the body gate (app.handlers) holds it to PM_MAX_BODY_BYTES
+    body = await request.body()  # the body gate (app.http.handlers) holds it to PM_MAX_BODY_BYTES
     is_json = request.headers.get("content-type", "").startswith("application/json")
     value = await to_thread.run_sync(
         partial(_prompt_value, body, meta, is_json=is_json, dtype=x_prompt_dtype)

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings
-from app.readiness import ReadinessProbe
+from app.http.readiness import ReadinessProbe
 from app.store import Store
 
 

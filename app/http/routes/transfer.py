@@ -15,17 +15,17 @@ from fastapi.responses import StreamingResponse
 from prompt_migration_client.errors import FormatError
 from prompt_migration_client.setfile import SetFile, open_setfile
 
-from app import transfer
-from app.bundle import published
-from app.deps import AdminDep, StoreDep
 from app.errors import InvalidInputError, ServiceError
-from app.routes.bundles import ModelName, Version
-from app.schemas import Imported
+from app.http.deps import AdminDep, StoreDep
+from app.http.routes.bundles import ModelName, Version
+from app.http.schemas import Imported
+from app.sets import transfer
+from app.sets.bundle import published
 from app.store import Store
 from models.errors import MigrationError
 
 router = APIRouter(prefix="/models", tags=["transfer"])
-# Imports stream their body to disk: the body gate (app.handlers) holds them to
+# Imports stream their body to disk: the body gate (app.http.handlers) holds them to
 # PM_MAX_IMPORT_BYTES instead of PM_MAX_BODY_BYTES, counting as they stream.
 STREAMED_BODIES = re.compile(r"/models/[^/]+/import")
 

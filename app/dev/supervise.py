@@ -7,7 +7,7 @@ first step). A child that keeps dying at once is a configuration error, not a fa
 ``max_failures`` quick deaths in a row the supervisor gives up and says so. ``stop()`` ends the
 children in the reverse order of their start, so the store goes last.
 
-The children are recorded in ``run_dir/children`` (see ``app.processes``): a start in the same
+The children are recorded in ``run_dir/children`` (see ``app.dev.processes``): a start in the same
 run directory first stops what a supervisor that died left running (``stop_leftovers()``).
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.processes import Tracked, record, stop_leftovers
+from app.dev.processes import Tracked, record, stop_leftovers
 
 Spawn = Callable[[], subprocess.Popen[bytes]]
 

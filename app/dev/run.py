@@ -26,9 +26,9 @@ from typing import IO, Any
 
 import httpx
 
-from app.local_redis import LocalRedis, free_port
-from app.processes import die_with_parent, working_in
-from app.supervise import Spawn, Supervisor
+from app.dev.local_redis import LocalRedis, free_port
+from app.dev.processes import die_with_parent, working_in
+from app.dev.supervise import Spawn, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / ".run"

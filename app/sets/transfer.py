@@ -31,8 +31,8 @@ from prompt_migration_client.setfile import (
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from app.bundle import Bundle, checkpoint_view
 from app.errors import InvalidInputError
+from app.sets.bundle import Bundle, checkpoint_view
 from app.store import USER_ID_PATTERN, SetMeta, Store
 from models.contract import CheckpointFacts
 from models.tasks import Task, get_task

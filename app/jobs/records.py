@@ -13,8 +13,8 @@ from typing import Any
 from celery import Celery
 
 from app.errors import BrokerUnavailableError, ConflictError, InvalidInputError, NotFoundError
-from app.queue import TaskName
-from app.schemas import Job, MigrationCreate, TrainRequest
+from app.http.schemas import Job, MigrationCreate, TrainRequest
+from app.jobs.queue import TaskName
 from app.store import SEALED, Follower, SetMeta, Store
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")

@@ -4,7 +4,7 @@ Inference services call this read on every request. Routing, dependency injectio
 validation cost FastAPI more CPU than the read itself (bench/README.md, "Serving"), so this
 middleware answers the plain raw read before the framework sees it. It is not a second
 contract: anything it does not recognise as a well-formed raw read (another format, a parameter
-that fails the route's validation) goes on to the route in ``app.routes.prompts``, which
+that fails the route's validation) goes on to the route in ``app.http.routes.prompts``, which
 documents the endpoint and answers those, and the errors of a read it did take (bad token,
 unknown model or user, Redis down) are answered by the app's own exception handlers.
 """
@@ -22,9 +22,9 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.deps import token_scope
 from app.errors import NotFoundError
-from app.metrics import PROMPTS_SERVED
+from app.http.deps import token_scope
+from app.http.metrics import PROMPTS_SERVED
 from app.store import MODEL_NAME_PATTERN, USER_ID_PATTERN, SetFormat, Store
 
 PATH = "/users/{user_id}/prompt"

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Response
 from fastapi.responses import JSONResponse
 
-from app.bundle import published
-from app.deps import ReaderDep, StoreDep
+from app.http.deps import ReaderDep, StoreDep
+from app.sets.bundle import published
 from app.store import MODEL_NAME_PATTERN
 
 router = APIRouter(prefix="/models", tags=["bundles"])

@@ -9,10 +9,10 @@ from typing import Any
 
 from fastapi import APIRouter, Response, status
 
-from app import jobs
-from app.deps import AdminDep, CeleryDep, ReaderDep, StoreDep
 from app.errors import ConflictError
-from app.schemas import Activate, ActivateOut, Job, ModelCreate, ModelOut, TrainRequest
+from app.http.deps import AdminDep, CeleryDep, ReaderDep, StoreDep
+from app.http.schemas import Activate, ActivateOut, Job, ModelCreate, ModelOut, TrainRequest
+from app.jobs import records as jobs
 from app.store import Store
 
 router = APIRouter(prefix="/models", tags=["models"])

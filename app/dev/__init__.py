@@ -1,0 +1,1 @@
+"""The embedded default of `make run`: a supervised local Redis, worker and API."""

@@ -1,0 +1,1 @@
+"""The HTTP service: dependencies, middleware, error handlers, schemas and the routes by resource."""
