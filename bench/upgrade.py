@@ -47,6 +47,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import torch
+from prompt_migration_client.jobs import TERMINAL
 from prompt_migration_client.operator import OperatorClient
 from prompt_migration_client.setfile import Entry, header_bytes, open_setfile
 from redis import Redis
@@ -60,7 +61,6 @@ from bench.transfer import peak_rss_mb
 from models import assets
 
 ROOT = Path(__file__).resolve().parents[1]
-TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
 NOTE = (
     "API, worker, redis-server, wrk and the write thread share the machine's cores. users_per_s "
     "is the job's users over its wall time less the adapter's training seconds."

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+from prompt_migration_client.jobs import Stage
 from safetensors.torch import save as save_tensors
 
 from models import recipe
@@ -52,7 +53,7 @@ def select(
     stored = job.store.get_blob(job.id, "selected")
     if stored is not None:
         return Selection(json.loads(stored))  # user -> loss weight, in selection order
-    job.update(stage="selecting")
+    job.update(stage=Stage.selecting)
     trainable = [u for u in sets[0].user_ids if u in splits.train]
     selection = job.request["selection"]
     chosen = select_users(
@@ -82,7 +83,7 @@ def fit_map(
     """The data-free map, stored as the job's adapter, and the head refitted to read the target:
     no ratings and no training (models.instant.fit_instant)."""
     target_name, _ = job.target
-    job.update(stage="fitting", users_selected=0)
+    job.update(stage=Stage.fitting, users_selected=0)
     started = time.perf_counter()
     fitted = fit_instant(
         task, sources=sets, source_models=[load_model(s["model"]) for s in sources],
@@ -116,7 +117,7 @@ def train(
     """Train on the ``selected`` users of ``sets``; ``statistics`` hold the sample of the
     population that gives the adapter's input statistics."""
     target_name, _ = job.target
-    job.update(stage="training", users_selected=len(selected.users))
+    job.update(stage=Stage.training, users_selected=len(selected.users))
     job.store.count(job.id, "adapter_trainings")
     if job.settings.stage_delay_s:
         job.pause(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here

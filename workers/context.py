@@ -12,15 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from prompt_migration_client.jobs import TERMINAL, JobState, Stage
 
 from app.config import Settings, get_settings
 from app.errors import NotFoundError, ServiceError
-from app.jobs.records import (
-    CANCELLED,
-    FAILED,
-    RUNNING,
-    TERMINAL,
-)
 from app.store import REDIS_DOWN, SEALED, Store, connect_redis
 from models.errors import Cancelled, MigrationError
 from models.foundation import FoundationModel
@@ -152,8 +147,8 @@ def run_guarded(job_id: str, stage: Callable[[Job], Any], *, lease: str | None =
         return None
     try:
         job.check_cancel()
-        if job.record["state"] != RUNNING:
-            job.update(state=RUNNING, started_at=time.time())
+        if job.record["state"] != JobState.running:
+            job.update(state=JobState.running, started_at=time.time())
         job.limit_time(lease or "stage", seconds=job.settings.stage_time_limit_s)
         if lease is None:
             return stage(job)
@@ -189,8 +184,8 @@ def abandon(job: Job, *, error: str | None = None) -> None:
     """End the job, then drop its unsealed target set (the active set is never touched); in
     that order, so a chunk still running sees the job ended after its write and drops the set
     again (workers.mapping.ended)."""
-    state = CANCELLED if error is None else FAILED
-    job.update(state=state, stage=state, error=error, finished_at=time.time())
+    state = JobState.cancelled if error is None else JobState.failed
+    job.update(state=state, stage=Stage(state), error=error, finished_at=time.time())
     drop_unsealed_target(job)
 
 

@@ -6,13 +6,9 @@ import time
 from typing import Any
 
 from prompt_migration_client import codec
+from prompt_migration_client.jobs import JobState, Stage
 
 from app.errors import ConflictError
-from app.jobs.records import (
-    AWAITING,
-    GATE_FAILED,
-    PROMOTED,
-)
 from models.evaluation import baseline_metrics, evaluate
 from models.tasks import Task
 from workers.context import Job, load_model
@@ -29,9 +25,8 @@ def finalize(job: Job) -> None:
 
     map_missing_chunks(job)
     job.check_cancel()
-    job.update(stage="verifying", fraction=0.9)
     model, version = job.target
-    job.update(stage="evaluating", fraction=0.92)
+    job.update(stage=Stage.evaluating, fraction=0.92)
     task = source_task(job.record["sources"])
     splits = member_splits(job, task=task.name, sets=[{"model": model, "version": version}])
     seed = int(job.request.get("seed", 0))
@@ -72,6 +67,7 @@ def finalize(job: Job) -> None:
     expected_count = sum(count for count, _ in done.values())
     expected_digest = codec.combine_digests(d for _, d in done.values())
     planned = int(job.record.get("users_total") or 0)
+    job.update(stage=Stage.sealing, fraction=0.95)
     sealed = job.store.seal_set(
         model,
         version,
@@ -82,7 +78,7 @@ def finalize(job: Job) -> None:
     # Every write on the sources (or to the target model) since the job began, before readers
     # move: the users listed at the start are mapped, the others are pending (workers/follow.py).
     drained = drain_before_promotion(job)
-    state = GATE_FAILED if not gate["passed"] else AWAITING
+    state = JobState.gate_failed if not gate["passed"] else JobState.awaiting_promotion
     if gate["passed"] and job.request.get("auto_promote", True):
         state = auto_promote(job, model=model, version=version)
     job.store.drop_plan(job.id)  # the set is sealed: no chunk is mapped again
@@ -95,7 +91,7 @@ def finalize(job: Job) -> None:
     cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
     job.update(
         state=state,
-        stage="done",
+        stage=Stage.done,
         fraction=1.0,
         metrics=metrics,
         gate=gate,
@@ -104,14 +100,14 @@ def finalize(job: Job) -> None:
     )
 
 
-def auto_promote(job: Job, *, model: str, version: str) -> str:
-    """PROMOTED, or AWAITING with the reason when a newer set of the model is served already."""
+def auto_promote(job: Job, *, model: str, version: str) -> JobState:
+    """Promoted, or awaiting promotion with the reason when a newer set of the model is served."""
     try:
         job.store.promote(model, version, sources=[s["model"] for s in job.record["sources"]])
     except ConflictError as refused:
         job.update(promotion_refused=refused.detail)
-        return AWAITING
-    return PROMOTED
+        return JobState.awaiting_promotion
+    return JobState.promoted
 
 
 def cached_source_metrics(

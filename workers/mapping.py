@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from prompt_migration_client import codec
+from prompt_migration_client.jobs import JobState, Stage
 
-from app.jobs.records import CANCELLED, FAILED
 from app.store import SetMeta
 from models.adapter.model import adapter_from_bytes
 from models.errors import DataError
@@ -56,7 +56,7 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
     )
     job.store.begin_set(meta)
     job.store.put_head(model, version, job.store.get_blob(job.id, "head") or b"")
-    job.update(stage="mapping", fraction=0.5)
+    job.update(stage=Stage.mapping, fraction=0.5)
     return job.store.plan_size(job.id)
 
 
@@ -98,10 +98,12 @@ def ended(job: Job) -> bool:
     before this write landed, so the chunk deletes it again (a cancellation not yet acted on
     then ends the job here, through run_guarded)."""
     record = job.store.get_job(job.id)
-    if record["state"] not in (FAILED, CANCELLED) and not record.get("cancel_requested"):
+    if record["state"] not in (JobState.failed, JobState.cancelled) and not record.get(
+        "cancel_requested"
+    ):
         return False
     drop_unsealed_target(job)
-    if record["state"] not in (FAILED, CANCELLED):
+    if record["state"] not in (JobState.failed, JobState.cancelled):
         job.check_cancel()
     return True
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prompt_migration_client.jobs import Stage
+
 from models.data import Splits
 from models.errors import DataError
 from models.migration import common_users as users_in_every_set
@@ -46,7 +48,7 @@ def prepare_and_train(job: Job) -> int:
     sources = job.record["sources"]
     task = source_task(sources)
     start_following(job)  # before the users are listed: a later write is pending, not missed
-    job.update(stage="loading")
+    job.update(stage=Stage.loading)
     splits = member_splits(job, task=task.name, sets=sources)
     if job.settings.load_delay_s:
         job.pause(job.settings.load_delay_s)  # test-only: leaves room to erase users here

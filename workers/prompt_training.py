@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from app.jobs.records import (
-    SUCCEEDED,
-)
+from prompt_migration_client.jobs import JobState, Stage
+
 from app.store import SetMeta
 from models.evaluation import evaluate
 from models.tasks import get_task
@@ -19,7 +18,7 @@ def train_prompt_set(job: Job) -> None:
 
     request, (model_name, version) = job.request, job.target
     task = get_task(request["task"])
-    job.update(stage="loading")
+    job.update(stage=Stage.loading)
     splits = load_splits(job, task=task.name)
     model = load_model(model_name)
     config = PromptTrainingConfig(
@@ -28,7 +27,7 @@ def train_prompt_set(job: Job) -> None:
         seed=request["seed"],
         **({"lr": request["lr"]} if request.get("lr") else {}),
     )
-    job.update(stage="training", users_total=len(splits.users))
+    job.update(stage=Stage.training, users_total=len(splits.users))
     result = train_prompts(
         model,
         task,
@@ -39,7 +38,7 @@ def train_prompt_set(job: Job) -> None:
     )
     prompt_set = result.prompt_set
     prompt_set.model = model_name
-    job.update(stage="evaluating", fraction=0.85)
+    job.update(stage=Stage.evaluating, fraction=0.85)
     metrics = evaluate(model, task, prompt_set, splits.test)
     job.check_cancel()
     meta = SetMeta(
@@ -51,7 +50,7 @@ def train_prompt_set(job: Job) -> None:
         template=task.template.prefix + "<prompt>" + task.template.suffix,
         lineage={"job": job.id, "kind": "train", "dataset": request["dataset"], "parents": []},
     )
-    job.update(stage="writing", fraction=0.95)
+    job.update(stage=Stage.writing, fraction=0.95)
     write_set(job, prompt_set, meta=meta, metrics={"test": metrics})
     if request.get("activate", True):
         job.store.activate(model_name, version)
@@ -61,8 +60,8 @@ def train_prompt_set(job: Job) -> None:
         "users_trained": len(prompt_set.user_ids),
     }
     job.update(
-        state=SUCCEEDED,
-        stage="done",
+        state=JobState.succeeded,
+        stage=Stage.done,
         fraction=1.0,
         users_mapped=len(prompt_set.user_ids),
         metrics={"test": metrics},

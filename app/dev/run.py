@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from prompt_migration_client.jobs import follow_job
 
 from app.dev.local_redis import LocalRedis, free_port
 from app.dev.processes import die_with_parent, working_in
@@ -35,7 +36,6 @@ RUN_DIR = ROOT / ".run"
 DATA_ENV = "PM_DATA_DIR"
 REDIS_LOAD_TIMEOUT_S = 120.0  # a large append-only file takes a while to load
 SOURCE, TARGET, DATASET = "smollm2-135m", "gemma-3-270m", "movielens-100k"
-TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
 
 
 def pick_port(wanted: int | None) -> int:
@@ -212,26 +212,29 @@ class Demo:
         return dict(response.json()) if response.content else {}
 
     def watch(self, job_id: str) -> dict[str, Any]:
-        last = ""
-        while True:
-            try:
-                job = self.call("GET", f"/migrations/{job_id}")
-            except (httpx.HTTPError, Unavailable):
-                print("  (the service is not answering; the supervisor restarts what died)")
-                time.sleep(2.0)
-                continue
+        shown = ""
+
+        def read() -> dict[str, Any]:
+            while True:
+                try:
+                    return self.call("GET", f"/migrations/{job_id}")
+                except (httpx.HTTPError, Unavailable):
+                    print("  (the service is not answering; the supervisor restarts what died)")
+                    time.sleep(2.0)
+
+        def show(job: dict[str, Any]) -> None:
+            nonlocal shown
             p = job["progress"]
             loss = f" loss {p['loss']:.3f}" if p.get("loss") is not None else ""
             line = (
                 f"  [{job['state']:>9}] {job['stage']:<10} {100 * (p['fraction'] or 0):5.1f}%"
                 f"  users mapped {p['users_mapped']}/{p['users_total'] or '?'}{loss}"
             )
-            if line != last:
+            if line != shown:
                 print(line, flush=True)
-                last = line
-            if job["state"] in TERMINAL:
-                return job
-            time.sleep(1.0)
+                shown = line
+
+        return follow_job(read, on_update=show)
 
     def run(self) -> None:
         started = time.monotonic()

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
+from prompt_migration_client.jobs import TERMINAL, JobState, Stage
 
 from app.errors import BrokerUnavailableError, ConflictError, InvalidInputError, NotFoundError
 from app.http.schemas import Job, MigrationCreate, TrainRequest
@@ -18,10 +19,6 @@ from app.jobs.queue import TaskName
 from app.store import SEALED, Follower, SetMeta, Store
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")
-QUEUED, RUNNING = "queued", "running"
-PROMOTED, AWAITING, GATE_FAILED = "promoted", "awaiting_promotion", "gate_failed"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-TERMINAL = frozenset({PROMOTED, AWAITING, GATE_FAILED, SUCCEEDED, FAILED, CANCELLED})
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +40,8 @@ def _new_record(kind: str, body: dict[str, Any], target: dict[str, Any]) -> dict
     return {
         "id": uuid.uuid4().hex,
         "kind": kind,
-        "state": QUEUED,
-        "stage": QUEUED,
+        "state": JobState.queued,
+        "stage": Stage.queued,
         "request": body,
         "target": target,
         "fraction": 0.0,
@@ -158,7 +155,11 @@ def start(
             "PM_BROKER_URL and that the broker is running."
         )
         store.update_job(
-            job["id"], state=FAILED, stage=FAILED, error=error, finished_at=time.time()
+            job["id"],
+            state=JobState.failed,
+            stage=Stage.failed,
+            error=error,
+            finished_at=time.time(),
         )
         if idempotency_key:
             store.forget_idempotency(idempotency_key, job_id=job["id"])
@@ -186,8 +187,8 @@ def cancel(store: Store, job_id: str) -> dict[str, Any]:
     if job["state"] in TERMINAL:
         raise ConflictError(f"Job {job_id} already ended in state {job['state']!r}.")
     store.request_cancel(job_id)
-    if job["state"] == QUEUED:  # no worker has it yet; one that picks it up will skip it
-        store.update_job(job_id, state=CANCELLED, stage=CANCELLED)
+    if job["state"] == JobState.queued:  # no worker has it yet; one that picks it up will skip it
+        store.update_job(job_id, state=JobState.cancelled, stage=Stage.cancelled)
     return store.get_job(job_id)
 
 
@@ -195,19 +196,19 @@ def promote(store: Store, job_id: str, *, force: bool) -> dict[str, Any]:
     job = store.get_job(job_id)
     if job["kind"] != "migration":
         raise ConflictError(f"Job {job_id} is a {job['kind']} job; only migrations are promoted.")
-    if job["state"] == GATE_FAILED and not force:
+    if job["state"] == JobState.gate_failed and not force:
         raise ConflictError(
             "The migrated set failed the quality gate; inspect `gate` and promote with "
             "?force=true if you accept it."
         )
-    if job["state"] not in (AWAITING, GATE_FAILED, PROMOTED):
+    if job["state"] not in (JobState.awaiting_promotion, JobState.gate_failed, JobState.promoted):
         raise ConflictError(
             f"Job {job_id} is {job['state']!r}; only a finished migration can be promoted."
         )
     target = job["target"]
     sources = [s["model"] for s in job["sources"]]
     store.promote(target["model"], target["version"], sources=sources)
-    store.update_job(job_id, state=PROMOTED, stage="promoted")
+    store.update_job(job_id, state=JobState.promoted, stage=Stage.promoted)
     return store.get_job(job_id)
 
 

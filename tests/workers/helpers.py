@@ -10,13 +10,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
+from prompt_migration_client.jobs import follow_job
 from redis import Redis
 
 from app.config import Settings
-from app.jobs.records import TERMINAL
 from app.main import create_app
 from app.store import Store
-from tests.conftest import Worker, admin, reader, wait_for
+from tests.conftest import Worker, admin, reader
 
 SOURCE, TARGET, DATASET = "tiny-llama", "tiny-gemma", "synthetic-tiny"
 FAST_ADAPTER = {"epochs": 2, "hidden": 16}
@@ -42,17 +42,11 @@ def wait_done(
 ) -> dict[str, Any]:
     """The job's record once it ends; on a timeout the error shows where it stood, and the end of
     the worker's log when given, so a slow or stuck run can be told apart after the fact."""
-
-    def finished() -> dict[str, Any] | None:
-        record = job(client, job_id)
-        return record if record["state"] in TERMINAL else None
-
     try:
-        result: dict[str, Any] = wait_for(finished, timeout=timeout, what=f"job {job_id}")
-    except AssertionError as error:
+        return follow_job(lambda: job(client, job_id), interval_s=0.2, timeout_s=timeout)
+    except TimeoutError as error:
         tail = worker_log.read_text(errors="replace")[-4000:] if worker_log else ""
-        raise AssertionError(f"{error}; last record {job(client, job_id)}\n{tail}") from None
-    return result
+        raise AssertionError(f"{error}\n{tail}") from None
 
 
 def train_source(

@@ -140,7 +140,7 @@ def test_writes_in_every_window_of_a_job_are_followed(client: TestClient, store:
     erase(client, users[4])
     put(client, store, users[4])  # erased, then onboarded again
     # After the last chunk, before sealing (finalize evaluates first).
-    wait_stage(client, created["id"], "verifying", "evaluating", "done")
+    wait_stage(client, created["id"], "evaluating", "sealing", "done")
     put(client, store, users[5])
     put(client, store, "new-finalize")
     done = wait_done(client, created["id"])

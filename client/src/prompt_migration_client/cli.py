@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +18,10 @@ import httpx
 import typer
 
 from prompt_migration_client.errors import ClientError
+from prompt_migration_client.jobs import JobState, Stage, follow_job
 from prompt_migration_client.operator import OperatorClient
 from prompt_migration_client.peft import adapters_to_setfile, setfile_to_adapters
 
-TERMINAL = {"promoted", "awaiting_promotion", "gate_failed", "succeeded", "failed", "cancelled"}
 cli = typer.Typer(help="Operate the prompt migration service over its HTTP API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
 
@@ -124,21 +123,19 @@ def rollback(
 
 def watch_job(api: OperatorClient, job_id: str, *, interval_s: float = 1.0) -> dict[str, Any]:
     """Follow a job with a progress bar until it ends; returns its last record."""
-    stage = ""
-    with typer.progressbar(length=1000, label="queued") as progress:
-        done = 0
-        while True:
-            record = api.job(job_id)
-            if record["stage"] != stage:
-                stage = record["stage"]
-                progress.label = stage
+    with typer.progressbar(length=1000, label=Stage.queued) as progress:
+        shown = 0
+
+        def show(record: dict[str, Any]) -> None:
+            nonlocal shown
+            progress.label = record["stage"]
             target = int(1000 * float(record["progress"].get("fraction") or 0.0))
-            progress.update(max(0, target - done))
-            done = max(done, target)
-            if record["state"] in TERMINAL:
-                progress.update(1000 - done)
-                return record
-            time.sleep(interval_s)
+            progress.update(max(0, target - shown))
+            shown = max(shown, target)
+
+        record = follow_job(lambda: api.job(job_id), on_update=show, interval_s=interval_s)
+        progress.update(1000 - shown)
+        return record
 
 
 def finish(record: dict[str, Any]) -> None:
@@ -147,7 +144,7 @@ def finish(record: dict[str, Any]) -> None:
         typer.echo(f"error: {record['error']}", err=True)
     if record.get("metrics"):
         show(record["metrics"])
-    if record["state"] in ("failed", "cancelled", "gate_failed"):
+    if record["state"] in (JobState.failed, JobState.cancelled, JobState.gate_failed):
         raise typer.Exit(1)
 
 
