@@ -10,6 +10,7 @@ from typing import Any
 from prompt_migration_client.jobs import Stage
 from safetensors.torch import save as save_tensors
 
+from app.jobs.spec import MigrationCreate
 from models import recipe
 from models.adapter.model import adapter_to_bytes
 from models.data import Splits
@@ -27,22 +28,25 @@ def job_recipe(job: Job, *, sets: list[PromptSet]) -> recipe.Resolved:
     """The measured recipe fitted to this job's population (``sets``: the sample of it that
     gives the input statistics), with what its request names; the job's record shows every
     setting and what the population-dependent rules chose."""
-    resolved = recipe_for_request(job.request, sets=sets)
+    resolved = recipe_for_request(job.migration, sets=sets)
     job.update(recipe=resolved.record())
     return resolved
 
 
-def recipe_for_request(request: dict[str, Any], *, sets: list[PromptSet]) -> recipe.Resolved:
+def recipe_for_request(request: MigrationCreate, *, sets: list[PromptSet]) -> recipe.Resolved:
     """``request``'s adapter and selection options over the recipe, for the users of ``sets``."""
-    selection = request["selection"]
+    selection = request.selection
     population = recipe.Population(
         users=len(sets[0].user_ids), prompt_length=sets[0].prompt_length,
         features=sum(s.width for s in sets),
-        budget=None if selection["strategy"] == "all" else selection.get("budget"),
+        budget=None if selection.strategy == "all" else selection.budget,
     )  # fmt: skip
-    return recipe.resolve(population, adapter=request["adapter"],
-                          selection={"post_stratify": selection.get("post_stratify")},
-                          seed=int(request.get("seed", 0)))  # fmt: skip
+    return recipe.resolve(
+        population,
+        adapter=request.adapter.model_dump(),
+        selection={"post_stratify": selection.post_stratify},
+        seed=request.seed,
+    )
 
 
 def select(
@@ -55,14 +59,14 @@ def select(
         return Selection(json.loads(stored))  # user -> loss weight, in selection order
     job.update(stage=Stage.selecting)
     trainable = [u for u in sets[0].user_ids if u in splits.train]
-    selection = job.request["selection"]
+    selection = job.migration.selection
     chosen = select_users(
-        selection["strategy"],
+        selection.strategy,
         prompts=stack_sources(sets, trainable),
         labels=splits.train_labels(),
         user_ids=trainable,
-        budget=selection.get("budget"),
-        seed=int(job.request.get("seed", 0)),
+        budget=selection.budget,
+        seed=job.migration.seed,
         config=config,
     )
     job.store.put_blob(job.id, "selected", json.dumps(chosen.weights).encode())
@@ -88,7 +92,7 @@ def fit_map(
     fitted = fit_instant(
         task, sources=sets, source_models=[load_model(s["model"]) for s in sources],
         target=load_model(target_name), item_texts=splits.train_item_texts(),
-        seed=int(job.request.get("seed", 0)),
+        seed=job.migration.seed,
     )  # fmt: skip
     job.store.put_blob(job.id, "head", save_tensors(fitted.head.state))
     job.update(

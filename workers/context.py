@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -16,6 +17,7 @@ from prompt_migration_client.jobs import TERMINAL, JobState, Stage
 
 from app.config import Settings, get_settings
 from app.errors import NotFoundError, ServiceError
+from app.jobs.spec import STORED, MigrationCreate, TrainRequest
 from app.store import REDIS_DOWN, SEALED, Store, connect_redis
 from models.errors import Cancelled, MigrationError
 from models.foundation import FoundationModel
@@ -90,9 +92,23 @@ class Job:
     def target(self) -> tuple[str, str]:
         return self.record["target"]["model"], self.record["target"]["version"]
 
+    @cached_property
+    def spec(self) -> MigrationCreate | TrainRequest:
+        """The job's request, typed, with the defaults the API gave it when it was made."""
+        kind = MigrationCreate if self.record["kind"] == "migration" else TrainRequest
+        return kind.model_validate(self.record["request"], context=STORED)
+
     @property
-    def request(self) -> dict[str, Any]:
-        return dict(self.record["request"])
+    def migration(self) -> MigrationCreate:
+        spec = self.spec
+        assert isinstance(spec, MigrationCreate), f"job {self.id} is not a migration"
+        return spec
+
+    @property
+    def training(self) -> TrainRequest:
+        spec = self.spec
+        assert isinstance(spec, TrainRequest), f"job {self.id} is not a prompt training"
+        return spec
 
     def update(self, **fields: Any) -> None:
         self.store.update_job(self.id, **fields)

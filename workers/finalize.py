@@ -29,7 +29,7 @@ def finalize(job: Job) -> None:
     job.update(stage=Stage.evaluating, fraction=0.92)
     task = source_task(job.record["sources"])
     splits = member_splits(job, task=task.name, sets=[{"model": model, "version": version}])
-    seed = int(job.request.get("seed", 0))
+    seed = job.migration.seed
     sampled = sample(splits.test, limit=job.settings.eval_users, seed=seed)
     tested = {u: splits.test[u] for u in sampled}
     migrated = load_set(model, version, users=sampled, skip_missing=True)
@@ -79,7 +79,7 @@ def finalize(job: Job) -> None:
     # move: the users listed at the start are mapped, the others are pending (workers/follow.py).
     drained = drain_before_promotion(job)
     state = JobState.gate_failed if not gate["passed"] else JobState.awaiting_promotion
-    if gate["passed"] and job.request.get("auto_promote", True):
+    if gate["passed"] and job.migration.auto_promote:
         state = auto_promote(job, model=model, version=version)
     job.store.drop_plan(job.id)  # the set is sealed: no chunk is mapped again
     job.store.purge_retired(grace_s=job.settings.version_grace_s)
@@ -118,7 +118,7 @@ def cached_source_metrics(
     lineage, test = meta.lineage, meta.metrics.get("test")
     if test is None or meta.count != len(test_users):
         return None
-    same_data = lineage.get("kind") == "train" and lineage.get("dataset") == job.request["dataset"]
+    same_data = lineage.get("kind") == "train" and lineage.get("dataset") == job.migration.dataset
     covers = int(test.get("n_users") or -1) == len(test_users)
     return dict(test) if same_data and covers else None
 
@@ -165,5 +165,5 @@ def quality_gate(
 
 
 def gate_tolerance(job: Job) -> float:
-    tolerance = (job.request.get("quality_gate") or {}).get("tolerance")
+    tolerance = job.migration.quality_gate.tolerance
     return job.settings.quality_tolerance if tolerance is None else float(tolerance)

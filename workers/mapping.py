@@ -45,12 +45,12 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
         version=version,
         task=task.name,
         shape=[first.shape[0], int(width)],
-        dtype=str(job.request.get("dtype") or "float32"),
+        dtype=job.migration.dtype,
         template=first.template,
         lineage={
             "job": job.id,
             "kind": "migration",
-            "method": job.request.get("method") or "adapter",
+            "method": job.migration.method,
             "parents": sources,
         },
     )
@@ -63,7 +63,7 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
 def plan_users(job: Job, *, sources: list[dict[str, str]]) -> int:
     """Append chunks of the sources' users that no chunk holds yet, streaming over the sources
     (one chunk in memory); returns how many users were added."""
-    size = int(job.request.get("chunk_size") or job.settings.chunk_size)
+    size = job.migration.chunk_size or job.settings.chunk_size
     pending: dict[str, None] = {}  # ordered, and a user SSCAN lists twice is held once
     added = 0
     for batch in scan_common(job.store, sources):
@@ -143,7 +143,7 @@ def map_users(job: Job, users: list[str]) -> tuple[int, str]:
     this one is mapped."""
     sources = job.record["sources"]
     metas = [job.store.get_meta(s["model"], s["version"]) for s in sources]
-    dtype = str(job.request.get("dtype") or "float32")
+    dtype = job.migration.dtype
     model, version = job.target
     adapter = _adapter(job)
     parts = [users[i : i + MAP_PART] for i in range(0, len(users), MAP_PART)] or [[]]

@@ -54,7 +54,7 @@ def prepare_and_train(job: Job) -> int:
         job.pause(job.settings.load_delay_s)  # test-only: leaves room to erase users here
     if job.store.get_blob(job.id, "adapter") is None:
         sets, statistics = load_sample(job, sources=sources, splits=splits)
-        if job.request.get("method") == "instant":
+        if job.migration.method == "instant":
             fit_map(job, sources=sources, sets=statistics, task=task, splits=splits)
         else:
             settings = job_recipe(job, sets=statistics)
@@ -70,7 +70,7 @@ def load_sample(
     """The prompts the training stage reads, at most two samples' worth whatever the population:
     the sets of both samples' users, and those of the statistics' sample alone."""
     drawn = draw(job.store, sources, limit=job.settings.sample_users,
-                 seed=int(job.request.get("seed", 0)), can_train=splits.train.__contains__)  # fmt: skip
+                 seed=job.migration.seed, can_train=splits.train.__contains__)  # fmt: skip
     if not drawn.statistics:
         raise DataError("The source prompt sets share no users; nothing to migrate.")
     job.update(users_total=drawn.population, sample={

@@ -103,11 +103,9 @@ def draw(
 
 def dataset_splits(job: Job, *, task: str) -> Splits:
     """The dataset's every user's interactions, split (bounded by the dataset, not the sets)."""
-    request = job.request
-    interactions = load_interactions(
-        dataset_source(request["dataset"]), task=task, seed=int(request.get("seed", 0))
-    )
-    return split_chronological(interactions, max_train=int(request.get("max_train_per_user") or 30))
+    spec = job.spec
+    interactions = load_interactions(dataset_source(spec.dataset), task=task, seed=spec.seed)
+    return split_chronological(interactions, max_train=spec.max_train_per_user)
 
 
 def member_splits(job: Job, *, task: str, sets: Sequence[dict[str, str]]) -> Splits:

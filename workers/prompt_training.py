@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from prompt_migration_client.jobs import JobState, Stage
 
@@ -16,17 +17,16 @@ from workers.sets import load_splits, write_set
 
 def train_prompt_set(job: Job) -> None:
 
-    request, (model_name, version) = job.request, job.target
-    task = get_task(request["task"])
+    request, (model_name, version) = job.training, job.target
+    task = get_task(request.task)
     job.update(stage=Stage.loading)
     splits = load_splits(job, task=task.name)
     model = load_model(model_name)
     config = PromptTrainingConfig(
-        epochs=request["epochs"],
-        prompt_length=request["prompt_length"],
-        seed=request["seed"],
-        **({"lr": request["lr"]} if request.get("lr") else {}),
+        epochs=request.epochs, prompt_length=request.prompt_length, seed=request.seed
     )
+    if request.lr is not None:
+        config = replace(config, lr=request.lr)
     job.update(stage=Stage.training, users_total=len(splits.users))
     result = train_prompts(
         model,
@@ -46,13 +46,13 @@ def train_prompt_set(job: Job) -> None:
         version=version,
         task=task.name,
         shape=[prompt_set.prompt_length, prompt_set.width],
-        dtype=str(request.get("dtype") or "float32"),
+        dtype=request.dtype,
         template=task.template.prefix + "<prompt>" + task.template.suffix,
-        lineage={"job": job.id, "kind": "train", "dataset": request["dataset"], "parents": []},
+        lineage={"job": job.id, "kind": "train", "dataset": request.dataset, "parents": []},
     )
     job.update(stage=Stage.writing, fraction=0.95)
     write_set(job, prompt_set, meta=meta, metrics={"test": metrics})
-    if request.get("activate", True):
+    if request.activate:
         job.store.activate(model_name, version)
     cost = {
         "train_seconds": round(result.seconds, 3),

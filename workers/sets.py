@@ -24,16 +24,14 @@ def dataset_source(name: str) -> str:
 
 
 def load_splits(job: Job, *, task: str, users: list[str] | None = None) -> Splits:
-    request = job.request
+    spec = job.spec
     interactions = load_interactions(
-        dataset_source(request["dataset"]),
+        dataset_source(spec.dataset),
         task=task,
-        max_users=request.get("max_users") if users is None else None,
-        seed=int(request.get("seed", 0)),
+        max_users=spec.max_users if users is None else None,
+        seed=spec.seed,
     )
-    splits = split_chronological(
-        interactions, max_train=int(request.get("max_train_per_user") or 30)
-    )
+    splits = split_chronological(interactions, max_train=spec.max_train_per_user)
     return splits if users is None else splits.restrict(users)
 
 

@@ -14,8 +14,9 @@ from celery import Celery
 from prompt_migration_client.jobs import TERMINAL, JobState, Stage
 
 from app.errors import BrokerUnavailableError, ConflictError, InvalidInputError, NotFoundError
-from app.http.schemas import Job, MigrationCreate, TrainRequest
+from app.http.schemas import Job
 from app.jobs.queue import TaskName
+from app.jobs.spec import MigrationCreate, TrainRequest
 from app.store import SEALED, Follower, SetMeta, Store
 
 BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "synthetic-tiny")

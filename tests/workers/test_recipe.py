@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.http.schemas import MigrationCreate
+from app.jobs.spec import STORED, MigrationCreate
 from bench.quality import PRESETS
 from models import recipe
 from models.prompts import PromptSet
@@ -27,13 +27,13 @@ def source_sets(users: int, width: int) -> list[PromptSet]:
     return [PromptSet("smollm2-135m", "rating", ids, torch.zeros(users, 1, width), {})]
 
 
-def default_request(**selection: Any) -> dict[str, Any]:
-    """What POST /migrations stores for a body that names no adapter option."""
+def default_request(**selection: Any) -> MigrationCreate:
+    """What POST /migrations stores, read back, for a body that names no adapter option."""
     body = MigrationCreate.model_validate({
         "sources": [{"model": "smollm2-135m"}], "target": "gemma-3-270m",
         "dataset": "movielens-100k", "selection": selection,
     })  # fmt: skip
-    return body.model_dump()
+    return MigrationCreate.model_validate(body.model_dump(), context=STORED)
 
 
 def test_a_default_budget_job_runs_the_cpu_small_budget_rows_settings() -> None:
@@ -73,10 +73,11 @@ def test_a_small_source_set_gets_every_direction_it_has() -> None:
 
 
 def test_options_a_request_names_replace_the_recipes_own() -> None:
-    request = default_request(strategy="puma", budget=8)
-    request["adapter"] |= {"hidden": 16, "input_rank": 30, "distill_weight": 0.0}
-    request["selection"]["post_stratify"] = True
-    request["seed"] = 3
+    request = default_request(strategy="puma", budget=8).model_copy(update={"seed": 3})
+    request.adapter = request.adapter.model_copy(
+        update={"hidden": 16, "input_rank": 30, "distill_weight": 0.0}
+    )
+    request.selection = request.selection.model_copy(update={"post_stratify": True})
     resolved = recipe_for_request(request, sets=source_sets(20, 32))
     assert resolved.adapter == replace(recipe.BUDGET, hidden=16, input_rank=30,
                                        distill_weight=0.0, seed=3)  # fmt: skip

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from app.http.deps import AdminDep, CeleryDep, ReaderDep, StoreDep
-from app.http.schemas import Job, JobList, MigrationCreate
+from app.http.schemas import Job, JobList
 from app.jobs import records as jobs
+from app.jobs.spec import MigrationCreate
 
 router = APIRouter(prefix="/migrations", tags=["migrations"])
 

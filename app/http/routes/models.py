@@ -11,8 +11,9 @@ from fastapi import APIRouter, Response, status
 
 from app.errors import ConflictError
 from app.http.deps import AdminDep, CeleryDep, ReaderDep, StoreDep
-from app.http.schemas import Activate, ActivateOut, Job, ModelCreate, ModelOut, TrainRequest
+from app.http.schemas import Activate, ActivateOut, Job, ModelCreate, ModelOut
 from app.jobs import records as jobs
+from app.jobs.spec import TrainRequest
 from app.store import Store
 
 router = APIRouter(prefix="/models", tags=["models"])
