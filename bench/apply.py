@@ -39,7 +39,7 @@ from models.adapter import AdapterConfig, PumaAdapter
 from models.adapter.model import adapter_to_bytes
 from models.recipe import ALL_USERS
 from workers import context
-from workers.context import Job
+from workers.context import JobRun
 from workers.mapping import map_chunk, plan_users
 
 SOURCE, TARGET = "bench-source", "bench-target"
@@ -89,17 +89,18 @@ def recipe_adapter(seed: int) -> PumaAdapter:
 def new_job(
     store: Store, *, source: dict[str, str], chunk_size: int, adapter: bytes, dtype: str,
     settings: Settings,
-) -> Job:  # fmt: skip
+) -> JobRun:  # fmt: skip
     job_id = uuid.uuid4().hex
     version = store.allocate_version(TARGET)
     record = {"id": job_id, "kind": "migration", "state": "running", "stage": "mapping",
-              "request": {"chunk_size": chunk_size, "dtype": dtype}, "sources": [source],
+              "request": {"sources": [source], "target": TARGET, "dataset": "synthetic-tiny",
+                          "chunk_size": chunk_size, "dtype": dtype}, "sources": [source],
               "target": {"model": TARGET, "version": version}, "created_at": time.time()}  # fmt: skip
     store.create_job(record, idempotency_key=None, request_hash="")
     store.put_blob(job_id, "adapter", adapter)
     store.begin_set(SetMeta(model=TARGET, version=version, task="rating", shape=[1, D_OUT],
                             dtype=dtype))  # fmt: skip
-    return Job(job_id, settings=settings)
+    return JobRun(job_id, settings=settings)
 
 
 def run_size(

@@ -21,10 +21,10 @@ from models.migration import MigrationConfig, stack_sources, train_adapter
 from models.prompts import PromptSet
 from models.selection import Selection, SelectionConfig, select_users
 from models.tasks import Task
-from workers.context import Job, load_model
+from workers.context import JobRun, load_model
 
 
-def job_recipe(job: Job, *, sets: list[PromptSet]) -> recipe.Resolved:
+def job_recipe(job: JobRun, *, sets: list[PromptSet]) -> recipe.Resolved:
     """The measured recipe fitted to this job's population (``sets``: the sample of it that
     gives the input statistics), with what its request names; the job's record shows every
     setting and what the population-dependent rules chose."""
@@ -50,7 +50,7 @@ def recipe_for_request(request: MigrationCreate, *, sets: list[PromptSet]) -> re
 
 
 def select(
-    job: Job, *, sets: list[PromptSet], splits: Splits, config: SelectionConfig
+    job: JobRun, *, sets: list[PromptSet], splits: Splits, config: SelectionConfig
 ) -> Selection:
     """The users who train the adapter and their loss weights, stored once: a redelivered
     stage trains on the same users."""
@@ -82,7 +82,7 @@ def _vocab_maps(sources: list[dict[str, str]], target: FoundationModel) -> list[
 
 
 def fit_map(
-    job: Job, *, sources: list[dict[str, str]], sets: list[PromptSet], task: Task, splits: Splits
+    job: JobRun, *, sources: list[dict[str, str]], sets: list[PromptSet], task: Task, splits: Splits
 ) -> None:
     """The data-free map, stored as the job's adapter, and the head refitted to read the target:
     no ratings and no training (models.instant.fit_instant)."""
@@ -108,7 +108,7 @@ def fit_map(
 
 
 def train(
-    job: Job,
+    job: JobRun,
     *,
     sources: list[dict[str, str]],
     sets: list[PromptSet],

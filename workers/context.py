@@ -60,7 +60,7 @@ def load_model(name: str) -> FoundationModel:
     return _models[name]
 
 
-class Job:
+class JobRun:
     """One job's record and controls as a stage sees them."""
 
     def __init__(self, job_id: str, *, settings: Settings | None = None) -> None:
@@ -152,11 +152,11 @@ class Job:
         return report
 
 
-def run_guarded(job_id: str, stage: Callable[[Job], Any], *, lease: str | None = None) -> Any:
+def run_guarded(job_id: str, stage: Callable[[JobRun], Any], *, lease: str | None = None) -> Any:
     """Run a stage, under its ``lease`` when named (see workers.lease); turn cancellation and
     bad input into a terminal job state."""
     try:
-        job = Job(job_id)
+        job = JobRun(job_id)
     except NotFoundError:
         return None  # the job record was removed; nothing to do
     if job.record["state"] in TERMINAL:
@@ -189,14 +189,14 @@ def run_guarded(job_id: str, stage: Callable[[Job], Any], *, lease: str | None =
 def fail(job_id: str, *, error: str) -> None:
     """Fail a job that has not ended (e.g. its stage gave up on an unreachable store)."""
     try:
-        job = Job(job_id)
+        job = JobRun(job_id)
     except NotFoundError:
         return
     if job.record["state"] not in TERMINAL:
         abandon(job, error=error)
 
 
-def abandon(job: Job, *, error: str | None = None) -> None:
+def abandon(job: JobRun, *, error: str | None = None) -> None:
     """End the job, then drop its unsealed target set (the active set is never touched); in
     that order, so a chunk still running sees the job ended after its write and drops the set
     again (workers.mapping.ended)."""
@@ -205,7 +205,7 @@ def abandon(job: Job, *, error: str | None = None) -> None:
     drop_unsealed_target(job)
 
 
-def drop_unsealed_target(job: Job) -> None:
+def drop_unsealed_target(job: JobRun) -> None:
     """Delete the job's target set and what follows for it, unless it was sealed; the version
     is retired too, so a purge removes anything a late writer still leaves."""
     model, version = job.target

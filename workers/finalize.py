@@ -11,14 +11,14 @@ from prompt_migration_client.jobs import JobState, Stage
 from app.errors import ConflictError
 from models.evaluation import baseline_metrics, evaluate
 from models.tasks import Task
-from workers.context import Job, load_model
+from workers.context import JobRun, load_model
 from workers.follow import drain_before_promotion
 from workers.mapping import map_missing_chunks
 from workers.population import member_splits, sample
 from workers.sets import load_set, source_task
 
 
-def finalize(job: Job) -> None:
+def finalize(job: JobRun) -> None:
     """Verify, evaluate, gate, seal and (maybe) promote; safe to run more than once (its
     task holds a lease, so never twice at once). The metrics and the gate are computed on a
     seeded sample of the test users (``PM_EVAL_USERS``), all of them when there are fewer."""
@@ -100,7 +100,7 @@ def finalize(job: Job) -> None:
     )
 
 
-def auto_promote(job: Job, *, model: str, version: str) -> JobState:
+def auto_promote(job: JobRun, *, model: str, version: str) -> JobState:
     """Promoted, or awaiting promotion with the reason when a newer set of the model is served."""
     try:
         job.store.promote(model, version, sources=[s["model"] for s in job.record["sources"]])
@@ -111,7 +111,7 @@ def auto_promote(job: Job, *, model: str, version: str) -> JobState:
 
 
 def cached_source_metrics(
-    job: Job, source: dict[str, str], test_users: list[str]
+    job: JobRun, source: dict[str, str], test_users: list[str]
 ) -> dict[str, Any] | None:
     """A trained set's own test metrics, when they cover exactly these users on this dataset."""
     meta = job.store.get_meta(source["model"], source["version"])
@@ -164,6 +164,6 @@ def quality_gate(
                    "better than no personalisation"}  # fmt: skip
 
 
-def gate_tolerance(job: Job) -> float:
+def gate_tolerance(job: JobRun) -> float:
     tolerance = job.migration.quality_gate.tolerance
     return job.settings.quality_tolerance if tolerance is None else float(tolerance)

@@ -35,7 +35,7 @@ from app.store import SEALED, Change, Follower, Store
 from models.adapter.model import adapter_from_bytes
 from models.migration import map_prompts
 from workers.celery_app import app
-from workers.context import Job
+from workers.context import JobRun
 from workers.lease import LeaseHeld, holder_name
 from workers.sets import encode_rows
 
@@ -50,7 +50,7 @@ class Drained:
     applied: int = 0
 
 
-def start_following(job: Job) -> None:
+def start_following(job: JobRun) -> None:
     """Make the job's target follow its sources and the target model's active version (direct
     writes to it); once per job, before its users are listed."""
     if "follows_target" in job.record:
@@ -223,7 +223,7 @@ def _sealed(store: Store, record: dict[str, Any]) -> bool:
     return meta.state == SEALED
 
 
-def drain_before_promotion(job: Job) -> Drained:
+def drain_before_promotion(job: JobRun) -> Drained:
     """finalize, once the set is sealed: apply what was written on the sources (and to the
     target model) while the job ran, before readers are moved to the set."""
     with follow_lease(job.store, job.id, wait_s=job.settings.lease_ttl_s) as holder:

@@ -19,7 +19,7 @@ from models.adapter.model import adapter_from_bytes
 from models.errors import DataError
 from models.migration import map_prompts
 from models.tasks import Task
-from workers.context import Job, drop_unsealed_target, load_model
+from workers.context import JobRun, drop_unsealed_target, load_model
 from workers.lease import held
 from workers.population import scan_common
 
@@ -28,7 +28,7 @@ _adapters: dict[str, Any] = {}
 MAP_PART = 1024
 
 
-def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
+def plan_mapping(job: JobRun, *, sources: list[dict[str, str]], task: Task) -> int:
     """Plan the chunks (once: a re-delivered stage resumes an unfinished plan) and begin the new
     set; returns the chunk count."""
     model, version = job.target
@@ -60,7 +60,7 @@ def plan_mapping(job: Job, *, sources: list[dict[str, str]], task: Task) -> int:
     return job.store.plan_size(job.id)
 
 
-def plan_users(job: Job, *, sources: list[dict[str, str]]) -> int:
+def plan_users(job: JobRun, *, sources: list[dict[str, str]]) -> int:
     """Append chunks of the sources' users that no chunk holds yet, streaming over the sources
     (one chunk in memory); returns how many users were added."""
     size = job.migration.chunk_size or job.settings.chunk_size
@@ -80,7 +80,7 @@ def plan_users(job: Job, *, sources: list[dict[str, str]]) -> int:
     return added
 
 
-def map_missing_chunks(job: Job) -> None:
+def map_missing_chunks(job: JobRun) -> None:
     """Map, here, every chunk of the plan not done yet (one a lost chord message never ran, or
     one added after the chord)."""
     done = job.store.chunks_done(job.id)
@@ -93,7 +93,7 @@ def map_missing_chunks(job: Job) -> None:
                 map_chunk(job, index)
 
 
-def ended(job: Job) -> bool:
+def ended(job: JobRun) -> bool:
     """After a chunk's write: a job cancelled or failed meanwhile may have had its set deleted
     before this write landed, so the chunk deletes it again (a cancellation not yet acted on
     then ends the job here, through run_guarded)."""
@@ -108,7 +108,7 @@ def ended(job: Job) -> bool:
     return True
 
 
-def _adapter(job: Job) -> Any:
+def _adapter(job: JobRun) -> Any:
 
     if job.id not in _adapters:
         _adapters.clear()
@@ -116,7 +116,7 @@ def _adapter(job: Job) -> Any:
     return _adapters[job.id]
 
 
-def map_chunk(job: Job, index: int) -> dict[str, Any]:
+def map_chunk(job: JobRun, index: int) -> dict[str, Any]:
     """Map one chunk of users into the new version; a repeat overwrites the same values."""
 
     if index in job.store.chunks_done(job.id):
@@ -136,7 +136,7 @@ def map_chunk(job: Job, index: int) -> dict[str, Any]:
     return {"chunk": index, "users": count, "seconds": time.perf_counter() - started}
 
 
-def map_users(job: Job, users: list[str]) -> tuple[int, str]:
+def map_users(job: JobRun, users: list[str]) -> tuple[int, str]:
     """Read, map, write and read back ``users`` a part at a time; returns the count and digest of
     what was written. Two threads overlap the store's round trips with the mapping (socket waits
     and torch's kernels release the GIL): the next part is read and the last one written while
@@ -162,7 +162,7 @@ def map_users(job: Job, users: list[str]) -> tuple[int, str]:
 
 
 def read_sources(
-    job: Job, users: list[str], *, metas: list[SetMeta]
+    job: JobRun, users: list[str], *, metas: list[SetMeta]
 ) -> tuple[list[str], torch.Tensor]:
     """The users who still have a prompt on every source (an erasure since planning leaves a user
     out) and their prompts concatenated on features, ``[n, l, sum d]`` fp32: one MGET per few

@@ -24,7 +24,7 @@ from models.errors import DataError
 from models.migration import common_users as users_in_every_set
 from models.prompts import PromptSet
 from workers.adapter_training import fit_map, job_recipe, select, train
-from workers.context import Job, fail, run_guarded
+from workers.context import JobRun, fail, run_guarded
 from workers.finalize import finalize
 from workers.follow import start_following
 from workers.mapping import map_chunk, plan_mapping
@@ -33,7 +33,7 @@ from workers.prompt_training import train_prompt_set
 from workers.sets import load_set, source_task
 
 __all__ = [
-    "Job",
+    "JobRun",
     "fail",
     "finalize",
     "map_chunk",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-def prepare_and_train(job: Job) -> int:
+def prepare_and_train(job: JobRun) -> int:
     """Select users, train the adapter (once), plan the chunks; returns the chunk count."""
     sources = job.record["sources"]
     task = source_task(sources)
@@ -65,7 +65,7 @@ def prepare_and_train(job: Job) -> int:
 
 
 def load_sample(
-    job: Job, *, sources: list[dict[str, str]], splits: Splits
+    job: JobRun, *, sources: list[dict[str, str]], splits: Splits
 ) -> tuple[list[PromptSet], list[PromptSet]]:
     """The prompts the training stage reads, at most two samples' worth whatever the population:
     the sets of both samples' users, and those of the statistics' sample alone."""
@@ -85,7 +85,7 @@ def load_sample(
     return sets, statistics
 
 
-def train_and_dispatch(job: Job, *, dispatch: Callable[[int], None]) -> None:
+def train_and_dispatch(job: JobRun, *, dispatch: Callable[[int], None]) -> None:
     """``prepare_and_train``, then ``dispatch`` the chunk tasks once: a later delivery of the
     stage (its lease keeps it after this one) finds them sent and sends no second set."""
     chunks = prepare_and_train(job)

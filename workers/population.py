@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from app.store import Store
 from models.data import Splits, load_interactions, split_chronological
-from workers.context import Job
+from workers.context import JobRun
 from workers.sets import dataset_source
 
 
@@ -101,14 +101,14 @@ def draw(
     return Drawn(population, statistics.users(), trainable.users())
 
 
-def dataset_splits(job: Job, *, task: str) -> Splits:
+def dataset_splits(job: JobRun, *, task: str) -> Splits:
     """The dataset's every user's interactions, split (bounded by the dataset, not the sets)."""
     spec = job.spec
     interactions = load_interactions(dataset_source(spec.dataset), task=task, seed=spec.seed)
     return split_chronological(interactions, max_train=spec.max_train_per_user)
 
 
-def member_splits(job: Job, *, task: str, sets: Sequence[dict[str, str]]) -> Splits:
+def member_splits(job: JobRun, *, task: str, sets: Sequence[dict[str, str]]) -> Splits:
     """The dataset's splits restricted to its users listed in every one of ``sets``."""
     splits = dataset_splits(job, task=task)
     users = sorted({*splits.train, *splits.val, *splits.test})

@@ -11,11 +11,11 @@ from app.store import SetMeta
 from models.evaluation import evaluate
 from models.tasks import get_task
 from models.training import PromptTrainingConfig, train_prompts
-from workers.context import Job, load_model
+from workers.context import JobRun, load_model
 from workers.sets import load_splits, write_set
 
 
-def train_prompt_set(job: Job) -> None:
+def train_prompt_set(job: JobRun) -> None:
 
     request, (model_name, version) = job.training, job.target
     task = get_task(request.task)

@@ -15,7 +15,7 @@ from models.data import Splits, load_interactions, split_chronological
 from models.errors import DataError
 from models.prompts import PromptSet
 from models.tasks import Task, get_task
-from workers.context import Job, store
+from workers.context import JobRun, store
 
 
 def dataset_source(name: str) -> str:
@@ -23,7 +23,7 @@ def dataset_source(name: str) -> str:
     return str(spec["path"]) if spec else name
 
 
-def load_splits(job: Job, *, task: str, users: list[str] | None = None) -> Splits:
+def load_splits(job: JobRun, *, task: str, users: list[str] | None = None) -> Splits:
     spec = job.spec
     interactions = load_interactions(
         dataset_source(spec.dataset),
@@ -62,7 +62,7 @@ def load_set(
 
 
 def write_set(
-    job: Job, prompt_set: PromptSet, *, meta: SetMeta, metrics: dict[str, Any]
+    job: JobRun, prompt_set: PromptSet, *, meta: SetMeta, metrics: dict[str, Any]
 ) -> SetMeta:
     """Write a complete set into its version namespace, verify it and seal it."""
     items = encode_rows(prompt_set.user_ids, prompt_set.prompts, dtype=meta.dtype)

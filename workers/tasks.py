@@ -44,7 +44,7 @@ class Stage(Task):
 
 
 def leased(
-    task: Task, job_id: str, stage: Callable[[pipeline.Job], Any], *, lease: str, outages: int
+    task: Task, job_id: str, stage: Callable[[pipeline.JobRun], Any], *, lease: str, outages: int
 ) -> Any:
     """Run ``stage`` under its lease; a delivery that finds it held comes back later, for as
     long as a live worker holds it. A store outage is retried with backoff (every stage is

@@ -25,7 +25,7 @@ from models.tasks import get_task
 
 
 @dataclass(frozen=True)
-class Bundle:
+class PublishedBundle:
     doc: dict[str, Any]
     etag: str
     head: bytes
@@ -61,7 +61,7 @@ def paths(model: str, version: str) -> dict[str, str]:
     }
 
 
-def build(store: Store, meta: SetMeta) -> Bundle:
+def build(store: Store, meta: SetMeta) -> PublishedBundle:
     spec = store.get_model(meta.model)
     head = store.get_head(meta.model, meta.version)
     tokenizer, facts = checkpoint_view(str(spec["checkpoint"]))
@@ -96,7 +96,7 @@ def build(store: Store, meta: SetMeta) -> Bundle:
         "paths": paths(meta.model, meta.version),
     }
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return Bundle(
+    return PublishedBundle(
         doc=doc,
         etag=f'"bundle-{hashlib.sha256(canonical).hexdigest()[:32]}"',
         head=head,
@@ -104,7 +104,7 @@ def build(store: Store, meta: SetMeta) -> Bundle:
     )
 
 
-def published(store: Store, model: str, version: str) -> Bundle:
+def published(store: Store, model: str, version: str) -> PublishedBundle:
     """The bundle of a sealed set: 404 naming what exists, 409 while the set is unsealed."""
     meta = store.require_version(model, version)
     if meta.state != SEALED:

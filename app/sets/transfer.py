@@ -20,9 +20,9 @@ import torch
 from prompt_migration_client import codec
 from prompt_migration_client.contract import INPUT, RAW, SPACES
 from prompt_migration_client.setfile import (
-    DTYPES,
     FORMAT,
     FORMAT_VERSION,
+    SAFETENSORS_DTYPES,
     Entry,
     SetFile,
     encode_ids,
@@ -32,7 +32,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from app.errors import InvalidInputError
-from app.sets.bundle import Bundle, checkpoint_view
+from app.sets.bundle import PublishedBundle, checkpoint_view
 from app.store import USER_ID_PATTERN, SetMeta, Store
 from models.contract import CheckpointFacts
 from models.tasks import Task, get_task
@@ -46,7 +46,7 @@ class Export:
     chunks: Iterator[bytes]
 
 
-def export(store: Store, bundle: Bundle, *, batch: int = 1000) -> Export:
+def export(store: Store, bundle: PublishedBundle, *, batch: int = 1000) -> Export:
     """The set of ``bundle`` as a set file (see ``app.setfile``), streamed."""
     model, version = bundle.doc["model"], bundle.doc["version"]
     users = store.set_users(model, version)
@@ -55,7 +55,7 @@ def export(store: Store, bundle: Bundle, *, batch: int = 1000) -> Export:
     ids, id_width = encode_ids(users)
     head = {f"head.{k}": v.float().contiguous() for k, v in load_tensors(bundle.head).items()}
     entries = [
-        Entry("prompts", DTYPES[dtype], (len(users), length, width)),
+        Entry("prompts", SAFETENSORS_DTYPES[dtype], (len(users), length, width)),
         Entry("present", "U8", (len(users),)),
         Entry("user_ids", "U8", (len(users), id_width)),
         *(Entry(name, "F32", tuple(t.shape)) for name, t in head.items()),

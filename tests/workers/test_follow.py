@@ -240,7 +240,7 @@ def test_a_cancelled_job_leaves_no_keys_even_after_a_late_chunk(
     settings: Settings = env["settings"].model_copy(update={"chunk_delay_s": 0.0})
     chunks = store.plan_size(created["id"])
     late = next(i for i in range(chunks) if i not in store.chunks_done(created["id"]))
-    map_chunk(context.Job(created["id"], settings=settings), late)
+    map_chunk(context.JobRun(created["id"], settings=settings), late)
     assert _keys_of(store, model, version) == []
     followers = f"pm:{{{source['model']}:{source['version']}}}:followers"
     assert not store.redis.hexists(followers, f"{model}/{version}")

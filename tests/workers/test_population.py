@@ -14,7 +14,7 @@ from app.config import Settings
 from app.store import SetMeta, Store
 from tests.conftest import STORE_DB, RedisServer, make_settings
 from workers import context
-from workers.context import Job
+from workers.context import JobRun
 from workers.mapping import plan_users
 from workers.population import draw, sample, scan_common
 
@@ -37,12 +37,14 @@ def _source(store: Store, model: str, users: list[str]) -> dict[str, str]:
     return {"model": model, "version": "1"}
 
 
-def _job(store: Store, sources: list[dict[str, str]], settings: Settings) -> Job:
+def _job(store: Store, sources: list[dict[str, str]], settings: Settings) -> JobRun:
     job_id = uuid.uuid4().hex
-    record = {"id": job_id, "state": "running", "request": {}, "sources": sources,
-              "target": {"model": "t", "version": "1"}, "created_at": time.time()}  # fmt: skip
+    request = {"sources": sources, "target": "t", "dataset": "synthetic-tiny"}
+    record = {"id": job_id, "kind": "migration", "state": "running", "request": request,
+              "sources": sources, "target": {"model": "t", "version": "1"},
+              "created_at": time.time()}  # fmt: skip
     store.create_job(record, idempotency_key=None, request_hash="")
-    return Job(job_id, settings=settings)
+    return JobRun(job_id, settings=settings)
 
 
 def test_a_sample_is_bounded_and_the_same_whatever_the_listing_order(plain: Store) -> None:

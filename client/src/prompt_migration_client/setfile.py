@@ -28,7 +28,7 @@ import numpy as np
 from prompt_migration_client.errors import FormatError
 
 FORMAT, FORMAT_VERSION = "prompt-migration/prompt-set", "1"
-DTYPES = {"float32": "F32", "float16": "F16"}
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16"}
 _NUMPY = {"F32": "<f4", "F16": "<f2", "U8": "u1"}
 _MAX_HEADER = 100_000_000  # what the safetensors library itself accepts
 _MAX_DIM = 2**63 - 1  # numpy's (and safetensors') sizes are signed 64-bit
@@ -114,7 +114,7 @@ class SetFile:
 
     @property
     def dtype(self) -> str:
-        return {v: k for k, v in DTYPES.items()}[self.entries["prompts"]["dtype"]]
+        return {v: k for k, v in SAFETENSORS_DTYPES.items()}[self.entries["prompts"]["dtype"]]
 
     def present(self) -> np.ndarray:  # [N] bool
         if "present" not in self.entries:
