@@ -61,9 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the other routes and the workers use the sync one.
     aredis = connect_redis_async(url, timeout_s=timeout_s, cluster=cluster)
     app.state.store = Store(
-        redis, write_batch=settings.write_batch, aredis=aredis,
+        redis,
+        write_batch=settings.write_batch,
+        aredis=aredis,
         reader_acl_users=settings.reader_acl_users,
-    )  # fmt: skip
+    )
     app.state.celery = make_celery(settings)
     app.state.readiness = ReadinessProbe(store=app.state.store, celery=app.state.celery)
     handlers.install(app)

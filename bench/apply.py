@@ -79,36 +79,63 @@ def seed_source(store: Store, *, users: int, seed: int) -> dict[str, str]:
 
 def recipe_adapter(seed: int) -> PumaAdapter:
     torch.manual_seed(seed)
-    config = AdapterConfig(d_in=D_IN, d_out=D_OUT, hidden=ALL_USERS.hidden,
-                           input_rank=ALL_USERS.input_rank)  # fmt: skip
+    config = AdapterConfig(
+        d_in=D_IN, d_out=D_OUT, hidden=ALL_USERS.hidden, input_rank=ALL_USERS.input_rank
+    )
     adapter = PumaAdapter(config).eval()
     adapter.set_input_statistics(torch.randn(4096, 1, D_IN) * 0.02)
     return adapter
 
 
 def new_job(
-    store: Store, *, source: dict[str, str], chunk_size: int, adapter: bytes, dtype: str,
+    store: Store,
+    *,
+    source: dict[str, str],
+    chunk_size: int,
+    adapter: bytes,
+    dtype: str,
     settings: Settings,
-) -> JobRun:  # fmt: skip
+) -> JobRun:
     job_id = uuid.uuid4().hex
     version = store.allocate_version(TARGET)
-    record = {"id": job_id, "kind": "migration", "state": "running", "stage": "mapping",
-              "request": {"sources": [source], "target": TARGET, "dataset": "synthetic-tiny",
-                          "chunk_size": chunk_size, "dtype": dtype}, "sources": [source],
-              "target": {"model": TARGET, "version": version}, "created_at": time.time()}  # fmt: skip
+    record = {
+        "id": job_id,
+        "kind": "migration",
+        "state": "running",
+        "stage": "mapping",
+        "request": {
+            "sources": [source],
+            "target": TARGET,
+            "dataset": "synthetic-tiny",
+            "chunk_size": chunk_size,
+            "dtype": dtype,
+        },
+        "sources": [source],
+        "target": {"model": TARGET, "version": version},
+        "created_at": time.time(),
+    }
     store.create_job(record, idempotency_key=None, request_hash="")
     store.put_blob(job_id, "adapter", adapter)
-    store.begin_set(SetMeta(model=TARGET, version=version, task="rating", shape=[1, D_OUT],
-                            dtype=dtype))  # fmt: skip
+    store.begin_set(
+        SetMeta(model=TARGET, version=version, task="rating", shape=[1, D_OUT], dtype=dtype)
+    )
     return JobRun(job_id, settings=settings)
 
 
 def run_size(
-    store: Store, *, source: dict[str, str], users: int, chunk_size: int, adapter: bytes,
-    dtype: str, settings: Settings, redis_pids: list[int],
-) -> dict[str, Any]:  # fmt: skip
-    job = new_job(store, source=source, chunk_size=chunk_size, adapter=adapter, dtype=dtype,
-                  settings=settings)  # fmt: skip
+    store: Store,
+    *,
+    source: dict[str, str],
+    users: int,
+    chunk_size: int,
+    adapter: bytes,
+    dtype: str,
+    settings: Settings,
+    redis_pids: list[int],
+) -> dict[str, Any]:
+    job = new_job(
+        store, source=source, chunk_size=chunk_size, adapter=adapter, dtype=dtype, settings=settings
+    )
     model, version = job.target
     t0 = time.perf_counter()
     plan_users(job, sources=[source])
@@ -121,9 +148,11 @@ def run_size(
     redis_cpu = None if redis0 is None or redis1 is None else redis1 - redis0
     done = store.chunks_done(job.id)
     sealed = store.seal_set(
-        model, version, expected_count=sum(c for c, _ in done.values()),
+        model,
+        version,
+        expected_count=sum(c for c, _ in done.values()),
         expected_digest=codec.combine_digests(d for _, d in done.values()),
-    )  # fmt: skip
+    )
     t3 = time.perf_counter()
     assert sealed.count == users, (sealed.count, users)
     store.delete_set(model, version)
@@ -175,10 +204,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         blob = adapter_to_bytes(adapter)
         # Rounds over the sizes, interleaved, so that a burst of load elsewhere on the machine
         # does not land on one size alone; each size reports its median round.
-        rounds = [[run_size(store, source=source, users=args.users, chunk_size=size,
-                            adapter=blob, dtype=args.dtype, settings=settings,
-                            redis_pids=redis_pids)
-                   for size in args.chunk_sizes] for _ in range(args.repeat)]  # fmt: skip
+        rounds = [
+            [
+                run_size(
+                    store,
+                    source=source,
+                    users=args.users,
+                    chunk_size=size,
+                    adapter=blob,
+                    dtype=args.dtype,
+                    settings=settings,
+                    redis_pids=redis_pids,
+                )
+                for size in args.chunk_sizes
+            ]
+            for _ in range(args.repeat)
+        ]
         runs = [median_run([r[i] for r in rounds]) for i in range(len(args.chunk_sizes))]
         store.delete_set(source["model"], source["version"])
         redis.close()
@@ -232,8 +273,10 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'chunk':>8}{'plan':>10}{'chunks':>10}{'seal':>10}{'delete':>10}   users/s")
     for r in result["runs"]:
         u = r["users_per_s"]
-        print(f"{r['chunk_size']:>8}{u['plan']:>10.0f}{u['chunk_path']:>10.0f}{u['seal']:>10.0f}"
-              f"{u['delete']:>10.0f}")  # fmt: skip
+        print(
+            f"{r['chunk_size']:>8}{u['plan']:>10.0f}{u['chunk_path']:>10.0f}{u['seal']:>10.0f}"
+            f"{u['delete']:>10.0f}"
+        )
     print(f"best chunk size {result['best_chunk_size']}; peak RSS {result['peak_rss_mb']} MB")
 
 
@@ -241,10 +284,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--chunk-sizes", default="256,1024,4096,16384",
-                        help="comma-separated chunk sizes to time, each on a new version")  # fmt: skip
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                        help="the new set's stored dtype")  # fmt: skip
+    parser.add_argument(
+        "--chunk-sizes",
+        default="256,1024,4096,16384",
+        help="comma-separated chunk sizes to time, each on a new version",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="the new set's stored dtype",
+    )
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server")
     parser.add_argument("--repeat", type=int, default=3, help="rounds over the chunk sizes")
     parser.add_argument("--seed", type=int, default=0)

@@ -61,19 +61,28 @@ class Budget(NamedTuple):
 def rmse(task: Task, predictions: Predictions, *, without: Set[str] = frozenset()) -> float:
     """The task's RMSE over the predictions of users not in ``without``."""
     keep = np.array([u not in without for u in predictions.user_ids])
-    kept = Predictions([u for u, k in zip(predictions.user_ids, keep, strict=True) if k],
-                       predictions.targets[keep], predictions.predictions[keep])  # fmt: skip
+    kept = Predictions(
+        [u for u, k in zip(predictions.user_ids, keep, strict=True) if k],
+        predictions.targets[keep],
+        predictions.predictions[keep],
+    )
     return float(metrics_of(task, kept)["rmse"] or 0.0)
 
 
 def run(
-    preset: Preset, *, input_ranks: list[int | None], lrs: list[float | None],
-    budgets: list[Budget], strategies: list[str], seeds: list[int], base: str = "budget_migration",
+    preset: Preset,
+    *,
+    input_ranks: list[int | None],
+    lrs: list[float | None],
+    budgets: list[Budget],
+    strategies: list[str],
+    seeds: list[int],
+    base: str = "budget_migration",
     settings: list[dict[str, Any]] | None = None,
     selections: list[dict[str, Any]] | None = None,
     adapter_seeds: list[int] | None = None,
     on_run: Callable[[dict[str, object]], None] | None = None,
-) -> dict[str, object]:  # fmt: skip
+) -> dict[str, object]:
     """The study's result; ``on_run`` gets the result so far after every run, so a study cut
     short still leaves the runs it finished."""
     if preset.task != "rating":
@@ -96,49 +105,95 @@ def run(
 
     def study() -> dict[str, object]:
         return {
-            "preset": preset.name, "split": "validation", "dataset": preset.dataset,
-            "source_model": preset.source_model, "target_model": preset.target_model,
-            "n_users": len(users), "base": base, "reference": reference,
-            "summary": summarise(runs), "runs": runs,
-        }  # fmt: skip
+            "preset": preset.name,
+            "split": "validation",
+            "dataset": preset.dataset,
+            "source_model": preset.source_model,
+            "target_model": preset.target_model,
+            "n_users": len(users),
+            "base": base,
+            "reference": reference,
+            "summary": summarise(runs),
+            "runs": runs,
+        }
 
     # Seeds outermost: a study cut short holds every variant on the same seeds.
     # An adapter seed apart from the selection seed tells the users' share of the spread from the
     # adapter's own (its initial weights and the order it sees examples in).
     same_as_selection: list[int | None] = [None]
     grid = itertools.product(
-        seeds, adapter_seeds or same_as_selection, selections or [{}], settings or [{}],
-        input_ranks, lrs, budgets, strategies,
-    )  # fmt: skip
+        seeds,
+        adapter_seeds or same_as_selection,
+        selections or [{}],
+        settings or [{}],
+        input_ranks,
+        lrs,
+        budgets,
+        strategies,
+    )
     for seed, adapter_seed, picking, setting, rank, lr, spec, strategy in grid:
         budget, epochs, batch, per_user = spec
         if picking and strategy != "puma":
             continue  # the selection options change puma's users only
-        chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
-                              user_ids=users, budget=budget, seed=seed,
-                              config=replace(preset.selection, **picking))  # fmt: skip
+        chosen = select_users(
+            strategy,
+            prompts=source_set.prompts,
+            labels=labels,
+            user_ids=users,
+            budget=budget,
+            seed=seed,
+            config=replace(preset.selection, **picking),
+        )
         given: dict[str, Any] = {"lr": lr, "batch_size": batch, "max_train_per_user": per_user}
-        config = replace(base_config, input_rank=rank, epochs=epochs,
-                         seed=seed if adapter_seed is None else adapter_seed,
-                         **{k: v for k, v in given.items() if v is not None}, **setting)  # fmt: skip
+        config = replace(
+            base_config,
+            input_rank=rank,
+            epochs=epochs,
+            seed=seed if adapter_seed is None else adapter_seed,
+            **{k: v for k, v in given.items() if v is not None},
+            **setting,
+        )
         result, [val] = migrate_and_predict(
-            source_set=source_set, source=source, target=target, task=task, splits=splits,
-            selection=chosen, config=config, vocab_map=vocab_map, parts=(splits.val,),
-        )  # fmt: skip
-        runs.append({
-            "selection": setting_text(picking), "set": setting_text(setting), "input_rank": rank, "lr": config.lr, "budget": budget,
-            "epochs": epochs, "batch_size": config.batch_size,
-            "max_train_per_user": config.max_train_per_user,
-            "strategy": strategy, "seed": seed, "adapter_seed": config.seed, "val_rmse": rmse(task, val),
-            "val_rmse_unselected": (
-                rmse(task, val, without=set(chosen.users)) if len(chosen.users) < len(users) else None
-            ),
-            "train_seconds": round(result.seconds, 1), "example_passes": result.example_passes,
-            "config": asdict(config), "history": result.history,
-        })  # fmt: skip
-        log(f"{variant(runs[-1])} seed {seed} adapter seed {config.seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
+            source_set=source_set,
+            source=source,
+            target=target,
+            task=task,
+            splits=splits,
+            selection=chosen,
+            config=config,
+            vocab_map=vocab_map,
+            parts=(splits.val,),
+        )
+        runs.append(
+            {
+                "selection": setting_text(picking),
+                "set": setting_text(setting),
+                "input_rank": rank,
+                "lr": config.lr,
+                "budget": budget,
+                "epochs": epochs,
+                "batch_size": config.batch_size,
+                "max_train_per_user": config.max_train_per_user,
+                "strategy": strategy,
+                "seed": seed,
+                "adapter_seed": config.seed,
+                "val_rmse": rmse(task, val),
+                "val_rmse_unselected": (
+                    rmse(task, val, without=set(chosen.users))
+                    if len(chosen.users) < len(users)
+                    else None
+                ),
+                "train_seconds": round(result.seconds, 1),
+                "example_passes": result.example_passes,
+                "config": asdict(config),
+                "history": result.history,
+            }
+        )
+        log(
+            f"{variant(runs[-1])} seed {seed} adapter seed {config.seed}: validation RMSE {runs[-1]['val_rmse']:.4f}, "
             f"unselected {runs[-1]['val_rmse_unselected']}, "
-            f"{result.seconds:.0f}s")  # fmt: skip
+            f"{result.seconds:.0f}s"
+        )
         if on_run is not None:
             on_run(study())
     return study()
@@ -148,19 +203,31 @@ def variant(row: dict) -> str:
     """A run's or a summary row's variant, as the log and the summary print it."""
     budget = f"{row['budget']}:{row['epochs']}:{row['batch_size']}:{row['max_train_per_user']}"
     picking = f"selection {row['selection']} " if row.get("selection") else ""
-    return (f"{picking}{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
-            f"budget {budget} {row['strategy']:<7}")  # fmt: skip
+    return (
+        f"{picking}{row['set'] or 'preset'} input_rank {row['input_rank']!s:>5} lr {row['lr']:g} "
+        f"budget {budget} {row['strategy']:<7}"
+    )
 
 
 def summarise(runs: list[dict]) -> list[dict[str, object]]:
     """Mean validation RMSE and cost of each variant and strategy over its seeds."""
-    keys = ("selection", "set", "input_rank", "lr", "budget", "epochs", "batch_size", "max_train_per_user",
-            "strategy")  # fmt: skip
+    keys = (
+        "selection",
+        "set",
+        "input_rank",
+        "lr",
+        "budget",
+        "epochs",
+        "batch_size",
+        "max_train_per_user",
+        "strategy",
+    )
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     return [
-        dict(zip(keys, key, strict=True)) | {
+        dict(zip(keys, key, strict=True))
+        | {
             "val_rmse_mean": float(np.mean([r["val_rmse"] for r in group])),
             "val_rmse_per_seed": [r["val_rmse"] for r in group],
             "val_rmse_unselected_mean": mean_or_none([r["val_rmse_unselected"] for r in group]),
@@ -168,7 +235,7 @@ def summarise(runs: list[dict]) -> list[dict[str, object]]:
             "example_passes_mean": float(np.mean([r["example_passes"] for r in group])),
         }
         for key, group in groups.items()
-    ]  # fmt: skip
+    ]
 
 
 def mean_or_none(values: list[float | None]) -> float | None:
@@ -207,8 +274,9 @@ def parse_lrs(text: str) -> list[float | None]:
 
 
 # Fields the study varies with their own options, or per seed.
-SET_ELSEWHERE = frozenset({"input_rank", "lr", "epochs", "batch_size", "max_train_per_user",
-                           "seed"})  # fmt: skip
+SET_ELSEWHERE = frozenset(
+    {"input_rank", "lr", "epochs", "batch_size", "max_train_per_user", "seed"}
+)
 
 
 def parse_setting(text: str, config_type: type = MigrationConfig) -> dict[str, Any]:
@@ -275,32 +343,60 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--input-ranks", default=None,
-                        help="comma-separated; 'none': every feature; default: the preset's")  # fmt: skip
-    parser.add_argument("--lrs", type=parse_lrs, default=[None],
-                        help="comma-separated adapter learning rates; 'preset': the preset's")  # fmt: skip
-    parser.add_argument("--budgets", type=parse_budgets, default=None,
-                        help="comma-separated USERS:EPOCHS[:BATCH[:PER_USER]]; default: the preset's")  # fmt: skip
-    parser.add_argument("--set", dest="settings", type=parse_setting, action="append",
-                        help="a variant of the base configuration, FIELD=VALUE[,FIELD=VALUE]; "
-                             "repeat for more variants, 'preset' for the base itself")  # fmt: skip
-    parser.add_argument("--selection", dest="selections", action="append",
-                        type=partial(parse_setting, config_type=SelectionConfig),
-                        help="a variant of the preset's puma selection, FIELD=VALUE[,FIELD=VALUE] "
-                             "(e.g. floor_share=0.375,variance_weighting=uniform); repeat for "
-                             "more variants, 'preset' for the preset's own (random users run "
-                             "only with that one)")  # fmt: skip
+    parser.add_argument(
+        "--input-ranks",
+        default=None,
+        help="comma-separated; 'none': every feature; default: the preset's",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=parse_lrs,
+        default=[None],
+        help="comma-separated adapter learning rates; 'preset': the preset's",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=parse_budgets,
+        default=None,
+        help="comma-separated USERS:EPOCHS[:BATCH[:PER_USER]]; default: the preset's",
+    )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=parse_setting,
+        action="append",
+        help="a variant of the base configuration, FIELD=VALUE[,FIELD=VALUE]; "
+        "repeat for more variants, 'preset' for the base itself",
+    )
+    parser.add_argument(
+        "--selection",
+        dest="selections",
+        action="append",
+        type=partial(parse_setting, config_type=SelectionConfig),
+        help="a variant of the preset's puma selection, FIELD=VALUE[,FIELD=VALUE] "
+        "(e.g. floor_share=0.375,variance_weighting=uniform); repeat for "
+        "more variants, 'preset' for the preset's own (random users run "
+        "only with that one)",
+    )
     parser.add_argument("--strategies", default="puma,random")
-    parser.add_argument("--seeds", type=parse_seeds, default=None,
-                        help="comma-separated; default: the preset's")  # fmt: skip
-    parser.add_argument("--adapter-seeds", type=parse_seeds, default=None,
-                        help="comma-separated seeds of the adapter's initial weights and example "
-                             "order, each run with every selection seed; default: the selection "
-                             "seed")  # fmt: skip
-    parser.add_argument("--base", choices=("budget_migration", "migration"),
-                        default="budget_migration",
-                        help="the preset's adapter the variants start from: the budget's, or the "
-                             "one on all users (with --strategies all)")  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=parse_seeds, default=None, help="comma-separated; default: the preset's"
+    )
+    parser.add_argument(
+        "--adapter-seeds",
+        type=parse_seeds,
+        default=None,
+        help="comma-separated seeds of the adapter's initial weights and example "
+        "order, each run with every selection seed; default: the selection "
+        "seed",
+    )
+    parser.add_argument(
+        "--base",
+        choices=("budget_migration", "migration"),
+        default="budget_migration",
+        help="the preset's adapter the variants start from: the budget's, or the "
+        "one on all users (with --strategies all)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -317,23 +413,32 @@ def main(argv: list[str] | None = None) -> None:
 
     def write(result: dict[str, object], *, complete: bool) -> None:
         wall = round(time.perf_counter() - start, 1)
-        args.out.write_text(json.dumps(result | {"complete": complete, "wall_seconds": wall},
-                                       indent=2))  # fmt: skip
+        args.out.write_text(
+            json.dumps(result | {"complete": complete, "wall_seconds": wall}, indent=2)
+        )
 
     result = run(
-        preset, input_ranks=ranks, lrs=args.lrs,
-        budgets=budgets, strategies=args.strategies.split(","), seeds=seeds, base=args.base,
-        settings=args.settings, selections=args.selections,
+        preset,
+        input_ranks=ranks,
+        lrs=args.lrs,
+        budgets=budgets,
+        strategies=args.strategies.split(","),
+        seeds=seeds,
+        base=args.base,
+        settings=args.settings,
+        selections=args.selections,
         adapter_seeds=args.adapter_seeds,
         on_run=partial(write, complete=False),
-    )  # fmt: skip
+    )
     write(result, complete=True)
     print(f"\nvalidation RMSE: {result['reference']}")
     for row in result["summary"]:  # type: ignore[attr-defined]
         seeds_text = ", ".join(f"{v:.4f}" for v in row["val_rmse_per_seed"])
-        print(f"{variant(row)} {row['train_seconds_mean']:.0f}s "
-              f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
-              f"unselected {row['val_rmse_unselected_mean']}")  # fmt: skip
+        print(
+            f"{variant(row)} {row['train_seconds_mean']:.0f}s "
+            f"mean {row['val_rmse_mean']:.4f} [{seeds_text}] "
+            f"unselected {row['val_rmse_unselected_mean']}"
+        )
     log(f"wrote {args.out} in {time.perf_counter() - start:.0f}s")
 
 

@@ -105,8 +105,11 @@ async def read_rate(
     try:
         return await _drive(
             through_script if atomic else plain,
-            users=users, concurrency=concurrency, seconds=seconds, warmup_s=warmup_s,
-        )  # fmt: skip
+            users=users,
+            concurrency=concurrency,
+            seconds=seconds,
+            warmup_s=warmup_s,
+        )
     finally:
         await reader.aclose()
         await raw.aclose()

@@ -39,8 +39,14 @@ def _wait(http: httpx.Client, job_id: str, *, timeout_s: float = 600) -> dict[st
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         record = dict(http.get(f"/migrations/{job_id}").json())
-        if record["state"] in ("promoted", "awaiting_promotion", "gate_failed", "succeeded",
-                               "failed", "cancelled"):  # fmt: skip
+        if record["state"] in (
+            "promoted",
+            "awaiting_promotion",
+            "gate_failed",
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
             return record
         time.sleep(0.5)
     raise RuntimeError(f"job {job_id} did not end")
@@ -49,14 +55,20 @@ def _wait(http: httpx.Client, job_id: str, *, timeout_s: float = 600) -> dict[st
 def _promoted_migration(http: httpx.Client) -> dict[str, Any]:
     for name in (SOURCE, TARGET):
         http.post("/models", json={"name": name}).raise_for_status()
-    train = http.post(f"/models/{SOURCE}/train",
-                      json={"dataset": DATASET, "task": "rating", "epochs": 20})  # fmt: skip
+    train = http.post(
+        f"/models/{SOURCE}/train", json={"dataset": DATASET, "task": "rating", "epochs": 20}
+    )
     train.raise_for_status()
     if _wait(http, train.json()["id"])["state"] != "succeeded":
         raise RuntimeError("training the source set failed")
-    body = {"sources": [{"model": SOURCE}], "target": TARGET, "dataset": DATASET,
-            "selection": {"strategy": "puma", "budget": 8}, "adapter": {"epochs": 2, "hidden": 16},
-            "auto_promote": False}  # fmt: skip
+    body = {
+        "sources": [{"model": SOURCE}],
+        "target": TARGET,
+        "dataset": DATASET,
+        "selection": {"strategy": "puma", "budget": 8},
+        "adapter": {"epochs": 2, "hidden": 16},
+        "auto_promote": False,
+    }
     created = http.post("/migrations", json=body)
     created.raise_for_status()
     done = _wait(http, created.json()["id"])
@@ -67,8 +79,9 @@ def _promoted_migration(http: httpx.Client) -> dict[str, Any]:
 
 
 def measure(service: Service, store: Store, *, puts: int, rate: float) -> dict[str, Any]:
-    http = httpx.Client(base_url=service.base, headers={"Authorization": f"Bearer {service.admin}"},
-                        timeout=60)  # fmt: skip
+    http = httpx.Client(
+        base_url=service.base, headers={"Authorization": f"Bearer {service.admin}"}, timeout=60
+    )
     job = _promoted_migration(http)
     model, version = job["target"]["model"], job["target"]["version"]
     source = store.get_job(job["id"])["sources"][0]
@@ -88,8 +101,7 @@ def measure(service: Service, store: Store, *, puts: int, rate: float) -> dict[s
                 values = store.get_prompts(model, version, [u for u, _ in items])
                 now = time.perf_counter()
                 for (user, (want, started)), got in zip(items, values, strict=True):
-                    if got is not None and np.allclose(np.frombuffer(got, "<f4"), want,
-                                                       atol=1e-5):  # fmt: skip
+                    if got is not None and np.allclose(np.frombuffer(got, "<f4"), want, atol=1e-5):
                         with lock:
                             if outstanding.get(user, (None, None))[1] == started:
                                 del outstanding[user]
@@ -111,20 +123,27 @@ def measure(service: Service, store: Store, *, puts: int, rate: float) -> dict[s
         started = time.perf_counter()
         with lock:
             outstanding[user] = (want, started)
-        response = http.put(f"/users/{user}/prompt", params={"model": SOURCE},
-                            content=value.tobytes())  # fmt: skip
+        response = http.put(
+            f"/users/{user}/prompt", params={"model": SOURCE}, content=value.tobytes()
+        )
         response.raise_for_status()
         time.sleep(max(0.0, started + period - time.perf_counter()))
     sent_all.set()
     poller.join(timeout=60)
     ms = np.array(delays) * 1000
     return {
-        "puts": puts, "rate_per_s": rate, "followed": len(delays),
-        "delay_ms": {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-                     "p99": float(np.percentile(ms, 99)), "max": float(ms.max())},
+        "puts": puts,
+        "rate_per_s": rate,
+        "followed": len(delays),
+        "delay_ms": {
+            "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)),
+            "max": float(ms.max()),
+        },
         "within_1s": int((ms <= 1000).sum()),
         "follow_tasks": int(store.counters(job["id"]).get("follow_tasks", 0)),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

@@ -112,9 +112,16 @@ def wrk(
 ) -> Load:
     """``wrk`` against ``base_url`` with bench/wrk_prompts.lua in ``mode`` (single or batch)."""
     args = wrk_args(
-        base_url, mode=mode, token=token, model=model, users=users, batch=batch,
-        connections=connections, seconds=seconds, threads=threads,
-    )  # fmt: skip
+        base_url,
+        mode=mode,
+        token=token,
+        model=model,
+        users=users,
+        batch=batch,
+        connections=connections,
+        seconds=seconds,
+        threads=threads,
+    )
     out, cpu = _run(args)
     return parse_wrk(out, cpu_seconds=cpu)
 

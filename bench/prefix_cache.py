@@ -88,8 +88,12 @@ def measure(name: str, *, batch: int, repeats: int, warm_all: bool = False) -> d
     start = time.perf_counter()
     model.warm_prefixes(prefixes)
     fill = time.perf_counter() - start
-    result: dict[str, object] = {"model": name, "dtype": str(model.dtype), "batch": batch,
-                                 "cache_fill_ms_per_item": round(fill / len(set(prefixes)) * 1e3, 2)}  # fmt: skip
+    result: dict[str, object] = {
+        "model": name,
+        "dtype": str(model.dtype),
+        "batch": batch,
+        "cache_fill_ms_per_item": round(fill / len(set(prefixes)) * 1e3, 2),
+    }
     variants = (
         ("prefix_reuse", model.label_logits, prefix_attention.NAME),
         # The same cached step through transformers' SDPA, whose backward also writes gradients
@@ -132,11 +136,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warm-all", action="store_true",
-                        help="also time caching every MovieLens-100K item, two ways")  # fmt: skip
+    parser.add_argument(
+        "--warm-all",
+        action="store_true",
+        help="also time caching every MovieLens-100K item, two ways",
+    )
     args = parser.parse_args()
-    results = [measure(m, batch=args.batch, repeats=args.repeats, warm_all=args.warm_all)
-               for m in args.models]  # fmt: skip
+    results = [
+        measure(m, batch=args.batch, repeats=args.repeats, warm_all=args.warm_all)
+        for m in args.models
+    ]
     for r in results:
         print(json.dumps(r))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,19 +67,32 @@ class Preset:
 # what its population and hardware change; bench/README.md has the evidence for the recipe.
 PRESETS = {
     "smoke": Preset(
-        name="smoke", dataset="synthetic-tiny", task="rating",
-        source_model="tiny-llama", target_model="tiny-gemma", budget=8,
+        name="smoke",
+        dataset="synthetic-tiny",
+        task="rating",
+        source_model="tiny-llama",
+        target_model="tiny-gemma",
+        budget=8,
         prompt=PromptTrainingConfig(epochs=6, lr=5e-2, head_lr=1e-2, patience=6),
         # Tiny models on a few users learn only with a wider net, faster rates and more epochs.
-        migration=replace(recipe.ALL_USERS, hidden=32, epochs=6, lr=3e-3, head_lr=1e-2,
-                          patience=6),
-        budget_migration=replace(recipe.BUDGET, hidden=32, epochs=10, lr=3e-3, head_lr=1e-2,
-                                 batch_size=8, patience=10),
-        n_test=4, n_val=4, max_train=16, seeds=(0, 1), device="cpu", selection=recipe.SELECTION,
+        migration=replace(recipe.ALL_USERS, hidden=32, epochs=6, lr=3e-3, head_lr=1e-2, patience=6),
+        budget_migration=replace(
+            recipe.BUDGET, hidden=32, epochs=10, lr=3e-3, head_lr=1e-2, batch_size=8, patience=10
+        ),
+        n_test=4,
+        n_val=4,
+        max_train=16,
+        seeds=(0, 1),
+        device="cpu",
+        selection=recipe.SELECTION,
     ),
     "cpu-small": Preset(
-        name="cpu-small", dataset="movielens-100k", task="rating",
-        source_model="smollm2-135m", target_model="gemma-3-270m", budget=390,
+        name="cpu-small",
+        dataset="movielens-100k",
+        task="rating",
+        source_model="smollm2-135m",
+        target_model="gemma-3-270m",
+        budget=390,
         # Three epochs each: what 2 CPU cores afford for 943 users in the benchmark's hour.
         prompt=PromptTrainingConfig(epochs=3, lr=5e-3, head_lr=3e-3, patience=2, batch_size=32),
         migration=recipe.ALL_USERS,
@@ -88,16 +101,22 @@ PRESETS = {
         selection=recipe.SELECTION,
     ),
     "gpu-full": Preset(
-        name="gpu-full", dataset="movielens-1m", task="rating",
-        source_model="smollm2-135m", target_model="gemma-3-270m", budget=600,
+        name="gpu-full",
+        dataset="movielens-1m",
+        task="rating",
+        source_model="smollm2-135m",
+        target_model="gemma-3-270m",
+        budget=600,
         prompt=PromptTrainingConfig(epochs=8, lr=3e-3, head_lr=2e-3, patience=3, batch_size=64),
         # Not yet run on a GPU: 6,040 users may afford more epochs, kept by validation, and larger
         # batches; the budget's passes stay under 2% of retraining's even at its earliest stop.
         migration=replace(recipe.ALL_USERS, epochs=4, batch_size=64),
         budget_migration=replace(recipe.BUDGET, epochs=2, batch_size=32),
-        seeds=(0, 1, 2), device="cuda", selection=recipe.SELECTION,
+        seeds=(0, 1, 2),
+        device="cuda",
+        selection=recipe.SELECTION,
     ),
-}  # fmt: skip
+}
 
 
 def rehearsal(preset: Preset, *, max_users: int | None, device: str | None) -> Preset:
@@ -169,9 +188,20 @@ def source_prompts(
     """The source set before the upgrade, trained once and cached by its exact recipe."""
     # The scored tokens are part of the recipe: a set trained to other positions is another set.
     answer = model.answer_tokens(task.template.suffix, task.labels)
-    recipe = json.dumps([preset.dataset, preset.task, preset.source_model, preset.max_users,
-                         preset.n_test, preset.n_val, preset.max_train, asdict(preset.prompt),
-                         task.template.prefix, asdict(answer)])  # fmt: skip
+    recipe = json.dumps(
+        [
+            preset.dataset,
+            preset.task,
+            preset.source_model,
+            preset.max_users,
+            preset.n_test,
+            preset.n_val,
+            preset.max_train,
+            asdict(preset.prompt),
+            task.template.prefix,
+            asdict(answer),
+        ]
+    )
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     folder = assets.cache_dir() / "bench"
     path, meta_path = folder / f"source-{key}.safetensors", folder / f"source-{key}.json"
@@ -182,8 +212,11 @@ def source_prompts(
     result = train_prompts(
         model, task, splits, config=preset.prompt, on_progress=progress("source")
     )
-    meta = {"train_seconds": result.seconds, "example_passes": result.example_passes,
-            "history": result.history}  # fmt: skip
+    meta = {
+        "train_seconds": result.seconds,
+        "example_passes": result.example_passes,
+        "history": result.history,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(result.prompt_set.to_bytes())
     meta_path.write_text(json.dumps(meta))
@@ -196,55 +229,110 @@ def random_init_row(
     """Random real-token prompts on the target; only the head is trained, as the adapter's
     warm-up trains it: on the label logits of a sample of examples, computed once."""
     start = time.perf_counter()
-    prompts = random_prompts(target, n_users=len(users), prompt_length=preset.prompt.prompt_length,
-                           seed=preset.prompt.seed + 1)  # fmt: skip
+    prompts = random_prompts(
+        target,
+        n_users=len(users),
+        prompt_length=preset.prompt.prompt_length,
+        seed=preset.prompt.seed + 1,
+    )
     table = PromptTable(prompts).to(target.device).requires_grad_(False)
     head = task.make_head(mean_target=mean_target(splits), seed=preset.prompt.seed)
     head = head.to(target.device)
     row_of = index_users(users)
     result = fit_head(
-        model=target, task=task, prompt_source=table, head=head,
+        model=target,
+        task=task,
+        prompt_source=table,
+        head=head,
         train=Examples.build(task, splits.train, row_of=row_of),
         val=Examples.build(task, splits.val, row_of=row_of),
-        epochs=max(1, preset.migration.head_warmup_epochs), lr=preset.prompt.head_lr,
-        batch_size=preset.prompt.batch_size, seed=preset.prompt.seed,
+        epochs=max(1, preset.migration.head_warmup_epochs),
+        lr=preset.prompt.head_lr,
+        batch_size=preset.prompt.batch_size,
+        seed=preset.prompt.seed,
         max_examples=preset.migration.head_warmup_examples,
-    )  # fmt: skip
-    prompt_set = PromptSet(target.name, task.name, users, prompts,
-                           {k: v.detach().cpu() for k, v in head.state_dict().items()})  # fmt: skip
+    )
+    prompt_set = PromptSet(
+        target.name,
+        task.name,
+        users,
+        prompts,
+        {k: v.detach().cpu() for k, v in head.state_dict().items()},
+    )
     seconds = time.perf_counter() - start
-    return Row("random_init", predict_set(target, task, prompt_set, splits.test), seconds,
-               result.example_passes, len(users))  # fmt: skip
+    return Row(
+        "random_init",
+        predict_set(target, task, prompt_set, splits.test),
+        seconds,
+        result.example_passes,
+        len(users),
+    )
 
 
 def migrate_and_predict(
-    *, source_set: PromptSet, source: FoundationModel, target: FoundationModel, task: Task,
-    splits: Splits, selection: Selection, config: MigrationConfig, vocab_map: LinearMap,
-    parts: tuple[dict[str, list[Interaction]], ...], on_progress: ProgressFn | None = None,
-) -> tuple[AdapterResult, list[Predictions]]:  # fmt: skip
+    *,
+    source_set: PromptSet,
+    source: FoundationModel,
+    target: FoundationModel,
+    task: Task,
+    splits: Splits,
+    selection: Selection,
+    config: MigrationConfig,
+    vocab_map: LinearMap,
+    parts: tuple[dict[str, list[Interaction]], ...],
+    on_progress: ProgressFn | None = None,
+) -> tuple[AdapterResult, list[Predictions]]:
     """Train the adapter on the selection, map every user, predict the interactions of each of
     ``parts``."""
-    result = train_adapter(sources=[source_set], target=target, task=task, splits=splits,
-                           users=selection.users, user_weights=selection.weights, config=config,
-                           vocab_maps=[vocab_map], source_model=source,
-                           on_progress=on_progress)  # fmt: skip
+    result = train_adapter(
+        sources=[source_set],
+        target=target,
+        task=task,
+        splits=splits,
+        users=selection.users,
+        user_weights=selection.weights,
+        config=config,
+        vocab_maps=[vocab_map],
+        source_model=source,
+        on_progress=on_progress,
+    )
     migrated = migrate_all([source_set], result, target=target.name)
     return result, [predict_set(target, task, migrated, part) for part in parts]
 
 
 def adapter_row(
-    method: str, *, source_set: PromptSet, source: FoundationModel, target: FoundationModel,
-    task: Task, splits: Splits, selection: Selection, config: MigrationConfig,
+    method: str,
+    *,
+    source_set: PromptSet,
+    source: FoundationModel,
+    target: FoundationModel,
+    task: Task,
+    splits: Splits,
+    selection: Selection,
+    config: MigrationConfig,
     vocab_map: LinearMap,
-) -> Row:  # fmt: skip
+) -> Row:
     log(f"{method}: training the adapter on {len(selection.users)} users")
     result, [predictions] = migrate_and_predict(
-        source_set=source_set, source=source, target=target, task=task, splits=splits,
-        selection=selection, config=config, vocab_map=vocab_map, parts=(splits.test,),
+        source_set=source_set,
+        source=source,
+        target=target,
+        task=task,
+        splits=splits,
+        selection=selection,
+        config=config,
+        vocab_map=vocab_map,
+        parts=(splits.test,),
         on_progress=progress(method),
-    )  # fmt: skip
-    return Row(method, predictions, result.seconds, result.example_passes, result.users_trained,
-               {"history": result.history})  # fmt: skip
+    )
+    return Row(
+        method,
+        predictions,
+        result.seconds,
+        result.example_passes,
+        result.users_trained,
+        {"history": result.history},
+    )
 
 
 def pooled_row(method: str, runs: list[Row], *, task: Task) -> Row:
@@ -255,15 +343,21 @@ def pooled_row(method: str, runs: list[Row], *, task: Task) -> Row:
         user_ids=[u for p in predictions for u in p.user_ids],
         targets=np.concatenate([p.targets for p in predictions]),
         predictions=np.concatenate([p.predictions for p in predictions]),
-    )  # fmt: skip
+    )
     per_seed = [metrics_of(task, p)[task.primary_metric] for p in predictions]
     return Row(
-        method, pooled, float(np.mean([r.train_seconds for r in runs])),
-        round(float(np.mean([r.example_passes for r in runs]))), runs[0].users_trained,
-        {"seeds": len(runs), task.primary_metric + "_per_seed": per_seed,
-         "history_per_seed": [r.extra.get("history") for r in runs]},
+        method,
+        pooled,
+        float(np.mean([r.train_seconds for r in runs])),
+        round(float(np.mean([r.example_passes for r in runs]))),
+        runs[0].users_trained,
+        {
+            "seeds": len(runs),
+            task.primary_metric + "_per_seed": per_seed,
+            "history_per_seed": [r.extra.get("history") for r in runs],
+        },
         repeats=len(runs),
-    )  # fmt: skip
+    )
 
 
 def interval_vs_retrain(row: Row, task: Task, retrain: Predictions) -> list[float] | None:
@@ -274,10 +368,14 @@ def interval_vs_retrain(row: Row, task: Task, retrain: Predictions) -> list[floa
     baseline = np.tile(retrain.predictions, row.repeats)
     if not np.array_equal(row.predictions.targets, np.tile(retrain.targets, row.repeats)):
         raise RuntimeError(f"{row.method} was scored on other interactions than retraining")
-    return list(paired_bootstrap_rmse_diff(
-        user_ids=row.predictions.user_ids, targets=row.predictions.targets,
-        pred=row.predictions.predictions, baseline=baseline,
-    ))  # fmt: skip
+    return list(
+        paired_bootstrap_rmse_diff(
+            user_ids=row.predictions.user_ids,
+            targets=row.predictions.targets,
+            pred=row.predictions.predictions,
+            baseline=baseline,
+        )
+    )
 
 
 def row_json(row: Row, task: Task, retrain: Predictions) -> dict[str, object]:
@@ -286,22 +384,27 @@ def row_json(row: Row, task: Task, retrain: Predictions) -> dict[str, object]:
     interval = interval_vs_retrain(row, task, retrain)
     return {
         "method": row.method,
-        "rmse": metrics.get("rmse"), "mae": metrics.get("mae"),
-        "auc": metrics.get("auc"), "uauc": metrics.get("uauc"),
+        "rmse": metrics.get("rmse"),
+        "mae": metrics.get("mae"),
+        "auc": metrics.get("auc"),
+        "uauc": metrics.get("uauc"),
         "rmse_ci95_vs_retrain": interval,
         "train_seconds": round(row.train_seconds, 2),
         "example_passes": row.example_passes,
         "users_trained": row.users_trained,
-    } | row.extra  # fmt: skip
+    } | row.extra
 
 
 def preset_splits(preset: Preset) -> Splits:
     """The preset's users, each split chronologically into train / validation / test."""
     interactions = load_interactions(preset.dataset, task=preset.task, max_users=preset.max_users)
-    splits = split_chronological(interactions, n_test=preset.n_test, n_val=preset.n_val,
-                                 max_train=preset.max_train)  # fmt: skip
-    log(f"{preset.dataset}: {len(splits.users)} users, {len(splits.skipped_users)} skipped, "
-        f"{sum(map(len, splits.train.values()))} train interactions")  # fmt: skip
+    splits = split_chronological(
+        interactions, n_test=preset.n_test, n_val=preset.n_val, max_train=preset.max_train
+    )
+    log(
+        f"{preset.dataset}: {len(splits.users)} users, {len(splits.skipped_users)} skipped, "
+        f"{sum(map(len, splits.train.values()))} train interactions"
+    )
     return splits
 
 
@@ -334,38 +437,84 @@ def run(preset: Preset) -> dict[str, object]:
     users = source_set.user_ids
     rows: list[Row] = []
     keep = partial(keep_row, rows, task=task)
-    keep(Row("source", predict_set(source, task, source_set, splits.test),
-             source_meta["train_seconds"], source_meta["example_passes"], len(users)))  # fmt: skip
+    keep(
+        Row(
+            "source",
+            predict_set(source, task, source_set, splits.test),
+            source_meta["train_seconds"],
+            source_meta["example_passes"],
+            len(users),
+        )
+    )
     target = FoundationModel.load(preset.target_model, device=preset.device)
     start = time.perf_counter()
-    fitted = fit_instant(task, sources=[source_set], source_models=[source], target=target,
-                         item_texts=splits.train_item_texts(), seed=preset.prompt.seed)  # fmt: skip
-    instant = replace(instant_migrate([source_set], fitted.maps, target=target.name),
-                      head=fitted.head.state)  # fmt: skip
+    fitted = fit_instant(
+        task,
+        sources=[source_set],
+        source_models=[source],
+        target=target,
+        item_texts=splits.train_item_texts(),
+        seed=preset.prompt.seed,
+    )
+    instant = replace(
+        instant_migrate([source_set], fitted.maps, target=target.name), head=fitted.head.state
+    )
     instant_seconds = time.perf_counter() - start
     vocab_map, head = fitted.maps[0], fitted.head
     # No training: its cost is a fit over the vocabularies and inference passes, reported apart.
-    keep(Row("instant", predict_set(target, task, instant, splits.test), 0.0, 0, 0,
-             {"fit_seconds": round(instant_seconds, 2), "inference_passes": head.passes,
-              "shared_tokens": vocab_map.n_shared, "map_r2": round(vocab_map.r2, 3),
-              "head_r2": round(head.r2, 3)}))  # fmt: skip
+    keep(
+        Row(
+            "instant",
+            predict_set(target, task, instant, splits.test),
+            0.0,
+            0,
+            0,
+            {
+                "fit_seconds": round(instant_seconds, 2),
+                "inference_passes": head.passes,
+                "shared_tokens": vocab_map.n_shared,
+                "map_r2": round(vocab_map.r2, 3),
+                "head_r2": round(head.r2, 3),
+            },
+        )
+    )
     keep(random_init_row(preset, target, task, splits, users))
     log("retrain: training every user's prompt on the target")
     retrained = train_prompts(
         target, task, splits, config=preset.prompt, on_progress=progress("retrain")
     )
-    keep(Row("retrain", predict_set(target, task, retrained.prompt_set, splits.test),
-             retrained.seconds, retrained.example_passes, len(users),
-             {"history": retrained.history}))  # fmt: skip
-    migrated_row = partial(adapter_row, source_set=source_set, source=source, target=target,
-                           task=task, splits=splits, vocab_map=vocab_map)  # fmt: skip
+    keep(
+        Row(
+            "retrain",
+            predict_set(target, task, retrained.prompt_set, splits.test),
+            retrained.seconds,
+            retrained.example_passes,
+            len(users),
+            {"history": retrained.history},
+        )
+    )
+    migrated_row = partial(
+        adapter_row,
+        source_set=source_set,
+        source=source,
+        target=target,
+        task=task,
+        splits=splits,
+        vocab_map=vocab_map,
+    )
     labels = splits.train_labels()
     for method, strategy in (("puma_budget", "puma"), ("random_budget", "random")):
         runs = []
         for seed in preset.seeds:
-            chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
-                                  user_ids=users, budget=preset.budget, seed=seed,
-                                  config=preset.selection)  # fmt: skip
+            chosen = select_users(
+                strategy,
+                prompts=source_set.prompts,
+                labels=labels,
+                user_ids=users,
+                budget=preset.budget,
+                seed=seed,
+                config=preset.selection,
+            )
             config = replace(preset.budget_migration, seed=seed)
             runs.append(migrated_row(method, selection=chosen, config=config))
         keep(pooled_row(method, runs, task=task))
@@ -375,18 +524,26 @@ def run(preset: Preset) -> dict[str, object]:
     assert retrain is not None
     rows = baseline_rows(splits, retrain) + rows
     return {
-        "preset": preset.name, "dataset": preset.dataset, "task": preset.task,
-        "source_model": preset.source_model, "target_model": preset.target_model,
-        "n_users": len(users), "skipped_users": len(splits.skipped_users),
+        "preset": preset.name,
+        "dataset": preset.dataset,
+        "task": preset.task,
+        "source_model": preset.source_model,
+        "target_model": preset.target_model,
+        "n_users": len(users),
+        "skipped_users": len(splits.skipped_users),
         "budget_users": preset.budget,
-        "device": str(target.device), "dtype": str(target.dtype),
+        "device": str(target.device),
+        "dtype": str(target.dtype),
         "rows": [row_json(r, task, retrain) for r in rows],
         "budget_seeds": list(preset.seeds),
         # The recipe each row was trained with, so a result file says what it measured.
-        "configs": {"prompt": asdict(preset.prompt), "migration": asdict(preset.migration),
-                    "budget_migration": asdict(preset.budget_migration),
-                    "selection": asdict(preset.selection)},
-    }  # fmt: skip
+        "configs": {
+            "prompt": asdict(preset.prompt),
+            "migration": asdict(preset.migration),
+            "budget_migration": asdict(preset.budget_migration),
+            "selection": asdict(preset.selection),
+        },
+    }
 
 
 def write_chart(result: dict, path: Path) -> None:
@@ -400,9 +557,19 @@ def write_chart(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = [r["method"] for r in rows]
     values = [r["rmse"] for r in rows]
-    errors = np.array([[r["rmse"] - (retrain + r["rmse_ci95_vs_retrain"][0]) if r["rmse_ci95_vs_retrain"] else 0,
-                        (retrain + r["rmse_ci95_vs_retrain"][1]) - r["rmse"] if r["rmse_ci95_vs_retrain"] else 0]
-                       for r in rows]).T.clip(min=0)  # fmt: skip
+    errors = np.array(
+        [
+            [
+                r["rmse"] - (retrain + r["rmse_ci95_vs_retrain"][0])
+                if r["rmse_ci95_vs_retrain"]
+                else 0,
+                (retrain + r["rmse_ci95_vs_retrain"][1]) - r["rmse"]
+                if r["rmse_ci95_vs_retrain"]
+                else 0,
+            ]
+            for r in rows
+        ]
+    ).T.clip(min=0)
     ax.bar(
         names,
         values,
@@ -413,8 +580,10 @@ def write_chart(result: dict, path: Path) -> None:
     ax.axhline(retrain, color="k", lw=0.8, ls="--", label="retrain")
     ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
     ax.set_ylabel("test RMSE (lower is better)")
-    ax.set_title(f"{result['source_model']} -> {result['target_model']}, {result['dataset']}, "
-                 f"{result['n_users']} users, budget {result['budget_users']}")  # fmt: skip
+    ax.set_title(
+        f"{result['source_model']} -> {result['target_model']}, {result['dataset']}, "
+        f"{result['n_users']} users, budget {result['budget_users']}"
+    )
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
     fig.tight_layout()
@@ -430,14 +599,18 @@ def print_table(result: dict) -> None:
         ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
         rmse = f"{r['rmse']:.4f}" if r["rmse"] is not None else "-"
         mae = f"{r['mae']:.4f}" if r["mae"] is not None else "-"
-        print(f"{r['method']:<14} {rmse:>7} {mae:>7} {ci_text:>20} {r['train_seconds']:>9.1f} "
-              f"{r['example_passes']:>8} {r['users_trained']:>6}")  # fmt: skip
+        print(
+            f"{r['method']:<14} {rmse:>7} {mae:>7} {ci_text:>20} {r['train_seconds']:>9.1f} "
+            f"{r['example_passes']:>8} {r['users_trained']:>6}"
+        )
 
 
 def markdown_table(result: dict) -> str:
     """The rows as a Markdown table, for the README."""
-    lines = ["| method | RMSE | MAE | RMSE - retrain, 95% CI | train s | example passes | users trained |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | RMSE | MAE | RMSE - retrain, 95% CI | train s | example passes | users trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         ci = r["rmse_ci95_vs_retrain"]
         lines.append(
@@ -470,8 +643,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     if preset.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"The {preset.name} preset needs a CUDA device and none is visible here: run it "
-                 "on a GPU machine, or rehearse it with --device cpu --max-users 24.")  # fmt: skip
+        sys.exit(
+            f"The {preset.name} preset needs a CUDA device and none is visible here: run it "
+            "on a GPU machine, or rehearse it with --device cpu --max-users 24."
+        )
     start = time.perf_counter()
     result = run(preset)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -57,21 +57,34 @@ def run(preset_name: str, *, seed: int) -> list[dict[str, object]]:
         seed=preset.prompt.seed,
     ).maps[0]
     labels = splits.train_labels()
-    variants = (("puma, preset", "puma", preset.selection),
-                ("puma, reference", "puma", SelectionConfig()),
-                ("random", "random", preset.selection))  # fmt: skip
+    variants = (
+        ("puma, preset", "puma", preset.selection),
+        ("puma, reference", "puma", SelectionConfig()),
+        ("random", "random", preset.selection),
+    )
     rows: list[dict[str, object]] = []
     for name, strategy, selection_config in variants:
         log(f"{name}: training the adapter on {preset.budget} users")
-        chosen = select_users(strategy, prompts=source_set.prompts, labels=labels,
-                              user_ids=source_set.user_ids, budget=preset.budget, seed=seed,
-                              config=selection_config)  # fmt: skip
+        chosen = select_users(
+            strategy,
+            prompts=source_set.prompts,
+            labels=labels,
+            user_ids=source_set.user_ids,
+            budget=preset.budget,
+            seed=seed,
+            config=selection_config,
+        )
         _, (validation, test) = migrate_and_predict(
-            source_set=source_set, source=source, target=target, task=task, splits=splits,
-            selection=chosen, config=replace(preset.budget_migration, seed=seed),
+            source_set=source_set,
+            source=source,
+            target=target,
+            task=task,
+            splits=splits,
+            selection=chosen,
+            config=replace(preset.budget_migration, seed=seed),
             vocab_map=vocab_map,
             parts=(splits.val, splits.test),
-        )  # fmt: skip
+        )
         row: dict[str, object] = {
             "selection": name,
             "selected_mean_train_rating": float(

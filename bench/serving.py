@@ -206,8 +206,11 @@ class Bench:
         cpu = {k: _spent(before[k], after[k]) for k in after}
         self.measurements[name] = summary(load, items_per_request=items, cpu=cpu)
         m = self.measurements[name]
-        print(f"  {name}: {m['requests_per_s']:.0f} req/s, {m['items_per_s']:.0f} prompts/s, "
-              f"p50 {m['latency_ms']['p50']} ms, p99 {m['latency_ms']['p99']} ms", flush=True)  # fmt: skip
+        print(
+            f"  {name}: {m['requests_per_s']:.0f} req/s, {m['items_per_s']:.0f} prompts/s, "
+            f"p50 {m['latency_ms']['p50']} ms, p99 {m['latency_ms']['p99']} ms",
+            flush=True,
+        )
 
     def raw_redis(self, redis: Redis | RedisCluster, key_prefix: str) -> None:
         url = urlparse(self.redis_url)
@@ -222,9 +225,15 @@ class Bench:
 
         def gets(pipeline: int, requests: int) -> Load:
             return loadgen.redis_benchmark(
-                host=host, port=port, db=db, key_prefix=key_prefix, users=a.users,
-                connections=a.concurrency, requests=requests, pipeline=pipeline,
-            )  # fmt: skip
+                host=host,
+                port=port,
+                db=db,
+                key_prefix=key_prefix,
+                users=a.users,
+                connections=a.concurrency,
+                requests=requests,
+                pipeline=pipeline,
+            )
 
         for name, pipeline in (("raw_redis_get", 1), ("raw_redis_pipeline", a.batch_size)):
             # The warm-up run also sizes the timed one to about --seconds.
@@ -237,10 +246,17 @@ class Bench:
         a = self.args
         for name, atomic in (("raw_client_get", False), ("direct_redis", True)):
             run = direct_read.read_rate(
-                self.redis_url, atomic=atomic, cluster=a.cluster, model=MODEL, version=version,
-                users=a.users, value_bytes=value_bytes, concurrency=a.concurrency,
-                seconds=a.seconds, warmup_s=a.warmup,
-            )  # fmt: skip
+                self.redis_url,
+                atomic=atomic,
+                cluster=a.cluster,
+                model=MODEL,
+                version=version,
+                users=a.users,
+                value_bytes=value_bytes,
+                concurrency=a.concurrency,
+                seconds=a.seconds,
+                warmup_s=a.warmup,
+            )
             self._timed(name, partial(asyncio.run, run), items=1, api_pids=[])
 
     def http(self, name: str, server: Uvicorn, *, mode: str, token: str, model: str) -> None:
@@ -249,9 +265,15 @@ class Bench:
 
         def load(seconds: float) -> Load:
             return loadgen.wrk(
-                server.base, mode=mode, token=token, model=model, users=a.users, batch=batch,
-                connections=a.concurrency, seconds=seconds,
-            )  # fmt: skip
+                server.base,
+                mode=mode,
+                token=token,
+                model=model,
+                users=a.users,
+                batch=batch,
+                connections=a.concurrency,
+                seconds=seconds,
+            )
 
         if a.warmup > 0:
             load(a.warmup)
@@ -267,8 +289,9 @@ def serve(bench: Bench, *, workers: int, version: str, value_bytes: int, logdir:
     minimal = Uvicorn(
         "bench.minimal_app:app",
         env=base_env | {"PM_BENCH_KEY_PREFIX": value_key_prefix(MODEL, version)},
-        workers=workers, log=logdir / "minimal.log",
-    )  # fmt: skip
+        workers=workers,
+        log=logdir / "minimal.log",
+    )
     try:
         minimal.wait_ready(probe, headers={}, size=value_bytes)
         bench.http(f"minimal_fastapi{suffix}", minimal, mode="single", token="-", model=MODEL)
@@ -278,12 +301,17 @@ def serve(bench: Bench, *, workers: int, version: str, value_bytes: int, logdir:
     broker = a.broker_url or bench.redis_url
     api = Uvicorn(
         "app.main:app",
-        env=base_env | {
-            "PM_ENVIRONMENT": "production", "PM_BROKER_URL": broker, "PM_RESULT_BACKEND": broker,
-            "PM_ADMIN_TOKEN": secrets.token_urlsafe(32), "PM_READ_TOKEN": token,
+        env=base_env
+        | {
+            "PM_ENVIRONMENT": "production",
+            "PM_BROKER_URL": broker,
+            "PM_RESULT_BACKEND": broker,
+            "PM_ADMIN_TOKEN": secrets.token_urlsafe(32),
+            "PM_READ_TOKEN": token,
         },
-        workers=workers, log=logdir / "api.log",
-    )  # fmt: skip
+        workers=workers,
+        log=logdir / "api.log",
+    )
     try:
         api.wait_ready(probe, headers={"Authorization": f"Bearer {token}"}, size=value_bytes)
         bench.http(f"api_single{suffix}", api, mode="single", token=token, model=MODEL)
@@ -314,15 +342,21 @@ def memory_per_prompt(redis: Redis | RedisCluster, *, users: int) -> list[dict[s
             size, slots = (
                 _slot_bucket_usage(redis, prefix, ids) if isinstance(redis, Redis) else (0, None)
             )
-            rows.append({
-                "width": width, "dtype": dtype, "value_bytes": value_bytes,
-                "key_bytes": len(prefix + ids[0]),
-                "memory_usage_bytes": round(per_prompt, 1),
-                "overhead": round(per_prompt / value_bytes, 4),
-                "slot_bucket_users": size or None,
-                "slot_buckets_bytes": None if slots is None else round(slots, 1),
-                "slot_buckets_overhead": None if slots is None else round(slots / value_bytes, 4),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "width": width,
+                    "dtype": dtype,
+                    "value_bytes": value_bytes,
+                    "key_bytes": len(prefix + ids[0]),
+                    "memory_usage_bytes": round(per_prompt, 1),
+                    "overhead": round(per_prompt / value_bytes, 4),
+                    "slot_bucket_users": size or None,
+                    "slot_buckets_bytes": None if slots is None else round(slots, 1),
+                    "slot_buckets_overhead": None
+                    if slots is None
+                    else round(slots / value_bytes, 4),
+                }
+            )
             store.delete_set(model, version)
     return rows
 
@@ -414,17 +448,23 @@ def print_table(result: dict[str, Any]) -> None:
     print("-" * len(head))
     for name, m in result["measurements"].items():
         cpu = m["cpu_seconds"]
-        cpus = "/".join("-" if cpu.get(k) is None else f"{cpu[k]:.1f}" for k in
-                        ("load_generator", "api", "redis"))  # fmt: skip
+        cpus = "/".join(
+            "-" if cpu.get(k) is None else f"{cpu[k]:.1f}"
+            for k in ("load_generator", "api", "redis")
+        )
         lat = m["latency_ms"]
-        print(f"{name:<28}{m['requests_per_s']:>9.0f}{m['items_per_s']:>11.0f}{lat['p50']:>8.2f}"
-              f"{lat['p99']:>8.2f}{lat['p999']:>8.2f}{m['errors']:>5}{cpus:>22}")  # fmt: skip
+        print(
+            f"{name:<28}{m['requests_per_s']:>9.0f}{m['items_per_s']:>11.0f}{lat['p50']:>8.2f}"
+            f"{lat['p99']:>8.2f}{lat['p999']:>8.2f}{m['errors']:>5}{cpus:>22}"
+        )
     print("ratios:", json.dumps(result["ratios"], indent=1))
     for row in result["memory_per_prompt"]:
         buckets = row["slot_bucket_users"]
         candidate = f"; in buckets of {buckets}: {row['slot_buckets_overhead']}x" if buckets else ""
-        print(f"memory: d={row['width']} {row['dtype']}: {row['memory_usage_bytes']:.0f} B per "
-              f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x){candidate}")  # fmt: skip
+        print(
+            f"memory: d={row['width']} {row['dtype']}: {row['memory_usage_bytes']:.0f} B per "
+            f"prompt for {row['value_bytes']} B of values ({row['overhead']:.3f}x){candidate}"
+        )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,9 +481,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(redis.close)
         t0 = time.perf_counter()
         version, value_bytes = seed_prompts(
-            Store(redis), model=MODEL, users=args.users, width=WIDTH, dtype="float32",
-            seed=args.seed, activate=True,
-        )  # fmt: skip
+            Store(redis),
+            model=MODEL,
+            users=args.users,
+            width=WIDTH,
+            dtype="float32",
+            seed=args.seed,
+            activate=True,
+        )
         seed_s = time.perf_counter() - t0
         key_prefix = value_key_prefix(MODEL, version)
         last = user_id(args.users - 1)

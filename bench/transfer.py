@@ -44,9 +44,14 @@ def seed_set(store: Store, *, users: int, seed: int = 0, batch: int = 5000) -> s
     """A sealed, active set of ``users`` random prompts, written as the workers write sets."""
     version = store.allocate_version(MODEL)
     template = get_task("rating").template
-    meta = SetMeta(model=MODEL, version=version, task="rating", shape=[1, WIDTH],
-                   template=template.prefix + "<prompt>" + template.suffix,
-                   lineage={"kind": "bench", "parents": []})  # fmt: skip
+    meta = SetMeta(
+        model=MODEL,
+        version=version,
+        task="rating",
+        shape=[1, WIDTH],
+        template=template.prefix + "<prompt>" + template.suffix,
+        lineage={"kind": "bench", "parents": []},
+    )
     rng = np.random.default_rng(seed)
 
     def batches() -> Any:
@@ -76,12 +81,26 @@ class Api:
     def __init__(self, redis_url: str, log: Path) -> None:
         self.port, self.token = free_port(), secrets.token_urlsafe(32)
         env = dict(os.environ) | {
-            "PM_ENVIRONMENT": "production", "PM_REDIS_URL": redis_url,
-            "PM_BROKER_URL": redis_url, "PM_RESULT_BACKEND": redis_url,
-            "PM_ADMIN_TOKEN": self.token, "PM_READ_TOKEN": secrets.token_urlsafe(32),
-        }  # fmt: skip
-        args = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                "--port", str(self.port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+            "PM_ENVIRONMENT": "production",
+            "PM_REDIS_URL": redis_url,
+            "PM_BROKER_URL": redis_url,
+            "PM_RESULT_BACKEND": redis_url,
+            "PM_ADMIN_TOKEN": self.token,
+            "PM_READ_TOKEN": secrets.token_urlsafe(32),
+        }
+        args = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         with log.open("ab") as out:
             self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -122,13 +141,16 @@ def measure(api: Api, store: Store, *, users: int, workdir: Path) -> dict[str, A
             store.delete_set(MODEL, old)
     client.close()
     return {
-        "users": users, "file_mb": round(size_mb, 1),
-        "export_seconds": round(export_s, 2), "export_users_per_s": round(users / export_s),
+        "users": users,
+        "file_mb": round(size_mb, 1),
+        "export_seconds": round(export_s, 2),
+        "export_users_per_s": round(users / export_s),
         "export_mb_per_s": round(size_mb / export_s, 1),
-        "import_seconds": round(import_s, 2), "import_users_per_s": round(users / import_s),
+        "import_seconds": round(import_s, 2),
+        "import_users_per_s": round(users / import_s),
         "import_mb_per_s": round(size_mb / import_s, 1),
         "digest_matches": True,
-    }  # fmt: skip
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,8 +165,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         api = None
         try:
             store = Store(Redis.from_url(redis.url(0)), write_batch=500)
-            store.put_model(MODEL, {"name": MODEL, "checkpoint": MODEL, "hidden_size": WIDTH,
-                                    "registered_at": time.time()})  # fmt: skip
+            store.put_model(
+                MODEL,
+                {
+                    "name": MODEL,
+                    "checkpoint": MODEL,
+                    "hidden_size": WIDTH,
+                    "registered_at": time.time(),
+                },
+            )
             api = Api(redis.url(0), workdir / "api.log")
             rows = [measure(api, store, users=n, workdir=workdir) for n in args.users]
             rss = peak_rss_mb(api.proc.pid)
@@ -153,17 +182,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 api.stop()
             redis.stop()
     return {
-        "benchmark": "transfer", "command": "python -m bench.transfer " + " ".join(sys.argv[1:]),
+        "benchmark": "transfer",
+        "command": "python -m bench.transfer " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "prompt": {"shape": [1, WIDTH], "dtype": "float32"},
-        "api_peak_rss_mb": rss, "rows": rows,
-    }  # fmt: skip
+        "api_peak_rss_mb": rss,
+        "rows": rows,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--users", type=lambda s: [int(n) for n in s.split(",")],
-                        default=[10_000, 100_000])  # fmt: skip
+    parser.add_argument(
+        "--users", type=lambda s: [int(n) for n in s.split(",")], default=[10_000, 100_000]
+    )
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -172,9 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
     for row in result["rows"]:
-        print(f"{row['users']:>8} users, {row['file_mb']:>7} MB: export {row['export_seconds']} s "
-              f"({row['export_users_per_s']}/s), import {row['import_seconds']} s "
-              f"({row['import_users_per_s']}/s)")  # fmt: skip
+        print(
+            f"{row['users']:>8} users, {row['file_mb']:>7} MB: export {row['export_seconds']} s "
+            f"({row['export_users_per_s']}/s), import {row['import_seconds']} s "
+            f"({row['import_users_per_s']}/s)"
+        )
     print(f"API peak RSS {result['api_peak_rss_mb']} MB")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -82,15 +82,21 @@ class Recipe:
 
     def migration(self) -> dict[str, Any]:
         body = {
-            "sources": [{"model": self.source}], "target": self.target, "dataset": self.dataset,
+            "sources": [{"model": self.source}],
+            "target": self.target,
+            "dataset": self.dataset,
             "selection": {"strategy": "puma", "budget": self.budget},
             "max_train_per_user": self.max_train,
-        }  # fmt: skip
+        }
         return body | self.job_extra
 
     def training(self) -> dict[str, Any]:
-        body = {"dataset": self.dataset, "task": "rating", "epochs": self.train_epochs,
-                "max_train_per_user": self.max_train}  # fmt: skip
+        body = {
+            "dataset": self.dataset,
+            "task": "rating",
+            "epochs": self.train_epochs,
+            "max_train_per_user": self.max_train,
+        }
         return body | ({"max_users": self.train_users} if self.train_users else {})
 
 
@@ -105,14 +111,34 @@ class Service:
         broker = f"redis://{url.hostname}:{url.port}/1"
         self.admin, self.read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         self.env = {
-            "PM_ENVIRONMENT": "production", "PM_REDIS_URL": redis_url, "PM_BROKER_URL": broker,
-            "PM_RESULT_BACKEND": broker, "PM_ADMIN_TOKEN": self.admin, "PM_READ_TOKEN": self.read,
-            "OMP_NUM_THREADS": str(os.cpu_count() or 1), "PYTHONUNBUFFERED": "1",
-        }  # fmt: skip
+            "PM_ENVIRONMENT": "production",
+            "PM_REDIS_URL": redis_url,
+            "PM_BROKER_URL": broker,
+            "PM_RESULT_BACKEND": broker,
+            "PM_ADMIN_TOKEN": self.admin,
+            "PM_READ_TOKEN": self.read,
+            "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.worker_log = logdir / "worker.log"
-        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
-                "gpu,default", "--pool", "solo", "--loglevel", "INFO", "-n",
-                f"bench-{secrets.token_hex(4)}@%h", "--without-gossip", "--without-mingle"]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            "gpu,default",
+            "--pool",
+            "solo",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"bench-{secrets.token_hex(4)}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
         with self.worker_log.open("ab") as out:
             self.worker = subprocess.Popen(
                 args, cwd=ROOT, env=os.environ | self.env, stdout=out, stderr=out
@@ -164,8 +190,7 @@ def wait_job(client: OperatorClient, job_id: str, *, timeout_s: float) -> dict[s
 
 def trained_source(service: Service, recipe: Recipe, *, cache_dir: Path) -> Path:
     """The dataset's trained users as an exported set file: trained once per recipe, cached."""
-    doc = [recipe.source, recipe.dataset, recipe.train_users, recipe.train_epochs,
-           recipe.max_train]  # fmt: skip
+    doc = [recipe.source, recipe.dataset, recipe.train_users, recipe.train_epochs, recipe.max_train]
     key = hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
     path = cache_dir / f"upgrade-source-{recipe.source}-{key}.safetensors"
     if path.exists():
@@ -303,8 +328,10 @@ class Writes:
         return user_id(self._rng.randrange(self.population.synthetic))
 
     def _run(self) -> None:
-        headers = {"Authorization": f"Bearer {self.service.admin}",
-                   "Content-Type": "application/octet-stream"}  # fmt: skip
+        headers = {
+            "Authorization": f"Bearer {self.service.admin}",
+            "Content-Type": "application/octet-stream",
+        }
         with httpx.Client(base_url=self.service.base, headers=headers, timeout=30) as http:
             next_at = time.monotonic()
             while not self._stop.is_set():
@@ -317,8 +344,9 @@ class Writes:
         self.sent += 1
         value = self.population.draw(1, stream=number)[0].astype("<f4").tobytes()
         try:
-            response = http.put(f"/users/{user}/prompt", params={"model": self.model},
-                                content=value)  # fmt: skip
+            response = http.put(
+                f"/users/{user}/prompt", params={"model": self.model}, content=value
+            )
         except httpx.HTTPError as error:
             self.errors[type(error).__name__] = self.errors.get(type(error).__name__, 0) + 1
             return
@@ -339,9 +367,16 @@ class Reads:
         self, service: Service, *, model: str, users: int, connections: int, delay_ms: float
     ) -> None:
         args = loadgen.wrk_args(
-            service.base, mode="single", token=service.read, model=model, users=users, batch=1,
-            connections=connections, seconds=24 * 3600, delay_ms=delay_ms,
-        )  # fmt: skip
+            service.base,
+            mode="single",
+            token=service.read,
+            model=model,
+            users=users,
+            batch=1,
+            connections=connections,
+            seconds=24 * 3600,
+            delay_ms=delay_ms,
+        )
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def stop(self) -> dict[str, Any]:
@@ -351,14 +386,24 @@ class Reads:
         _, _, usage = os.wait4(self.proc.pid, 0)
         self.proc.returncode = 0
         load = loadgen.parse_wrk(out, cpu_seconds=usage.ru_utime + usage.ru_stime)
-        return {"p50": load.latency_ms["p50"], "p99": load.latency_ms["p99"],
-                "p999": load.latency_ms["p999"], "requests": load.requests,
-                "requests_per_s": round(load.requests_per_s, 1), "errors": load.errors}  # fmt: skip
+        return {
+            "p50": load.latency_ms["p50"],
+            "p99": load.latency_ms["p99"],
+            "p999": load.latency_ms["p999"],
+            "requests": load.requests,
+            "requests_per_s": round(load.requests_per_s, 1),
+            "errors": load.errors,
+        }
 
 
 def read_window(service: Service, args: argparse.Namespace, population: Population) -> Reads:
-    return Reads(service, model=args.source, users=max(1, population.synthetic),
-                 connections=args.read_connections, delay_ms=args.read_delay_ms)  # fmt: skip
+    return Reads(
+        service,
+        model=args.source,
+        users=max(1, population.synthetic),
+        connections=args.read_connections,
+        delay_ms=args.read_delay_ms,
+    )
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -383,8 +428,10 @@ def follow(
         if record["stage"] != current:
             if current:
                 stages[current] = round(stages.get(current, 0.0) + now - since, 2)
-            log(f"  [{record['state']}] {record['stage']} "
-                f"users mapped {record['progress'].get('users_mapped')}")  # fmt: skip
+            log(
+                f"  [{record['state']}] {record['stage']} "
+                f"users mapped {record['progress'].get('users_mapped')}"
+            )
             current, since = record["stage"], now
         if record["state"] in TERMINAL:
             return record, stages, False
@@ -416,9 +463,14 @@ def expected_user(user: str, population: Population, onboarded: set[str]) -> boo
 
 
 def check(
-    store: Store, record: dict[str, Any], population: Population, writes: Writes, *,
-    sample: int, atol: float,
-) -> dict[str, Any]:  # fmt: skip
+    store: Store,
+    record: dict[str, Any],
+    population: Population,
+    writes: Writes,
+    *,
+    sample: int,
+    atol: float,
+) -> dict[str, Any]:
     """The new set against the source: every key scanned for lost and extra users; on a sample
     holding every user written during the job, each value against the stored adapter applied to
     the user's latest source prompt (lost, stale)."""
@@ -432,8 +484,12 @@ def check(
         user = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[-1]
         extra += not expected_user(user, population, writes.onboarded)
     expected = population.size + len(writes.onboarded)
-    out: dict[str, Any] = {"count": count, "expected": expected, "extra": extra,
-                           "lost": expected - (count - extra)}  # fmt: skip
+    out: dict[str, Any] = {
+        "count": count,
+        "expected": expected,
+        "extra": extra,
+        "lost": expected - (count - extra),
+    }
     users = _sample(population, writes, size=sample)
     blob = store.get_blob(record["id"], "adapter")
     out |= {"sampled": len(users), "written_during_job": len(writes.latest)}
@@ -457,8 +513,7 @@ def check(
             counts["stale"] += diff > atol * (1 + float(np.abs(expect).max()))
     stale = tally["written"]["stale"] + tally["imported"]["stale"]
     lost = tally["written"]["lost"] + tally["imported"]["lost"]
-    return out | {"stale": stale, "lost_in_sample": lost, "by_origin": tally,
-                  "max_abs_diff": worst}  # fmt: skip
+    return out | {"stale": stale, "lost_in_sample": lost, "by_origin": tally, "max_abs_diff": worst}
 
 
 def _sample(population: Population, writes: Writes, *, size: int) -> list[str]:
@@ -486,16 +541,24 @@ def _latest(users: list[str], population: Population, writes: Writes) -> np.ndar
 
 def redis_memory_mb(redis: Redis) -> dict[str, float]:
     info = redis.info("memory")
-    return {"used": round(int(info["used_memory"]) / 2**20, 1),
-            "peak": round(int(info["used_memory_peak"]) / 2**20, 1)}  # fmt: skip
+    return {
+        "used": round(int(info["used_memory"]) / 2**20, 1),
+        "peak": round(int(info["used_memory_peak"]) / 2**20, 1),
+    }
 
 
 def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, Any]:
     """One size end to end; any failure is recorded in the run, never raised."""
-    run: dict[str, Any] = {"users": users, "state": None, "stage_seconds": {},
-                           "users_per_s": None, "peak_rss_mb": {}, "redis_used_mb": None,
-                           "read_ms": {"idle": None, "during": None},
-                           "check": {"lost": None, "stale": None, "extra": None, "sampled": 0}}  # fmt: skip
+    run: dict[str, Any] = {
+        "users": users,
+        "state": None,
+        "stage_seconds": {},
+        "users_per_s": None,
+        "peak_rss_mb": {},
+        "redis_used_mb": None,
+        "read_ms": {"idle": None, "during": None},
+        "check": {"lost": None, "stale": None, "extra": None, "sampled": 0},
+    }
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pm-bench-up-")))
         redis_url, redis_pids = stack.enter_context(local_redis())
@@ -504,38 +567,47 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
         redis = Redis.from_url(redis_url)
         stack.callback(redis.close)
         try:
-            steps(args, recipe, users=users, service=service, redis=redis, run=run,
-                  workdir=workdir)  # fmt: skip
+            steps(args, recipe, users=users, service=service, redis=redis, run=run, workdir=workdir)
         except Exception as error:  # a failed run is a result
             traceback.print_exc()
             run["error"] = f"{type(error).__name__}: {error}"
             run["state"] = run["state"] or "error"
-        pids = {"worker": service.worker.pid, "api": service.api.proc.pid,
-                "redis": redis_pids[0]}  # fmt: skip
+        pids = {"worker": service.worker.pid, "api": service.api.proc.pid, "redis": redis_pids[0]}
         run["peak_rss_mb"] = {name: peak_rss_mb(pid) for name, pid in pids.items()}
         with contextlib.suppress(Exception):
             memory = redis_memory_mb(redis)
             run["redis_used_mb"], run["redis_peak_used_mb"] = memory["used"], memory["peak"]
         if run.get("error"):
-            run["logs_tail"] = {"worker": service.worker_log.read_text(errors="replace")[-2000:],
-                                "api": service.api.log.read_text(errors="replace")[-2000:]}  # fmt: skip
+            run["logs_tail"] = {
+                "worker": service.worker_log.read_text(errors="replace")[-2000:],
+                "api": service.api.log.read_text(errors="replace")[-2000:],
+            }
     return run
 
 
 def steps(
-    args: argparse.Namespace, recipe: Recipe, *, users: int, service: Service, redis: Redis,
-    run: dict[str, Any], workdir: Path,
-) -> None:  # fmt: skip
+    args: argparse.Namespace,
+    recipe: Recipe,
+    *,
+    users: int,
+    service: Service,
+    redis: Redis,
+    run: dict[str, Any],
+    workdir: Path,
+) -> None:
     service.wait_ready()
     for name in (recipe.source, recipe.target):
         service.client.register_model(name)
     source = trained_source(service, recipe, cache_dir=args.cache_dir)
     started = time.perf_counter()
-    population = write_population(source, workdir / "population.safetensors", users=users,
-                                  noise=args.noise, seed=args.seed)  # fmt: skip
+    population = write_population(
+        source, workdir / "population.safetensors", users=users, noise=args.noise, seed=args.seed
+    )
     run["file_write_seconds"] = round(time.perf_counter() - started, 2)
-    log(f"{users} users ({len(population.trained)} trained) written in "
-        f"{run['file_write_seconds']} s; importing")  # fmt: skip
+    log(
+        f"{users} users ({len(population.trained)} trained) written in "
+        f"{run['file_write_seconds']} s; importing"
+    )
     started = time.perf_counter()
     imported = service.client.import_file(recipe.source, population.path, activate=True)
     run["import_seconds"] = round(time.perf_counter() - started, 2)
@@ -561,17 +633,24 @@ def steps(
     run["job_state_at_end"] = record.get("state")
     run["stage_seconds"] = record.get("stage_seconds") or stages
     run["job_seconds"], run["users_per_s"] = throughput(record, users=users)
-    run["job"] = {k: record.get(k) for k in ("stage", "progress", "cost", "gate", "error",
-                                             "promotion_refused", "target")}  # fmt: skip
-    run["writes"] = {"sent": writes.sent, "acknowledged_users": len(writes.latest),
-                     "onboarded": len(writes.onboarded), "errors": writes.errors,
-                     "rate_per_s": args.write_rate}  # fmt: skip
+    run["job"] = {
+        k: record.get(k)
+        for k in ("stage", "progress", "cost", "gate", "error", "promotion_refused", "target")
+    }
+    run["writes"] = {
+        "sent": writes.sent,
+        "acknowledged_users": len(writes.latest),
+        "onboarded": len(writes.onboarded),
+        "errors": writes.errors,
+        "rate_per_s": args.write_rate,
+    }
     if timed_out:
         with contextlib.suppress(Exception):
             service.client.cancel(job["id"])
     log(f"checking the new set ({args.sample} sampled + every user written during the job)")
-    run["check"] = check(Store(redis), record, population, writes, sample=args.sample,
-                         atol=args.atol)  # fmt: skip
+    run["check"] = check(
+        Store(redis), record, population, writes, sample=args.sample, atol=args.atol
+    )
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -594,7 +673,7 @@ def print_run(run: dict[str, Any]) -> None:
     )
     print(f"  peak RSS MB: {run['peak_rss_mb']}; Redis used {run['redis_used_mb']} MB")
     print(f"  reads idle {lat('idle')}, during {lat('during')}")
-    print(f"  check: {run['check']}")  # fmt: skip
+    print(f"  check: {run['check']}")
 
 
 def _user_counts(text: str) -> list[int]:
@@ -631,8 +710,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--atol", type=float, default=1e-5, help="value tolerance of the check")
     add("--timeout-s", type=float, default=3 * 3600, help="per job")
     add("--seed", type=int, default=0)
-    add("--cache-dir", type=Path, default=assets.cache_dir() / "bench",
-        help="where the trained source set is cached")  # fmt: skip
+    add(
+        "--cache-dir",
+        type=Path,
+        default=assets.cache_dir() / "bench",
+        help="where the trained source set is cached",
+    )
     args = parser.parse_args(argv)
     if args.write_rate <= 0:
         parser.error("--write-rate must be positive")
@@ -643,9 +726,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.read_connections:
         loadgen.require("wrk")
-    recipe = Recipe(args.source, args.target, args.dataset, args.budget,
-                    args.train_users or None, args.train_epochs, args.max_train,
-                    args.job_extra)  # fmt: skip
+    recipe = Recipe(
+        args.source,
+        args.target,
+        args.dataset,
+        args.budget,
+        args.train_users or None,
+        args.train_epochs,
+        args.max_train,
+        args.job_extra,
+    )
     load_before = os.getloadavg()
     started = time.time()
     runs = []

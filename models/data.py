@@ -114,10 +114,15 @@ def load_jsonl(path: Path, *, task: str) -> list[Interaction]:
             try:
                 row = json.loads(line)
                 label = float(row["label"])
-                records.append(Interaction(
-                    user_id=str(row["user_id"]), item_id=str(row.get("item_id", row["item_text"])),
-                    item_text=str(row["item_text"]), label=label, timestamp=float(row["timestamp"]),
-                ))  # fmt: skip
+                records.append(
+                    Interaction(
+                        user_id=str(row["user_id"]),
+                        item_id=str(row.get("item_id", row["item_text"])),
+                        item_text=str(row["item_text"]),
+                        label=label,
+                        timestamp=float(row["timestamp"]),
+                    )
+                )
             except (ValueError, KeyError, TypeError) as error:
                 raise DataError(
                     f"{path}:{number} is not a valid record ({error!r}): each line needs "
@@ -141,8 +146,9 @@ def _check_label(label: float, *, task: str, where: str) -> None:
         raise DataError(f"{where}: ratings must lie in 1..5, got {label}.")
 
 
-def synthetic_tiny(*, task: str, n_users: int = 24, n_items: int = 40, per_user: int = 24,
-                   seed: int = 0) -> list[Interaction]:  # fmt: skip
+def synthetic_tiny(
+    *, task: str, n_users: int = 24, n_items: int = 40, per_user: int = 24, seed: int = 0
+) -> list[Interaction]:
     """A small set with a learnable per-user signal: each user has a taste bias plus noise.
 
     Item texts use the tiny models' vocabulary so tests can run end to end in seconds.
@@ -156,8 +162,9 @@ def synthetic_tiny(*, task: str, n_users: int = 24, n_items: int = 40, per_user:
         for step, item in enumerate(rng.sample(range(n_items), per_user)):
             rating = min(5.0, max(1.0, round(taste + item_bias[item] + rng.gauss(0, 0.3))))
             text = f"item{item} {genres[item % len(genres)]}"
-            rows.append(Interaction(f"u{u}", f"i{item}", text, _rating_to_label(rating, task),
-                                    float(step)))  # fmt: skip
+            rows.append(
+                Interaction(f"u{u}", f"i{item}", text, _rating_to_label(rating, task), float(step))
+            )
     return rows
 
 

@@ -32,9 +32,13 @@ class SourcePredictions:
 
 
 def source_predictions(
-    *, model: FoundationModel, task: Task, source: PromptSet, users: list[str],
+    *,
+    model: FoundationModel,
+    task: Task,
+    source: PromptSet,
+    users: list[str],
     examples: Examples,
-) -> SourcePredictions:  # fmt: skip
+) -> SourcePredictions:
     """What the source set predicts for ``examples`` (whose ``users`` index ``users``) on its own
     model, and what that cost."""
     if source.width != model.hidden_size:
@@ -54,11 +58,11 @@ def source_predictions(
     )
 
 
-def blend_targets(examples: Examples, source: SourcePredictions, *, task: Task,
-                  weight: float) -> Examples:  # fmt: skip
+def blend_targets(
+    examples: Examples, source: SourcePredictions, *, task: Task, weight: float
+) -> Examples:
     """``examples`` whose targets are ``(1 - weight) * label + weight * prediction``, and whose
     cross-entropy fits ``(1 - weight) * the label's class + weight * the source's distribution``."""
     targets = (1.0 - weight) * examples.targets + weight * source.predictions
     classes = (1.0 - weight) * task.classes(examples.targets) + weight * source.label_probabilities
-    return replace(examples, targets=targets.astype(np.float32),
-                   classes=classes.astype(np.float32))  # fmt: skip
+    return replace(examples, targets=targets.astype(np.float32), classes=classes.astype(np.float32))

@@ -23,22 +23,37 @@ class Predictions:
 
 
 def predict_set(
-    model: FoundationModel, task: Task, prompt_set: PromptSet,
-    interactions: dict[str, list[Interaction]], *, batch_size: int = 64,
-) -> Predictions:  # fmt: skip
+    model: FoundationModel,
+    task: Task,
+    prompt_set: PromptSet,
+    interactions: dict[str, list[Interaction]],
+    *,
+    batch_size: int = 64,
+) -> Predictions:
     """Predictions for every interaction of the set's users (others are not scored)."""
     model.check_prompts(prompt_set.prompts[:1])
     row_of = index_users(prompt_set.user_ids)
     examples = Examples.build(task, interactions, row_of=row_of)
-    out = predict_examples(model, task, prompts=prompt_set.prompts, head=prompt_set.head,
-                           examples=examples, batch_size=batch_size)  # fmt: skip
+    out = predict_examples(
+        model,
+        task,
+        prompts=prompt_set.prompts,
+        head=prompt_set.head,
+        examples=examples,
+        batch_size=batch_size,
+    )
     return Predictions(examples.user_ids, examples.targets, out)
 
 
 def predict_examples(
-    model: FoundationModel, task: Task, *, prompts: torch.Tensor, head: dict[str, torch.Tensor],
-    examples: Examples, batch_size: int = 64,
-) -> np.ndarray:  # fmt: skip
+    model: FoundationModel,
+    task: Task,
+    *,
+    prompts: torch.Tensor,
+    head: dict[str, torch.Tensor],
+    examples: Examples,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Predictions for ``examples``, whose ``users`` index ``prompts`` ``[n, l, d]``, through a
     stored ``head``'s weights."""
     logits = example_logits(model, task, prompts=prompts, examples=examples, batch_size=batch_size)
@@ -46,9 +61,13 @@ def predict_examples(
 
 
 def example_logits(
-    model: FoundationModel, task: Task, *, prompts: torch.Tensor, examples: Examples,
+    model: FoundationModel,
+    task: Task,
+    *,
+    prompts: torch.Tensor,
+    examples: Examples,
     batch_size: int = 64,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``[len(examples), n_labels]`` label logits of ``examples``, whose ``users`` index
     ``prompts`` ``[n, l, d]``."""
     table = PromptTable(prompts).to(model.device)
@@ -56,16 +75,23 @@ def example_logits(
 
 
 def metrics_of(task: Task, predictions: Predictions) -> dict[str, float | None]:
-    values = task.metrics(user_ids=predictions.user_ids, targets=predictions.targets,
-                          predictions=predictions.predictions)  # fmt: skip
-    return values | {"n_users": float(len(set(predictions.user_ids))),
-                     "n_interactions": float(len(predictions.targets))}  # fmt: skip
+    values = task.metrics(
+        user_ids=predictions.user_ids,
+        targets=predictions.targets,
+        predictions=predictions.predictions,
+    )
+    return values | {
+        "n_users": float(len(set(predictions.user_ids))),
+        "n_interactions": float(len(predictions.targets)),
+    }
 
 
 def evaluate(
-    model: FoundationModel, task: Task, prompt_set: PromptSet,
+    model: FoundationModel,
+    task: Task,
+    prompt_set: PromptSet,
     interactions: dict[str, list[Interaction]],
-) -> dict[str, float | None]:  # fmt: skip
+) -> dict[str, float | None]:
     """Task metrics over the interactions of the set's users, computed globally, and how many
     users with interactions have no prompt in the set (they are not scored)."""
     without_prompt = set(interactions) - set(prompt_set.user_ids)
@@ -90,9 +116,14 @@ def baseline_metrics(
 
 
 def paired_bootstrap_rmse_diff(
-    *, user_ids: list[str], targets: np.ndarray, pred: np.ndarray, baseline: np.ndarray,
-    n_boot: int = 2000, seed: int = 0,
-) -> tuple[float, float]:  # fmt: skip
+    *,
+    user_ids: list[str],
+    targets: np.ndarray,
+    pred: np.ndarray,
+    baseline: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """95% interval of RMSE(pred) - RMSE(baseline), resampling users with replacement."""
     users, inverse = np.unique(np.asarray(user_ids), return_inverse=True)
     count = np.bincount(inverse, minlength=len(users)).astype(float)

@@ -129,9 +129,12 @@ class FoundationModel:
             raise CheckpointError(f"Could not load a causal LM from {path}: {error}") from error
         model.to(torch_device)  # type: ignore[arg-type]
         return cls(
-            name=name_or_path, model=model, tokenizer=tokenizer,
-            device=torch_device, dtype=torch_dtype,
-        )  # fmt: skip
+            name=name_or_path,
+            model=model,
+            tokenizer=tokenizer,
+            device=torch_device,
+            dtype=torch_dtype,
+        )
 
     @property
     def embedding_std(self) -> float:
@@ -185,8 +188,9 @@ class FoundationModel:
         pad = self.tokenizer.pad_token_id or 0
         # Right padding: real tokens never attend to the pads after them (causal mask).
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
-                            device=self.device)  # fmt: skip
+        mask = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
+        )
         # A cache without the config keeps every position on every layer: a sliding-window
         # layer's cache (Gemma-3's local layers) would keep only the batch's last positions,
         # not each text's own.
@@ -197,9 +201,11 @@ class FoundationModel:
         for row, text in enumerate(texts):
             n = len(rows[row])
             self.prefix_cache.states[text] = torch.stack(
-                [torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
-                 for layer in layers]
-            )  # fmt: skip
+                [
+                    torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
+                    for layer in layers
+                ]
+            )
 
     def _batched_prefix(self, texts: list[str]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Left-padded cache of the texts' prefixes, their attention mask and lengths."""
@@ -272,8 +278,15 @@ class FoundationModel:
         )
         head = self.embeddings(ids).to(self.dtype)
         inputs = torch.cat([head, self._suffix_embeddings(prompts, answer.suffix_ids)], dim=1)
-        mask = torch.cat([mask, torch.ones(len(prefixes), inputs.shape[1] - width,
-                                           dtype=mask.dtype, device=self.device)], 1)  # fmt: skip
+        mask = torch.cat(
+            [
+                mask,
+                torch.ones(
+                    len(prefixes), inputs.shape[1] - width, dtype=mask.dtype, device=self.device
+                ),
+            ],
+            1,
+        )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
         return self._label_head(out.last_hidden_state[:, -1], answer.label_ids)

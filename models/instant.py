@@ -145,10 +145,17 @@ def _catalogue_pairs(
 
 
 def transfer_head(
-    task: Task, *, source: FoundationModel, source_set: PromptSet, target: FoundationModel,
-    target_set: PromptSet, item_texts: Sequence[str], n_pairs: int = 1024, ridge: float = 1e-3,
+    task: Task,
+    *,
+    source: FoundationModel,
+    source_set: PromptSet,
+    target: FoundationModel,
+    target_set: PromptSet,
+    item_texts: Sequence[str],
+    n_pairs: int = 1024,
+    ridge: float = 1e-3,
     seed: int = 0,
-) -> TransferredHead:  # fmt: skip
+) -> TransferredHead:
     """The source set's head, made to read ``target``'s label logits for ``target_set``.
 
     ``target_set`` holds the same users as ``source_set`` (e.g. its instant migration). Random
@@ -181,10 +188,15 @@ class InstantFit:
 
 
 def fit_instant(
-    task: Task, *, sources: list[PromptSet], source_models: list[FoundationModel],
-    target: FoundationModel, item_texts: Sequence[str], calibration_users: int = 1024,
+    task: Task,
+    *,
+    sources: list[PromptSet],
+    source_models: list[FoundationModel],
+    target: FoundationModel,
+    item_texts: Sequence[str],
+    calibration_users: int = 1024,
     seed: int = 0,
-) -> InstantFit:  # fmt: skip
+) -> InstantFit:
     """Fit the maps from ``source_models`` to ``target`` and the first source's head for them.
 
     ``sources`` hold the same users in the same order. The head is calibrated on a seeded sample
@@ -198,8 +210,12 @@ def fit_instant(
     sample = [users[i] for i in sorted(rows)]
     calibration = [s.subset(sample) for s in sources]
     head = transfer_head(
-        task, source=source_models[0], source_set=calibration[0], target=target,
+        task,
+        source=source_models[0],
+        source_set=calibration[0],
+        target=target,
         target_set=instant_migrate(calibration, maps, target=target.name),
-        item_texts=item_texts, seed=seed,
-    )  # fmt: skip
+        item_texts=item_texts,
+        seed=seed,
+    )
     return InstantFit(maps, head)

@@ -45,17 +45,23 @@ class Examples:
 
     def subset(self, rows: np.ndarray) -> Examples:
         return Examples(
-            users=self.users[rows], prefixes=[self.prefixes[i] for i in rows],
-            targets=self.targets[rows], user_ids=[self.user_ids[i] for i in rows],
+            users=self.users[rows],
+            prefixes=[self.prefixes[i] for i in rows],
+            targets=self.targets[rows],
+            user_ids=[self.user_ids[i] for i in rows],
             weights=None if self.weights is None else self.weights[rows],
             classes=None if self.classes is None else self.classes[rows],
-        )  # fmt: skip
+        )
 
     @classmethod
     def build(
-        cls, task: Task, part: dict[str, list[Interaction]], *, row_of: dict[str, int],
+        cls,
+        task: Task,
+        part: dict[str, list[Interaction]],
+        *,
+        row_of: dict[str, int],
         user_weights: Mapping[str, float] | None = None,
-    ) -> Examples:  # fmt: skip
+    ) -> Examples:
         """Every interaction of the users in ``row_of``; ``user_weights`` weighs each user's
         examples in the training loss (a user missing from it weighs 1)."""
         rows = [(row_of[u], i) for u, items in part.items() if u in row_of for i in items]
@@ -92,9 +98,12 @@ class FitResult:
 
 
 def _batch_logits(
-    model: FoundationModel, prompt_source: nn.Module, examples: Examples, rows: np.ndarray,
+    model: FoundationModel,
+    prompt_source: nn.Module,
+    examples: Examples,
+    rows: np.ndarray,
     answer: AnswerTokens,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``[len(rows), n_labels]`` label logits of the examples at ``rows``."""
     users = torch.from_numpy(examples.users[rows]).to(model.device)
     return model.label_logits(
@@ -104,9 +113,13 @@ def _batch_logits(
 
 @torch.no_grad()
 def label_logits(
-    model: FoundationModel, task: Task, prompt_source: nn.Module, examples: Examples, *,
+    model: FoundationModel,
+    task: Task,
+    prompt_source: nn.Module,
+    examples: Examples,
+    *,
     batch_size: int = 64,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``[n, n_labels]`` fp32 label logits of every example, in order, without gradients."""
     if len(examples) == 0:
         raise DataError("Nothing to predict: the split holds no interactions for these users.")
@@ -126,9 +139,14 @@ def label_logits(
 
 
 def predict(
-    model: FoundationModel, task: Task, prompt_source: nn.Module, head: nn.Module,
-    examples: Examples, *, batch_size: int = 64,
-) -> np.ndarray:  # fmt: skip
+    model: FoundationModel,
+    task: Task,
+    prompt_source: nn.Module,
+    head: nn.Module,
+    examples: Examples,
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Predictions (ratings or probabilities) for every example, in order."""
     logits = label_logits(model, task, prompt_source, examples, batch_size=batch_size)
     return head_predictions(task, head, logits)
@@ -219,9 +237,12 @@ def fit(
     model.warm_prefixes(train.prefixes + (val.prefixes if val else []))
     steps_per_epoch = -(-len(train) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-        total_steps=max(1, epochs * steps_per_epoch), pct_start=0.1, anneal_strategy="cos",
-    )  # fmt: skip
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=max(1, epochs * steps_per_epoch),
+        pct_start=0.1,
+        anneal_strategy="cos",
+    )
     generator = np.random.default_rng(seed)
     result = FitResult()
     best = _BestEpoch(task, (prompt_source, head), result)
@@ -246,8 +267,13 @@ def fit(
             losses.append(float(loss.detach()))
             result.example_passes += len(rows)
             if on_progress:
-                on_progress({"epoch": epoch, "fraction": (epoch + (step + 1) / steps_per_epoch)
-                             / epochs, "loss": losses[-1]})  # fmt: skip
+                on_progress(
+                    {
+                        "epoch": epoch,
+                        "fraction": (epoch + (step + 1) / steps_per_epoch) / epochs,
+                        "loss": losses[-1],
+                    }
+                )
         record = {"epoch": float(epoch), "train_loss": float(np.mean(losses))}
         if val is not None:
             metric = score(task, val, predict(model, task, prompt_source, head, val))

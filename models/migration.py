@@ -71,16 +71,22 @@ class MigrationConfig:
         if self.input_rank is not None and self.input_rank < 1:
             raise ValueError("MigrationConfig.input_rank must be >= 1, or None for every feature.")
         if self.input_rank is not None and not self.standardize_inputs:
-            raise ValueError("MigrationConfig.input_rank needs standardize_inputs=True: the "
-                             "principal directions come from the source table's statistics.")  # fmt: skip
+            raise ValueError(
+                "MigrationConfig.input_rank needs standardize_inputs=True: the "
+                "principal directions come from the source table's statistics."
+            )
         if self.max_train_per_user is not None and self.max_train_per_user < 1:
-            raise ValueError("MigrationConfig.max_train_per_user must be >= 1, or None for every "
-                             "training interaction.")  # fmt: skip
+            raise ValueError(
+                "MigrationConfig.max_train_per_user must be >= 1, or None for every "
+                "training interaction."
+            )
         if self.head_warmup_examples < 1:
             raise ValueError("MigrationConfig.head_warmup_examples must be >= 1.")
         if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError("MigrationConfig.distill_weight must lie in [0, 1]: the source "
-                             "prediction's share of each training target (0: labels alone).")  # fmt: skip
+            raise ValueError(
+                "MigrationConfig.distill_weight must lie in [0, 1]: the source "
+                "prediction's share of each training target (0: labels alone)."
+            )
 
 
 def fitted_rank(rank: int, *, prompt_vectors: int, features: int) -> int:
@@ -151,13 +157,20 @@ def train_adapter(
     )
     rank = config.input_rank
     if rank is not None and table is not None:  # a small table has fewer directions than asked
-        rank = fitted_rank(rank, prompt_vectors=table.shape[0] * table.shape[1],
-                           features=inputs.shape[-1])  # fmt: skip
+        rank = fitted_rank(
+            rank, prompt_vectors=table.shape[0] * table.shape[1], features=inputs.shape[-1]
+        )
     torch.manual_seed(config.seed)  # before the adapter's weights: a run reproduces from its seed
-    adapter = PumaAdapter(AdapterConfig(
-        d_in=inputs.shape[-1], d_out=target.hidden_size, hidden=config.hidden,
-        dropout=config.dropout, out_std=target.embedding_std, input_rank=rank,
-    ))  # fmt: skip
+    adapter = PumaAdapter(
+        AdapterConfig(
+            d_in=inputs.shape[-1],
+            d_out=target.hidden_size,
+            hidden=config.hidden,
+            dropout=config.dropout,
+            out_std=target.embedding_std,
+            input_rank=rank,
+        )
+    )
     if table is not None:
         adapter.set_input_statistics(table)
     if vocab_maps and config.start_from_vocab_map:
@@ -166,14 +179,20 @@ def train_adapter(
     source = AdapterPrompts(adapter, inputs).to(target.device)
     head = task.load_head(sources[0].head).to(target.device)
     row_of = index_users(users)
-    train = Examples.build(task, splits.latest_train(config.max_train_per_user), row_of=row_of,
-                           user_weights=user_weights)  # fmt: skip
+    train = Examples.build(
+        task,
+        splits.latest_train(config.max_train_per_user),
+        row_of=row_of,
+        user_weights=user_weights,
+    )
     val = Examples.build(task, splits.val, row_of=row_of)
     phases: list[FitResult] = []
     if config.distill_weight:
         if source_model is None:
-            raise ValueError("MigrationConfig.distill_weight > 0 blends labels with the source "
-                             "model's predictions: pass source_model, or set distill_weight=0.")  # fmt: skip
+            raise ValueError(
+                "MigrationConfig.distill_weight > 0 blends labels with the source "
+                "model's predictions: pass source_model, or set distill_weight=0."
+            )
         predicted = source_predictions(
             model=source_model, task=task, source=sources[0], users=users, examples=train
         )
@@ -181,23 +200,43 @@ def train_adapter(
         train = blend_targets(train, predicted, task=task, weight=config.distill_weight)
     if config.head_warmup_epochs:
         warmup = fit_head(
-            model=target, task=task, prompt_source=source, head=head, train=train, val=val,
-            epochs=config.head_warmup_epochs, lr=config.head_lr, batch_size=config.batch_size,
-            seed=config.seed, max_examples=config.head_warmup_examples,
-        )  # fmt: skip
+            model=target,
+            task=task,
+            prompt_source=source,
+            head=head,
+            train=train,
+            val=val,
+            epochs=config.head_warmup_epochs,
+            lr=config.head_lr,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            max_examples=config.head_warmup_examples,
+        )
         warmup.history = [record | {"head_only": 1.0} for record in warmup.history]
         phases.append(warmup)
     optimizer = torch.optim.AdamW(
-        [{"params": adapter.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
-         {"params": head.parameters(), "lr": config.head_lr, "weight_decay": 0.0}]
-    )  # fmt: skip
-    phases.append(fit(
-        model=target, task=task, prompt_source=source, head=head, train=train, val=val,
-        optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
-        patience=config.patience, seed=config.seed,
-        on_progress=on_progress,
-        should_stop=should_stop,
-    ))  # fmt: skip
+        [
+            {"params": adapter.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": head.parameters(), "lr": config.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    phases.append(
+        fit(
+            model=target,
+            task=task,
+            prompt_source=source,
+            head=head,
+            train=train,
+            val=val,
+            optimizer=optimizer,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            patience=config.patience,
+            seed=config.seed,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
+    )
     return AdapterResult(
         adapter=adapter.cpu().eval(),
         head={k: v.detach().float().cpu() for k, v in head.state_dict().items()},
@@ -215,8 +254,10 @@ def map_prompts(
     """``[n, l, d_in]`` -> ``[n, l, d_out]`` fp32 on CPU, in batches."""
     adapter = adapter.eval()
     device = next(adapter.parameters()).device
-    chunks = [adapter(source_prompts[i : i + batch_size].float().to(device)).cpu()
-              for i in range(0, len(source_prompts), batch_size)]  # fmt: skip
+    chunks = [
+        adapter(source_prompts[i : i + batch_size].float().to(device)).cpu()
+        for i in range(0, len(source_prompts), batch_size)
+    ]
     return torch.cat(chunks) if chunks else source_prompts.new_zeros((0, 0, adapter.config.d_out))
 
 

@@ -28,8 +28,9 @@ ALL_USERS = MigrationConfig(hidden=64, epochs=1, lr=5e-4, head_lr=1e-3, input_ra
 
 # On a budget, LM passes are the cost: more users on their latest few ratings, targets mostly the
 # source set's own prediction (its passes fit the budget), a cheaper head warm-up.
-BUDGET = replace(ALL_USERS, batch_size=16, head_warmup_examples=1024, max_train_per_user=7,
-                 distill_weight=0.8)  # fmt: skip
+BUDGET = replace(
+    ALL_USERS, batch_size=16, head_warmup_examples=1024, max_train_per_user=7, distill_weight=0.8
+)
 
 # Floors at the reference's share of its budget (750 of 2000), no weighting by label variance.
 SELECTION = SelectionConfig(floor_share=0.375, variance_weighting="uniform")
@@ -49,8 +50,10 @@ class Population:
             if getattr(self, name) < 1:
                 raise ValueError(f"Population.{name} must be >= 1, got {getattr(self, name)}.")
         if self.budget is not None and not 1 <= self.budget <= self.users:
-            raise ValueError(f"Population.budget must lie in 1..{self.users} (the users), or be "
-                             f"None for every user; got {self.budget}.")  # fmt: skip
+            raise ValueError(
+                f"Population.budget must lie in 1..{self.users} (the users), or be "
+                f"None for every user; got {self.budget}."
+            )
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,11 @@ class Resolved:
 
     def record(self) -> dict[str, Any]:
         """For the job's record: every setting, and the rules' choices beside them."""
-        return {"adapter": asdict(self.adapter), "selection": asdict(self.selection),
-                "chosen": dict(self.chosen)}  # fmt: skip
+        return {
+            "adapter": asdict(self.adapter),
+            "selection": asdict(self.selection),
+            "chosen": dict(self.chosen),
+        }
 
 
 def resolve(
@@ -81,8 +87,11 @@ def resolve(
     config = replace(base, seed=seed, **adapter_changes)
     rank = config.input_rank
     if rank is not None and "input_rank" not in adapter_changes:
-        rank = fitted_rank(rank, prompt_vectors=population.users * population.prompt_length,
-                           features=population.features)  # fmt: skip
+        rank = fitted_rank(
+            rank,
+            prompt_vectors=population.users * population.prompt_length,
+            features=population.features,
+        )
         config = replace(config, input_rank=rank)
     picking = replace(SELECTION, **{k: v for k, v in (selection or {}).items() if v is not None})
     chosen: dict[str, Any] = {"input_rank": config.input_rank, "recipe": "all_users"}

@@ -55,11 +55,14 @@ class SelectionConfig:
         if self.n_clusters < 1 or self.floor < 0:
             raise ValueError("SelectionConfig needs n_clusters >= 1 and floor >= 0.")
         if not 0.0 <= self.floor_share <= 1.0:
-            raise ValueError(f"SelectionConfig.floor_share must lie in [0, 1], got "
-                             f"{self.floor_share}.")  # fmt: skip
+            raise ValueError(
+                f"SelectionConfig.floor_share must lie in [0, 1], got {self.floor_share}."
+            )
         if self.variance_weighting not in BIN_WEIGHTS:
-            raise ValueError(f"SelectionConfig.variance_weighting must be one of "
-                             f"{sorted(BIN_WEIGHTS)}, got {self.variance_weighting!r}.")  # fmt: skip
+            raise ValueError(
+                f"SelectionConfig.variance_weighting must be one of "
+                f"{sorted(BIN_WEIGHTS)}, got {self.variance_weighting!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ def stratum_weights(clusters: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def label_variance(labels: dict[str, list[float]], user_ids: list[str]) -> np.ndarray:
     """Sample variance of each user's training labels (0 with fewer than two)."""
-    return np.array([np.var(labels.get(u, []), ddof=1) if len(labels.get(u, [])) > 1 else 0.0
-                     for u in user_ids])  # fmt: skip
+    return np.array(
+        [np.var(labels.get(u, []), ddof=1) if len(labels.get(u, [])) > 1 else 0.0 for u in user_ids]
+    )
 
 
 def cluster_users(prompts: torch.Tensor, *, n_clusters: int, seed: int) -> np.ndarray:
@@ -130,9 +134,13 @@ def _weighted_take(
 
 
 def puma_select(
-    *, clusters: np.ndarray, variance: np.ndarray, budget: int, seed: int,
+    *,
+    clusters: np.ndarray,
+    variance: np.ndarray,
+    budget: int,
+    seed: int,
     config: SelectionConfig = SelectionConfig(),
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Row indices of exactly ``budget`` users."""
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
@@ -181,8 +189,13 @@ def select_users(
         return Selection.unweighted([user_ids[i] for i in rows])
     k = cluster_count(config, budget=budget, users=len(user_ids))
     clusters = cluster_users(prompts, n_clusters=k, seed=seed)
-    rows = puma_select(clusters=clusters, variance=label_variance(labels or {}, user_ids),
-                       budget=budget, seed=seed, config=config)  # fmt: skip
+    rows = puma_select(
+        clusters=clusters,
+        variance=label_variance(labels or {}, user_ids),
+        budget=budget,
+        seed=seed,
+        config=config,
+    )
     users = [user_ids[i] for i in rows]
     if not config.post_stratify:
         return Selection.unweighted(users)

@@ -34,17 +34,30 @@ _WORDS = [
 TINY_SPECS: dict[str, tuple[type[LlamaConfig] | type[Gemma3TextConfig], dict[str, Any]]] = {
     "tiny-llama": (
         LlamaConfig,
-        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
-         "initializer_range": 0.2},
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+            "initializer_range": 0.2,
+        },
     ),
     "tiny-gemma": (
         Gemma3TextConfig,
-        {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
-         "sliding_window": 128, "tie_word_embeddings": True},
+        {
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 128,
+            "tie_word_embeddings": True,
+        },
     ),
-}  # fmt: skip
+}
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:

@@ -42,8 +42,9 @@ class PromptTrainingConfig:
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError("PromptTrainingConfig learning rates must be positive.")
         if self.init not in ("shared", "random"):
-            raise ValueError(f"PromptTrainingConfig.init must be 'shared' or 'random', got "
-                             f"{self.init!r}.")  # fmt: skip
+            raise ValueError(
+                f"PromptTrainingConfig.init must be 'shared' or 'random', got {self.init!r}."
+            )
 
 
 @dataclass
@@ -82,8 +83,9 @@ def init_prompts(
 ) -> torch.Tensor:
     """Starting prompts as ``config.init`` says: ``[n_users, l, d]`` fp32."""
     if config.init == "random":
-        return random_prompts(model, n_users=n_users, prompt_length=config.prompt_length,
-                              seed=config.seed)  # fmt: skip
+        return random_prompts(
+            model, n_users=n_users, prompt_length=config.prompt_length, seed=config.seed
+        )
     return shared_start_prompts(model, n_users=n_users, prompt_length=config.prompt_length)
 
 
@@ -121,19 +123,31 @@ def train_prompts(
     if initial is not None:
         head.load_state_dict(initial.head)
     optimizer = torch.optim.Adam(
-        [{"params": table.parameters(), "lr": config.lr},
-         {"params": head.parameters(), "lr": config.head_lr}]
-    )  # fmt: skip
+        [
+            {"params": table.parameters(), "lr": config.lr},
+            {"params": head.parameters(), "lr": config.head_lr},
+        ]
+    )
     result = fit(
-        model=model, task=task, prompt_source=table, head=head, optimizer=optimizer,
+        model=model,
+        task=task,
+        prompt_source=table,
+        head=head,
+        optimizer=optimizer,
         train=Examples.build(task, splits.train, row_of=row_of),
         val=Examples.build(task, splits.val, row_of=row_of),
-        epochs=config.epochs, batch_size=config.batch_size, patience=config.patience,
-        seed=config.seed, on_progress=on_progress, should_stop=should_stop,
-    )  # fmt: skip
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        patience=config.patience,
+        seed=config.seed,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
     prompt_set = PromptSet(
-        model=model.name, task=task.name, user_ids=list(users),
+        model=model.name,
+        task=task.name,
+        user_ids=list(users),
         prompts=table.weight.detach().float().cpu(),
         head={k: v.detach().float().cpu() for k, v in head.state_dict().items()},
-    )  # fmt: skip
+    )
     return TrainingResult(prompt_set, result.seconds, result.example_passes, result.history, result)

@@ -112,8 +112,12 @@ def test_the_worker_healthcheck_pings_the_worker_by_its_own_node_name() -> None:
     assert node_name("abc123") == "worker@abc123"
 
 
-ENV = {"PM_STORE_PASSWORD": "store-secret", "PM_BROKER_PASSWORD": "broker-secret",
-       "PM_READER_PASSWORD": "reader-secret", "PM_FLOWER_PASSWORD": "flower-secret"}  # fmt: skip
+ENV = {
+    "PM_STORE_PASSWORD": "store-secret",
+    "PM_BROKER_PASSWORD": "broker-secret",
+    "PM_READER_PASSWORD": "reader-secret",
+    "PM_FLOWER_PASSWORD": "flower-secret",
+}
 
 
 def _interpolate(text: str) -> str:
@@ -143,8 +147,10 @@ def store_server(tmp_path: Path) -> Iterator[int]:
         pytest.skip("redis-server is not installed")
     command = [_interpolate(arg) for arg in _compose()["services"]["store"]["command"]]
     port = free_port()
-    proc = subprocess.Popen([binary, *command[1:], "--port", str(port), "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [binary, *command[1:], "--port", str(port), "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         service = Redis(port=port, username="pm-service", password=ENV["PM_STORE_PASSWORD"])
         wait_for(lambda: _answers(service), timeout=20, what="the store Redis")

@@ -244,8 +244,13 @@ def test_a_worker_killed_in_a_stage_is_restarted_and_the_job_completes(
         finished = time.monotonic() - killed_at
     assert done["state"] == "promoted", done
     users, prompts = assert_migrated_exactly(service, job_id)
-    report(f"worker SIGKILLed in {stage}", ready_again_s=round(answered, 1),
-           job_done_s=round(finished, 1), users=users, prompts=prompts)  # fmt: skip
+    report(
+        f"worker SIGKILLed in {stage}",
+        ready_again_s=round(answered, 1),
+        job_done_s=round(finished, 1),
+        users=users,
+        prompts=prompts,
+    )
 
 
 def test_redis_killed_mid_migration_restarts_on_its_append_only_file(
@@ -267,9 +272,15 @@ def test_redis_killed_mid_migration_restarts_on_its_append_only_file(
     assert done["state"] == "promoted", done
     users, prompts = assert_migrated_exactly(service, job_id)
     checked = sum(len(values) for values in before.values())
-    report("redis SIGKILLed in mapping", ready_again_s=round(answered, 1),
-           job_done_s=round(finished, 1), sealed_sets=len(before), sealed_prompts=checked,
-           users=users, prompts=prompts)  # fmt: skip
+    report(
+        "redis SIGKILLed in mapping",
+        ready_again_s=round(answered, 1),
+        job_done_s=round(finished, 1),
+        sealed_sets=len(before),
+        sealed_prompts=checked,
+        users=users,
+        prompts=prompts,
+    )
 
 
 def test_ctrl_c_stops_every_child(service: Supervised) -> None:
@@ -340,8 +351,11 @@ def test_a_killed_supervisor_leaves_nothing_and_the_next_start_has_the_data(
         assert_restarted(first, "redis", pid)
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
-        wait_for(lambda: not any(started_for(data_dir).values()), timeout=20,
-                 what=f"the children to die with their supervisor: {started_for(data_dir)}")  # fmt: skip
+        wait_for(
+            lambda: not any(started_for(data_dir).values()),
+            timeout=20,
+            what=f"the children to die with their supervisor: {started_for(data_dir)}",
+        )
 
         second = launch(tmp_path, port=port, args=[], env=env)
         try:

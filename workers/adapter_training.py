@@ -37,10 +37,11 @@ def recipe_for_request(request: MigrationCreate, *, sets: list[PromptSet]) -> re
     """``request``'s adapter and selection options over the recipe, for the users of ``sets``."""
     selection = request.selection
     population = recipe.Population(
-        users=len(sets[0].user_ids), prompt_length=sets[0].prompt_length,
+        users=len(sets[0].user_ids),
+        prompt_length=sets[0].prompt_length,
         features=sum(s.width for s in sets),
         budget=None if selection.strategy == "all" else selection.budget,
-    )  # fmt: skip
+    )
     return recipe.resolve(
         population,
         adapter=request.adapter.model_dump(),
@@ -90,10 +91,13 @@ def fit_map(
     job.update(stage=Stage.fitting, users_selected=0)
     started = time.perf_counter()
     fitted = fit_instant(
-        task, sources=sets, source_models=[load_model(s["model"]) for s in sources],
-        target=load_model(target_name), item_texts=splits.train_item_texts(),
+        task,
+        sources=sets,
+        source_models=[load_model(s["model"]) for s in sources],
+        target=load_model(target_name),
+        item_texts=splits.train_item_texts(),
         seed=job.migration.seed,
-    )  # fmt: skip
+    )
     job.store.put_blob(job.id, "head", save_tensors(fitted.head.state))
     job.update(
         cost={

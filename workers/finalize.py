@@ -47,8 +47,10 @@ def finalize(job: JobRun) -> None:
     # Scored on the same test users as the sets: what serving no prompt at all would give.
     test = {u: splits.test[u] for u in test_users}
     no_prompt = baseline_metrics(task, train=splits.train, test=test)
-    job.update(sample=dict(job.record.get("sample") or {}) | {
-        "test_users": len(test_users), "test_limit": job.settings.eval_users})  # fmt: skip
+    job.update(
+        sample=dict(job.record.get("sample") or {})
+        | {"test_users": len(test_users), "test_limit": job.settings.eval_users}
+    )
     job.check_cancel()
     gate = quality_gate(
         task=task,
@@ -139,29 +141,51 @@ def quality_gate(
     source_values = [v[metric] for v in sources.values() if v.get(metric) is not None]
     best = (min if task.lower_is_better else max)(source_values) if source_values else None
     floor = baseline.get(metric)
-    gate = {"metric": metric, "migrated": value, "best_source": best, "baseline": floor,
-            "tolerance": tolerance}  # fmt: skip
+    gate = {
+        "metric": metric,
+        "migrated": value,
+        "best_source": best,
+        "baseline": floor,
+        "tolerance": tolerance,
+    }
     if value is None or best is None or floor is None:
-        missing = [name for name, v in (("migrated", value), ("best_source", best),
-                                        ("baseline", floor)) if v is None]  # fmt: skip
-        return gate | {"passed": False, "reason": (
-            f"{metric} could not be computed for {', '.join(missing)} (too few test "
-            "interactions, or one class only); the gate fails closed. Check the set and promote "
-            "with ?force=true if you accept it.")}  # fmt: skip
+        missing = [
+            name
+            for name, v in (("migrated", value), ("best_source", best), ("baseline", floor))
+            if v is None
+        ]
+        return gate | {
+            "passed": False,
+            "reason": (
+                f"{metric} could not be computed for {', '.join(missing)} (too few test "
+                "interactions, or one class only); the gate fails closed. Check the set and promote "
+                "with ?force=true if you accept it."
+            ),
+        }
     sign = 1.0 if task.lower_is_better else -1.0
     worse_by = sign * (value - best)
     gate["worse_by"] = worse_by
     if sign * (value - floor) > 0:
-        return gate | {"passed": False, "reason": (
-            f"{metric} {value:.4f} is worse than no personalisation ({floor:.4f}, every "
-            "interaction predicted as the training data's global mean): serving this set "
-            "would hurt users whatever the tolerance.")}  # fmt: skip
+        return gate | {
+            "passed": False,
+            "reason": (
+                f"{metric} {value:.4f} is worse than no personalisation ({floor:.4f}, every "
+                "interaction predicted as the training data's global mean): serving this set "
+                "would hurt users whatever the tolerance."
+            ),
+        }
     if worse_by > tolerance:
-        return gate | {"passed": False, "reason": (
-            f"{metric} {value:.4f} is worse than the best source ({best:.4f}) by "
-            f"{worse_by:.4f}, more than the tolerance {tolerance}.")}  # fmt: skip
-    return gate | {"passed": True, "reason": "within the tolerance of the best source and "
-                   "better than no personalisation"}  # fmt: skip
+        return gate | {
+            "passed": False,
+            "reason": (
+                f"{metric} {value:.4f} is worse than the best source ({best:.4f}) by "
+                f"{worse_by:.4f}, more than the tolerance {tolerance}."
+            ),
+        }
+    return gate | {
+        "passed": True,
+        "reason": "within the tolerance of the best source and better than no personalisation",
+    }
 
 
 def gate_tolerance(job: JobRun) -> float:

@@ -168,8 +168,9 @@ def _wake(store: Store, followers: list[Follower]) -> None:
     if not followers:
         return
     settings = get_settings()
-    wake_followers(store, app, followers, delay_s=settings.follow_delay_s,
-                   ttl_s=settings.follow_wake_ttl_s)  # fmt: skip
+    wake_followers(
+        store, app, followers, delay_s=settings.follow_delay_s, ttl_s=settings.follow_wake_ttl_s
+    )
 
 
 @contextlib.contextmanager
@@ -227,5 +228,6 @@ def drain_before_promotion(job: JobRun) -> Drained:
     """finalize, once the set is sealed: apply what was written on the sources (and to the
     target model) while the job ran, before readers are moved to the set."""
     with follow_lease(job.store, job.id, wait_s=job.settings.lease_ttl_s) as holder:
-        return drain(job.store, job.store.get_job(job.id), holder=holder,
-                     batch=job.settings.follow_batch)  # fmt: skip
+        return drain(
+            job.store, job.store.get_job(job.id), holder=holder, batch=job.settings.follow_batch
+        )

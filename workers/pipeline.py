@@ -59,8 +59,16 @@ def prepare_and_train(job: JobRun) -> int:
         else:
             settings = job_recipe(job, sets=statistics)
             selected = select(job, sets=sets, splits=splits, config=settings.selection)
-            train(job, sources=sources, sets=sets, statistics=statistics, task=task,
-                  splits=splits, selected=selected, config=settings.adapter)  # fmt: skip
+            train(
+                job,
+                sources=sources,
+                sets=sets,
+                statistics=statistics,
+                task=task,
+                splits=splits,
+                selected=selected,
+                config=settings.adapter,
+            )
     return plan_mapping(job, sources=sources, task=task)
 
 
@@ -69,14 +77,24 @@ def load_sample(
 ) -> tuple[list[PromptSet], list[PromptSet]]:
     """The prompts the training stage reads, at most two samples' worth whatever the population:
     the sets of both samples' users, and those of the statistics' sample alone."""
-    drawn = draw(job.store, sources, limit=job.settings.sample_users,
-                 seed=job.migration.seed, can_train=splits.train.__contains__)  # fmt: skip
+    drawn = draw(
+        job.store,
+        sources,
+        limit=job.settings.sample_users,
+        seed=job.migration.seed,
+        can_train=splits.train.__contains__,
+    )
     if not drawn.statistics:
         raise DataError("The source prompt sets share no users; nothing to migrate.")
-    job.update(users_total=drawn.population, sample={
-        "population": drawn.population, "statistics_users": len(drawn.statistics),
-        "selection_users": len(drawn.trainable), "limit": job.settings.sample_users,
-    })  # fmt: skip
+    job.update(
+        users_total=drawn.population,
+        sample={
+            "population": drawn.population,
+            "statistics_users": len(drawn.statistics),
+            "selection_users": len(drawn.trainable),
+            "limit": job.settings.sample_users,
+        },
+    )
     wanted = sorted({*drawn.statistics, *drawn.trainable})
     loaded = [load_set(s["model"], s["version"], users=wanted, skip_missing=True) for s in sources]
     held = set(users_in_every_set(loaded))  # a user erased since the draw is left out

@@ -86,9 +86,13 @@ class Drawn:
 
 
 def draw(
-    store: Store, sources: Sequence[dict[str, str]], *, limit: int, seed: int,
+    store: Store,
+    sources: Sequence[dict[str, str]],
+    *,
+    limit: int,
+    seed: int,
     can_train: Callable[[str], bool],
-) -> Drawn:  # fmt: skip
+) -> Drawn:
     """Both samples in one pass over the sources; the population is counted exactly (SSCAN may
     list a user twice) with the sources' own count when there is one source."""
     statistics, trainable = Sample(limit, seed), Sample(limit, seed)

@@ -111,9 +111,13 @@ def start_redis(supervisor: Supervisor, *, data_dir: Path) -> str:
     log = supervisor.log_path("redis")
     # SIGTERM: Redis writes out its append-only file and exits at once.
     server = LocalRedis(
-        redis_binary(), data_dir, log=log, persist=True, own_group=True,
+        redis_binary(),
+        data_dir,
+        log=log,
+        persist=True,
+        own_group=True,
         preexec_fn=die_with_parent(signal.SIGTERM),
-    )  # fmt: skip
+    )
 
     def spawn() -> subprocess.Popen[bytes]:
         server.start(timeout_s=REDIS_LOAD_TIMEOUT_S)  # same port: clients reconnect by themselves
@@ -158,9 +162,14 @@ def spawner(supervisor: Supervisor, name: str, args: list[str], env: dict[str, s
             # SIGKILL when the supervisor dies: a worker's warm shutdown would first finish its
             # task; the broker delivers a killed task again, as after any worker crash.
             return subprocess.Popen(
-                args, cwd=ROOT, env=env, stdout=log, stderr=log, process_group=0,
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=log,
+                process_group=0,
                 preexec_fn=die_with_parent(signal.SIGKILL),
-            )  # fmt: skip
+            )
 
     return spawn
 
@@ -170,8 +179,22 @@ def start_services(supervisor: Supervisor, env: dict[str, str], port: int) -> No
 
     Settings(**{})  # validates the environment before anything else starts
     py = sys.executable
-    worker = [py, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,default",
-              "--pool", "solo", "--loglevel", "INFO", "-n", "dev@%h"]  # fmt: skip
+    worker = [
+        py,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        "gpu,default",
+        "--pool",
+        "solo",
+        "--loglevel",
+        "INFO",
+        "-n",
+        "dev@%h",
+    ]
     api = [py, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
     supervisor.start("worker", spawner(supervisor, "worker", worker, env))
     supervisor.start("api", spawner(supervisor, "api", api, env))
@@ -243,8 +266,13 @@ class Demo:
             model = self.call("POST", "/models", json={"name": name})
             print(f"  {name}: hidden size {model['hidden_size']}")
         print(f"\n== 2. Train {SOURCE} prompts for {self.args.users} MovieLens-100K users")
-        body = {"dataset": DATASET, "task": "rating", "max_users": self.args.users,
-                "epochs": self.args.epochs, "max_train_per_user": self.args.max_train}  # fmt: skip
+        body = {
+            "dataset": DATASET,
+            "task": "rating",
+            "max_users": self.args.users,
+            "epochs": self.args.epochs,
+            "max_train_per_user": self.args.max_train,
+        }
         trained = self.watch(self.call("POST", f"/models/{SOURCE}/train", json=body)["id"])
         if trained["state"] != "succeeded":
             raise SystemExit(f"Prompt training ended {trained['state']}: {trained['error']}")
@@ -314,9 +342,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-demo", action="store_true", help="only start the service")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop after the walk")
     parser.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir",
+        type=Path,
+        default=None,
         help=f"the embedded Redis's data (default: ${DATA_ENV}, else the asset cache's redis/)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--fresh", action="store_true", help="start the embedded Redis empty (drops its data)"
     )

@@ -158,9 +158,13 @@ class BodyGateMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, settings: Settings, openapi: Callable[[], dict[str, Any]],
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings,
+        openapi: Callable[[], dict[str, Any]],
         streamed: re.Pattern[str] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.app = app
         self.settings = settings
         self.openapi = openapi  # the app's document: which operations need a token

@@ -77,29 +77,35 @@ class AdapterOptions(Strict):
     lr: float | None = Field(default=None, gt=0)
     batch_size: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
     max_train_per_user: int | None = Field(
-        default=None, ge=1, le=10_000,
+        default=None,
+        ge=1,
+        le=10_000,
         description="Train the adapter on each selected user's latest N interactions only: more "
         "users for the same cost. Default: 7 on a budget, all of the dataset's with strategy "
         "`all`.",
-    )  # fmt: skip
+    )
     input_rank: int | None = Field(
-        default=None, ge=1, le=MAX_WIDTH,
+        default=None,
+        ge=1,
+        le=MAX_WIDTH,
         description="Read only the source table's top N principal directions; needs more than N "
         "prompt vectors in the source set. Default: 64, or as many as the source set has.",
-    )  # fmt: skip
+    )
     start_from_vocab_map: bool | None = Field(
         default=None,
         description="Start the adapter's linear path at the map between the models' token "
         "embeddings (true) or at zero (false, the default).",
-    )  # fmt: skip
+    )
     distill_weight: float | None = Field(
-        default=None, ge=0, le=1,
+        default=None,
+        ge=0,
+        le=1,
         description="Blend each training label with the source set's own prediction of it on the "
         "source model, this share of the prediction (0: labels alone); the rating task's "
         "cross-entropy fits the same blend of the label's digit and the source's distribution "
         "over the digits. Default: 0.8 on a budget, at one source-model pass per example; 0 "
         "with strategy `all`.",
-    )  # fmt: skip
+    )
 
 
 class QualityGate(Strict):
@@ -118,7 +124,7 @@ class MigrationCreate(Strict):
         "users. `instant`: no training and no ratings: the map between the models' token "
         "embeddings, with the source head refitted to the target on the dataset's item texts; "
         "ready in seconds, less accurate (see the README).",
-    )  # fmt: skip
+    )
     max_users: int | None = Field(default=None, ge=1, le=MAX_USERS)
     max_train_per_user: int = Field(
         default=30, ge=1, le=10_000, description="Most recent training interactions per user."

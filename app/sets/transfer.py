@@ -60,8 +60,13 @@ def export(store: Store, bundle: PublishedBundle, *, batch: int = 1000) -> Expor
         Entry("user_ids", "U8", (len(users), id_width)),
         *(Entry(name, "F32", tuple(t.shape)) for name, t in head.items()),
     ]
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": bundle.doc["task"]["name"],
-                "space": RAW, "bundle": json.dumps(bundle.doc)}  # fmt: skip
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": bundle.doc["task"]["name"],
+        "space": RAW,
+        "bundle": json.dumps(bundle.doc),
+    }
     header = header_bytes(entries, metadata)
     total = len(header) + sum(e.nbytes for e in entries)
     row_bytes = entries[0].nbytes // max(1, len(users))
@@ -75,8 +80,9 @@ def export(store: Store, bundle: PublishedBundle, *, batch: int = 1000) -> Expor
                 # A user erased since the listing: zeros, flagged absent.
                 ok = value is not None and len(value) == row_bytes
                 present[start + offset] = int(ok)
-            yield b"".join(v if v is not None and len(v) == row_bytes else bytes(row_bytes)
-                           for v in values)  # fmt: skip
+            yield b"".join(
+                v if v is not None and len(v) == row_bytes else bytes(row_bytes) for v in values
+            )
         yield bytes(present)
         yield ids
         for tensor in head.values():
@@ -128,15 +134,24 @@ def check(store: Store, model: str, setfile: SetFile, options: ImportOptions) ->
     scale = facts.input_scale if meta.get("space") == INPUT else 1.0
     _check_values(prompts, rows=rows, users=users, scale=scale, dtype=dtype)
     head = _head(store, model, task, setfile, options)
-    lineage = {"kind": "import", "format": meta.get("source_format", "prompt-set"),
-               "source": _source(bundle, meta), "parents": []}  # fmt: skip
+    lineage = {
+        "kind": "import",
+        "format": meta.get("source_format", "prompt-set"),
+        "source": _source(bundle, meta),
+        "parents": [],
+    }
     return Checked(task, users, rows, scale, head, lineage, dtype)
 
 
 def _check_contract(
-    task: Task, facts: CheckpointFacts, *, model: str, bundle: dict[str, Any] | None,
-    meta: dict[str, str], options: ImportOptions,
-) -> None:  # fmt: skip
+    task: Task,
+    facts: CheckpointFacts,
+    *,
+    model: str,
+    bundle: dict[str, Any] | None,
+    meta: dict[str, str],
+    options: ImportOptions,
+) -> None:
     """Refuse files whose prompts would silently predict differently here."""
     if meta.get("space") not in SPACES:
         raise InvalidInputError(
@@ -152,8 +167,9 @@ def _check_contract(
             )
         template = bundle.get("template", {})
         if (template.get("prefix"), template.get("suffix")) != (
-            task.template.prefix, task.template.suffix,
-        ):  # fmt: skip
+            task.template.prefix,
+            task.template.suffix,
+        ):
             raise InvalidInputError(
                 f"The file's template differs from this service's {task.name!r} template, so its "
                 "prompts would predict differently here: import only sets made with it."
@@ -212,9 +228,14 @@ def _check_users(setfile: SetFile) -> tuple[list[str], np.ndarray]:
 
 
 def _check_values(
-    prompts: np.ndarray, *, rows: np.ndarray, users: list[str], scale: float, dtype: str,
+    prompts: np.ndarray,
+    *,
+    rows: np.ndarray,
+    users: list[str],
+    scale: float,
+    dtype: str,
     batch: int = 4096,
-) -> None:  # fmt: skip
+) -> None:
     limit = float(np.finfo(codec.numpy_dtype(dtype)).max)
     for start in range(0, len(rows), batch):
         block = np.asarray(prompts[rows[start : start + batch]], dtype=np.float32) / scale
@@ -277,10 +298,15 @@ def write(
     version = store.allocate_version(model)
     template = checked.task.template
     meta = SetMeta(
-        model=model, version=version, task=checked.task.name, shape=[int(length), int(width)],
-        dtype=checked.dtype, template=template.prefix + "<prompt>" + template.suffix,
-        lineage=checked.lineage, created_at=time.time(),
-    )  # fmt: skip
+        model=model,
+        version=version,
+        task=checked.task.name,
+        shape=[int(length), int(width)],
+        dtype=checked.dtype,
+        template=template.prefix + "<prompt>" + template.suffix,
+        lineage=checked.lineage,
+        created_at=time.time(),
+    )
 
     def batches() -> Iterator[list[tuple[str, bytes]]]:
         for start in range(0, len(checked.rows), batch):

@@ -68,10 +68,13 @@ class Store(
     ReaderAclMixin,
 ):
     def __init__(
-        self, redis: Redis | RedisCluster, *, write_batch: int = 500,
+        self,
+        redis: Redis | RedisCluster,
+        *,
+        write_batch: int = 500,
         aredis: AsyncRedis | AsyncRedisCluster | None = None,
         reader_acl_users: Sequence[str] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.redis = redis
         self.write_batch = write_batch
         self.reader_acl_users = tuple(reader_acl_users)

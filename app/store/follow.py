@@ -207,6 +207,7 @@ class FollowMixin(StoreBase):
             pipe.hset(set_keys.meta, "digest", digest)
             result = Applied(created, removed, followers)
 
-        self.redis.transaction(write, set_keys.meta, set_keys.stamps, set_keys.followers,
-                               *value_keys)  # fmt: skip
+        self.redis.transaction(
+            write, set_keys.meta, set_keys.stamps, set_keys.followers, *value_keys
+        )
         return result

@@ -36,9 +36,12 @@ class SetsMixin(StoreBase):
     if TYPE_CHECKING:  # from BulkMixin
 
         def write_checked(
-            self, model: str, version: str, users: Sequence[str],
+            self,
+            model: str,
+            version: str,
+            users: Sequence[str],
             values: Sequence[bytes | memoryview],
-        ) -> tuple[int, str]: ...  # fmt: skip
+        ) -> tuple[int, str]: ...
         def set_size(self, model: str, version: str) -> int: ...
         def count_values(self, model: str, version: str) -> int: ...
         def unlink_set_keys(self, model: str, version: str) -> None: ...
@@ -119,9 +122,13 @@ class SetsMixin(StoreBase):
             pipe.execute()
 
     def write_complete_set(
-        self, meta: SetMeta, *, head: bytes, batches: Iterable[Sequence[tuple[str, bytes]]],
+        self,
+        meta: SetMeta,
+        *,
+        head: bytes,
+        batches: Iterable[Sequence[tuple[str, bytes]]],
         metrics: dict[str, Any] | None = None,
-    ) -> SetMeta:  # fmt: skip
+    ) -> SetMeta:
         """Write a whole set into its version namespace batch by batch, each read back as it is
         written (``write_checked``), then seal it on their counts and digests: the path every new
         set takes, in memory bounded by one batch."""
@@ -135,9 +142,12 @@ class SetsMixin(StoreBase):
             count += written
             digests.append(digest)
         return self.seal_set(
-            meta.model, meta.version, expected_count=count,
-            expected_digest=codec.combine_digests(digests), metrics=metrics,
-        )  # fmt: skip
+            meta.model,
+            meta.version,
+            expected_count=count,
+            expected_digest=codec.combine_digests(digests),
+            metrics=metrics,
+        )
 
     def put_head(self, model: str, version: str, head: bytes) -> None:
         self.redis.set(SetKeys(model, version).head, head)
@@ -204,17 +214,17 @@ class SetsMixin(StoreBase):
                 pipe.delete(*(set_keys.value(u) for u, _ in dropped))
                 pipe.srem(set_keys.users, *(u for u, _ in dropped))
             pipe.delete(tombstones)
-            pipe.hset(set_keys.meta, mapping={
-                "doc": json.dumps(meta.public()), "count": meta.count,
-                "digest": meta.digest, "state": SEALED,
-            })  # fmt: skip
+            pipe.hset(
+                set_keys.meta,
+                mapping={
+                    "doc": json.dumps(meta.public()),
+                    "count": meta.count,
+                    "digest": meta.digest,
+                    "state": SEALED,
+                },
+            )
 
         self.redis.transaction(seal, tombstones)
-
-    def update_metrics(self, model: str, version: str, metrics: dict[str, Any]) -> None:
-        meta = self.get_meta(model, version)
-        meta.metrics = metrics
-        self.redis.hset(SetKeys(model, version).meta, "doc", json.dumps(meta.public()))
 
     # ---- reading (workers and the sync routes; the API's hot path is in reads.py) -------------
 
@@ -267,8 +277,10 @@ class SetsMixin(StoreBase):
                 raise NotFoundError(f"Model {model!r} has no prompt set version {version!r}.")
             meta = parse_meta(raw)
             if meta.state != SEALED:
-                raise ConflictError(f"{model} version {version} is {meta.state}, not sealed: "
-                                    "onboard users onto a readable set.")  # fmt: skip
+                raise ConflictError(
+                    f"{model} version {version} is {meta.state}, not sealed: "
+                    "onboard users onto a readable set."
+                )
             old = as_bytes(pipe.get(value_key))
             followers = parse_followers(pipe.hgetall(set_keys.followers))
             follows = bool(pipe.exists(set_keys.follows))

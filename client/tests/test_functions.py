@@ -16,8 +16,10 @@ from prompt_migration_client.functions import (
 
 def test_a_read_reply_gives_each_users_value_or_none() -> None:
     assert parse_reply([3, b"m", b"2", b"\x00\x01", None, False]) == (
-        "m", "2", [b"\x00\x01", None, None],
-    )  # fmt: skip
+        "m",
+        "2",
+        [b"\x00\x01", None, None],
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,11 @@ import pytest
 from prompt_migration_client.errors import ContractError
 from prompt_migration_client.head import apply_head, sigmoid
 
-BINARY: list[dict[str, Any]] = [{"op": "difference"}, {"op": "affine", "scale": "scale", "bias": "bias"},
-          {"op": "sigmoid"}]  # fmt: skip
+BINARY: list[dict[str, Any]] = [
+    {"op": "difference"},
+    {"op": "affine", "scale": "scale", "bias": "bias"},
+    {"op": "sigmoid"},
+]
 
 
 def test_binary_head_is_the_probability_of_yes() -> None:
@@ -27,16 +30,23 @@ def test_binary_head_is_the_probability_of_yes() -> None:
 def test_rating_head_centres_runs_the_mlp_and_clamps() -> None:
     rng = np.random.default_rng(0)
     w = {
-        "mlp.0.weight": rng.normal(size=(4, 5)), "mlp.0.bias": rng.normal(size=4),
-        "mlp.2.weight": rng.normal(size=(3, 4)), "mlp.2.bias": rng.normal(size=3),
-        "mlp.4.weight": rng.normal(size=(1, 3)), "mlp.4.bias": np.array([3.5]),
-    }  # fmt: skip
+        "mlp.0.weight": rng.normal(size=(4, 5)),
+        "mlp.0.bias": rng.normal(size=4),
+        "mlp.2.weight": rng.normal(size=(3, 4)),
+        "mlp.2.bias": rng.normal(size=3),
+        "mlp.4.weight": rng.normal(size=(1, 3)),
+        "mlp.4.bias": np.array([3.5]),
+    }
     steps: list[dict[str, Any]] = [
-        {"op": "center"}, {"op": "linear", "weight": "mlp.0.weight", "bias": "mlp.0.bias"},
-        {"op": "silu"}, {"op": "linear", "weight": "mlp.2.weight", "bias": "mlp.2.bias"},
-        {"op": "silu"}, {"op": "linear", "weight": "mlp.4.weight", "bias": "mlp.4.bias"},
-        {"op": "squeeze"}, {"op": "clamp", "min": 1.0, "max": 5.0},
-    ]  # fmt: skip
+        {"op": "center"},
+        {"op": "linear", "weight": "mlp.0.weight", "bias": "mlp.0.bias"},
+        {"op": "silu"},
+        {"op": "linear", "weight": "mlp.2.weight", "bias": "mlp.2.bias"},
+        {"op": "silu"},
+        {"op": "linear", "weight": "mlp.4.weight", "bias": "mlp.4.bias"},
+        {"op": "squeeze"},
+        {"op": "clamp", "min": 1.0, "max": 5.0},
+    ]
     logits = rng.normal(size=(6, 5)) * 4
 
     def silu(x: np.ndarray) -> np.ndarray:
@@ -48,8 +58,9 @@ def test_rating_head_centres_runs_the_mlp_and_clamps() -> None:
     want = np.clip((x @ w["mlp.4.weight"].T + w["mlp.4.bias"])[:, 0], 1, 5)
     np.testing.assert_allclose(apply_head(steps, logits, w), want, rtol=1e-5, atol=1e-5)
     # A constant shift of every logit does not move the rating: the head centres them first.
-    np.testing.assert_allclose(apply_head(steps, logits + 7, w), apply_head(steps, logits, w),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        apply_head(steps, logits + 7, w), apply_head(steps, logits, w), atol=1e-5
+    )
 
 
 def test_sigmoid_saturates_without_overflow() -> None:

@@ -26,15 +26,24 @@ from prompt_migration_client.batch import batch_json, batch_safetensors, found_v
 from prompt_migration_client.operator import OperatorClient
 from prompt_migration_client.setfile import write_setfile
 
-PROMPTS = {u: np.random.default_rng(i).normal(size=(1, 4)).astype(np.float32)
-           for i, u in enumerate(["u1", "u2"])}  # fmt: skip
+PROMPTS = {
+    u: np.random.default_rng(i).normal(size=(1, 4)).astype(np.float32)
+    for i, u in enumerate(["u1", "u2"])
+}
 HEAD = save_tensors({"scale": np.array(1.5, np.float32), "bias": np.array(0.25, np.float32)})
 DOC = {
-    "model": "m", "version": "2", "prompt": {"shape": [1, 4], "dtype": "float32"},
-    "head": {"sha256": hashlib.sha256(HEAD).hexdigest(), "steps": [
-        {"op": "difference"}, {"op": "affine", "scale": "scale", "bias": "bias"},
-        {"op": "sigmoid"}]},
-}  # fmt: skip
+    "model": "m",
+    "version": "2",
+    "prompt": {"shape": [1, 4], "dtype": "float32"},
+    "head": {
+        "sha256": hashlib.sha256(HEAD).hexdigest(),
+        "steps": [
+            {"op": "difference"},
+            {"op": "affine", "scale": "scale", "bias": "bias"},
+            {"op": "sigmoid"},
+        ],
+    },
+}
 
 
 class _Set:
@@ -57,8 +66,10 @@ class Service:
             return self._prompt(request, path.split("/")[2])
         if path == "/prompts/batch":
             users = json.loads(request.content)["user_ids"]
-            found = found_values(users, [codec.encode(PROMPTS[u], "float32") if u in PROMPTS
-                                         else None for u in users])  # fmt: skip
+            found = found_values(
+                users,
+                [codec.encode(PROMPTS[u], "float32") if u in PROMPTS else None for u in users],
+            )
             if request.url.params.get("format") == "safetensors":
                 return httpx.Response(200, content=batch_safetensors(_Set(), users, found))
             return httpx.Response(200, content=batch_json(_Set(), users, found))
@@ -81,8 +92,14 @@ class Service:
         etag = f'"{user}-2"'
         if request.headers.get("If-None-Match") == etag:
             return httpx.Response(304, headers={"ETag": etag})
-        headers = {"X-Prompt-Model": "m", "X-Prompt-Version": "2", "X-Prompt-Dtype": "float32",
-                   "X-Prompt-Shape": "1,4", "ETag": etag, "X-Prompt-Digest": "d"}  # fmt: skip
+        headers = {
+            "X-Prompt-Model": "m",
+            "X-Prompt-Version": "2",
+            "X-Prompt-Dtype": "float32",
+            "X-Prompt-Shape": "1,4",
+            "ETag": etag,
+            "X-Prompt-Digest": "d",
+        }
         return httpx.Response(200, content=codec.encode(PROMPTS[user], "float32"), headers=headers)
 
 
@@ -145,8 +162,12 @@ def test_export_and_import_stream_with_progress(tmp_path: Path) -> None:
     )
     assert dest.read_bytes() == b"x" * 3000 and seen[-1] == 3000
     assert not (tmp_path / "set.safetensors.partial").exists()
-    source = write_setfile(tmp_path / "up.safetensors", prompts=np.stack(list(PROMPTS.values())),
-                           users=list(PROMPTS), metadata={"task": "binary"})  # fmt: skip
+    source = write_setfile(
+        tmp_path / "up.safetensors",
+        prompts=np.stack(list(PROMPTS.values())),
+        users=list(PROMPTS),
+        metadata={"task": "binary"},
+    )
     done = api.import_file("m", source, activate=True, dtype="float16")
     assert done == {"version": "3", "count": 2} and service.uploaded == source.read_bytes()
     assert dict(service.seen[-1].url.params) == {"activate": "true", "dtype": "float16"}

@@ -5,8 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = {"torch", "transformers", "fastapi", "celery", "uvicorn", "sklearn", "matplotlib",
-         "redis", "typer", "app", "models", "workers"}  # fmt: skip
+HEAVY = {
+    "torch",
+    "transformers",
+    "fastapi",
+    "celery",
+    "uvicorn",
+    "sklearn",
+    "matplotlib",
+    "redis",
+    "typer",
+    "app",
+    "models",
+    "workers",
+}
 
 
 def test_importing_the_client_loads_none_of_the_services_stack() -> None:
@@ -16,7 +28,10 @@ def test_importing_the_client_loads_none_of_the_services_stack() -> None:
         "import prompt_migration_client.peft, prompt_migration_client.setfile\n"
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
-    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                text=True).stdout.split())  # fmt: skip
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
     assert "prompt_migration_client" in loaded
     assert loaded & HEAVY == set()

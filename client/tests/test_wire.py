@@ -56,9 +56,12 @@ def test_a_set_file_round_trips(tmp_path: Path) -> None:
     prompts = np.random.default_rng(0).normal(size=(3, 2, 4)).astype(np.float16)
     head = {"scale": np.ones((), np.float32), "bias": np.zeros((), np.float32)}
     path = setfile.write_setfile(
-        tmp_path / "set.safetensors", prompts=prompts, users=["a", "bb", "c:1"],
-        metadata={"task": "binary", "space": "raw_embedding_table"}, head=head,
-    )  # fmt: skip
+        tmp_path / "set.safetensors",
+        prompts=prompts,
+        users=["a", "bb", "c:1"],
+        metadata={"task": "binary", "space": "raw_embedding_table"},
+        head=head,
+    )
     opened = setfile.open_setfile(path)
     assert opened.user_ids() == ["a", "bb", "c:1"] and opened.dtype == "float16"
     assert np.array_equal(np.asarray(opened.prompts), prompts)

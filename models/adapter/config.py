@@ -27,16 +27,21 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         for name in ("d_in", "d_out", "hidden"):
             if getattr(self, name) < 1:
-                raise ValueError(f"AdapterConfig.{name} must be a positive width, got "
-                                 f"{getattr(self, name)}.")  # fmt: skip
+                raise ValueError(
+                    f"AdapterConfig.{name} must be a positive width, got {getattr(self, name)}."
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must lie in [0, 1), got {self.dropout}.")
         if self.input_rank is not None and not 1 <= self.input_rank <= self.d_in:
-            raise ValueError(f"AdapterConfig.input_rank must lie in 1..d_in={self.d_in} or be "
-                             f"None (all features), got {self.input_rank}.")  # fmt: skip
+            raise ValueError(
+                f"AdapterConfig.input_rank must lie in 1..d_in={self.d_in} or be "
+                f"None (all features), got {self.input_rank}."
+            )
         if self.linear_only and not self.linear_skip:
-            raise ValueError("AdapterConfig.linear_only needs linear_skip=True: the linear path "
-                             "is then the whole adapter.")  # fmt: skip
+            raise ValueError(
+                "AdapterConfig.linear_only needs linear_skip=True: the linear path "
+                "is then the whole adapter."
+            )
         if self.out_std <= 0:
             raise ValueError(f"AdapterConfig.out_std must be positive, got {self.out_std}.")
 

@@ -24,9 +24,12 @@ class FeedForward(nn.Module):
     def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.SiLU(), nn.Dropout(dropout),
+            nn.LayerNorm(d_in),
+            nn.Linear(d_in, hidden),
+            nn.SiLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, d_out),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

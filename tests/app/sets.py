@@ -19,14 +19,24 @@ def tiny_width(model: str) -> int:
 
 
 def model_set(
-    store: Store, *, model: str = "tiny-gemma", users: list[str] | None = None,
-    task: str = "rating", length: int = 1, seed: int = 0, activate: bool = True,
+    store: Store,
+    *,
+    model: str = "tiny-gemma",
+    users: list[str] | None = None,
+    task: str = "rating",
+    length: int = 1,
+    seed: int = 0,
+    activate: bool = True,
     metrics: dict[str, object] | None = None,
-) -> tuple[str, dict[str, np.ndarray]]:  # fmt: skip
+) -> tuple[str, dict[str, np.ndarray]]:
     """A sealed set of ``model`` with a real task head; returns its version and the prompts."""
     if model not in {m["name"] for m in store.list_models()}:
-        spec = {"name": model, "checkpoint": model, "hidden_size": tiny_width(model),
-                "registered_at": time.time()}  # fmt: skip
+        spec = {
+            "name": model,
+            "checkpoint": model,
+            "hidden_size": tiny_width(model),
+            "registered_at": time.time(),
+        }
         store.put_model(model, spec)
     users = users or ["u1", "u2", "u3"]
     rng = np.random.default_rng(seed)
@@ -34,10 +44,13 @@ def model_set(
     template = get_task(task).template
     version = store.allocate_version(model)
     meta = SetMeta(
-        model=model, version=version, task=task, shape=[length, tiny_width(model)],
+        model=model,
+        version=version,
+        task=task,
+        shape=[length, tiny_width(model)],
         template=template.prefix + "<prompt>" + template.suffix,
         lineage={"kind": "train", "job": "test", "parents": []},
-    )  # fmt: skip
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = get_task(task).make_head(mean_target=3.5, seed=seed)
@@ -45,9 +58,11 @@ def model_set(
             parameter.data.add_(torch.randn_like(parameter) * 0.1)
     items = [(u, codec.encode(v, "float32")) for u, v in prompts.items()]
     store.write_complete_set(
-        meta, head=save_tensors(head.state_dict()), batches=[items],
+        meta,
+        head=save_tensors(head.state_dict()),
+        batches=[items],
         metrics=metrics or {"test": {"rmse": 1.0}},
-    )  # fmt: skip
+    )
     if activate:
         store.activate(model, version)
     return version, prompts

@@ -43,11 +43,20 @@ def _chunked(
     raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     raw += [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")]
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "headers": raw, "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": raw,
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
         "state": {},
-    }  # fmt: skip
+    }
 
     async def receive() -> Message:
         if sent.chunks_read >= chunks:

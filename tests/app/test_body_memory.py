@@ -72,9 +72,11 @@ def _send(base: str, headers: dict[str, str]) -> int:
     """POST /prompts/batch with a 200 MB chunked body (uvicorn drains what the app left unread,
     so the client gets its answer once it has sent everything)."""
     response = httpx.post(
-        f"{base}/prompts/batch", content=_body(BODY), timeout=120,
+        f"{base}/prompts/batch",
+        content=_body(BODY),
+        timeout=120,
         headers=headers | {"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     return response.status_code
 
 
@@ -91,7 +93,9 @@ def test_large_chunked_bodies_do_not_move_peak_memory(api: tuple[str, int]) -> N
         _send(base, reader()),
     ]
     after = _peak_rss(pid)
-    print(f"\n[body-memory] VmHWM before {before / 2**20:.1f} MiB, after {after / 2**20:.1f} MiB, "
-          f"statuses {statuses}")  # fmt: skip
+    print(
+        f"\n[body-memory] VmHWM before {before / 2**20:.1f} MiB, after {after / 2**20:.1f} MiB, "
+        f"statuses {statuses}"
+    )
     assert after - before <= LIMIT + MARGIN, (before, after)
     assert statuses == [401, 401, 413]

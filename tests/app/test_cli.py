@@ -57,9 +57,10 @@ def test_sets_move_out_and_in_and_versions_roll_back(
 
 
 def test_a_job_is_followed_until_it_ends(
-    run_cli: Callable[..., str], settings: Settings,
+    run_cli: Callable[..., str],
+    settings: Settings,
     start_worker: Callable[[Settings], Worker],
-) -> None:  # fmt: skip
+) -> None:
     start_worker(settings)
     run_cli("register", "tiny-llama")
     out = run_cli("train", "tiny-llama", "--dataset", "synthetic-tiny", "--epochs", "1")

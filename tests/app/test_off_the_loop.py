@@ -66,9 +66,11 @@ def test_put_waiting_on_a_write_leaves_the_loop_free(
     store: Any = patient_client.app.state.store  # type: ignore[attr-defined]
     seed_set(store, model="m-a", users=["u1"])
     sent = _loop_turns_while_paused(
-        patient_client, store_redis, pause="WRITE",
+        patient_client,
+        store_redis,
+        pause="WRITE",
         request=lambda: patient_client.put(
             "/users/u2/prompt", json={"values": [[1.0] * 8]}, headers=admin()
         ),
-    )  # fmt: skip
+    )
     assert sent.result(timeout=HANG_S).status_code == 200

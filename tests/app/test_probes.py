@@ -23,8 +23,9 @@ def api(settings: Settings, store_redis: Redis, tmp_path: Path) -> Iterator[str]
     port = free_port()
     log = (tmp_path / "api.log").open("wb")
     args = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
-    proc = subprocess.Popen([*args, "--no-access-log"], cwd=ROOT, env=worker_env(settings),
-                            stdout=log, stderr=log)  # fmt: skip
+    proc = subprocess.Popen(
+        [*args, "--no-access-log"], cwd=ROOT, env=worker_env(settings), stdout=log, stderr=log
+    )
     base = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:

@@ -167,8 +167,9 @@ def test_not_found_messages_say_what_to_do(client: TestClient, store: Store) -> 
     unknown = client.get("/users/u1/prompt?model=nope", headers=reader())
     assert unknown.status_code == 404 and "POST /models" in unknown.json()["detail"]
     store.put_model("m-b", {"name": "m-b", "checkpoint": "m-b", "registered_at": 0})
-    inactive = client.post("/prompts/batch", json={"user_ids": ["u1"], "model": "m-b"},
-                           headers=reader())  # fmt: skip
+    inactive = client.post(
+        "/prompts/batch", json={"user_ids": ["u1"], "model": "m-b"}, headers=reader()
+    )
     assert inactive.status_code == 404 and "no active prompt set" in inactive.json()["detail"]
     nobody = client.get("/users/nobody/prompt", headers=reader())
     assert nobody.status_code == 404 and "nobody" in nobody.json()["detail"]

@@ -90,11 +90,15 @@ def test_cluster_url_names_no_database() -> None:
     broker, backend = "redis://broker:6379/0", "redis://broker:6379/1"
     with pytest.raises(ValidationError, match="only database 0"):
         Settings(
-            redis_url="redis://node-1:6379/2", redis_cluster=True, broker_url=broker,
+            redis_url="redis://node-1:6379/2",
+            redis_cluster=True,
+            broker_url=broker,
             result_backend=backend,
-        )  # fmt: skip
+        )
     settings = Settings(
-        redis_url="redis://node-1:6379/0", redis_cluster=True, broker_url=broker,
+        redis_url="redis://node-1:6379/0",
+        redis_cluster=True,
+        broker_url=broker,
         result_backend=backend,
-    )  # fmt: skip
+    )
     assert settings.redis_cluster

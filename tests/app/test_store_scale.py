@@ -32,8 +32,9 @@ def _written(
 ) -> tuple[str, list[tuple[str, bytes]]]:
     version = store.allocate_version(model)
     rng = np.random.default_rng(0)
-    items = [(f"u{i:05d}", codec.encode(rng.normal(size=(1, WIDTH)), "float32"))
-             for i in range(users)]  # fmt: skip
+    items = [
+        (f"u{i:05d}", codec.encode(rng.normal(size=(1, WIDTH)), "float32")) for i in range(users)
+    ]
     store.begin_set(SetMeta(model=model, version=version, task="rating", shape=[1, WIDTH]))
     store.write_prompts(model, version, items)
     return version, items
@@ -46,8 +47,9 @@ def _bytes_sent(store: Store) -> int:
 def test_sealing_reads_no_value_back_yet_refuses_a_set_missing_a_value(plain: Store) -> None:
     version, items = _written(plain, "m-s")
     before = _bytes_sent(plain)
-    meta = plain.seal_set("m-s", version, expected_count=len(items),
-                          expected_digest=codec.set_digest(items))  # fmt: skip
+    meta = plain.seal_set(
+        "m-s", version, expected_count=len(items), expected_digest=codec.set_digest(items)
+    )
     sent = _bytes_sent(plain) - before
     assert (meta.state, meta.count, meta.digest) == ("sealed", USERS, codec.set_digest(items))
     values = sum(len(v) for _, v in items)
@@ -56,8 +58,9 @@ def test_sealing_reads_no_value_back_yet_refuses_a_set_missing_a_value(plain: St
     lost, items = _written(plain, "m-s")
     plain.redis.delete(f"pm:{{m-s:{lost}}}:u:{items[1234][0]}")  # one chunk lost a value
     with pytest.raises(IntegrityError, match="2999 stored"):
-        plain.seal_set("m-s", lost, expected_count=len(items),
-                       expected_digest=codec.set_digest(items))  # fmt: skip
+        plain.seal_set(
+            "m-s", lost, expected_count=len(items), expected_digest=codec.set_digest(items)
+        )
     assert plain.get_meta("m-s", lost).state == "writing"
 
 
@@ -71,8 +74,9 @@ def test_a_write_is_read_back_as_it_is_made(plain: Store) -> None:
 
 def test_deleting_a_version_unlinks_its_keys_a_bounded_batch_at_a_time(plain: Store) -> None:
     version, items = _written(plain, "m-d")
-    plain.seal_set("m-d", version, expected_count=len(items),
-                   expected_digest=codec.set_digest(items))  # fmt: skip
+    plain.seal_set(
+        "m-d", version, expected_count=len(items), expected_digest=codec.set_digest(items)
+    )
     redis = plain.redis
     old = {str(k): str(v) for k, v in redis.config_get("slowlog-*").items()}
     redis.config_set("slowlog-max-len", 100_000)
@@ -85,8 +89,12 @@ def test_deleting_a_version_unlinks_its_keys_a_bounded_batch_at_a_time(plain: St
         for name, value in old.items():
             redis.config_set(name, value)
     assert not list(redis.scan_iter(match=f"pm:{{m-d:{version}}}:*"))
-    removals = [entry for entry in log if entry["command"].split(b" ")[0].upper() in
-                (b"DEL", b"UNLINK") and b"{m-d:" in entry["command"]]  # fmt: skip
+    removals = [
+        entry
+        for entry in log
+        if entry["command"].split(b" ")[0].upper() in (b"DEL", b"UNLINK")
+        and b"{m-d:" in entry["command"]
+    ]
     assert removals
     for entry in removals:
         name = entry["command"].split(b" ")[0].upper()

@@ -39,8 +39,12 @@ def test_export_then_import_gives_the_same_set(
     version, prompts = model_set(store, users=USERS, length=2)
     api = operator(client)
     seen: list[tuple[int, int]] = []
-    path = api.export("tiny-gemma", version, tmp_path / "set.safetensors",
-                      on_progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    path = api.export(
+        "tiny-gemma",
+        version,
+        tmp_path / "set.safetensors",
+        on_progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen[-1][0] == seen[-1][1] == path.stat().st_size
     tensors = load_file(path)  # the safetensors library reads it as it is
     assert tensors["prompts"].shape == (5, 2, 48) and tensors["present"].tolist() == [1] * 5
@@ -84,18 +88,23 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     nan = good.copy()
     nan[2, 0, 5] = np.nan
     cases = {
-        "width": (rng.normal(size=(4, 1, 32)).astype(np.float32), ["a", "b", "c", "d"],
-                  "hidden size is 48"),
+        "width": (
+            rng.normal(size=(4, 1, 32)).astype(np.float32),
+            ["a", "b", "c", "d"],
+            "hidden size is 48",
+        ),
         "nan": (nan, ["a", "b", "c", "d"], "Row 2 (user 'c') holds NaN"),
         "duplicate": (good, ["a", "b", "a", "d"], "Rows 0 and 2 both hold user 'a'"),
         "invalid id": (good, ["a", "b c", "c", "d"], "Row 1: user id 'b c' is invalid"),
         "no head": (good, ["a", "b", "c", "d"], "carries no task head"),
-    }  # fmt: skip
+    }
     return {
-        name: (write_setfile(tmp_path / f"{name}.safetensors", prompts=p, users=u, metadata=meta),
-               phrase)
+        name: (
+            write_setfile(tmp_path / f"{name}.safetensors", prompts=p, users=u, metadata=meta),
+            phrase,
+        )
         for name, (p, u, phrase) in cases.items()
-    }  # fmt: skip
+    }
 
 
 def test_bad_files_are_refused_and_nothing_changes(

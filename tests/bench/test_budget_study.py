@@ -22,8 +22,22 @@ def test_budget_study_scores_validation_only(
 
     monkeypatch.setattr(budget, "preset_splits", splits_without_test)
     out = tmp_path / "budget.json"
-    budget.main(["--preset", "smoke", "--input-ranks", "none,4", "--budgets", "8:2,12:1:4:3",
-                 "--strategies", "puma", "--seeds", "0", "--out", str(out)])  # fmt: skip
+    budget.main(
+        [
+            "--preset",
+            "smoke",
+            "--input-ranks",
+            "none,4",
+            "--budgets",
+            "8:2,12:1:4:3",
+            "--strategies",
+            "puma",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["split"] == "validation"
     assert set(result["reference"]) == {"user_mean", "source"}
@@ -31,8 +45,11 @@ def test_budget_study_scores_validation_only(
     cap = quality.PRESETS["smoke"].budget_migration.max_train_per_user  # the recipe's
     keys = ("input_rank", "budget", "epochs", "batch_size", "max_train_per_user")
     assert [tuple(r[k] for k in keys) for r in result["summary"]] == [
-        (None, 8, 2, batch, cap), (None, 12, 1, 4, 3), (4, 8, 2, batch, cap), (4, 12, 1, 4, 3)
-    ]  # fmt: skip
+        (None, 8, 2, batch, cap),
+        (None, 12, 1, 4, 3),
+        (4, 8, 2, batch, cap),
+        (4, 12, 1, 4, 3),
+    ]
     for run in result["runs"]:
         assert run["lr"] == quality.PRESETS["smoke"].budget_migration.lr  # the preset's, by default
         assert 0 < run["val_rmse"] < 5 and 0 < run["val_rmse_unselected"] < 5
@@ -75,9 +92,24 @@ def test_budget_study_varies_any_field_of_the_configuration(
         return study(*args, on_run=after_run, **kwargs)
 
     monkeypatch.setattr(budget, "run", run_recording_the_file)
-    budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma", "--seeds", "0",
-                 "--set", "preset", "--set", "dropout=0.3,start_from_vocab_map=false",
-                 "--out", str(out)])  # fmt: skip
+    budget.main(
+        [
+            "--preset",
+            "smoke",
+            "--budgets",
+            "8:1",
+            "--strategies",
+            "puma",
+            "--seeds",
+            "0",
+            "--set",
+            "preset",
+            "--set",
+            "dropout=0.3,start_from_vocab_map=false",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     varied_text = "dropout=0.3,start_from_vocab_map=False"
     assert [r["set"] for r in result["summary"]] == ["", varied_text]
@@ -89,14 +121,20 @@ def test_budget_study_varies_any_field_of_the_configuration(
     assert written == [(1, False), (2, False)] and result["complete"] is True
 
 
-@pytest.mark.parametrize("option, bad, message", [
-    ("--set", "dropout", "write FIELD=VALUE"), ("--set", "colour=red", "write FIELD=VALUE"),
-    ("--set", "lr=1e-3", "write FIELD=VALUE"), ("--set", "hidden=wide", "of type int"),
-    ("--set", "start_from_vocab_map=yes", "of type bool"), ("--set", "hidden=0", "must be >= 1"),
-    ("--selection", "floor_share=2", "floor_share must lie in [0, 1]"),
-    ("--selection", "variance_weighting=high", "must be one of"),
-    ("--selection", "dropout=0.3", "write FIELD=VALUE"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option, bad, message",
+    [
+        ("--set", "dropout", "write FIELD=VALUE"),
+        ("--set", "colour=red", "write FIELD=VALUE"),
+        ("--set", "lr=1e-3", "write FIELD=VALUE"),
+        ("--set", "hidden=wide", "of type int"),
+        ("--set", "start_from_vocab_map=yes", "of type bool"),
+        ("--set", "hidden=0", "must be >= 1"),
+        ("--selection", "floor_share=2", "floor_share must lie in [0, 1]"),
+        ("--selection", "variance_weighting=high", "must be one of"),
+        ("--selection", "dropout=0.3", "write FIELD=VALUE"),
+    ],
+)
 def test_budget_study_rejects_a_malformed_variant(
     option: str, bad: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -107,8 +145,24 @@ def test_budget_study_rejects_a_malformed_variant(
 
 def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
     out = tmp_path / "all.json"
-    budget.main(["--preset", "smoke", "--base", "migration", "--budgets", "1:1", "--lrs", "0.002",
-                 "--strategies", "all", "--seeds", "0", "--out", str(out)])  # fmt: skip
+    budget.main(
+        [
+            "--preset",
+            "smoke",
+            "--base",
+            "migration",
+            "--budgets",
+            "1:1",
+            "--lrs",
+            "0.002",
+            "--strategies",
+            "all",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["base"] == "migration"
     [run] = result["runs"]
@@ -120,24 +174,55 @@ def test_budget_study_tunes_the_adapter_on_all_users(tmp_path: Path) -> None:
 
 def test_budget_study_varies_puma_selection_and_runs_random_once(tmp_path: Path) -> None:
     out = tmp_path / "selection.json"
-    budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma,random",
-                 "--seeds", "0", "--selection", "preset",
-                 "--selection", "floor_share=0.0,variance_weighting=uniform",
-                 "--out", str(out)])  # fmt: skip
+    budget.main(
+        [
+            "--preset",
+            "smoke",
+            "--budgets",
+            "8:1",
+            "--strategies",
+            "puma,random",
+            "--seeds",
+            "0",
+            "--selection",
+            "preset",
+            "--selection",
+            "floor_share=0.0,variance_weighting=uniform",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     varied = "floor_share=0.0,variance_weighting=uniform"
     assert [(r["selection"], r["strategy"]) for r in result["runs"]] == [
-        ("", "puma"), ("", "random"), (varied, "puma")
-    ]  # fmt: skip
+        ("", "puma"),
+        ("", "random"),
+        (varied, "puma"),
+    ]
     assert all(0 < r["val_rmse"] < 5 for r in result["runs"])
 
 
 def test_budget_study_separates_the_adapter_seed_from_the_users(tmp_path: Path) -> None:
     out = tmp_path / "adapter-seeds.json"
-    budget.main(["--preset", "smoke", "--budgets", "8:1", "--strategies", "puma", "--seeds", "0",
-                 "--adapter-seeds", "0,1", "--out", str(out)])  # fmt: skip
+    budget.main(
+        [
+            "--preset",
+            "smoke",
+            "--budgets",
+            "8:1",
+            "--strategies",
+            "puma",
+            "--seeds",
+            "0",
+            "--adapter-seeds",
+            "0,1",
+            "--out",
+            str(out),
+        ]
+    )
     runs = json.loads(out.read_text())["runs"]
     assert [(r["seed"], r["adapter_seed"], r["config"]["seed"]) for r in runs] == [
-        (0, 0, 0), (0, 1, 1)
-    ]  # fmt: skip
+        (0, 0, 0),
+        (0, 1, 1),
+    ]
     assert runs[0]["val_rmse"] != runs[1]["val_rmse"]  # same users, another adapter

@@ -9,10 +9,28 @@ import pytest
 
 from bench import quality
 
-METHODS = {"global_mean", "user_mean", "source", "instant", "random_init", "retrain",
-           "puma_all", "puma_budget", "random_budget"}  # fmt: skip
-FIELDS = {"method", "rmse", "mae", "auc", "uauc", "rmse_ci95_vs_retrain", "train_seconds",
-          "example_passes", "users_trained"}  # fmt: skip
+METHODS = {
+    "global_mean",
+    "user_mean",
+    "source",
+    "instant",
+    "random_init",
+    "retrain",
+    "puma_all",
+    "puma_budget",
+    "random_budget",
+}
+FIELDS = {
+    "method",
+    "rmse",
+    "mae",
+    "auc",
+    "uauc",
+    "rmse_ci95_vs_retrain",
+    "train_seconds",
+    "example_passes",
+    "users_trained",
+}
 
 
 def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(
@@ -22,8 +40,16 @@ def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(
     quality.main(["--preset", "smoke", "--out", str(out)])
     logged = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert {"preset", "dataset", "task", "source_model", "target_model", "n_users",
-            "budget_users", "rows"} <= result.keys()  # fmt: skip
+    assert {
+        "preset",
+        "dataset",
+        "task",
+        "source_model",
+        "target_model",
+        "n_users",
+        "budget_users",
+        "rows",
+    } <= result.keys()
     smoke = quality.PRESETS["smoke"]
     assert result["configs"]["budget_migration"]["epochs"] == smoke.budget_migration.epochs
     assert result["configs"]["prompt"]["lr"] == smoke.prompt.lr

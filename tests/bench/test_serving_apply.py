@@ -11,21 +11,54 @@ from tests.conftest import RedisClusterServer, RedisServer
 
 BENCH_DB = 3  # apart from the store (0) and broker (1) databases other tests flush
 
-PHASES = {"raw_redis_get", "raw_redis_pipeline", "raw_client_get", "direct_redis",
-          "minimal_fastapi", "api_single", "api_batch", "api_batch_safetensors"}  # fmt: skip
+PHASES = {
+    "raw_redis_get",
+    "raw_redis_pipeline",
+    "raw_client_get",
+    "direct_redis",
+    "minimal_fastapi",
+    "api_single",
+    "api_batch",
+    "api_batch_safetensors",
+}
 HTTP = {p for p in PHASES if p.startswith(("api", "minimal"))}
-PHASE_FIELDS = {"requests", "errors", "seconds", "items_per_request", "requests_per_s",
-                "items_per_s", "latency_ms", "cpu_seconds"}  # fmt: skip
-TINY = ["--users", "60", "--concurrency", "2", "--seconds", "1", "--warmup", "0",
-        "--batch-size", "8"]  # fmt: skip
+PHASE_FIELDS = {
+    "requests",
+    "errors",
+    "seconds",
+    "items_per_request",
+    "requests_per_s",
+    "items_per_s",
+    "latency_ms",
+    "cpu_seconds",
+}
+TINY = [
+    "--users",
+    "60",
+    "--concurrency",
+    "2",
+    "--seconds",
+    "1",
+    "--warmup",
+    "0",
+    "--batch-size",
+    "8",
+]
 
 
 def test_serving_measures_redis_the_floor_and_the_api_in_one_run(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     out = tmp_path / "serving.json"
-    argv = ["--out", str(out), *TINY, "--api-workers", "1,2", "--redis-url",
-            redis_server.url(BENCH_DB)]  # fmt: skip
+    argv = [
+        "--out",
+        str(out),
+        *TINY,
+        "--api-workers",
+        "1,2",
+        "--redis-url",
+        redis_server.url(BENCH_DB),
+    ]
     serving.main(argv)
     result = json.loads(out.read_text())
     assert result["config"]["users"] == 60
@@ -66,8 +99,16 @@ def test_serving_on_a_redis_cluster_reads_every_phase_without_errors(
 ) -> None:
     redis_cluster.flush()
     out = tmp_path / "serving-cluster.json"
-    argv = ["--out", str(out), *TINY, "--api-workers", "1", "--redis-url", redis_cluster.url(),
-            "--cluster"]  # fmt: skip
+    argv = [
+        "--out",
+        str(out),
+        *TINY,
+        "--api-workers",
+        "1",
+        "--redis-url",
+        redis_cluster.url(),
+        "--cluster",
+    ]
     result = serving.main(argv)
     assert "Cluster" in result["config"]["redis"]
     assert set(result["measurements"]) == PHASES
@@ -80,8 +121,20 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
 ) -> None:
     out = tmp_path / "apply.json"
     url = redis_server.url(BENCH_DB)
-    apply.main(["--out", str(out), "--users", "300", "--chunk-sizes", "64,128", "--repeat", "2",
-                "--redis-url", url])  # fmt: skip
+    apply.main(
+        [
+            "--out",
+            str(out),
+            "--users",
+            "300",
+            "--chunk-sizes",
+            "64,128",
+            "--repeat",
+            "2",
+            "--redis-url",
+            url,
+        ]
+    )
     result = json.loads(out.read_text())
     cfg = result["config"]
     assert cfg["users"] == 300
@@ -102,8 +155,11 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
     from redis import Redis
 
     client = Redis.from_url(url)
-    leftover = [key for name in ("bench-source", "bench-target")
-                for key in client.scan_iter(match=f"pm:{{{name}:*", count=1000)]  # fmt: skip
+    leftover = [
+        key
+        for name in ("bench-source", "bench-target")
+        for key in client.scan_iter(match=f"pm:{{{name}:*", count=1000)
+    ]
     client.close()
     assert leftover == []  # the benchmark deleted its sets
 
@@ -111,6 +167,20 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
 def test_apply_float16_halves_the_stored_bytes(redis_server: RedisServer, tmp_path: Path) -> None:
     out = tmp_path / "apply16.json"
     url = redis_server.url(BENCH_DB)
-    result = apply.main(["--out", str(out), "--users", "40", "--dtype", "float16",
-                         "--chunk-sizes", "16", "--repeat", "1", "--redis-url", url])  # fmt: skip
+    result = apply.main(
+        [
+            "--out",
+            str(out),
+            "--users",
+            "40",
+            "--dtype",
+            "float16",
+            "--chunk-sizes",
+            "16",
+            "--repeat",
+            "1",
+            "--redis-url",
+            url,
+        ]
+    )
     assert result["config"]["value_bytes"]["target"] == 640 * 2

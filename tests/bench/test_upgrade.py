@@ -8,11 +8,30 @@ from pathlib import Path
 
 from bench import upgrade
 
-TINY = ["--source", "tiny-llama", "--target", "tiny-gemma", "--dataset", "synthetic-tiny",
-        "--budget", "8", "--train-users", "0", "--train-epochs", "2", "--max-train", "30",
-        "--job-extra", json.dumps({"adapter": {"epochs": 2, "hidden": 16},
-                                   "quality_gate": {"tolerance": 100.0}}),
-        "--write-rate", "20", "--idle-seconds", "1", "--sample", "50"]  # fmt: skip
+TINY = [
+    "--source",
+    "tiny-llama",
+    "--target",
+    "tiny-gemma",
+    "--dataset",
+    "synthetic-tiny",
+    "--budget",
+    "8",
+    "--train-users",
+    "0",
+    "--train-epochs",
+    "2",
+    "--max-train",
+    "30",
+    "--job-extra",
+    json.dumps({"adapter": {"epochs": 2, "hidden": 16}, "quality_gate": {"tolerance": 100.0}}),
+    "--write-rate",
+    "20",
+    "--idle-seconds",
+    "1",
+    "--sample",
+    "50",
+]
 
 
 def test_upgrade_benchmark_runs_the_whole_job_and_checks_it(tmp_path: Path) -> None:

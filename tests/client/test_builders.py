@@ -41,14 +41,15 @@ def test_predictions_built_from_http_answers_equal_the_services(
     version, _ = model_set(store, model=name, task=task, length=2)
     api = PromptClient(token=READER, http=client)
     model, tokenizer = checkpoint(name)
-    predictor = Predictor(api, model_name=name, version=version, model=model,
-                          tokenizer=tokenizer)  # fmt: skip
+    predictor = Predictor(api, model_name=name, version=version, model=model, tokenizer=tokenizer)
     users = ["u1", "u2", "u3"]
     interactions = {u: [Interaction(u, t, t, 1.0, 0.0) for t in ITEMS] for u in users}
     service = predict_set(
-        FoundationModel.load(name, device="cpu", dtype=torch.float32), get_task(task),
-        load_set(name, version, db=store), interactions,
-    )  # fmt: skip
+        FoundationModel.load(name, device="cpu", dtype=torch.float32),
+        get_task(task),
+        load_set(name, version, db=store),
+        interactions,
+    )
     ours = [predictor.predict(u, t) for u in users for t in ITEMS]
     assert service.user_ids == [u for u in users for _ in ITEMS]
     np.testing.assert_allclose(ours, service.predictions, atol=1e-5)

@@ -79,8 +79,9 @@ def _unsealed_set(store: Store) -> str:
 
 
 def _seal(store: Store, version: str) -> None:
-    store.seal_set("tiny-gemma", version, expected_count=1,
-                   expected_digest=codec.set_digest([("u1", VALUE)]))  # fmt: skip
+    store.seal_set(
+        "tiny-gemma", version, expected_count=1, expected_digest=codec.set_digest([("u1", VALUE)])
+    )
 
 
 def test_a_reader_can_run_only_the_service_read(
@@ -95,7 +96,12 @@ def test_a_reader_can_run_only_the_service_read(
     attempts: list[tuple[object, ...]] = [
         ("SCRIPT", "LOAD", LOOP),
         ("EVAL", LOOP, "0"),
-        ("FUNCTION", "LOAD", "REPLACE", f"#!lua name=mine\nredis.register_function('f', function() {LOOP} end)"),
+        (
+            "FUNCTION",
+            "LOAD",
+            "REPLACE",
+            f"#!lua name=mine\nredis.register_function('f', function() {LOOP} end)",
+        ),
         ("FCALL", READ, "1", ACTIVE, "tiny-gemma", "", "u1"),
         ("HGETALL", job),
         ("GET", job),
@@ -106,7 +112,7 @@ def test_a_reader_can_run_only_the_service_read(
         ("HGETALL", SetKeys("tiny-gemma", writing).meta),
         ("HSET", ACTIVE, "tiny-gemma", writing),
         ("FLUSHALL",),
-    ]  # fmt: skip
+    ]
 
     with Redis.from_url(reader_url) as as_reader:
         for attempt in attempts:
@@ -118,8 +124,10 @@ def test_a_reader_can_run_only_the_service_read(
                 as_reader.fcall_ro(READ_SET, len(keys), *keys, "tiny-gemma", sealed)
         # An unsealed set's keys are not granted: the function may not read them either.
         unsealed = SetKeys("tiny-gemma", writing)
-        for function, keys in ((READ_SET, [unsealed.meta, unsealed.value("u1")]),
-                               (FORMAT, [unsealed.meta])):  # fmt: skip
+        for function, keys in (
+            (READ_SET, [unsealed.meta, unsealed.value("u1")]),
+            (FORMAT, [unsealed.meta]),
+        ):
             with pytest.raises(ResponseError):
                 as_reader.fcall_ro(function, len(keys), *keys, "tiny-gemma", writing)
         with pytest.raises(ResponseError):
@@ -154,8 +162,12 @@ def test_a_reader_is_granted_the_keys_of_readable_sets_only(
     with Redis.from_url(reader_url) as as_reader:
         assert as_reader.get(old.value("u1")) == prompts["u1"].astype("<f4").tobytes()
         # Still being written: no GET or HGET by key name, and no read through the function.
-        for command in (("GET", new.value("u1")), ("HGET", new.meta, "state"),
-                        ("HGET", new.meta, "doc"), ("GET", new.value("ghost"))):  # fmt: skip
+        for command in (
+            ("GET", new.value("u1")),
+            ("HGET", new.meta, "state"),
+            ("HGET", new.meta, "doc"),
+            ("GET", new.value("ghost")),
+        ):
             assert _refused(as_reader, *command), command
         with pytest.raises(ResponseError):
             as_reader.fcall_ro(READ, 1, ACTIVE, "tiny-gemma", writing, "u1")
@@ -181,8 +193,11 @@ def test_a_reader_that_lost_its_grants_gets_them_back(
     store_redis.execute_command("ACL", "SETUSER", READER_USER, *ACL_RULES)
     with Redis.from_url(reader_url) as as_reader:
         # Refused until the API's next check (every 0.2 s here), never granted more.
-        wait_for(lambda: not _refused(as_reader, "GET", value_key), timeout=30,
-                 what="the API to grant the reader its sets again")  # fmt: skip
+        wait_for(
+            lambda: not _refused(as_reader, "GET", value_key),
+            timeout=30,
+            what="the API to grant the reader its sets again",
+        )
         assert as_reader.get(value_key) == prompts["u1"].astype("<f4").tobytes()
 
 
@@ -217,8 +232,9 @@ def test_the_api_refuses_to_start_when_it_may_not_grant_readers(
 ) -> None:
     from app.main import create_app
 
-    store_redis.execute_command("ACL", "SETUSER", "pm-no-acl", "on", ">svc-secret", "~*", "&*",
-                                "+@all", "-@admin")  # fmt: skip
+    store_redis.execute_command(
+        "ACL", "SETUSER", "pm-no-acl", "on", ">svc-secret", "~*", "&*", "+@all", "-@admin"
+    )
     url = f"redis://pm-no-acl:svc-secret@127.0.0.1:{redis_server.port}/0"
     settings = make_settings(redis_server, redis_url=url, reader_acl_users=[READER_USER])
     try:
@@ -234,8 +250,10 @@ def test_the_api_refuses_to_start_when_it_may_not_grant_readers(
 def test_grant_patterns_match_only_their_own_keys() -> None:
     assert escape_glob("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\"
     assert reader_key_patterns([("m", "2")]) == [
-        "%R~pm:{registry}:active", "%R~pm:{m:2}:meta", "%R~pm:{m:2}:u:*",
-    ]  # fmt: skip
+        "%R~pm:{registry}:active",
+        "%R~pm:{m:2}:meta",
+        "%R~pm:{m:2}:u:*",
+    ]
 
 
 @pytest.fixture
@@ -246,8 +264,12 @@ def managed_cluster_client(
     from app.main import create_app
 
     redis_cluster.flush()
-    settings = make_settings(redis_server, redis_url=redis_cluster.url(), redis_cluster=True,
-                             reader_acl_users=[READER_USER])  # fmt: skip
+    settings = make_settings(
+        redis_server,
+        redis_url=redis_cluster.url(),
+        redis_cluster=True,
+        reader_acl_users=[READER_USER],
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -310,6 +332,8 @@ def test_a_reader_is_told_when_the_functions_are_missing(
     with pytest.raises(Unavailable, match="start the API"):
         asyncio.run(read())
     # The API's next read loads them again.
-    assert client.post("/prompts/batch", json={"user_ids": ["u1"]},
-                       headers=reader()).status_code == 200  # fmt: skip
+    assert (
+        client.post("/prompts/batch", json={"user_ids": ["u1"]}, headers=reader()).status_code
+        == 200
+    )
     asyncio.run(read())

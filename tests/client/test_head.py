@@ -38,8 +38,10 @@ def test_numpy_head_gives_the_services_predictions(task: str, scale: float) -> N
 def test_the_store_builds_the_keys_readers_hand_the_functions() -> None:
     assert (keys.ACTIVE, keys.DEFAULT_MODEL) == (ACTIVE, DEFAULT_MODEL)
     set_keys = keys.SetKeys("tiny-gemma", "3")
-    assert (set_keys.meta, set_keys.values) == (meta_key("tiny-gemma", "3"),
-                                                values_prefix("tiny-gemma", "3"))  # fmt: skip
+    assert (set_keys.meta, set_keys.values) == (
+        meta_key("tiny-gemma", "3"),
+        values_prefix("tiny-gemma", "3"),
+    )
 
 
 def test_reading_and_the_head_need_no_torch() -> None:
@@ -50,6 +52,15 @@ def test_reading_and_the_head_need_no_torch() -> None:
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    heavy = {"torch", "transformers", "fastapi", "celery", "sklearn", "matplotlib", "app",
-             "models", "workers"}  # fmt: skip
+    heavy = {
+        "torch",
+        "transformers",
+        "fastapi",
+        "celery",
+        "sklearn",
+        "matplotlib",
+        "app",
+        "models",
+        "workers",
+    }
     assert set(done.stdout.split()) & heavy == set()

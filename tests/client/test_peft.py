@@ -36,8 +36,9 @@ def peft_adapters(root: Path, users: list[str]) -> dict[str, np.ndarray]:
     """One adapter per user, written by PEFT itself; returns their vectors (model-input space)."""
     vectors = {}
     for seed, user in enumerate(users):
-        model = get_peft_model(base_model(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                                num_virtual_tokens=2))  # fmt: skip
+        model = get_peft_model(
+            base_model(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)
+        )
         encoder: Any = model.prompt_encoder["default"]
         weight = encoder.embedding.weight
         weight.data = torch.randn(
@@ -59,8 +60,9 @@ def test_peft_adapters_import_only_for_the_templates_place(
     with pytest.raises(BadRequest, match="prepends its virtual tokens"):
         api.import_file("tiny-gemma", unplaced, head_from_version=head_version)
     assert stored(store_redis) == before
-    placed = adapters_to_setfile(tmp_path / "peft", tmp_path / "b.safetensors", task="rating",
-                                 placement="template")  # fmt: skip
+    placed = adapters_to_setfile(
+        tmp_path / "peft", tmp_path / "b.safetensors", task="rating", placement="template"
+    )
     done = api.import_file("tiny-gemma", placed, head_from_version=head_version)
     values = store.get_prompts("tiny-gemma", done["version"], ["u1", "u2", "u3"])
     for user, value in zip(["u1", "u2", "u3"], values, strict=True):
@@ -97,20 +99,25 @@ def test_exported_adapters_load_in_peft_and_come_back(
     done = api.import_file("tiny-gemma", back, head_from_version=version)  # stamped: no flag
     (value,) = store.get_prompts("tiny-gemma", done["version"], ["u2"])
     assert value is not None
-    np.testing.assert_allclose(np.frombuffer(value, "<f4").reshape(2, 48), prompts["u2"],
-                               rtol=1e-6, atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        np.frombuffer(value, "<f4").reshape(2, 48), prompts["u2"], rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("user", ["../escaped", "..", ".", "ABSOLUTE", "a/b", "caf\u00e9"])
 def test_export_never_writes_outside_its_folder(tmp_path: Path, user: str) -> None:
     user = str(tmp_path / "absolute") if user == "ABSOLUTE" else user
-    bundle = {"prompt": {"shape": [1, 4]}, "scale": {"input_scale": 1.0},
-              "checkpoint": {"name": "tiny-gemma"}}  # fmt: skip
+    bundle = {
+        "prompt": {"shape": [1, 4]},
+        "scale": {"input_scale": 1.0},
+        "checkpoint": {"name": "tiny-gemma"},
+    }
     source = setfile.write_setfile(
-        tmp_path / "set.safetensors", prompts=np.ones((2, 1, 4), dtype=np.float32),
+        tmp_path / "set.safetensors",
+        prompts=np.ones((2, 1, 4), dtype=np.float32),
         users=["ok", user.encode("ascii", "replace").decode()],
         metadata={"space": contract.RAW, "bundle": json.dumps(bundle)},
-    )  # fmt: skip
+    )
     (tmp_path / "out").mkdir()
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(ContractError, match="cannot name a folder"):
@@ -119,12 +126,17 @@ def test_export_never_writes_outside_its_folder(tmp_path: Path, user: str) -> No
 
 
 def test_export_refuses_a_link_out_of_its_folder(tmp_path: Path) -> None:
-    bundle = {"prompt": {"shape": [1, 4]}, "scale": {"input_scale": 1.0},
-              "checkpoint": {"name": "tiny-gemma"}}  # fmt: skip
+    bundle = {
+        "prompt": {"shape": [1, 4]},
+        "scale": {"input_scale": 1.0},
+        "checkpoint": {"name": "tiny-gemma"},
+    }
     source = setfile.write_setfile(
-        tmp_path / "set.safetensors", prompts=np.ones((1, 1, 4), dtype=np.float32),
-        users=["linked"], metadata={"space": contract.RAW, "bundle": json.dumps(bundle)},
-    )  # fmt: skip
+        tmp_path / "set.safetensors",
+        prompts=np.ones((1, 1, 4), dtype=np.float32),
+        users=["linked"],
+        metadata={"space": contract.RAW, "bundle": json.dumps(bundle)},
+    )
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "out" / "linked").symlink_to(tmp_path / "elsewhere")

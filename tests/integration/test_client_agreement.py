@@ -38,8 +38,14 @@ from workers.pipeline import load_set
 pytestmark = pytest.mark.integration
 
 USERS, TRAIN_PER_USER = 4, 5
-JOB = {"dataset": "movielens-100k", "task": "rating", "max_users": USERS, "epochs": 1,
-       "max_train_per_user": TRAIN_PER_USER, "seed": 0}  # fmt: skip
+JOB = {
+    "dataset": "movielens-100k",
+    "task": "rating",
+    "max_users": USERS,
+    "epochs": 1,
+    "max_train_per_user": TRAIN_PER_USER,
+    "seed": 0,
+}
 
 
 class Service(NamedTuple):
@@ -111,17 +117,27 @@ def test_client_predictions_and_rmse_equal_the_services(service: Service, name: 
     ours = np.array([predictor.predict(u, i.item_text) for u, i in pairs])
     targets = np.array([i.label for _, i in pairs])
     service_model = FoundationModel.load(name, device="cpu")
-    theirs = predict_set(service_model, get_task("rating"),
-                         load_set(name, version, db=service.store), test)  # fmt: skip
+    theirs = predict_set(
+        service_model, get_task("rating"), load_set(name, version, db=service.store), test
+    )
     assert theirs.user_ids == [u for u, _ in pairs]
     assert np.array_equal(theirs.targets, targets)
     by_service = theirs.predictions
     max_diff = float(np.abs(ours - by_service).max())
     client_rmse = float(np.sqrt(np.mean((ours - targets) ** 2)))
     job_rmse = float(job["metrics"]["test"]["rmse"])
-    print(json.dumps({"model": name, "examples": len(pairs), "max_abs_prediction_diff": max_diff,
-                      "client_rmse": client_rmse, "job_rmse": job_rmse,
-                      "dtype": str(model.dtype)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "model": name,
+                "examples": len(pairs),
+                "max_abs_prediction_diff": max_diff,
+                "client_rmse": client_rmse,
+                "job_rmse": job_rmse,
+                "dtype": str(model.dtype),
+            }
+        )
+    )
     assert job["metrics"]["test"]["n_interactions"] == len(pairs)
     assert max_diff <= tolerance()
     assert abs(client_rmse - job_rmse) <= tolerance()

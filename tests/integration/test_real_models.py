@@ -63,8 +63,10 @@ def test_cached_item_states_do_not_depend_on_what_else_was_missing(name: str) ->
     model = load_real(name)
     task = get_task("rating")
     genres = ", ".join(["Action", "Adventure", "Comedy", "Drama", "Film-Noir"] * 6)
-    texts = [task.template.prefix_for(f"Movie number {i} ({1950 + i}), {genres[: 6 * i]}")
-             for i in range(40)]  # fmt: skip
+    texts = [
+        task.template.prefix_for(f"Movie number {i} ({1950 + i}), {genres[: 6 * i]}")
+        for i in range(40)
+    ]
     model.warm_prefixes(texts, batch_size=32)  # full and part-filled chunks of two widths
     among_others = dict(model.prefix_cache.states)
     for text in (texts[0], texts[20], texts[-1]):

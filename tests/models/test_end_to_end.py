@@ -46,15 +46,26 @@ def test_trained_prompts_beat_random_prompts(
 
 @pytest.mark.parametrize("input_rank", [None, 4])
 def test_migrated_prompts_beat_random_prompts_on_the_target(
-    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
-    source_set: PromptSet, input_rank: int | None,
-) -> None:  # fmt: skip
+    tiny_llama: FoundationModel,
+    tiny_gemma: FoundationModel,
+    rating: Task,
+    tiny_splits: Splits,
+    source_set: PromptSet,
+    input_rank: int | None,
+) -> None:
     labels = tiny_splits.train_labels()
-    users = select_users("puma", prompts=source_set.prompts, labels=labels,
-                         user_ids=source_set.user_ids, budget=12).users  # fmt: skip
+    users = select_users(
+        "puma", prompts=source_set.prompts, labels=labels, user_ids=source_set.user_ids, budget=12
+    ).users
     config = replace(ADAPTER_CONFIG, input_rank=input_rank)
-    result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
-                           splits=tiny_splits, users=users, config=config)  # fmt: skip
+    result = train_adapter(
+        sources=[source_set],
+        target=tiny_gemma,
+        task=rating,
+        splits=tiny_splits,
+        users=users,
+        config=config,
+    )
     assert result.adapter.config.d_features == (input_rank or tiny_llama.hidden_size)
     assert result.adapter.network is not None
     migrated = migrate_all([source_set], result, target=tiny_gemma.name)
@@ -70,8 +81,14 @@ def test_a_per_user_cap_trains_on_each_users_latest_interactions_only(
 ) -> None:
     users = source_set.user_ids[:5]
     config = replace(ADAPTER_CONFIG, epochs=1, head_warmup_epochs=0, max_train_per_user=3)
-    result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
-                           splits=tiny_splits, users=users, config=config)  # fmt: skip
+    result = train_adapter(
+        sources=[source_set],
+        target=tiny_gemma,
+        task=rating,
+        splits=tiny_splits,
+        users=users,
+        config=config,
+    )
     assert all(len(tiny_splits.train[u]) > 3 for u in users)
     assert result.example_passes == 5 * 3
     with pytest.raises(ValueError, match="max_train_per_user must be >= 1"):
@@ -86,24 +103,39 @@ def test_the_adapter_reproduces_from_its_seed_whatever_ran_before(
     for unrelated in (1, 2):  # a worker process has drawn other numbers before each job
         torch.manual_seed(unrelated)
         torch.rand(unrelated)
-        result = train_adapter(sources=[source_set], target=tiny_gemma, task=rating,
-                               splits=tiny_splits, users=source_set.user_ids[:6], config=config)  # fmt: skip
+        result = train_adapter(
+            sources=[source_set],
+            target=tiny_gemma,
+            task=rating,
+            splits=tiny_splits,
+            users=source_set.user_ids[:6],
+            config=config,
+        )
         runs.append(result.adapter.state_dict())
     for name, value in runs[0].items():
         torch.testing.assert_close(runs[1][name], value, rtol=0, atol=0, msg=name)
 
 
 def test_chain_and_round_trip_give_every_user_a_prompt(
-    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
+    tiny_llama: FoundationModel,
+    tiny_gemma: FoundationModel,
+    rating: Task,
+    tiny_splits: Splits,
     source_set: PromptSet,
-) -> None:  # fmt: skip
+) -> None:
     quick = MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0)
     users = source_set.user_ids[:6]
     hops = [(tiny_gemma, source_set), (tiny_llama, None)]  # A -> B -> A
     current = source_set
     for target, _ in hops:
-        result = train_adapter(sources=[current], target=target, task=rating,
-                               splits=tiny_splits, users=users, config=quick)  # fmt: skip
+        result = train_adapter(
+            sources=[current],
+            target=target,
+            task=rating,
+            splits=tiny_splits,
+            users=users,
+            config=quick,
+        )
         current = migrate_all([current], result, target=target.name)
         assert current.prompts.shape == (24, 1, target.hidden_size)
         assert torch.isfinite(current.prompts).all()
@@ -111,17 +143,25 @@ def test_chain_and_round_trip_give_every_user_a_prompt(
 
 
 def test_aggregation_concatenates_any_number_of_sources(
-    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task, tiny_splits: Splits,
+    tiny_llama: FoundationModel,
+    tiny_gemma: FoundationModel,
+    rating: Task,
+    tiny_splits: Splits,
     source_set: PromptSet,
-) -> None:  # fmt: skip
+) -> None:
     second = randomised(source_set, tiny_gemma)
     third = randomised(source_set, tiny_llama)
     sources = [source_set, second, third]
     widths = tiny_llama.hidden_size * 2 + tiny_gemma.hidden_size
     assert stack_sources(sources, source_set.user_ids[:3]).shape == (3, 1, widths)
-    result = train_adapter(sources=sources, target=tiny_gemma, task=rating, splits=tiny_splits,
-                           users=source_set.user_ids[:6],
-                           config=MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0))  # fmt: skip
+    result = train_adapter(
+        sources=sources,
+        target=tiny_gemma,
+        task=rating,
+        splits=tiny_splits,
+        users=source_set.user_ids[:6],
+        config=MigrationConfig(hidden=16, epochs=1, head_warmup_epochs=0),
+    )
     assert result.adapter.config.d_in == widths
     merged = migrate_all(sources, result, target=tiny_gemma.name)
     assert merged.prompts.shape == (24, 1, tiny_gemma.hidden_size)

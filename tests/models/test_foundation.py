@@ -60,8 +60,11 @@ def test_frozen_weights_get_no_gradient(tiny_llama: FoundationModel) -> None:
 
 def test_prompts_of_another_width_are_refused(tiny_llama: FoundationModel, rating: Task) -> None:
     with pytest.raises(ShapeMismatchError, match="Migrate them"):
-        tiny_llama.label_logits(["x"], torch.zeros(1, 1, tiny_llama.hidden_size + 1),
-                                answer=AnswerTokens(suffix_ids=[1], label_ids=[1]))  # fmt: skip
+        tiny_llama.label_logits(
+            ["x"],
+            torch.zeros(1, 1, tiny_llama.hidden_size + 1),
+            answer=AnswerTokens(suffix_ids=[1], label_ids=[1]),
+        )
 
 
 def test_unknown_model_name_says_what_exists() -> None:

@@ -30,9 +30,15 @@ def test_a_head_transferred_to_its_own_model_predicts_as_before(
     tiny_llama: FoundationModel, rating: Task, source_set: PromptSet, tiny_splits: Splits
 ) -> None:
     """Target = source: the logit fit is the identity on the head's features."""
-    transferred = transfer_head(rating, source=tiny_llama, source_set=source_set,
-                                target=tiny_llama, target_set=source_set, item_texts=tiny_splits.train_item_texts(),
-                                n_pairs=128)  # fmt: skip
+    transferred = transfer_head(
+        rating,
+        source=tiny_llama,
+        source_set=source_set,
+        target=tiny_llama,
+        target_set=source_set,
+        item_texts=tiny_splits.train_item_texts(),
+        n_pairs=128,
+    )
     assert transferred.r2 > 0.99
     assert transferred.passes == 256
     before, after = rating.load_head(source_set.head), rating.load_head(transferred.state)
@@ -41,15 +47,26 @@ def test_a_head_transferred_to_its_own_model_predicts_as_before(
 
 
 def test_a_head_transferred_across_models_moves_toward_the_source_predictions(
-    tiny_llama: FoundationModel, tiny_gemma: FoundationModel, rating: Task,
-    source_set: PromptSet, tiny_splits: Splits,
-) -> None:  # fmt: skip
+    tiny_llama: FoundationModel,
+    tiny_gemma: FoundationModel,
+    rating: Task,
+    source_set: PromptSet,
+    tiny_splits: Splits,
+) -> None:
     """On the target, the transferred head's predictions are nearer the source's than the
     source head read unchanged."""
-    instant = instant_migrate([source_set], [fit_vocab_map(tiny_llama, tiny_gemma)],
-                              target=tiny_gemma.name)  # fmt: skip
-    head = transfer_head(rating, source=tiny_llama, source_set=source_set, target=tiny_gemma,
-                         target_set=instant, item_texts=tiny_splits.train_item_texts(), n_pairs=256)  # fmt: skip
+    instant = instant_migrate(
+        [source_set], [fit_vocab_map(tiny_llama, tiny_gemma)], target=tiny_gemma.name
+    )
+    head = transfer_head(
+        rating,
+        source=tiny_llama,
+        source_set=source_set,
+        target=tiny_gemma,
+        target_set=instant,
+        item_texts=tiny_splits.train_item_texts(),
+        n_pairs=256,
+    )
     assert 0.0 <= head.r2 <= 1.0
     reference = predict_set(tiny_llama, rating, source_set, tiny_splits.test).predictions
     unchanged = predict_set(tiny_gemma, rating, instant, tiny_splits.test).predictions
@@ -68,10 +85,19 @@ def test_the_map_as_an_adapter_maps_like_the_map_after_a_round_trip(
     stored = adapter_from_bytes(adapter_to_bytes(stacked_map(maps).as_adapter()))
     sources = torch.cat([source_set.prompts, 2 * source_set.prompts], dim=-1)
     expected = instant_migrate(
-        [source_set, PromptSet(source_set.model, source_set.task, source_set.user_ids,
-                               2 * source_set.prompts, source_set.head)],
-        maps, target=tiny_gemma.name,
-    ).prompts  # fmt: skip
+        [
+            source_set,
+            PromptSet(
+                source_set.model,
+                source_set.task,
+                source_set.user_ids,
+                2 * source_set.prompts,
+                source_set.head,
+            ),
+        ],
+        maps,
+        target=tiny_gemma.name,
+    ).prompts
     got = map_prompts(stored, sources)
     assert got.shape == (24, 1, tiny_gemma.hidden_size)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -54,9 +54,18 @@ def test_head_fit_on_cached_logits_improves_validation_and_counts_one_pass_per_e
     table, head, train, val = _setup(tiny_llama, rating, tiny_splits)
     before = score(rating, val, predict(tiny_llama, rating, table, head, val))
     result = fit_head(
-        model=tiny_llama, task=rating, prompt_source=table, head=head, train=train, val=val,
-        epochs=30, lr=1e-2, batch_size=16, seed=0, max_examples=len(train) // 2,
-    )  # fmt: skip
+        model=tiny_llama,
+        task=rating,
+        prompt_source=table,
+        head=head,
+        train=train,
+        val=val,
+        epochs=30,
+        lr=1e-2,
+        batch_size=16,
+        seed=0,
+        max_examples=len(train) // 2,
+    )
     after = score(rating, val, predict(tiny_llama, rating, table, head, val))
     assert result.example_passes == len(train) // 2  # 30 epochs, one LM pass per sampled example
     assert len(result.history) == 30
@@ -82,11 +91,32 @@ def test_a_validation_split_of_one_answer_is_refused_before_any_training(
     before = copy.deepcopy((table.state_dict(), head.state_dict()))
     optimizer = torch.optim.AdamW([*table.parameters(), *head.parameters()], lr=1e-2)
     with pytest.raises(DataError, match=r"only 'Yes' answers.*both 'No' and 'Yes'"):
-        fit(model=tiny_llama, task=binary, prompt_source=table, head=head, optimizer=optimizer,
-            train=train, val=all_yes, epochs=2, batch_size=16, patience=1, seed=0)  # fmt: skip
+        fit(
+            model=tiny_llama,
+            task=binary,
+            prompt_source=table,
+            head=head,
+            optimizer=optimizer,
+            train=train,
+            val=all_yes,
+            epochs=2,
+            batch_size=16,
+            patience=1,
+            seed=0,
+        )
     with pytest.raises(DataError, match="AUC is undefined"):
-        fit_head(model=tiny_llama, task=binary, prompt_source=table, head=head, train=train,
-                 val=all_yes, epochs=2, lr=1e-2, batch_size=16, seed=0)  # fmt: skip
+        fit_head(
+            model=tiny_llama,
+            task=binary,
+            prompt_source=table,
+            head=head,
+            train=train,
+            val=all_yes,
+            epochs=2,
+            lr=1e-2,
+            batch_size=16,
+            seed=0,
+        )
     torch.testing.assert_close((table.state_dict(), head.state_dict()), before)
 
 
@@ -105,8 +135,18 @@ def test_user_weights_pull_the_fitted_head_towards_the_heavy_users(
 
     def mean_prediction(train: Examples) -> float:
         table, head, _, val = _setup(tiny_llama, rating, tiny_splits)
-        fit_head(model=tiny_llama, task=rating, prompt_source=table, head=head, train=train,
-                 val=None, epochs=30, lr=1e-2, batch_size=16, seed=0)  # fmt: skip
+        fit_head(
+            model=tiny_llama,
+            task=rating,
+            prompt_source=table,
+            head=head,
+            train=train,
+            val=None,
+            epochs=30,
+            lr=1e-2,
+            batch_size=16,
+            seed=0,
+        )
         return float(predict(tiny_llama, rating, table, head, val).mean())
 
     plain = Examples.build(rating, tiny_splits.train, row_of=row_of)

@@ -9,8 +9,9 @@ from models.tasks import get_task
 def test_rating_metrics_are_global_not_per_batch() -> None:
     targets = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 5.0])
     predictions = np.array([1.5, 2.0, 2.0, 4.0, 3.0, 5.0])
-    metrics = get_task("rating").metrics(user_ids=list("aabbcc"), targets=targets,
-                                         predictions=predictions)  # fmt: skip
+    metrics = get_task("rating").metrics(
+        user_ids=list("aabbcc"), targets=targets, predictions=predictions
+    )
     assert metrics["rmse"] == pytest.approx(np.sqrt(np.mean((targets - predictions) ** 2)))
     assert metrics["mae"] == pytest.approx(np.mean(np.abs(targets - predictions)))
 

@@ -30,8 +30,14 @@ def test_exact_budget_of_distinct_users(strategy: str, budget: int) -> None:
 
 def test_budget_below_the_cluster_floors_is_still_exact() -> None:
     prompts, labels, users = population(n=40)
-    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=3,
-                          config=SelectionConfig(n_clusters=15)).users  # fmt: skip
+    chosen = select_users(
+        "puma",
+        prompts=prompts,
+        labels=labels,
+        user_ids=users,
+        budget=3,
+        config=SelectionConfig(n_clusters=15),
+    ).users
     assert len(chosen) == 3
 
 
@@ -45,8 +51,14 @@ def test_a_budget_smaller_than_k_still_spreads_over_the_groups() -> None:
     labels = {u: [1.0, 3.0, 5.0] for u in users}
     group = {u: 0 if i < 40 else 1 if i < 44 else 2 for i, u in enumerate(users)}
     for seed in range(5):
-        chosen = select_users("puma", prompts=prompts.unsqueeze(1).float(), labels=labels,
-                              user_ids=users, budget=3, seed=seed).users  # fmt: skip
+        chosen = select_users(
+            "puma",
+            prompts=prompts.unsqueeze(1).float(),
+            labels=labels,
+            user_ids=users,
+            budget=3,
+            seed=seed,
+        ).users
         assert sorted(group[u] for u in chosen) == [0, 1, 2]
 
 
@@ -60,8 +72,13 @@ def test_every_cluster_is_represented() -> None:
 
 def test_same_seed_same_users_and_other_seed_other_users() -> None:
     prompts, labels, users = population()
-    pick = lambda seed: select_users("puma", prompts=prompts, labels=labels, user_ids=users,  # noqa: E731
-                                     budget=50, seed=seed).users  # fmt: skip
+
+    def pick(seed: int) -> list[str]:
+        chosen = select_users(
+            "puma", prompts=prompts, labels=labels, user_ids=users, budget=50, seed=seed
+        )
+        return list(chosen.users)
+
     assert pick(3) == pick(3)
     assert pick(3) != pick(4)
 
@@ -100,8 +117,14 @@ def cluster_shares(floor_share: float) -> tuple[np.ndarray, np.ndarray]:
     """Each cluster's share of a population of uneven clusters, and of a budget of 60 from it."""
     prompts, labels, users = population(n=600)
     clusters = cluster_users(prompts, n_clusters=15, seed=0)
-    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=60,
-                          config=SelectionConfig(floor_share=floor_share)).users  # fmt: skip
+    chosen = select_users(
+        "puma",
+        prompts=prompts,
+        labels=labels,
+        user_ids=users,
+        budget=60,
+        config=SelectionConfig(floor_share=floor_share),
+    ).users
     picked = clusters[[users.index(u) for u in chosen]]
     ids = np.unique(clusters)
     population_share = np.array([np.mean(clusters == c) for c in ids])
@@ -120,14 +143,21 @@ def test_uniform_variance_weighting_does_not_favour_medium_variance() -> None:
     prompts, labels, users = population(n=600)
     variance = {u: np.var(v, ddof=1) if len(v) > 1 else 0.0 for u, v in labels.items()}
     ranks = {u: r for r, u in enumerate(sorted(users, key=variance.__getitem__))}
-    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=200,
-                          config=SelectionConfig(variance_weighting="uniform")).users  # fmt: skip
+    chosen = select_users(
+        "puma",
+        prompts=prompts,
+        labels=labels,
+        user_ids=users,
+        budget=200,
+        config=SelectionConfig(variance_weighting="uniform"),
+    ).users
     middle = sum(1 for u in chosen if 0.2 <= ranks[u] / len(users) < 0.8)
     assert middle / len(chosen) < 0.7
 
 
-@pytest.mark.parametrize("fields", [{"floor_share": 1.5}, {"variance_weighting": "high"},
-                                    {"n_clusters": 0}])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields", [{"floor_share": 1.5}, {"variance_weighting": "high"}, {"n_clusters": 0}]
+)
 def test_a_bad_selection_config_says_which_field(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(fields))):
         SelectionConfig(**fields)  # type: ignore[arg-type]
@@ -136,8 +166,14 @@ def test_a_bad_selection_config_says_which_field(fields: dict[str, object]) -> N
 def test_post_stratified_weights_give_each_cluster_its_population_share() -> None:
     prompts, labels, users = population(n=600)
     clusters = dict(zip(users, cluster_users(prompts, n_clusters=15, seed=0), strict=True))
-    chosen = select_users("puma", prompts=prompts, labels=labels, user_ids=users, budget=60,
-                          config=SelectionConfig(post_stratify=True))  # fmt: skip
+    chosen = select_users(
+        "puma",
+        prompts=prompts,
+        labels=labels,
+        user_ids=users,
+        budget=60,
+        config=SelectionConfig(post_stratify=True),
+    )
     weights = np.array([chosen.weights[u] for u in chosen.users])
     assert np.isclose(weights.mean(), 1.0) and np.ptp(weights) > 0.5  # the floors are uneven
     for cluster in set(clusters.values()):
@@ -150,8 +186,14 @@ def test_post_stratified_weights_give_each_cluster_its_population_share() -> Non
 @pytest.mark.parametrize("strategy", ["random", "puma"])
 def test_weights_are_one_without_post_stratification(strategy: str) -> None:
     prompts, labels, users = population()
-    chosen = select_users(strategy, prompts=prompts, labels=labels, user_ids=users, budget=40,
-                          config=SelectionConfig(post_stratify=False))  # fmt: skip
+    chosen = select_users(
+        strategy,
+        prompts=prompts,
+        labels=labels,
+        user_ids=users,
+        budget=40,
+        config=SelectionConfig(post_stratify=False),
+    )
     assert list(chosen.weights) == chosen.users
     assert set(chosen.weights.values()) == {1.0}
 

@@ -54,8 +54,9 @@ def test_the_rating_cross_entropy_fits_a_given_class_distribution() -> None:
     targets = torch.tensor([1.0, 2.0, 4.0, 5.0])
     one_hot = torch.from_numpy(task.classes(targets.numpy()))
     assert one_hot.argmax(dim=1).tolist() == [0, 1, 3, 4]
-    torch.testing.assert_close(task.loss(logits, head_out, targets, classes=one_hot),
-                               task.loss(logits, head_out, targets))  # fmt: skip
+    torch.testing.assert_close(
+        task.loss(logits, head_out, targets, classes=one_hot), task.loss(logits, head_out, targets)
+    )
     soft = torch.softmax(torch.randn(4, 5, generator=generator), dim=1)
     mse = 0.8 * torch.nn.functional.mse_loss(head_out, targets)
     ce_label = task.loss(logits, head_out, targets, classes=one_hot) - mse

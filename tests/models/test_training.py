@@ -39,8 +39,11 @@ def test_training_reproduces_from_its_seed_whatever_ran_before(
     for unrelated in (1, 2):  # a worker process has drawn other numbers before each job
         torch.manual_seed(unrelated)
         torch.rand(unrelated)
-        runs.append(train_prompts(tiny_llama, rating, tiny_splits, config=config,
-                                  users=tiny_splits.users[:6]).prompt_set)  # fmt: skip
+        runs.append(
+            train_prompts(
+                tiny_llama, rating, tiny_splits, config=config, users=tiny_splits.users[:6]
+            ).prompt_set
+        )
     torch.testing.assert_close(runs[1].prompts, runs[0].prompts, rtol=0, atol=0)
     for name, value in runs[0].head.items():
         torch.testing.assert_close(runs[1].head[name], value, rtol=0, atol=0, msg=name)
@@ -51,14 +54,22 @@ def test_users_without_training_data_are_refused_not_returned_untrained(
 ) -> None:
     users = [*tiny_splits.users[:2], "ghost"]
     with pytest.raises(DataError, match=r"1 of 3 users have no training .* \(ghost\)"):
-        train_prompts(tiny_llama, rating, tiny_splits, config=PromptTrainingConfig(epochs=1),
-                      users=users)  # fmt: skip
-    source = train_prompts(tiny_llama, rating, tiny_splits, config=PromptTrainingConfig(epochs=1),
-                           users=users[:2]).prompt_set  # fmt: skip
+        train_prompts(
+            tiny_llama, rating, tiny_splits, config=PromptTrainingConfig(epochs=1), users=users
+        )
+    source = train_prompts(
+        tiny_llama, rating, tiny_splits, config=PromptTrainingConfig(epochs=1), users=users[:2]
+    ).prompt_set
     for selected in (users, []):
         with pytest.raises(DataError, match=r"ghost|No users"):
-            train_adapter(sources=[source], target=tiny_gemma, task=rating, splits=tiny_splits,
-                          users=selected, config=MigrationConfig(epochs=1, hidden=8))  # fmt: skip
+            train_adapter(
+                sources=[source],
+                target=tiny_gemma,
+                task=rating,
+                splits=tiny_splits,
+                users=selected,
+                config=MigrationConfig(epochs=1, hidden=8),
+            )
     metrics = evaluate(tiny_llama, rating, source, tiny_splits.test)
     assert metrics["n_users_without_prompt"] == len(tiny_splits.users) - 2
     assert metrics["n_users"] == 2

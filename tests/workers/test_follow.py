@@ -93,8 +93,9 @@ def assert_follows(store: Store, job_id: str, *, timeout: float = 30) -> dict[st
     model, version = record["target"]["model"], record["target"]["version"]
     wait_for(
         lambda: _matches(store, model, version, expected_prompts(store, job_id)),
-        timeout=timeout, what=f"{model} version {version} following its sources",
-    )  # fmt: skip
+        timeout=timeout,
+        what=f"{model} version {version} following its sources",
+    )
     expected = expected_prompts(store, job_id)
     assert_exact_set(store, model, version, expected)
     users = sorted(expected)
@@ -130,8 +131,9 @@ def test_writes_in_every_window_of_a_job_are_followed(client: TestClient, store:
     # During mapping, with chunks written and chunks still to come.
     wait_for(
         lambda: store.chunks_done(created["id"]) or job(client, created["id"])["state"] == "failed",
-        timeout=120, what="a first chunk",
-    )  # fmt: skip
+        timeout=120,
+        what="a first chunk",
+    )
     assert job(client, created["id"])["state"] == "running", job(client, created["id"])
     for user in (users[2], users[-1]):  # most likely written already, and not yet
         put(client, store, user)
@@ -204,16 +206,23 @@ def test_a_write_to_the_target_during_the_job_is_not_lost(client: TestClient, st
     assert store.get_prompt(model, version, "target-only") is not None
     assert np.allclose(
         np.frombuffer(store.get_prompt(model, version, users[1]) or b"", "<f4"),
-        np.frombuffer(mapped[users[1]], "<f4"), rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+        np.frombuffer(mapped[users[1]], "<f4"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # A source write after the direct one replaces it with the mapping of the new prompt.
     put(client, store, users[0])
     want = np.frombuffer(expected_prompts(store, done["id"])[users[0]], "<f4")
     wait_for(
-        lambda: np.allclose(np.frombuffer(store.get_prompt(model, version, users[0]) or b"",
-                                          "<f4"), want, rtol=1e-5, atol=1e-6),
-        timeout=10, what="the source write after the direct one",
-    )  # fmt: skip
+        lambda: np.allclose(
+            np.frombuffer(store.get_prompt(model, version, users[0]) or b"", "<f4"),
+            want,
+            rtol=1e-5,
+            atol=1e-6,
+        ),
+        timeout=10,
+        what="the source write after the direct one",
+    )
     for user in ("target-only",):
         erase(client, user)
 

@@ -134,9 +134,13 @@ def test_promotion_and_rollback_switch_in_one_step(client: TestClient, store: St
         while not stop.is_set():
             r = client.get("/users/u0/prompt", headers=reader())
             seen.append(
-                (r.headers["X-Prompt-Model"], r.headers["X-Prompt-Version"], r.content,
-                 r.headers["X-Prompt-Digest"])
-            )  # fmt: skip
+                (
+                    r.headers["X-Prompt-Model"],
+                    r.headers["X-Prompt-Version"],
+                    r.content,
+                    r.headers["X-Prompt-Digest"],
+                )
+            )
 
     reader_thread = threading.Thread(target=read)
     reader_thread.start()
@@ -305,8 +309,12 @@ def test_distilling_adapter_pays_one_source_pass_per_training_example(
     client: TestClient,
 ) -> None:
     def passes(distill_weight: float) -> int:
-        adapter = {"epochs": 1, "hidden": 16, "max_train_per_user": 2,
-                   "distill_weight": distill_weight}  # fmt: skip
+        adapter = {
+            "epochs": 1,
+            "hidden": 16,
+            "max_train_per_user": 2,
+            "distill_weight": distill_weight,
+        }
         done = wait_done(client, migrate(client, adapter=adapter, auto_promote=False)["id"])
         assert done["state"] in FINISHED, done
         return int(done["cost"]["example_passes"])

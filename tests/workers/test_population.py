@@ -40,9 +40,15 @@ def _source(store: Store, model: str, users: list[str]) -> dict[str, str]:
 def _job(store: Store, sources: list[dict[str, str]], settings: Settings) -> JobRun:
     job_id = uuid.uuid4().hex
     request = {"sources": sources, "target": "t", "dataset": "synthetic-tiny"}
-    record = {"id": job_id, "kind": "migration", "state": "running", "request": request,
-              "sources": sources, "target": {"model": "t", "version": "1"},
-              "created_at": time.time()}  # fmt: skip
+    record = {
+        "id": job_id,
+        "kind": "migration",
+        "state": "running",
+        "request": request,
+        "sources": sources,
+        "target": {"model": "t", "version": "1"},
+        "created_at": time.time(),
+    }
     store.create_job(record, idempotency_key=None, request_hash="")
     return JobRun(job_id, settings=settings)
 
@@ -51,8 +57,10 @@ def test_a_sample_is_bounded_and_the_same_whatever_the_listing_order(plain: Stor
     users = [f"user-{i}" for i in range(5000)]
     forward = _source(plain, "m-fwd", users)
     backward = _source(plain, "m-back", users[::-1])
-    drawn = [draw(plain, [s], limit=300, seed=3, can_train=lambda u: u.endswith("7"))
-             for s in (forward, backward)]  # fmt: skip
+    drawn = [
+        draw(plain, [s], limit=300, seed=3, can_train=lambda u: u.endswith("7"))
+        for s in (forward, backward)
+    ]
     assert drawn[0] == drawn[1]
     assert drawn[0].population == 5000
     assert len(drawn[0].statistics) == 300 and drawn[0].statistics == sorted(drawn[0].statistics)

@@ -29,10 +29,14 @@ def source_sets(users: int, width: int) -> list[PromptSet]:
 
 def default_request(**selection: Any) -> MigrationCreate:
     """What POST /migrations stores, read back, for a body that names no adapter option."""
-    body = MigrationCreate.model_validate({
-        "sources": [{"model": "smollm2-135m"}], "target": "gemma-3-270m",
-        "dataset": "movielens-100k", "selection": selection,
-    })  # fmt: skip
+    body = MigrationCreate.model_validate(
+        {
+            "sources": [{"model": "smollm2-135m"}],
+            "target": "gemma-3-270m",
+            "dataset": "movielens-100k",
+            "selection": selection,
+        }
+    )
     return MigrationCreate.model_validate(body.model_dump(), context=STORED)
 
 
@@ -42,8 +46,12 @@ def test_a_default_budget_job_runs_the_cpu_small_budget_rows_settings() -> None:
     assert resolved.adapter == CPU_SMALL.budget_migration
     assert resolved.selection == CPU_SMALL.selection
     # 0.375 of 390 users spread over 15 clusters
-    assert resolved.chosen == {"recipe": "budget", "input_rank": 64, "clusters": 15,
-                               "floor_per_cluster": 9}  # fmt: skip
+    assert resolved.chosen == {
+        "recipe": "budget",
+        "input_rank": 64,
+        "clusters": 15,
+        "floor_per_cluster": 9,
+    }
 
 
 def test_a_default_job_on_every_user_runs_the_cpu_small_all_users_rows_settings() -> None:
@@ -79,8 +87,9 @@ def test_options_a_request_names_replace_the_recipes_own() -> None:
     )
     request.selection = request.selection.model_copy(update={"post_stratify": True})
     resolved = recipe_for_request(request, sets=source_sets(20, 32))
-    assert resolved.adapter == replace(recipe.BUDGET, hidden=16, input_rank=30,
-                                       distill_weight=0.0, seed=3)  # fmt: skip
+    assert resolved.adapter == replace(
+        recipe.BUDGET, hidden=16, input_rank=30, distill_weight=0.0, seed=3
+    )
     assert resolved.selection == replace(recipe.SELECTION, post_stratify=True)
 
 

@@ -158,8 +158,9 @@ async def put_prompt(
 
 
 def _wake(store: Store, celery: Celery, settings: Settings, followers: list[Follower]) -> None:
-    jobs.wake_followers(store, celery, followers, delay_s=settings.follow_delay_s,
-                        ttl_s=settings.follow_wake_ttl_s)  # fmt: skip
+    jobs.wake_followers(
+        store, celery, followers, delay_s=settings.follow_delay_s, ttl_s=settings.follow_wake_ttl_s
+    )
 
 
 @router.delete("/users/{user_id}", response_model=Erased)
@@ -225,8 +226,9 @@ async def batch(
     meta, values = await store.read_prompts(body.model, body.version, users)
     found = found_values(users, values)
     value_bytes = sum(len(v) for v in found.values())
-    _check_reply_size(meta, users, value_bytes=value_bytes, format=format,
-                      limit=settings.max_batch_reply_bytes)  # fmt: skip
+    _check_reply_size(
+        meta, users, value_bytes=value_bytes, format=format, limit=settings.max_batch_reply_bytes
+    )
     encode = _BATCH_ENCODERS[format]
     if value_bytes > _INLINE_ENCODE_BYTES:
         content = await to_thread.run_sync(encode, meta, users, found)

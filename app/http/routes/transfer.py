@@ -98,9 +98,15 @@ def _import(store: Store, model: str, path: Path, options: transfer.ImportOption
     if options.activate:
         store.activate(model, meta.version)
     return Imported(
-        model=model, version=meta.version, count=meta.count, digest=meta.digest,
-        shape=meta.shape, dtype=meta.dtype, lineage=meta.lineage, active=options.activate,
-    )  # fmt: skip
+        model=model,
+        version=meta.version,
+        count=meta.count,
+        digest=meta.digest,
+        shape=meta.shape,
+        dtype=meta.dtype,
+        lineage=meta.lineage,
+        active=options.activate,
+    )
 
 
 @router.post(

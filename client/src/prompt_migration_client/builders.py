@@ -98,9 +98,14 @@ class Predictor:
     and runs it through a locally loaded checkpoint and the bundle's head."""
 
     def __init__(
-        self, client: PromptClient, *, model_name: str, version: str, model: PreTrainedModel,
+        self,
+        client: PromptClient,
+        *,
+        model_name: str,
+        version: str,
+        model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.client = client
         self.bundle = client.bundle(model_name, version)
         self.inputs = InputBuilder(self.bundle, model=model, tokenizer=tokenizer)

@@ -22,8 +22,11 @@ from prompt_migration_client.jobs import JobState, Stage, follow_job
 from prompt_migration_client.operator import OperatorClient
 from prompt_migration_client.peft import adapters_to_setfile, setfile_to_adapters
 
-cli = typer.Typer(help="Operate the prompt migration service over its HTTP API.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
+cli = typer.Typer(
+    help="Operate the prompt migration service over its HTTP API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 def make_client(url: str, token: str | None) -> OperatorClient:
@@ -86,9 +89,7 @@ def register(
 def models(context: typer.Context) -> None:
     """List models, their versions and which is active."""
     for spec in client(context).models():
-        versions = ", ".join(
-            f"{v['version']}({v['state']})" for v in spec["versions"]
-        )  # fmt: skip
+        versions = ", ".join(f"{v['version']}({v['state']})" for v in spec["versions"])
         active = spec["active_version"] or "-"
         typer.echo(f"{spec['name']}  active={active}  versions: {versions or '-'}")
 
@@ -195,8 +196,13 @@ def migrate(
     for item in source:
         name, _, version = item.partition("@")
         sources.append({"model": name} | ({"version": version} if version else {}))
-    body: dict[str, Any] = {"sources": sources, "target": target, "dataset": dataset,
-                            "method": method, "auto_promote": auto_promote}  # fmt: skip
+    body: dict[str, Any] = {
+        "sources": sources,
+        "target": target,
+        "dataset": dataset,
+        "method": method,
+        "auto_promote": auto_promote,
+    }
     if budget is not None:
         body["selection"] = {"strategy": "puma", "budget": budget}
     if max_users is not None:
@@ -249,8 +255,15 @@ def import_set(
     placement: Annotated[str | None, typer.Option(help="'template' for PEFT vectors")] = None,
 ) -> None:
     """Import a set file as a new sealed version of MODEL."""
-    upload(client(context), model, source, activate=activate, dtype=dtype,
-           head_from_version=head_from_version, placement=placement)  # fmt: skip
+    upload(
+        client(context),
+        model,
+        source,
+        activate=activate,
+        dtype=dtype,
+        head_from_version=head_from_version,
+        placement=placement,
+    )
 
 
 @cli.command("import-peft")
@@ -265,10 +278,10 @@ def import_peft(
 ) -> None:
     """Import a directory of PEFT prompt-tuning adapters (one per user) as a new version."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = adapters_to_setfile(adapters, Path(tmp) / "peft.safetensors", task=task,
-                                   placement=placement)  # fmt: skip
-        upload(client(context), model, path, activate=activate,
-               head_from_version=head_from_version)  # fmt: skip
+        path = adapters_to_setfile(
+            adapters, Path(tmp) / "peft.safetensors", task=task, placement=placement
+        )
+        upload(client(context), model, path, activate=activate, head_from_version=head_from_version)
 
 
 @cli.command("export-peft")

@@ -37,9 +37,16 @@ from prompt_migration_client.functions import REDIS_DOWN, ReadFunctions, connect
 
 # The base rules above, as arguments of ACL SETUSER (without the password).
 ACL_RULES = (
-    "on", "resetkeys", "%R~pm:{registry}:active",
-    "resetchannels", "-@all", "+fcall_ro", "+get", "+hget", "+ping",
-)  # fmt: skip
+    "on",
+    "resetkeys",
+    "%R~pm:{registry}:active",
+    "resetchannels",
+    "-@all",
+    "+fcall_ro",
+    "+get",
+    "+hget",
+    "+ping",
+)
 # What a reader on a Redis Cluster adds: the client's discovery of the nodes.
 CLUSTER_ACL_RULES = ("+cluster|slots", "+command")
 

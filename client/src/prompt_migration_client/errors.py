@@ -56,9 +56,15 @@ class FormatError(BadRequest):
 
 
 _BY_STATUS: dict[int, type[ClientError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict,
-    413: PayloadTooLarge, 422: BadRequest, 503: Unavailable,
-}  # fmt: skip
+    400: BadRequest,
+    401: Unauthorized,
+    403: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: BadRequest,
+    503: Unavailable,
+}
 
 
 def from_response(status: int, body: Any, text: str) -> ClientError:

@@ -58,9 +58,12 @@ def connect(url: str, *, timeout_s: float, cluster: bool = False) -> AsyncRedis 
     """An asyncio client that fails fast when Redis is down and reconnects by itself later."""
     client = AsyncRedisCluster if cluster else AsyncRedis
     return client.from_url(
-        url, retry=AsyncRetry(NoBackoff(), 1), socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s, health_check_interval=30,
-    )  # fmt: skip
+        url,
+        retry=AsyncRetry(NoBackoff(), 1),
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
 
 
 class FunctionsNotLoaded(ResponseError):
@@ -74,8 +77,9 @@ class NoActiveVersion(NotFound):
         super().__init__(
             f"Model {model!r} has no active prompt set; register it (POST /models) if it is "
             f"new, then train one (POST /models/{model}/train) or run a migration to it.",
-            status=404, code="not_found",
-        )  # fmt: skip
+            status=404,
+            code="not_found",
+        )
         self.model = model
 
 
@@ -124,9 +128,11 @@ class ReadFunctions:
     """
 
     def __init__(
-        self, aredis: AsyncRedis | AsyncRedisCluster,
-        *, reload: Callable[[], Awaitable[object]] | None,
-    ) -> None:  # fmt: skip
+        self,
+        aredis: AsyncRedis | AsyncRedisCluster,
+        *,
+        reload: Callable[[], Awaitable[object]] | None,
+    ) -> None:
         self.aredis = aredis
         self.cluster = isinstance(aredis, AsyncRedisCluster)
         self._reload = reload

@@ -120,9 +120,14 @@ class PromptClient:
     """Synchronous client. ``http`` may be any ``httpx.Client`` (tests pass the API's own)."""
 
     def __init__(
-        self, base_url: str = "http://localhost:8000", *, token: str | None = None,
-        timeout_s: float = 30.0, http: Any = None, cache_size: int = 10_000,
-    ) -> None:  # fmt: skip
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        http: Any = None,
+        cache_size: int = 10_000,
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # ``http``: an httpx.Client, or one of its shape (a test client).
         self.http: Any = http or httpx.Client(base_url=base_url, timeout=timeout_s)
@@ -166,17 +171,23 @@ class PromptClient:
         key = (user, model, version)
         cached = self._prompts.get(key)
         response = self.request(
-            "GET", f"/users/{user}/prompt", params=_prompt_params(model, version),
+            "GET",
+            f"/users/{user}/prompt",
+            params=_prompt_params(model, version),
             headers=_conditional(cached),
-        )  # fmt: skip
+        )
         if response.status_code == 304 and cached is not None:
             return cached
         return self._prompts.put(key, _prompt_from(user, response))
 
     def prompts(
-        self, users: list[str], *, model: str | None = None, version: str | None = None,
+        self,
+        users: list[str],
+        *,
+        model: str | None = None,
+        version: str | None = None,
         encoding: Encoding = "json",
-    ) -> Batch:  # fmt: skip
+    ) -> Batch:
         """Many users' prompts from one version, in one atomic read (at most the service's
         ``PM_MAX_BATCH_USERS`` per call); ``encoding`` is the answer's, the same values."""
         body, params = _batch_body(users, model, version), _format_params(encoding)
@@ -188,9 +199,14 @@ class AsyncPromptClient:
     """The same reads on asyncio; ``http`` may be any ``httpx.AsyncClient``."""
 
     def __init__(
-        self, base_url: str = "http://localhost:8000", *, token: str | None = None,
-        timeout_s: float = 30.0, http: httpx.AsyncClient | None = None, cache_size: int = 10_000,
-    ) -> None:  # fmt: skip
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        http: httpx.AsyncClient | None = None,
+        cache_size: int = 10_000,
+    ) -> None:
         self.http = http or httpx.AsyncClient(base_url=base_url, timeout=timeout_s)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._prompts = _Cache(cache_size)
@@ -226,17 +242,23 @@ class AsyncPromptClient:
         key = (user, model, version)
         cached = self._prompts.get(key)
         response = await self.request(
-            "GET", f"/users/{user}/prompt", params=_prompt_params(model, version),
+            "GET",
+            f"/users/{user}/prompt",
+            params=_prompt_params(model, version),
             headers=_conditional(cached),
-        )  # fmt: skip
+        )
         if response.status_code == 304 and cached is not None:
             return cached
         return self._prompts.put(key, _prompt_from(user, response))
 
     async def prompts(
-        self, users: list[str], *, model: str | None = None, version: str | None = None,
+        self,
+        users: list[str],
+        *,
+        model: str | None = None,
+        version: str | None = None,
         encoding: Encoding = "json",
-    ) -> Batch:  # fmt: skip
+    ) -> Batch:
         body, params = _batch_body(users, model, version), _format_params(encoding)
         response = await self.request("POST", "/prompts/batch", json=body, params=params)
         return _batch_from(response, encoding)

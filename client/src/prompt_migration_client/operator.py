@@ -70,14 +70,24 @@ class OperatorClient(PromptClient):
         return dest
 
     def import_file(
-        self, model: str, source: Path, *, activate: bool = False, dtype: str | None = None,
-        head_from_version: str | None = None, placement: str | None = None,
+        self,
+        model: str,
+        source: Path,
+        *,
+        activate: bool = False,
+        dtype: str | None = None,
+        head_from_version: str | None = None,
+        placement: str | None = None,
         on_progress: Progress | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         """Upload a set file as a new sealed version of ``model``, streamed from disk."""
         size = source.stat().st_size
-        options = {"activate": str(activate).lower(), "dtype": dtype,
-                   "head_from_version": head_from_version, "placement": placement}  # fmt: skip
+        options = {
+            "activate": str(activate).lower(),
+            "dtype": dtype,
+            "head_from_version": head_from_version,
+            "placement": placement,
+        }
 
         def body() -> Iterator[bytes]:
             sent = 0
@@ -89,5 +99,8 @@ class OperatorClient(PromptClient):
 
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         params = {k: v for k, v in options.items() if v is not None}
-        return dict(self.json("POST", f"/models/{model}/import", params=params, content=body(),
-                              headers=headers))  # fmt: skip
+        return dict(
+            self.json(
+                "POST", f"/models/{model}/import", params=params, content=body(), headers=headers
+            )
+        )

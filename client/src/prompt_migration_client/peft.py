@@ -54,8 +54,10 @@ def _read_one(folder: Path) -> tuple[np.ndarray, dict[str, Any], str | None]:
             f"({wanted}) has one vector per virtual token."
         )
     if vectors.shape != (config["num_virtual_tokens"], config["token_dim"]):
-        raise ContractError(f"{folder}: {KEY} is {list(vectors.shape)}, its config says "
-                            f"[{config['num_virtual_tokens']}, {config['token_dim']}].")  # fmt: skip
+        raise ContractError(
+            f"{folder}: {KEY} is {list(vectors.shape)}, its config says "
+            f"[{config['num_virtual_tokens']}, {config['token_dim']}]."
+        )
     return vectors.astype(np.float32), config, stamp
 
 
@@ -70,9 +72,11 @@ def adapters_to_setfile(root: Path, dest: Path, *, task: str, placement: str | N
         raise ContractError(f"The adapters under {root} have different shapes {sorted(shapes)}.")
     placements = {placement} if placement else set(stamps)
     metadata = {
-        "task": task, "space": INPUT, "source_format": "peft",
+        "task": task,
+        "space": INPUT,
+        "source_format": "peft",
         "peft_base_model": str(configs[0].get("base_model_name_or_path")),
-    }  # fmt: skip
+    }
     if placements == {PLACEMENT}:
         metadata["placement"] = PLACEMENT
     users = [folder.name for folder in folders]
@@ -108,19 +112,25 @@ def setfile_to_adapters(source: Path, out: Path, *, placement: str | None = None
     scale = float(bundle["scale"]["input_scale"])
     present, prompts, written = setfile.present(), setfile.prompts, []
     # Every id is checked before anything is written.
-    folders = {row: _user_folder(out, user) for row, user in enumerate(setfile.user_ids())
-               if present[row]}  # fmt: skip
+    folders = {
+        row: _user_folder(out, user) for row, user in enumerate(setfile.user_ids()) if present[row]
+    }
     for row, folder in folders.items():
         folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": length,
-            "token_dim": width, "num_transformer_submodules": 1,
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": length,
+            "token_dim": width,
+            "num_transformer_submodules": 1,
             "base_model_name_or_path": bundle["checkpoint"]["name"],
-            "prompt_tuning_init": "RANDOM", "inference_mode": True,
-        }  # fmt: skip
+            "prompt_tuning_init": "RANDOM",
+            "inference_mode": True,
+        }
         (folder / CONFIG).write_text(json.dumps(config, indent=2))
         vectors = np.asarray(prompts[row], dtype=np.float32) * scale
-        save_file({KEY: vectors}, str(folder / WEIGHTS), metadata={"format": "pt",
-                                                                   _STAMP: PLACEMENT})  # fmt: skip
+        save_file(
+            {KEY: vectors}, str(folder / WEIGHTS), metadata={"format": "pt", _STAMP: PLACEMENT}
+        )
         written.append(folder)
     return written

@@ -51,8 +51,10 @@ def header_bytes(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     at = 0
     for entry in entries:
         header[entry.name] = {
-            "dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [at, at + entry.nbytes]
-        }  # fmt: skip
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [at, at + entry.nbytes],
+        }
         at += entry.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keeps the data 8-byte aligned, as safetensors does
@@ -66,9 +68,13 @@ def encode_ids(users: list[str]) -> tuple[bytes, int]:
 
 
 def write_setfile(
-    path: Path, *, prompts: np.ndarray, users: list[str], metadata: dict[str, str],
+    path: Path,
+    *,
+    prompts: np.ndarray,
+    users: list[str],
+    metadata: dict[str, str],
     head: dict[str, np.ndarray] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """A set file from arrays in memory: ``prompts`` ``[N, l, d]`` float32 or float16."""
     dtype = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}[prompts.dtype]
     ids, width = encode_ids(users)
@@ -80,8 +86,9 @@ def write_setfile(
         *(Entry(f"head.{k}", "F32", tuple(v.shape)) for k, v in head.items()),
     ]
     with path.open("wb") as out:
-        out.write(header_bytes(entries, {"format": FORMAT, "format_version": FORMAT_VERSION}
-                               | metadata))  # fmt: skip
+        out.write(
+            header_bytes(entries, {"format": FORMAT, "format_version": FORMAT_VERSION} | metadata)
+        )
         out.write(np.ascontiguousarray(prompts).astype(prompts.dtype.newbyteorder("<")).tobytes())
         out.write(bytes([1]) * len(users))
         out.write(ids)
@@ -105,8 +112,13 @@ class SetFile:
         count = (end - start) // np.dtype(_NUMPY[entry["dtype"]]).itemsize
         if count == 0:
             return np.zeros(entry["shape"], dtype=_NUMPY[entry["dtype"]])
-        return np.memmap(self.path, dtype=_NUMPY[entry["dtype"]], mode="r",
-                         offset=self.data_start + start, shape=tuple(entry["shape"]))  # fmt: skip
+        return np.memmap(
+            self.path,
+            dtype=_NUMPY[entry["dtype"]],
+            mode="r",
+            offset=self.data_start + start,
+            shape=tuple(entry["shape"]),
+        )
 
     @property
     def prompts(self) -> np.ndarray:  # [N, l, d]
@@ -146,9 +158,11 @@ class SetFile:
 
 
 def _refuse(what: str) -> FormatError:
-    return FormatError(f"Not a prompt set file: {what}. Export one with GET "
-                       "/models/{name}/versions/{version}/export (or `prompt-migration "
-                       "export`) and send it unchanged.")  # fmt: skip
+    return FormatError(
+        f"Not a prompt set file: {what}. Export one with GET "
+        "/models/{name}/versions/{version}/export (or `prompt-migration "
+        "export`) and send it unchanged."
+    )
 
 
 def open_setfile(path: Path) -> SetFile:
@@ -184,8 +198,10 @@ def _check_entries(entries: dict[str, Any], *, data_size: int) -> None:
         raise _refuse(f"the data holds {data_size} bytes but its tensors {at}")
     for name, rank in (("present", 1), ("user_ids", 2)):
         if name in entries and len(entries[name]["shape"]) != rank:
-            raise _refuse(f"tensor {name!r} has shape {entries[name]['shape']}; it must have "
-                          f"{rank} dimension{'s' if rank > 1 else ''}")  # fmt: skip
+            raise _refuse(
+                f"tensor {name!r} has shape {entries[name]['shape']}; it must have "
+                f"{rank} dimension{'s' if rank > 1 else ''}"
+            )
     if "prompts" not in entries or entries["prompts"]["dtype"] not in ("F32", "F16"):
         raise FormatError(
             "The file has no F32 or F16 tensor named 'prompts' [N, l, d]: name the users' "
@@ -208,14 +224,18 @@ def _span(name: str, entry: object) -> tuple[int, int]:
             "them with .float() or .half()), user_ids and present U8, head tensors F32."
         )
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-        raise _refuse(f"tensor {name!r} has shape {str(shape)[:80]}; a shape is a list of "
-                      f"integers from 0 to {_MAX_DIM}")  # fmt: skip
+        raise _refuse(
+            f"tensor {name!r} has shape {str(shape)[:80]}; a shape is a list of "
+            f"integers from 0 to {_MAX_DIM}"
+        )
     nbytes = Entry(name, dtype, tuple(shape)).nbytes
     if nbytes > _MAX_DIM:
         raise _refuse(f"tensor {name!r} of shape {shape} would hold more than {_MAX_DIM} bytes")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-        raise _refuse(f"tensor {name!r} has data_offsets {str(offsets)[:80]}; give [start, end] "
-                      "byte offsets into the data")  # fmt: skip
+        raise _refuse(
+            f"tensor {name!r} has data_offsets {str(offsets)[:80]}; give [start, end] "
+            "byte offsets into the data"
+        )
     if offsets[1] - offsets[0] != nbytes:
         raise _refuse(f"tensor {name!r} of shape {shape} does not fill its byte range")
     return offsets[0], offsets[1]
