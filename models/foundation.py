@@ -28,8 +28,8 @@ from transformers import (
 )
 
 from models import attention
+from models.checkpoints import resolve_checkpoint
 from models.errors import CheckpointError, ShapeMismatchError
-from models.registry import resolve_checkpoint
 
 
 @dataclass(frozen=True)

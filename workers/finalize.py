@@ -15,7 +15,7 @@ from workers.context import JobRun, load_model
 from workers.follow import drain_before_promotion
 from workers.mapping import map_missing_chunks
 from workers.population import member_splits, sample
-from workers.sets import load_set, source_task
+from workers.stage_io import load_set, source_task
 
 
 def finalize(job: JobRun) -> None:

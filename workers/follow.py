@@ -37,7 +37,7 @@ from models.migration import map_prompts
 from workers.celery_app import app
 from workers.context import JobRun
 from workers.lease import LeaseHeld, holder_name
-from workers.sets import encode_rows
+from workers.stage_io import encode_rows
 
 LEASE = "follow"
 _adapters: dict[str, Any] = {}

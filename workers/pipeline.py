@@ -30,7 +30,7 @@ from workers.follow import start_following
 from workers.mapping import map_chunk, plan_mapping
 from workers.population import draw, member_splits
 from workers.prompt_training import train_prompt_set
-from workers.sets import load_set, source_task
+from workers.stage_io import load_set, source_task
 
 __all__ = [
     "JobRun",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from app.store import Store
 from models.data import Splits, load_interactions, split_chronological
 from workers.context import JobRun
-from workers.sets import dataset_source
+from workers.stage_io import dataset_source
 
 
 def rank(user: str, *, seed: int) -> int:

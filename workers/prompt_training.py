@@ -12,7 +12,7 @@ from models.evaluation import evaluate
 from models.tasks import get_task
 from models.training import PromptTrainingConfig, train_prompts
 from workers.context import JobRun, load_model
-from workers.sets import load_splits, write_set
+from workers.stage_io import load_splits, write_set
 
 
 def train_prompt_set(job: JobRun) -> None:

@@ -19,8 +19,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.errors import ConflictError
 from app.store import SEALED, SetMeta, Store
+from models.checkpoints import resolve_checkpoint
 from models.contract import CheckpointFacts, checkpoint_facts, describe
-from models.registry import resolve_checkpoint
 from models.tasks import get_task
 
 

@@ -16,10 +16,10 @@ from transformers import (
 )
 
 from app.store import Store
+from models.checkpoints import resolve_checkpoint
 from models.data import Interaction
 from models.evaluation import predict_set
 from models.foundation import FoundationModel
-from models.registry import resolve_checkpoint
 from models.tasks import get_task
 from tests.app.sets import model_set
 from tests.conftest import READER

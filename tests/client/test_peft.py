@@ -19,7 +19,7 @@ from redis import Redis
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from app.store import Store
-from models.registry import resolve_checkpoint
+from models.checkpoints import resolve_checkpoint
 from tests.app.sets import model_set
 from tests.app.test_transfer import stored
 from tests.conftest import ADMIN

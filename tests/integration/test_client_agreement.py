@@ -26,10 +26,10 @@ from app.config import Settings
 from app.main import create_app
 from app.store import Store
 from models import assets
+from models.checkpoints import REAL_MODELS, resolve_checkpoint
 from models.data import Splits, load_interactions, split_chronological
 from models.evaluation import predict_set
 from models.foundation import FoundationModel, default_dtype
-from models.registry import REAL_MODELS, resolve_checkpoint
 from models.tasks import get_task
 from tests.conftest import READER, Worker, admin
 from tests.workers.helpers import register, wait_done

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models import assets
+from models.checkpoints import REAL_MODELS
 from models.errors import CheckpointError
 from models.foundation import FoundationModel
-from models.registry import REAL_MODELS
 from models.tasks import get_task
 
 pytestmark = pytest.mark.integration

@@ -83,7 +83,7 @@ def expected_prompts(store: Store, job_id: str) -> dict[str, bytes]:
     """What every user's migrated prompt must be: the stored adapter applied to the sources."""
     from models.adapter.model import adapter_from_bytes
     from models.migration import map_prompts
-    from workers.sets import encode_rows, load_set
+    from workers.stage_io import encode_rows, load_set
 
     record = store.get_job(job_id)
     adapter = adapter_from_bytes(store.get_blob(job_id, "adapter") or b"")

@@ -39,7 +39,7 @@ from tests.workers.helpers import (
     wait_done,
 )
 from workers.population import sample
-from workers.sets import load_set
+from workers.stage_io import load_set
 
 # A finished migration that was not promoted: a one-epoch adapter on two interactions per user
 # may not beat the quality gate's no-personalisation floor, and the tests that train one check

@@ -40,7 +40,7 @@ def _view(store: Store, spec: dict[str, Any], pointers: dict[str, str]) -> Model
 
 @router.post("", response_model=ModelOut, status_code=status.HTTP_201_CREATED)
 def register_model(body: ModelCreate, store: StoreDep, _: AdminDep, response: Response) -> ModelOut:
-    from models.registry import resolve_checkpoint
+    from models.checkpoints import resolve_checkpoint
 
     checkpoint = body.checkpoint or body.name
     path = resolve_checkpoint(checkpoint)  # UnknownModelError / CheckpointError -> 4xx

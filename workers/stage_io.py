@@ -1,4 +1,4 @@
-"""Reading and writing prompt sets and a job's data, as the stages need them."""
+"""What the stages read and write: prompt sets, a job's data splits and its encoded rows."""
 
 from __future__ import annotations
 
