@@ -77,7 +77,21 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 # `make test-fast` leaves these out: they run real workers, real models or whole services.
-SLOW_PARTS = ("tests/workers/", "tests/integration/", "tests/bench/", "tests/test_run_faults.py")
+SLOW_PARTS = (
+    "tests/workers/",
+    "tests/integration/",
+    "tests/bench/",
+    "tests/test_run_faults.py",
+    "tests/test_compose.py",  # starts the compose file's store Redis
+    "tests/models/test_distill.py",  # trains adapters end to end
+    "tests/models/test_end_to_end.py",
+    "tests/app/test_probes.py",  # a real uvicorn process
+    "tests/app/test_body_memory.py",
+    "tests/app/test_redis_outage.py",  # stops and restarts Redis and a Cluster node
+    "tests/app/test_cli.py::test_a_job_is_followed_until_it_ends",  # a real worker
+    "tests/app/test_settings.py::test_api_process_refuses",  # a fresh interpreter imports the app
+    "tests/app/test_settings.py::test_a_deployment_that_names_no_environment",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
