@@ -31,8 +31,9 @@ def test_numpy_head_gives_the_services_predictions(task: str, scale: float) -> N
     weights = {name: value.numpy() for name, value in head.state_dict().items()}
     ours = apply_head(head_steps(spec), logits.numpy(), weights)
     assert ours.dtype == np.float32
-    # Both compute in float32: they differ by rounding, which grows with the logits' size.
-    np.testing.assert_allclose(ours, service.numpy(), rtol=1e-6, atol=1e-6 * scale)
+    # Both compute in float32 (BLAS may order sums differently): they differ by rounding, which
+    # grows with the logits' size.
+    np.testing.assert_allclose(ours, service.numpy(), rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_the_store_builds_the_keys_readers_hand_the_functions() -> None:
