@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,30 @@ def reader() -> dict[str, str]:
     return {"Authorization": f"Bearer {READER}"}
 
 
-class Worker:
-    """``celery -A workers.celery_app worker -Q gpu,default --pool solo`` as a subprocess."""
+@dataclass(frozen=True)
+class Delays:
+    """Test-only slow-downs of a worker's stages, in seconds (tests/slow_worker.py): room to kill
+    the worker, stop the store or write users inside a stage."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
+    chunk: float = 0.0  # before each chunk's users are mapped
+    stage: float = 0.0  # once the adapter's training starts
+    load: float = 0.0  # in the loading stage, once the members are listed
+
+    def env(self) -> dict[str, str]:
+        return {
+            "TEST_CHUNK_DELAY_S": str(self.chunk),
+            "TEST_STAGE_DELAY_S": str(self.stage),
+            "TEST_LOAD_DELAY_S": str(self.load),
+        }
+
+
+class Worker:
+    """``celery -A workers.celery_app worker -Q gpu,default --pool solo`` as a subprocess; with
+    ``delays``, the app of tests/slow_worker.py instead."""
+
+    def __init__(self, settings: Settings, log: Path, *, delays: Delays | None = None) -> None:
         self.settings = settings
+        self.delays = delays
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.name = f"test-{uuid.uuid4().hex[:8]}"  # the node is name@hostname
@@ -249,13 +269,13 @@ class Worker:
     def start(self, *, wait: bool = True) -> None:
         """Start, and unless ``wait`` is False wait until it answers a ping (which a solo worker
         busy with a task does only once the task ends)."""
-        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
+        env = worker_env(self.settings) | (self.delays.env() if self.delays else {})
+        app = "tests.slow_worker" if self.delays else "workers.celery_app"
+        args = [sys.executable, "-m", "celery", "-A", app, "worker"]
         args += ["-Q", "gpu,default", "--pool", "solo", "--loglevel", "INFO"]
         args += ["-n", f"{self.name}@%h", "--without-gossip", "--without-mingle"]
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                args, cwd=ROOT, env=worker_env(self.settings), stdout=out, stderr=out
-            )
+            self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
         if wait:
             self._wait_ready()
 
@@ -289,13 +309,15 @@ class Worker:
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], Worker]]:
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
-    def start(settings: Settings, *, flush_broker: bool = True) -> Worker:
+    def start(
+        settings: Settings, *, flush_broker: bool = True, delays: Delays | None = None
+    ) -> Worker:
         if flush_broker:  # queued messages of earlier tests' jobs must not reach this worker
             Redis.from_url(settings.broker).flushdb()
-        worker = Worker(settings, tmp_path / f"worker-{len(workers)}.log")
+        worker = Worker(settings, tmp_path / f"worker-{len(workers)}.log", delays=delays)
         worker.start()
         workers.append(worker)
         return worker

@@ -46,8 +46,9 @@ FAULT_ENV = {
     "PM_ADMIN_TOKEN": ADMIN,
     "PM_READ_TOKEN": READER,
     "PM_CHUNK_SIZE": "3",
-    "PM_CHUNK_DELAY_S": "1.0",
-    "PM_STAGE_DELAY_S": "3.0",
+    "CELERY_APP": "tests.slow_worker",  # the supervisor's worker runs the slowed-down app
+    "TEST_CHUNK_DELAY_S": "1.0",
+    "TEST_STAGE_DELAY_S": "3.0",
     "PM_VISIBILITY_TIMEOUT_S": "4",
     "PM_RESTORE_INTERVAL_S": "1",
     "PM_LEASE_TTL_S": "3",

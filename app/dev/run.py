@@ -150,6 +150,8 @@ def prepare_env(supervisor: Supervisor, args: argparse.Namespace) -> dict[str, s
     env.setdefault("PM_READ_TOKEN", secrets.token_urlsafe(32))
     threads = str(max(1, (os.cpu_count() or 2)))
     env.setdefault("OMP_NUM_THREADS", threads)
+    # The worker's Celery app; CELERY_APP names another, as it does for ``celery`` itself.
+    env.setdefault("CELERY_APP", "workers.celery_app")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -184,7 +186,7 @@ def start_services(supervisor: Supervisor, env: dict[str, str], port: int) -> No
         "-m",
         "celery",
         "-A",
-        "workers.celery_app",
+        env["CELERY_APP"],
         "worker",
         "-Q",
         "gpu,default",

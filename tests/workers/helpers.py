@@ -16,7 +16,7 @@ from redis import Redis
 from app.config import Settings
 from app.main import create_app
 from app.store import Store
-from tests.conftest import Worker, admin, reader
+from tests.conftest import Delays, Worker, admin, reader
 
 SOURCE, TARGET, DATASET = "tiny-llama", "tiny-gemma", "synthetic-tiny"
 FAST_ADAPTER = {"epochs": 2, "hidden": 16}
@@ -112,11 +112,14 @@ class Service(NamedTuple):
 
 
 @contextlib.contextmanager
-def service_with_source(settings: Settings, worker_log: Path) -> Iterator[Service]:
-    """A real worker and the API on ``settings`` (store already emptied by the caller, broker
-    emptied here), both models registered and the source set trained."""
+def service_with_source(
+    settings: Settings, worker_log: Path, *, delays: Delays | None = None
+) -> Iterator[Service]:
+    """A real worker (slowed down by ``delays``) and the API on ``settings`` (store already
+    emptied by the caller, broker emptied here), both models registered and the source set
+    trained."""
     Redis.from_url(settings.broker).flushdb()
-    worker = Worker(settings, worker_log)
+    worker = Worker(settings, worker_log, delays=delays)
     worker.start()
     app = create_app(settings)
     try:

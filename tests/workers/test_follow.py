@@ -14,7 +14,7 @@ from redis import Redis
 
 from app.config import Settings
 from app.store import Store
-from tests.conftest import RedisServer, admin, make_settings, reader, wait_for
+from tests.conftest import Delays, RedisServer, admin, make_settings, reader, wait_for
 from tests.workers.helpers import (
     SOURCE,
     TARGET,
@@ -35,10 +35,11 @@ def env(
 ) -> Iterator[dict[str, Any]]:
     # Small chunks with a pause before each, and a pause in the loading stage: room to write
     # users in every window of the job.
-    settings = make_settings(redis_server, chunk_size=4, chunk_delay_s=0.3, load_delay_s=1.5)
+    settings = make_settings(redis_server, chunk_size=4)
     Redis.from_url(settings.redis_url).flushdb()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with service_with_source(settings, log) as service:
+    slow = Delays(chunk=0.3, load=1.5)
+    with service_with_source(settings, log, delays=slow) as service:
         yield {"client": service.client, "store": service.store, "settings": settings}
 
 
@@ -246,7 +247,7 @@ def test_a_cancelled_job_leaves_no_keys_even_after_a_late_chunk(
     source = store.get_job(created["id"])["sources"][0]
     # A chunk task that passed its checks before the cancel writes after the set was dropped.
     monkeypatch.setattr(context, "_store", store)
-    settings: Settings = env["settings"].model_copy(update={"chunk_delay_s": 0.0})
+    settings: Settings = env["settings"]
     chunks = store.plan_size(created["id"])
     late = next(i for i in range(chunks) if i not in store.chunks_done(created["id"]))
     map_chunk(context.JobRun(created["id"], settings=settings), late)

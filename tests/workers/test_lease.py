@@ -13,7 +13,7 @@ from redis import Redis
 
 from app.config import Settings
 from app.store import Store
-from tests.conftest import RedisServer, Worker, make_settings
+from tests.conftest import Delays, RedisServer, Worker, make_settings
 from tests.workers.helpers import (
     TARGET,
     assert_exact_set,
@@ -32,11 +32,17 @@ def test_a_redelivered_stage_waits_for_the_live_holder(
         visibility_timeout_s=2,
         restore_interval_s=1,
         lease_ttl_s=2.0,
-        stage_delay_s=8.0,  # training outlasts the visibility timeout several times over
     )
     Redis.from_url(settings.redis_url).flushdb()
-    with service_with_source(settings, tmp_path / "worker-a.log") as (client, store, _, _):
-        start_worker(settings, flush_broker=False)  # idle: it takes the redelivered stage
+    slow = Delays(stage=8.0)  # training outlasts the visibility timeout several times over
+    with service_with_source(settings, tmp_path / "worker-a.log", delays=slow) as (
+        client,
+        store,
+        _,
+        _,
+    ):
+        # idle: it takes the redelivered stage
+        start_worker(settings, flush_broker=False, delays=slow)
         created = migrate(client)
         done = wait_done(client, created["id"], timeout=240, worker_log=tmp_path / "worker-a.log")
         assert done["state"] == "promoted", done

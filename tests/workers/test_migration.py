@@ -20,6 +20,7 @@ from models.adapter.model import adapter_from_bytes
 from models.foundation import FoundationModel
 from models.instant import fit_vocab_map
 from tests.conftest import (
+    Delays,
     RedisServer,
     admin,
     make_settings,
@@ -51,10 +52,10 @@ FINISHED = ("awaiting_promotion", "gate_failed")
 def env(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    settings = make_settings(redis_server, chunk_size=5, chunk_delay_s=0.3)
+    settings = make_settings(redis_server, chunk_size=5)
     Redis.from_url(settings.redis_url).flushdb()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with service_with_source(settings, log) as service:
+    with service_with_source(settings, log, delays=Delays(chunk=0.3)) as service:
         yield {
             "client": service.client,
             "store": service.store,

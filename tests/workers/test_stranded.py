@@ -12,7 +12,7 @@ from redis import Redis
 from app.dev.local_redis import LocalRedis
 from app.errors import NotFoundError
 from app.store import Store
-from tests.conftest import RedisServer, make_settings, wait_for
+from tests.conftest import Delays, RedisServer, make_settings, wait_for
 from tests.workers.helpers import TARGET, job, migrate, service_with_source, wait_done
 
 RUNS = 2  # a stage's worker may die this many times
@@ -34,12 +34,12 @@ def test_a_stage_whose_worker_dies_every_time_fails_the_job(
         visibility_timeout_s=4,  # the killed worker's task comes back soon ...
         restore_interval_s=1,
         lease_ttl_s=3.0,  # ... and finds its lease lapsed
-        stage_delay_s=30.0,  # training would outlast each run
         max_stage_runs=RUNS,
     )
     Redis.from_url(settings.redis_url).flushdb()
     log = tmp_path / "worker.log"
-    with service_with_source(settings, log) as (client, store, worker, _):
+    slow = Delays(stage=30.0)  # training would outlast each run
+    with service_with_source(settings, log, delays=slow) as (client, store, worker, _):
         created = migrate(client)
         for run in range(1, RUNS + 1):
             started = lambda run=run: store.counters(created["id"]).get("ran:train", 0) >= run  # noqa: E731
@@ -61,7 +61,8 @@ def test_a_stage_past_its_time_limit_fails_the_job(
     log = tmp_path / "worker.log"
     with service_with_source(settings, log) as (client, store, worker, _):
         worker.stop()  # the source is trained; now a worker whose stages have 3 s each
-        worker.settings = make_settings(redis_server, stage_time_limit_s=3.0, stage_delay_s=60.0)
+        worker.settings = make_settings(redis_server, stage_time_limit_s=3.0)
+        worker.delays = Delays(stage=60.0)
         worker.start()
         created = migrate(client)
         done = wait_done(client, created["id"], timeout=120, worker_log=log)
@@ -77,11 +78,10 @@ def test_a_store_outage_longer_than_the_retries_fails_the_job(
     server = LocalRedis(shutil.which("redis-server") or "redis-server", tmp_path, persist=True)
     server.start()
     try:
-        settings = make_settings(
-            redis_server, redis_url=server.url(0), store_retries=2, stage_delay_s=30.0
-        )
+        settings = make_settings(redis_server, redis_url=server.url(0), store_retries=2)
         log = tmp_path / "worker.log"
-        with service_with_source(settings, log) as (client, store, _, _):
+        slow = Delays(stage=30.0)  # the store stops while the adapter trains
+        with service_with_source(settings, log, delays=slow) as (client, store, _, _):
             created = migrate(client)
             training = lambda: job(client, created["id"])["stage"] == "training"  # noqa: E731
             wait_for(training, timeout=120, interval=0.05, what="the adapter's training")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from tests.conftest import RedisServer, make_settings, wait_for
+from tests.conftest import Delays, RedisServer, make_settings, wait_for
 from tests.workers.helpers import (
     TARGET,
     assert_exact_set,
@@ -25,14 +25,14 @@ def test_killed_worker_resumes_without_losing_or_duplicating_users(
     settings = make_settings(
         redis_server,
         chunk_size=3,
-        chunk_delay_s=1.0,
         visibility_timeout_s=4,
         restore_interval_s=1,
         lease_ttl_s=3.0,  # the killed worker's chunk lease lapses soon after
     )
     Redis.from_url(settings.redis_url).flushdb()
     worker_log = tmp_path / "worker.log"
-    with service_with_source(settings, worker_log) as (client, store, worker, _):
+    slow = Delays(chunk=1.0)  # room to kill the worker while it maps
+    with service_with_source(settings, worker_log, delays=slow) as (client, store, worker, _):
         created = migrate(client)
 
         def mid_mapping() -> bool:
