@@ -60,9 +60,6 @@ class Settings(BaseSettings):
     # Torch threads for mapping a chunk: one leaves the other cores to Redis and the I/O, and
     # spares the barriers that several threads cost on a busy machine.
     map_threads: int = Field(default=1, ge=1)
-    chunk_delay_s: float = Field(default=0.0, ge=0)  # test-only: widens the mapping window
-    stage_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the adapter's training
-    load_delay_s: float = Field(default=0.0, ge=0)  # test-only: holds the loading stage
     # A write to a followed set sends one follow task at most per this window (the task waits it
     # out, so the writes of the window go in one drain): the bound on the messages per follower.
     follow_delay_s: float = Field(default=0.2, ge=0)
@@ -124,11 +121,6 @@ class Settings(BaseSettings):
                 _require_strong(name, getattr(self, name))
             if self.admin_token == self.read_token:
                 raise ValueError("PM_ADMIN_TOKEN and PM_READ_TOKEN must differ in production.")
-            for name in ("chunk_delay_s", "stage_delay_s", "load_delay_s"):
-                if getattr(self, name):
-                    raise ValueError(
-                        f"PM_{name.upper()} is a test-only slowdown; unset it in production."
-                    )
             return self
         # Development: a missing token gets a random one (``python -m app.dev.run`` prints them).
         if self.admin_token is None:

@@ -127,8 +127,6 @@ def train(
     target_name, _ = job.target
     job.update(stage=Stage.training, users_selected=len(selected.users))
     job.store.count(job.id, "adapter_trainings")
-    if job.settings.stage_delay_s:
-        job.pause(job.settings.stage_delay_s)  # test-only: leaves room to kill a worker here
     target = load_model(target_name)
     result = train_adapter(
         sources=sets,

@@ -131,13 +131,6 @@ class JobRun:
         if self.store.cancel_requested(self.id):
             raise Cancelled(f"job {self.id} cancelled")
 
-    def pause(self, seconds: float) -> None:
-        """Sleep, still answering cancellation and the time limit (test-only slowdowns)."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.check_cancel()
-            time.sleep(min(left, 0.25))
-
     def progress(self, start: float, span: float) -> Callable[[dict[str, float]], None]:
         """An on_progress callback mapping a stage's 0..1 onto [start, start + span]."""
 

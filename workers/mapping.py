@@ -122,8 +122,6 @@ def map_chunk(job: JobRun, index: int) -> dict[str, Any]:
     if index in job.store.chunks_done(job.id):
         return {"chunk": index, "skipped": True}
     started = time.perf_counter()
-    if job.settings.chunk_delay_s:
-        job.pause(job.settings.chunk_delay_s)  # test-only: leaves room to kill a worker here
     count, digest = map_users(job, job.store.plan_chunk(job.id, index))
     if ended(job):
         return {"chunk": index, "discarded": True}

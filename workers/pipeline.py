@@ -50,8 +50,6 @@ def prepare_and_train(job: JobRun) -> int:
     start_following(job)  # before the users are listed: a later write is pending, not missed
     job.update(stage=Stage.loading)
     splits = member_splits(job, task=task.name, sets=sources)
-    if job.settings.load_delay_s:
-        job.pause(job.settings.load_delay_s)  # test-only: leaves room to erase users here
     if job.store.get_blob(job.id, "adapter") is None:
         sets, statistics = load_sample(job, sources=sources, splits=splits)
         if job.migration.method == "instant":
