@@ -31,7 +31,7 @@ from app.dev.local_redis import LocalRedis, free_port
 from app.dev.processes import die_with_parent, working_in
 from app.dev.supervise import Spawn, Supervisor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the children run from it
 RUN_DIR = ROOT / ".run"
 DATA_ENV = "PM_DATA_DIR"
 REDIS_LOAD_TIMEOUT_S = 120.0  # a large append-only file takes a while to load
