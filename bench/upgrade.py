@@ -47,7 +47,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import torch
-from prompt_migration_client.jobs import TERMINAL
+from prompt_migration_client.jobs import TERMINAL, JobState
 from prompt_migration_client.operator import OperatorClient
 from prompt_migration_client.setfile import Entry, header_bytes, open_setfile
 from redis import Redis
@@ -681,7 +681,7 @@ def steps(
     if timed_out:
         with contextlib.suppress(Exception):
             service.client.cancel(job["id"])
-    elif record.get("state") == "gate_failed" and args.force_promote:
+    elif record.get("state") == JobState.gate_failed and args.force_promote:
         # What an operator does when the gate fails by noise against a barely trained source:
         # promote with force; the set has followed the sources' writes all along.
         started = time.perf_counter()
