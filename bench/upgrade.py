@@ -47,12 +47,13 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import torch
-from prompt_migration_client.jobs import TERMINAL
+from prompt_migration_client.jobs import TERMINAL, JobState
 from prompt_migration_client.operator import OperatorClient
 from prompt_migration_client.setfile import Entry, header_bytes, open_setfile
 from redis import Redis
+from redis.cluster import RedisCluster
 
-from app.store import Store
+from app.store import Store, connect_redis
 from app.store.keys import value_key_prefix
 from bench import loadgen
 from bench.loadgen import user_id
@@ -106,9 +107,11 @@ class Recipe:
 class Service:
     """API and worker against one redis-server, production settings and strong tokens."""
 
-    def __init__(self, redis_url: str, *, logdir: Path) -> None:
+    def __init__(self, redis_url: str, *, logdir: Path, broker_url: str | None = None) -> None:
+        """``broker_url``: Celery's Redis when the store is a Cluster (Celery cannot use one);
+        else database 1 of the store's redis-server."""
         url = urlparse(redis_url)
-        broker = f"redis://{url.hostname}:{url.port}/1"
+        broker = broker_url or f"redis://{url.hostname}:{url.port}/1"
         self.admin, self.read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         self.env = {
             "PM_ENVIRONMENT": "production",
@@ -117,6 +120,7 @@ class Service:
             "PM_RESULT_BACKEND": broker,
             "PM_ADMIN_TOKEN": self.admin,
             "PM_READ_TOKEN": self.read,
+            "PM_REDIS_CLUSTER": str(broker_url is not None).lower(),
             "OMP_NUM_THREADS": str(os.cpu_count() or 1),
             "PYTHONUNBUFFERED": "1",
         }
@@ -539,11 +543,22 @@ def _latest(users: list[str], population: Population, writes: Writes) -> np.ndar
 # ---- one run ---------------------------------------------------------------------------------
 
 
-def redis_memory_mb(redis: Redis) -> dict[str, float]:
-    info = redis.info("memory")
+def redis_memory_mb(redis: Redis | RedisCluster) -> dict[str, Any]:
+    """Used and peak memory; for a Cluster, summed over its primaries and listed per node."""
+    if not isinstance(redis, RedisCluster):
+        info = redis.info("memory")
+        return {
+            "used": round(int(info["used_memory"]) / 2**20, 1),
+            "peak": round(int(info["used_memory_peak"]) / 2**20, 1),
+        }
+    nodes = [redis.info("memory", target_nodes=node) for node in redis.get_primaries()]
+    used = [round(int(i["used_memory"]) / 2**20, 1) for i in nodes]
+    peak = [round(int(i["used_memory_peak"]) / 2**20, 1) for i in nodes]
     return {
-        "used": round(int(info["used_memory"]) / 2**20, 1),
-        "peak": round(int(info["used_memory_peak"]) / 2**20, 1),
+        "used": round(sum(used), 1),
+        "peak": round(sum(peak), 1),
+        "used_per_node": used,
+        "peak_per_node": peak,
     }
 
 
@@ -561,22 +576,32 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
     }
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pm-bench-up-")))
-        redis_url, redis_pids = stack.enter_context(local_redis())
-        service = Service(redis_url, logdir=workdir)
+        redis_url, redis_pids = stack.enter_context(local_redis(cluster=args.cluster))
+        broker_url, broker_pids = stack.enter_context(local_redis()) if args.cluster else (None, [])
+        service = Service(redis_url, logdir=workdir, broker_url=broker_url)
         stack.callback(service.stop)
-        redis = Redis.from_url(redis_url)
+        redis = connect_redis(redis_url, timeout_s=30, cluster=args.cluster)
         stack.callback(redis.close)
+        run["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
         try:
             steps(args, recipe, users=users, service=service, redis=redis, run=run, workdir=workdir)
         except Exception as error:  # a failed run is a result
             traceback.print_exc()
             run["error"] = f"{type(error).__name__}: {error}"
             run["state"] = run["state"] or "error"
-        pids = {"worker": service.worker.pid, "api": service.api.proc.pid, "redis": redis_pids[0]}
+        run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        pids = {"worker": service.worker.pid, "api": service.api.proc.pid}
         run["peak_rss_mb"] = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+        nodes = [peak_rss_mb(pid) for pid in redis_pids]
+        run["peak_rss_mb"]["redis"] = max((m for m in nodes if m is not None), default=None)
+        if args.cluster:
+            run["peak_rss_mb"]["redis_per_node"] = nodes
+            run["peak_rss_mb"]["broker_redis"] = peak_rss_mb(broker_pids[0])
         with contextlib.suppress(Exception):
             memory = redis_memory_mb(redis)
             run["redis_used_mb"], run["redis_peak_used_mb"] = memory["used"], memory["peak"]
+            if args.cluster:
+                run["redis_used_mb_per_node"] = memory["used_per_node"]
         if run.get("error"):
             run["logs_tail"] = {
                 "worker": service.worker_log.read_text(errors="replace")[-2000:],
@@ -591,7 +616,7 @@ def steps(
     *,
     users: int,
     service: Service,
-    redis: Redis,
+    redis: Redis | RedisCluster,
     run: dict[str, Any],
     workdir: Path,
 ) -> None:
@@ -635,7 +660,16 @@ def steps(
     run["job_seconds"], run["users_per_s"] = throughput(record, users=users)
     run["job"] = {
         k: record.get(k)
-        for k in ("stage", "progress", "cost", "gate", "error", "promotion_refused", "target")
+        for k in (
+            "stage",
+            "progress",
+            "cost",
+            "gate",
+            "error",
+            "promotion_refused",
+            "target",
+            "sample",
+        )
     }
     run["writes"] = {
         "sent": writes.sent,
@@ -647,10 +681,23 @@ def steps(
     if timed_out:
         with contextlib.suppress(Exception):
             service.client.cancel(job["id"])
+    elif record.get("state") == JobState.gate_failed and args.force_promote:
+        # What an operator does when the gate fails by noise against a barely trained source:
+        # promote with force; the set has followed the sources' writes all along.
+        started = time.perf_counter()
+        record = service.client.promote(job["id"], force=True)
+        run["forced_promotion"] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "state": record.get("state"),
+        }
+        run["state"] = f"{record.get('state')} (forced after gate_failed)"
+    # Writes acknowledged just before the job ended reach the new set by a follow task.
+    time.sleep(args.settle_seconds)
+    store = Store(redis)
+    run["job_counters"] = store.counters(job["id"])
+    run["chunks"] = len(store.chunks_done(job["id"]))
     log(f"checking the new set ({args.sample} sampled + every user written during the job)")
-    run["check"] = check(
-        Store(redis), record, population, writes, sample=args.sample, atol=args.atol
-    )
+    run["check"] = check(store, record, population, writes, sample=args.sample, atol=args.atol)
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -708,7 +755,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--idle-seconds", type=float, default=10.0, help="idle read window before the job")
     add("--sample", type=int, default=1000, help="users checked by value, besides those written")
     add("--atol", type=float, default=1e-5, help="value tolerance of the check")
+    add(
+        "--settle-seconds",
+        type=float,
+        default=2.0,
+        help="wait after the job and the writes end, before the check (follow delay)",
+    )
     add("--timeout-s", type=float, default=3 * 3600, help="per job")
+    add(
+        "--cluster",
+        action="store_true",
+        help="the store on a three-node Redis Cluster, Celery on a plain redis-server",
+    )
+    add(
+        "--no-force-promote",
+        dest="force_promote",
+        action="store_false",
+        help="leave a job whose gate failed unpromoted (default: promote it with force)",
+    )
     add("--seed", type=int, default=0)
     add(
         "--cache-dir",
@@ -759,6 +823,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             "sample": args.sample,
             "atol": args.atol,
+            "settle_seconds": args.settle_seconds,
+            "force_promote_on_gate_failure": args.force_promote,
+            "store": "Redis Cluster, 3 primaries" if args.cluster else "one redis-server",
         },
         "machine": {
             "cpu_count": os.cpu_count(),
