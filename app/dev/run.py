@@ -354,14 +354,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="logs and pid files")
     parser.add_argument("--users", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=2, help="prompt-training epochs")
+    parser.add_argument("--epochs", type=int, default=6, help="prompt-training epochs")
     parser.add_argument(
         "--adapter-epochs", type=int, help="the adapter's epoch cap (default: the recipe's)"
     )
     parser.add_argument(
-        "--max-train", type=int, default=10, help="training interactions per user (CPU budget)"
+        "--max-train", type=int, default=30, help="training interactions per user (CPU budget)"
     )
-    parser.add_argument("--budget", type=int, default=20, help="users the adapter trains on")
+    parser.add_argument("--budget", type=int, default=40, help="users the adapter trains on")
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or default_data_dir()
     return args
