@@ -53,6 +53,7 @@ from prompt_migration_client.setfile import Entry, header_bytes, open_setfile
 from redis import Redis
 from redis.cluster import RedisCluster
 
+from app.jobs.queue import worker_command
 from app.store import Store, connect_redis
 from app.store.keys import value_key_prefix
 from bench import loadgen
@@ -125,24 +126,8 @@ class Service:
             "PYTHONUNBUFFERED": "1",
         }
         self.worker_log = logdir / "worker.log"
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "-Q",
-            "gpu,default",
-            "--pool",
-            "solo",
-            "--loglevel",
-            "INFO",
-            "-n",
-            f"bench-{secrets.token_hex(4)}@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        args = worker_command(node=f"bench-{secrets.token_hex(4)}@%h")
+        args += ["--without-gossip", "--without-mingle"]
         with self.worker_log.open("ab") as out:
             self.worker = subprocess.Popen(
                 args, cwd=ROOT, env=os.environ | self.env, stdout=out, stderr=out

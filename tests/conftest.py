@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from safetensors.torch import save as save_tensors
 
 from app.config import Settings
 from app.dev.local_redis import LocalRedis, LocalRedisCluster
+from app.jobs.queue import worker_command
 from app.store import SetMeta, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,9 +271,8 @@ class Worker:
         busy with a task does only once the task ends)."""
         env = worker_env(self.settings) | (self.delays.env() if self.delays else {})
         app = "tests.slow_worker" if self.delays else "workers.celery_app"
-        args = [sys.executable, "-m", "celery", "-A", app, "worker"]
-        args += ["-Q", "gpu,default", "--pool", "solo", "--loglevel", "INFO"]
-        args += ["-n", f"{self.name}@%h", "--without-gossip", "--without-mingle"]
+        args = worker_command(app=app, node=f"{self.name}@%h")
+        args += ["--without-gossip", "--without-mingle"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
         if wait:

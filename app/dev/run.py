@@ -30,6 +30,7 @@ from app.dev.demo import Demo
 from app.dev.local_redis import LocalRedis, free_port
 from app.dev.processes import die_with_parent, working_in
 from app.dev.supervise import Spawn, Supervisor
+from app.jobs.queue import worker_command
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the children run from it
 RUN_DIR = ROOT / ".run"
@@ -180,22 +181,7 @@ def start_services(supervisor: Supervisor, env: dict[str, str], port: int) -> No
 
     Settings(**{})  # validates the environment before anything else starts
     py = sys.executable
-    worker = [
-        py,
-        "-m",
-        "celery",
-        "-A",
-        env["CELERY_APP"],
-        "worker",
-        "-Q",
-        "gpu,default",
-        "--pool",
-        "solo",
-        "--loglevel",
-        "INFO",
-        "-n",
-        "dev@%h",
-    ]
+    worker = worker_command(app=env["CELERY_APP"], node="dev@%h")
     api = [py, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
     supervisor.start("worker", spawner(supervisor, "worker", worker, env))
     supervisor.start("api", spawner(supervisor, "api", api, env))

@@ -3,6 +3,7 @@ task's name, written once. The API sends tasks by these names; ``workers.tasks``
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 
 from celery import Celery
@@ -32,6 +33,14 @@ ROUTES = {
     # A migrated set applying its sources' writes: light, and not to wait behind a training.
     TaskName.follow: DEFAULT_QUEUE,
 }
+
+
+def worker_command(*, app: str = "workers.celery_app", node: str) -> list[str]:
+    """The command line of one worker process on both queues: the solo pool, since CUDA does not
+    survive a fork. ``node`` names it (``name@%h``)."""
+    queues = ",".join((GPU_QUEUE, DEFAULT_QUEUE))
+    return [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", "solo",
+            "--loglevel", "INFO", "-n", node]  # fmt: skip
 
 
 def make_celery(settings: Settings) -> Celery:
