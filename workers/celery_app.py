@@ -3,7 +3,18 @@ It is made by ``app.jobs.queue``, which the API uses too."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+from celery import signals
+
 from app.config import get_settings
 from app.jobs.queue import make_celery
 
 app = make_celery(get_settings())
+
+
+@signals.worker_init.connect
+def _yield_to_serving(**_: Any) -> None:
+    """Lower the worker's priority before it starts a thread (threads inherit it)."""
+    os.nice(get_settings().worker_nice)

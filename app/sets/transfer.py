@@ -107,12 +107,37 @@ class Checked:
     """A file that passed every check, and what the new set will be."""
 
     task: Task
-    users: list[str]
-    rows: np.ndarray  # [n] rows of the file to store, in users' order
+    count: int  # users to store: the file's present rows
     scale: float  # divide by this to reach the stored space
     head: bytes
     lineage: dict[str, Any]
     dtype: str
+
+
+@dataclass(frozen=True)
+class Block:
+    """The present rows of one block of the file."""
+
+    rows: np.ndarray  # [n] their row numbers in the file
+    users: list[str]
+    prompts: np.ndarray  # [n, l, d] float32, in the stored space
+
+
+def blocks(setfile: SetFile, *, scale: float, size: int = 4096) -> Iterator[Block]:
+    """The file's present rows, ``size`` rows of the file at a time: every pass over a file holds
+    one block, whatever the number of users."""
+    present = setfile.present()
+    for start in range(0, len(present), size):
+        keep = np.flatnonzero(present[start : start + size])
+        if len(keep) == 0:
+            continue
+        ids = setfile.user_ids(start, start + size)
+        prompts = setfile.rows("prompts", start, start + size)[keep]
+        yield Block(
+            rows=start + keep,
+            users=[ids[i] for i in keep],
+            prompts=np.asarray(prompts, dtype=np.float32) / scale,
+        )
 
 
 def check(store: Store, model: str, setfile: SetFile, options: ImportOptions) -> Checked:
@@ -127,12 +152,11 @@ def check(store: Store, model: str, setfile: SetFile, options: ImportOptions) ->
         )
     task = get_task(meta.get("task") or (bundle or {}).get("task", {}).get("name", ""))
     _check_contract(task, facts, model=model, bundle=bundle, meta=meta, options=options)
-    prompts = setfile.prompts
-    _check_shape(prompts, facts, model=model)
-    users, rows = _check_users(setfile)
+    _check_shape(setfile.prompts, facts, model=model)
+    count = _check_users(setfile)
     dtype = options.dtype or setfile.dtype
     scale = facts.input_scale if meta.get("space") == INPUT else 1.0
-    _check_values(prompts, rows=rows, users=users, scale=scale, dtype=dtype)
+    _check_values(setfile, scale=scale, dtype=dtype)
     head = _head(store, model, task, setfile, options)
     lineage = {
         "kind": "import",
@@ -140,7 +164,7 @@ def check(store: Store, model: str, setfile: SetFile, options: ImportOptions) ->
         "source": _source(bundle, meta),
         "parents": [],
     }
-    return Checked(task, users, rows, scale, head, lineage, dtype)
+    return Checked(task, count, scale, head, lineage, dtype)
 
 
 def _check_contract(
@@ -199,58 +223,64 @@ def _check_shape(prompts: np.ndarray, facts: CheckpointFacts, *, model: str) -> 
         )
 
 
-def _check_users(setfile: SetFile) -> tuple[list[str], np.ndarray]:
-    """The ids of the rows to store (present ones) and those rows' indices."""
+def _check_users(setfile: SetFile) -> int:
+    """Every row's id is valid and no two rows share one; returns the count of present rows. The
+    ids are checked a block at a time and compared as one array of bytes, never as one Python
+    object per user."""
     if "user_ids" not in setfile.entries:
         raise InvalidInputError("The file has no 'user_ids' tensor [N, L] U8: add the users' ids.")
-    ids, present = setfile.user_ids(), setfile.present()
-    if len(ids) != len(setfile.prompts) or len(present) != len(ids):
+    rows, present = setfile.entries["user_ids"]["shape"][0], setfile.present()
+    if rows != len(setfile.prompts) or len(present) != rows:
         raise InvalidInputError(
-            f"'user_ids' lists {len(ids)} users and 'present' {len(present)} for "
+            f"'user_ids' lists {rows} users and 'present' {len(present)} for "
             f"{len(setfile.prompts)} prompt rows: give one per row."
         )
-    first: dict[str, int] = {}
-    for row, user in enumerate(ids):
-        if not re.fullmatch(USER_ID_PATTERN, user):
-            raise InvalidInputError(
-                f"Row {row}: user id {user[:40]!r} is invalid; use 1-128 characters from "
-                "A-Z a-z 0-9 _ . : -."
-            )
-        if user in first:
-            raise InvalidInputError(
-                f"Rows {first[user]} and {row} both hold user {user!r}: keep one row per user."
-            )
-        first[user] = row
-    rows = np.flatnonzero(present)
-    if len(rows) == 0:
+    for start in range(0, rows, 4096):
+        for row, user in enumerate(setfile.user_ids(start, start + 4096), start):
+            if not re.fullmatch(USER_ID_PATTERN, user):
+                raise InvalidInputError(
+                    f"Row {row}: user id {user[:40]!r} is invalid; use 1-128 characters from "
+                    "A-Z a-z 0-9 _ . : -."
+                )
+    _refuse_duplicates(setfile)
+    count = int(np.count_nonzero(present))
+    if count == 0:
         raise InvalidInputError("No row of the file is present: there is nothing to import.")
-    return [ids[i] for i in rows], rows
+    return count
 
 
-def _check_values(
-    prompts: np.ndarray,
-    *,
-    rows: np.ndarray,
-    users: list[str],
-    scale: float,
-    dtype: str,
-    batch: int = 4096,
-) -> None:
+def _refuse_duplicates(setfile: SetFile) -> None:
+    """Refuse the first row (in file order) whose id an earlier row holds. The ids are sorted as
+    fixed-width bytes (the file's own ``[N, L]`` block), so memory is the ids' bytes."""
+    block = np.ascontiguousarray(setfile.rows("user_ids", 0, len(setfile.prompts)))
+    keys = block.view(f"S{block.shape[1]}").ravel()  # trailing NULs (the padding) do not count
+    order = np.argsort(keys, kind="stable")  # equal ids stay in file order
+    repeats = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    if len(repeats) == 0:
+        return
+    row = int(order[repeats + 1].min())
+    first = int(np.flatnonzero(keys == keys[row])[0])
+    user = keys[row].decode("ascii", "replace")
+    raise InvalidInputError(
+        f"Rows {first} and {row} both hold user {user!r}: keep one row per user."
+    )
+
+
+def _check_values(setfile: SetFile, *, scale: float, dtype: str) -> None:
     limit = float(np.finfo(codec.numpy_dtype(dtype)).max)
-    for start in range(0, len(rows), batch):
-        block = np.asarray(prompts[rows[start : start + batch]], dtype=np.float32) / scale
-        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+    for block in blocks(setfile, scale=scale):
+        finite = np.isfinite(block.prompts).reshape(len(block.rows), -1).all(axis=1)
         if not finite.all():
-            at = start + int(np.flatnonzero(~finite)[0])
+            at = int(np.flatnonzero(~finite)[0])
             raise InvalidInputError(
-                f"Row {int(rows[at])} (user {users[at]!r}) holds NaN or Inf: retrain or drop "
-                "that user, then export again."
+                f"Row {int(block.rows[at])} (user {block.users[at]!r}) holds NaN or Inf: retrain "
+                "or drop that user, then export again."
             )
-        big = np.abs(block).reshape(len(block), -1).max(axis=1) > limit
+        big = np.abs(block.prompts).reshape(len(block.rows), -1).max(axis=1) > limit
         if big.any():
-            at = start + int(np.flatnonzero(big)[0])
+            at = int(np.flatnonzero(big)[0])
             raise InvalidInputError(
-                f"Row {int(rows[at])} (user {users[at]!r}) exceeds the {dtype} range "
+                f"Row {int(block.rows[at])} (user {block.users[at]!r}) exceeds the {dtype} range "
                 f"(|x| <= {limit:g}): store the set as float32."
             )
 
@@ -290,9 +320,7 @@ def _source(bundle: dict[str, Any] | None, meta: dict[str, str]) -> dict[str, An
     return {key: bundle.get(key) for key in keys}
 
 
-def write(
-    store: Store, model: str, setfile: SetFile, checked: Checked, *, batch: int = 1000
-) -> SetMeta:
+def write(store: Store, model: str, setfile: SetFile, checked: Checked) -> SetMeta:
     """Store a checked file as a new sealed version; a failure part way removes it again."""
     length, width = setfile.prompts.shape[1:]
     version = store.allocate_version(model)
@@ -309,11 +337,9 @@ def write(
     )
 
     def batches() -> Iterator[list[tuple[str, bytes]]]:
-        for start in range(0, len(checked.rows), batch):
-            block = np.asarray(setfile.prompts[checked.rows[start : start + batch]], np.float32)
-            block = block / checked.scale
-            users = checked.users[start : start + batch]
-            yield [(u, codec.encode(block[i], checked.dtype)) for i, u in enumerate(users)]
+        for block in blocks(setfile, scale=checked.scale):
+            values = block.prompts
+            yield [(u, codec.encode(values[i], checked.dtype)) for i, u in enumerate(block.users)]
 
     try:
         return store.write_complete_set(meta, head=checked.head, batches=batches(), metrics={})

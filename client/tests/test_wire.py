@@ -68,6 +68,10 @@ def test_a_set_file_round_trips(tmp_path: Path) -> None:
     assert opened.present().all() and set(opened.head()) == {"scale", "bias"}
     assert opened.metadata["format"] == setfile.FORMAT and opened.bundle() is None
     assert b"".join(setfile.chunks(path, size=7)) == path.read_bytes()
+    # Blocks of rows are read, not mapped, and clipped to the tensor.
+    assert np.array_equal(opened.rows("prompts", 1, 10), prompts[1:])
+    assert opened.rows("prompts", 3, 5).shape == (0, 2, 4)
+    assert opened.user_ids(1, 2) == ["bb"]
 
 
 def test_a_file_that_is_not_a_set_file_is_refused(tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         ),
         "nan": (nan, ["a", "b", "c", "d"], "Row 2 (user 'c') holds NaN"),
         "duplicate": (good, ["a", "b", "a", "d"], "Rows 0 and 2 both hold user 'a'"),
+        # The first row (in file order) that repeats an id is named, whatever the ids sort as.
+        "later duplicate": (good, ["b", "ab", "ab", "b"], "Rows 1 and 2 both hold user 'ab'"),
         "invalid id": (good, ["a", "b c", "c", "d"], "Row 1: user id 'b c' is invalid"),
         "no head": (good, ["a", "b", "c", "d"], "carries no task head"),
     }

@@ -120,6 +120,22 @@ class SetFile:
             shape=tuple(entry["shape"]),
         )
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a tensor, read rather than mapped: the memory is the block's
+        and goes with it, so a pass over a file of any size holds one block."""
+        entry = self.entries[name]
+        shape = tuple(entry["shape"])
+        start, stop = max(0, start), min(stop, shape[0] if shape else 0)
+        dtype = np.dtype(_NUMPY[entry["dtype"]])
+        per_row = math.prod(shape[1:])
+        if stop <= start:
+            return np.zeros((0, *shape[1:]), dtype=dtype)
+        offset = self.data_start + entry["data_offsets"][0] + start * per_row * dtype.itemsize
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            block = np.fromfile(handle, dtype=dtype, count=(stop - start) * per_row)
+        return block.reshape((stop - start, *shape[1:]))
+
     @property
     def prompts(self) -> np.ndarray:  # [N, l, d]
         return self.array("prompts")
@@ -133,8 +149,10 @@ class SetFile:
             return np.ones(len(self.prompts), dtype=bool)
         return np.asarray(self.array("present")) != 0
 
-    def user_ids(self) -> list[str]:
-        block = np.asarray(self.array("user_ids"))
+    def user_ids(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The ids of rows ``[start, stop)`` (all by default)."""
+        stop = self.entries["user_ids"]["shape"][0] if stop is None else stop
+        block = self.rows("user_ids", start, stop)
         return [bytes(row).rstrip(b"\0").decode("ascii", "replace") for row in block]
 
     def head(self) -> dict[str, np.ndarray]:
