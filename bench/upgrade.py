@@ -440,6 +440,21 @@ def throughput(record: dict[str, Any], *, users: int) -> tuple[float | None, flo
     return round(wall, 2), round(mapped / max(1e-9, wall - training), 1)
 
 
+# The job's steps whose time follows the frozen models and the budget or the test sample, not
+# the number of users (the job's own timers, JobRun.timed).
+MODEL_STEPS = ("select", "train", "fit", "evaluate")
+
+
+def per_user_rate(record: dict[str, Any], steps: dict[str, float]) -> float | None:
+    """Users/s over what is left of the job's wall time once its model steps are taken out."""
+    if record.get("state") not in TERMINAL or not steps:
+        return None
+    wall = float(record["updated_at"]) - float(record["created_at"])
+    rest = wall - sum(steps.get(step, 0.0) for step in MODEL_STEPS)
+    mapped = int((record.get("progress") or {}).get("users_mapped") or 0)
+    return round(mapped / max(1e-9, rest), 1)
+
+
 # ---- the check -------------------------------------------------------------------------------
 
 
@@ -643,6 +658,8 @@ def steps(
     run["job_state_at_end"] = record.get("state")
     run["stage_seconds"] = record.get("stage_seconds") or stages
     run["job_seconds"], run["users_per_s"] = throughput(record, users=users)
+    run["step_seconds"] = (record.get("cost") or {}).get("step_seconds") or {}
+    run["users_per_s_without_model_work"] = per_user_rate(record, run["step_seconds"])
     run["job"] = {
         k: record.get(k)
         for k in (
@@ -701,8 +718,10 @@ def print_run(run: dict[str, Any]) -> None:
     )
     print(f"  stages (s): {run['stage_seconds']}")
     print(
-        f"  job {run.get('job_seconds')} s, {run['users_per_s']} users/s without adapter training"
+        f"  job {run.get('job_seconds')} s, {run['users_per_s']} users/s without adapter training, "
+        f"{run.get('users_per_s_without_model_work')} without model work"
     )
+    print(f"  steps (s): {run.get('step_seconds')}")
     print(f"  peak RSS MB: {run['peak_rss_mb']}; Redis used {run['redis_used_mb']} MB")
     print(f"  reads idle {lat('idle')}, during {lat('during')}")
     print(f"  check: {run['check']}")

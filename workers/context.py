@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -25,6 +26,7 @@ from workers.lease import LeaseHeld, RunsExhausted, held
 
 # Transient: the task is delivered again later and the job stays as it is.
 _COME_BACK_LATER: tuple[type[Exception], ...] = (LeaseHeld, *REDIS_DOWN)
+STEP_PREFIX = "step:"  # the record's fields that time a job's steps (JobRun.timed)
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
 _store: Store | None = None
 
@@ -113,6 +115,24 @@ class JobRun:
     def update(self, **fields: Any) -> None:
         self.store.update_job(self.id, **fields)
         self.record.update(fields)
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """Add the block's wall seconds to the job's ``step:<step>`` counter (the record's
+        ``cost.step_seconds`` once the job ends): where a job's time went, by what it did."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.store.add_seconds(self.id, STEP_PREFIX + step, time.perf_counter() - started)
+
+    def step_seconds(self) -> dict[str, float]:
+        record = self.store.get_job(self.id)
+        return {
+            k[len(STEP_PREFIX) :]: round(float(v), 3)
+            for k, v in record.items()
+            if k.startswith(STEP_PREFIX)
+        }
 
     def should_stop(self) -> bool:
         """Asked between training steps: a cancelled or overtime stage stops (``Cancelled``,

@@ -28,6 +28,53 @@ def finalize(job: JobRun) -> None:
     model, version = job.target
     job.update(stage=Stage.evaluating, fraction=0.92)
     task = source_task(job.record["sources"])
+    with job.timed("evaluate"):
+        metrics, gate = evaluate_and_gate(job, task=task)
+    done = job.store.chunks_done(job.id)
+    expected_count = sum(count for count, _ in done.values())
+    expected_digest = codec.combine_digests(d for _, d in done.values())
+    planned = int(job.record.get("users_total") or 0)
+    job.update(stage=Stage.sealing, fraction=0.95)
+    with job.timed("seal"):
+        sealed = job.store.seal_set(
+            model,
+            version,
+            expected_count=expected_count,
+            expected_digest=expected_digest,
+            metrics=metrics,
+        )
+    # Every write on the sources (or to the target model) since the job began, before readers
+    # move: the users listed at the start are mapped, the others are pending (workers/follow.py).
+    with job.timed("drain"):
+        drained = drain_before_promotion(job)
+    state = JobState.gate_failed if not gate["passed"] else JobState.awaiting_promotion
+    if gate["passed"] and job.migration.auto_promote:
+        state = auto_promote(job, model=model, version=version)
+    with job.timed("purge"):
+        job.store.drop_plan(job.id)  # the set is sealed: no chunk is mapped again
+        job.store.purge_retired(grace_s=job.settings.version_grace_s)
+    cost = dict(job.record.get("cost") or {})
+    cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
+    cost["users_mapped"] = job.store.get_meta(model, version).count
+    cost["users_erased_during_run"] = planned - sealed.count + drained.removed
+    cost["users_onboarded_during_run"] = drained.created
+    cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
+    cost["step_seconds"] = job.step_seconds()
+    job.update(
+        state=state,
+        stage=Stage.done,
+        fraction=1.0,
+        metrics=metrics,
+        gate=gate,
+        cost=cost,
+        finished_at=time.time(),
+    )
+
+
+def evaluate_and_gate(job: JobRun, *, task: Task) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics of the migrated set, its sources and no personalisation on a seeded sample of
+    the test users, and the gate's verdict on them."""
+    model, version = job.target
     splits = member_splits(job, task=task.name, sets=[{"model": model, "version": version}])
     seed = job.migration.seed
     sampled = sample(splits.test, limit=job.settings.eval_users, seed=seed)
@@ -65,41 +112,7 @@ def finalize(job: JobRun) -> None:
         "baseline": no_prompt,
         "task": task.name,
     }
-    done = job.store.chunks_done(job.id)
-    expected_count = sum(count for count, _ in done.values())
-    expected_digest = codec.combine_digests(d for _, d in done.values())
-    planned = int(job.record.get("users_total") or 0)
-    job.update(stage=Stage.sealing, fraction=0.95)
-    sealed = job.store.seal_set(
-        model,
-        version,
-        expected_count=expected_count,
-        expected_digest=expected_digest,
-        metrics=metrics,
-    )
-    # Every write on the sources (or to the target model) since the job began, before readers
-    # move: the users listed at the start are mapped, the others are pending (workers/follow.py).
-    drained = drain_before_promotion(job)
-    state = JobState.gate_failed if not gate["passed"] else JobState.awaiting_promotion
-    if gate["passed"] and job.migration.auto_promote:
-        state = auto_promote(job, model=model, version=version)
-    job.store.drop_plan(job.id)  # the set is sealed: no chunk is mapped again
-    job.store.purge_retired(grace_s=job.settings.version_grace_s)
-    cost = dict(job.record.get("cost") or {})
-    cost["wall_seconds"] = round(time.time() - float(job.record.get("started_at") or 0), 3)
-    cost["users_mapped"] = job.store.get_meta(model, version).count
-    cost["users_erased_during_run"] = planned - sealed.count + drained.removed
-    cost["users_onboarded_during_run"] = drained.created
-    cost["map_seconds"] = round(float(job.store.get_job(job.id).get("map_seconds") or 0), 3)
-    job.update(
-        state=state,
-        stage=Stage.done,
-        fraction=1.0,
-        metrics=metrics,
-        gate=gate,
-        cost=cost,
-        finished_at=time.time(),
-    )
+    return metrics, gate
 
 
 def auto_promote(job: JobRun, *, model: str, version: str) -> JobState:

@@ -37,6 +37,7 @@ from models.migration import map_prompts
 from workers.celery_app import app
 from workers.context import JobRun
 from workers.lease import LeaseHeld, holder_name
+from workers.mapping import torch_threads
 from workers.stage_io import encode_rows
 
 LEASE = "follow"
@@ -96,7 +97,8 @@ def mapped_changes(store: Store, record: dict[str, Any], pending: dict[str, int]
         stacked = torch.from_numpy(
             np.concatenate([np.stack([rows[u] for u in present]) for rows in per_source], -1)
         )
-        mapped = map_prompts(_adapter(store, record["id"]), stacked)
+        with torch_threads(get_settings().map_threads):  # as the chunks map: see map_threads
+            mapped = map_prompts(_adapter(store, record["id"]), stacked)
         dtype = str(record["request"].get("dtype") or "float32")
         values = dict(encode_rows(present, mapped, dtype=dtype))
     return [Change(u, values.get(u), pending[u]) for u in users]

@@ -49,25 +49,30 @@ def prepare_and_train(job: JobRun) -> int:
     task = source_task(sources)
     start_following(job)  # before the users are listed: a later write is pending, not missed
     job.update(stage=Stage.loading)
-    splits = member_splits(job, task=task.name, sets=sources)
+    with job.timed("splits"):
+        splits = member_splits(job, task=task.name, sets=sources)
     if job.store.get_blob(job.id, "adapter") is None:
         sets, statistics = load_sample(job, sources=sources, splits=splits)
         if job.migration.method == "instant":
-            fit_map(job, sources=sources, sets=statistics, task=task, splits=splits)
+            with job.timed("fit"):
+                fit_map(job, sources=sources, sets=statistics, task=task, splits=splits)
         else:
             settings = job_recipe(job, sets=statistics)
-            selected = select(job, sets=sets, splits=splits, config=settings.selection)
-            train(
-                job,
-                sources=sources,
-                sets=sets,
-                statistics=statistics,
-                task=task,
-                splits=splits,
-                selected=selected,
-                config=settings.adapter,
-            )
-    return plan_mapping(job, sources=sources, task=task)
+            with job.timed("select"):
+                selected = select(job, sets=sets, splits=splits, config=settings.selection)
+            with job.timed("train"):
+                train(
+                    job,
+                    sources=sources,
+                    sets=sets,
+                    statistics=statistics,
+                    task=task,
+                    splits=splits,
+                    selected=selected,
+                    config=settings.adapter,
+                )
+    with job.timed("plan"):
+        return plan_mapping(job, sources=sources, task=task)
 
 
 def load_sample(
@@ -75,13 +80,14 @@ def load_sample(
 ) -> tuple[list[PromptSet], list[PromptSet]]:
     """The prompts the training stage reads, at most two samples' worth whatever the population:
     the sets of both samples' users, and those of the statistics' sample alone."""
-    drawn = draw(
-        job.store,
-        sources,
-        limit=job.settings.sample_users,
-        seed=job.migration.seed,
-        can_train=splits.train.__contains__,
-    )
+    with job.timed("draw"):
+        drawn = draw(
+            job.store,
+            sources,
+            limit=job.settings.sample_users,
+            seed=job.migration.seed,
+            can_train=splits.train.__contains__,
+        )
     if not drawn.statistics:
         raise DataError("The source prompt sets share no users; nothing to migrate.")
     job.update(
@@ -94,7 +100,10 @@ def load_sample(
         },
     )
     wanted = sorted({*drawn.statistics, *drawn.trainable})
-    loaded = [load_set(s["model"], s["version"], users=wanted, skip_missing=True) for s in sources]
+    with job.timed("load_sample"):
+        loaded = [
+            load_set(s["model"], s["version"], users=wanted, skip_missing=True) for s in sources
+        ]
     held = set(users_in_every_set(loaded))  # a user erased since the draw is left out
     sets = [s.subset([u for u in wanted if u in held]) for s in loaded]
     statistics = [s.subset([u for u in drawn.statistics if u in held]) for s in sets]

@@ -109,6 +109,11 @@ def test_full_migration_serves_the_adapter_output(client: TestClient, store: Sto
     assert done["cost"]["users_mapped"] == len(expected)
     assert done["progress"]["users_mapped"] == len(expected)
     assert done["progress"]["fraction"] == 1.0
+    # Where the job's time went, by step, from the job's own timers.
+    steps = done["cost"]["step_seconds"]
+    assert {"draw", "select", "train", "plan", "evaluate", "seal", "drain"} <= set(steps)
+    assert all(seconds >= 0 for seconds in steps.values())
+    assert steps["train"] <= done["cost"]["wall_seconds"]
     # The gate and its no-personalisation floor are scored on the same sample of test users.
     tested = done["sample"]["test_users"]
     assert 0 < tested <= done["sample"]["test_limit"]
