@@ -65,7 +65,9 @@ from models import assets
 ROOT = Path(__file__).resolve().parents[1]
 NOTE = (
     "API, worker, redis-server, wrk and the write thread share the machine's cores. users_per_s "
-    "is the job's users over its wall time less the adapter's training seconds."
+    "is the job's users over its wall time less the adapter's training seconds; "
+    "users_per_s_without_model_work over its wall time less its model steps (select, train, "
+    "evaluate: step_seconds, timed by the job itself)."
 )
 
 

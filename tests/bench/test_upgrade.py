@@ -43,9 +43,13 @@ def test_upgrade_benchmark_runs_the_whole_job_and_checks_it(tmp_path: Path) -> N
     assert result["machine"]["cpu_count"] >= 1
     (run,) = result["runs"]
     assert run["users"] == 400
-    assert run["state"] == "promoted", run
+    # The tiny models' gate may pass or fail (writes during the job move the sample); either way
+    # the set ends promoted, with force when the gate failed, as the benchmark does.
+    assert run["state"] in ("promoted", "promoted (forced after gate_failed)"), run
     assert run["stage_seconds"] and all(s >= 0 for s in run["stage_seconds"].values())
     assert run["users_per_s"] > 0
+    assert {"draw", "train", "plan", "evaluate", "seal"} <= set(run["step_seconds"])
+    assert run["users_per_s_without_model_work"] >= run["users_per_s"]
     assert set(run["peak_rss_mb"]) == {"worker", "api", "redis"}
     assert all(v > 0 for v in run["peak_rss_mb"].values())
     assert run["redis_used_mb"] > 0
