@@ -2,6 +2,7 @@
 
     python -m bench.quality --preset smoke|cpu-small|gpu-full --out FILE.json
     python -m bench.quality --preset gpu-full --device cpu --max-users 24 --out FILE.json
+    python -m bench.quality --preset cpu-small --shared-lora cost|train --out FILE.json
 
 The second is a rehearsal: the preset's recipe on a seeded sample of its users and another
 device, a check that it runs end to end before the machine it is meant for is at hand, not a
@@ -11,7 +12,12 @@ Every row is scored on the same held-out test interactions of the same users, wi
 bootstrap interval (over users) of its RMSE minus retraining's. The budget rows pool every
 selection seed: which few users are picked moves RMSE as much as the method does, so one seed
 would report the draw, not the method. A chart is written next to the JSON. The source prompt set
-(the state before the upgrade) is cached between runs.
+(the state before the upgrade) is cached between runs. Every rating row reports
+``within_user_corr`` (whether it orders a user's own items, not only their level), and
+``bias_model`` is the recommender engineer's first baseline, with no LLM.
+
+The third is issue 43's 1+N attempt: what an epoch of a shared LoRA costs on the source model
+(``cost``), and (``train``) one epoch of it with the prompts, then the prompts retrained on top.
 """
 
 from __future__ import annotations
@@ -29,18 +35,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from models import assets, recipe
 from models.data import Interaction, Splits, load_interactions, split_chronological
 from models.evaluation import Predictions, metrics_of, paired_bootstrap_rmse_diff, predict_set
 from models.foundation import FoundationModel
 from models.instant import LinearMap, fit_instant, instant_migrate
-from models.loop import Examples, ProgressFn, PromptTable, fit_head, index_users
+from models.loop import Examples, ProgressFn, PromptTable, fit, fit_head, index_users
 from models.migration import AdapterResult, MigrationConfig, migrate_all, train_adapter
 from models.prompts import PromptSet
 from models.selection import Selection, SelectionConfig, select_users
 from models.tasks import Task, get_task
-from models.training import PromptTrainingConfig, mean_target, random_prompts, train_prompts
+from models.training import (
+    PromptTrainingConfig,
+    init_prompts,
+    mean_target,
+    random_prompts,
+    train_prompts,
+)
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,104 @@ def baseline_rows(splits: Splits, test: Predictions) -> list[Row]:
         constant_row("global_mean", test, np.full(len(test.targets), global_mean, np.float32)),
         constant_row("user_mean", test, per_user),
     ]
+
+
+SHRINKAGE_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
+
+
+@dataclass(frozen=True)
+class BiasModel:
+    """Global mean + user offsets + item offsets, the ridge solution of the squared error with
+    ``user_shrink * sum(b_u^2) + item_shrink * sum(b_i^2)`` (alternating damped means); an
+    unseen user or item has offset 0. Predictions are clipped to the rating scale."""
+
+    mean: float
+    user: dict[str, float]
+    item: dict[str, float]
+    user_shrink: float
+    item_shrink: float
+
+    @classmethod
+    def fit(
+        cls,
+        train: dict[str, list[Interaction]],
+        *,
+        user_shrink: float,
+        item_shrink: float,
+        sweeps: int = 20,
+    ) -> BiasModel:
+        rated = [i for items in train.values() for i in items]
+        if not rated:
+            raise ValueError("The bias model needs training interactions.")
+        users = sorted({i.user_id for i in rated})
+        items = sorted({i.item_id for i in rated})
+        u = np.searchsorted(users, [i.user_id for i in rated])
+        it = np.searchsorted(items, [i.item_id for i in rated])
+        r = np.array([i.label for i in rated], dtype=np.float64)
+        mean = float(r.mean())
+        n_u = np.bincount(u, minlength=len(users))
+        n_i = np.bincount(it, minlength=len(items))
+        b_u, b_i = np.zeros(len(users)), np.zeros(len(items))
+        for _ in range(sweeps):  # each step is exact for its block: the loss never rises
+            b_i = np.bincount(it, weights=r - mean - b_u[u], minlength=len(items)) / (
+                n_i + item_shrink
+            )
+            b_u = np.bincount(u, weights=r - mean - b_i[it], minlength=len(users)) / (
+                n_u + user_shrink
+            )
+        return cls(
+            mean,
+            dict(zip(users, b_u.tolist(), strict=True)),
+            dict(zip(items, b_i.tolist(), strict=True)),
+            user_shrink,
+            item_shrink,
+        )
+
+    def predict(self, part: dict[str, list[Interaction]], labels: tuple[str, ...]) -> np.ndarray:
+        """Predictions for every interaction of ``part``, in the order ``Examples.build`` lists
+        them."""
+        values = [
+            self.mean + self.user.get(i.user_id, 0.0) + self.item.get(i.item_id, 0.0)
+            for items in part.values()
+            for i in items
+        ]
+        low, high = min(map(float, labels)), max(map(float, labels))
+        return np.clip(np.asarray(values, dtype=np.float32), low, high)
+
+
+def fit_bias_model(splits: Splits, task: Task) -> BiasModel:
+    """The bias model whose two shrinkages give the lowest validation RMSE (never the test's)."""
+    val = np.array([i.label for items in splits.val.values() for i in items])
+    best: tuple[float, BiasModel] | None = None
+    for user_shrink in SHRINKAGE_GRID:
+        for item_shrink in SHRINKAGE_GRID:
+            model = BiasModel.fit(splits.train, user_shrink=user_shrink, item_shrink=item_shrink)
+            rmse = float(np.sqrt(np.mean((model.predict(splits.val, task.labels) - val) ** 2)))
+            if best is None or rmse < best[0]:
+                best = (rmse, model)
+    assert best is not None
+    return best[1]
+
+
+def bias_model_row(splits: Splits, task: Task, test: Predictions) -> Row:
+    """The first baseline a recommender engineer would try, no LLM: global + user + item
+    offsets fit on the training ratings, shrunk toward 0 by amounts chosen on validation."""
+    start = time.perf_counter()
+    model = fit_bias_model(splits, task)
+    values = model.predict(splits.test, task.labels)
+    scored = [(i.user_id, i.label) for items in splits.test.values() for i in items]
+    if [u for u, _ in scored] != list(test.user_ids) or not np.array_equal(
+        np.array([y for _, y in scored], dtype=np.float32), test.targets
+    ):
+        raise RuntimeError("bias_model would be scored on other interactions than the LLM rows")
+    return Row(
+        "bias_model",
+        Predictions(test.user_ids, test.targets, values),
+        time.perf_counter() - start,
+        0,
+        0,
+        {"user_shrink": model.user_shrink, "item_shrink": model.item_shrink},
+    )
 
 
 def source_prompts(
@@ -388,6 +499,7 @@ def row_json(row: Row, task: Task, retrain: Predictions) -> dict[str, object]:
         "mae": metrics.get("mae"),
         "auc": metrics.get("auc"),
         "uauc": metrics.get("uauc"),
+        "within_user_corr": metrics.get("within_user_corr"),
         "rmse_ci95_vs_retrain": interval,
         "train_seconds": round(row.train_seconds, 2),
         "example_passes": row.example_passes,
@@ -437,15 +549,18 @@ def run(preset: Preset) -> dict[str, object]:
     users = source_set.user_ids
     rows: list[Row] = []
     keep = partial(keep_row, rows, task=task)
+    source_predictions = predict_set(source, task, source_set, splits.test)
     keep(
         Row(
             "source",
-            predict_set(source, task, source_set, splits.test),
+            source_predictions,
             source_meta["train_seconds"],
             source_meta["example_passes"],
             len(users),
         )
     )
+    if task.name == "rating":
+        keep(bias_model_row(splits, task, source_predictions))
     target = FoundationModel.load(preset.target_model, device=preset.device)
     start = time.perf_counter()
     fitted = fit_instant(
@@ -546,6 +661,198 @@ def run(preset: Preset) -> dict[str, object]:
     }
 
 
+# Issue 43's 1+N attempt: a shared LoRA on the source model (the "1"), trained once on every
+# user's training ratings with their prompts and the head, then frozen under retrained prompts.
+LORA_TARGETS = ("q_proj", "v_proj")
+LORA_LR = 1e-3
+
+
+def add_shared_lora(model: FoundationModel, *, rank: int = 8, seed: int = 0) -> list[nn.Parameter]:
+    """Inject a rank-``rank`` LoRA (peft, the project's dev dependency) on every layer's
+    ``LORA_TARGETS``; returns its parameters, the only ones of the model that train. Item
+    prefixes already in ``model.prefix_cache`` stay the frozen model's states: the LoRA then
+    acts on the user token and the suffix only (the serving path's per-item reuse kept)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+        )
+        inject_adapter_in_model(config, model.model)
+    params = [p for name, p in model.model.named_parameters() if "lora_" in name]
+    for param in params:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    return params
+
+
+def timed_rows(train: Examples, *, batches: int, batch_size: int, seed: int = 0) -> np.ndarray:
+    """The rows ``lora_step_seconds`` trains on: one untimed batch, then ``batches``."""
+    return np.random.default_rng(seed).permutation(len(train))[: (batches + 1) * batch_size]
+
+
+def lora_step_seconds(
+    model: FoundationModel,
+    task: Task,
+    train: Examples,
+    *,
+    lora: list[nn.Parameter],
+    full: bool,
+    batches: int,
+    batch_size: int,
+    seed: int = 0,
+) -> float:
+    """Seconds per training example of a joint step (prompts, head and ``lora`` if given) over
+    ``batches`` random batches after one untimed batch; ``full``: one plain forward over the
+    item text too (the LoRA adapts every position, no per-item reuse)."""
+    table = PromptTable(
+        init_prompts(model, n_users=int(train.users.max()) + 1, config=PromptTrainingConfig())
+    ).to(model.device)
+    head = task.make_head(mean_target=float(train.targets.mean()), seed=seed).to(model.device)
+    groups = [{"params": table.parameters()}, {"params": head.parameters()}]
+    optimizer = torch.optim.Adam(groups + ([{"params": lora}] if lora else []), lr=1e-4)
+    answer = model.answer_tokens(task.template.suffix, task.labels)
+    score = model.label_logits_full if full else model.label_logits
+    order = timed_rows(train, batches=batches, batch_size=batch_size, seed=seed)
+    start, timed = 0.0, 0
+    for step in range(batches + 1):
+        if step == 1:
+            start, timed = time.perf_counter(), 0
+        rows = order[step * batch_size : (step + 1) * batch_size]
+        users = torch.from_numpy(train.users[rows]).to(model.device)
+        logits = score([train.prefixes[i] for i in rows], table(users), answer=answer)
+        targets = torch.from_numpy(train.targets[rows]).to(model.device)
+        loss = task.loss(logits, head(logits).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timed += len(rows)
+    return (time.perf_counter() - start) / timed
+
+
+def shared_lora(preset: Preset, *, train_it: bool, batches: int) -> dict[str, object]:
+    """What one epoch of a shared LoRA costs on the source model, timed against the prompt
+    step; with ``train_it``, one epoch of it (jointly with prompts and head), then the
+    preset's prompt retraining on top of the frozen LoRA, scored like the table's rows."""
+    task = get_task(preset.task)
+    splits = preset_splits(preset)
+    model = FoundationModel.load(preset.source_model, device=preset.device)
+    row_of = index_users(splits.users)
+    train = Examples.build(task, splits.train, row_of=row_of)
+    size = preset.prompt.batch_size
+    # Every prefix the run reads, cached before the LoRA is injected: the frozen model's states.
+    if train_it:
+        texts = [
+            t
+            for part in (splits.train, splits.val, splits.test)
+            for t in Examples.build(task, part, row_of=row_of).prefixes
+        ]
+    else:
+        texts = [train.prefixes[i] for i in timed_rows(train, batches=batches, batch_size=size)]
+    log(f"warming {len(set(texts))} item prefixes on the frozen {preset.source_model}")
+    model.warm_prefixes(texts)
+    cost: dict[str, float] = {}
+    lora: list[nn.Parameter] = []
+    initial: list[torch.Tensor] = []
+    for name, full in (("prompt", False), ("lora_suffix", False), ("lora_full", True)):
+        if name == "lora_suffix":
+            lora = add_shared_lora(model)
+            initial = [param.detach().clone() for param in lora]
+        seconds = lora_step_seconds(
+            model, task, train, lora=lora, full=full, batches=batches, batch_size=size
+        )
+        cost[f"{name}_step_s_per_example"] = seconds
+        cost[f"{name}_epoch_s"] = round(seconds * len(train), 1)
+        log(
+            f"{name}: {seconds * 1e3:.1f} ms a step per example, {seconds * len(train):.0f} s an epoch"
+        )
+    result: dict[str, object] = {
+        "preset": preset.name,
+        "model": preset.source_model,
+        "dtype": str(model.dtype),
+        "lora": {
+            "rank": 8,
+            "alpha": 16,
+            "targets": list(LORA_TARGETS),
+            "lr": LORA_LR,
+            "parameters": sum(p.numel() for p in lora),
+        },
+        "train_examples": len(train),
+        "timed_batches": batches,
+        "batch_size": size,
+        "cost": cost,
+    }
+    if not train_it:
+        return result
+    # The "1": one epoch of the LoRA (suffix positions: the served path keeps per-item reuse),
+    # from the adapter as injected, not as the timed steps moved it.
+    with torch.no_grad():
+        for param, value in zip(lora, initial, strict=True):
+            param.copy_(value)
+    start = time.perf_counter()
+    joint = _train_jointly(preset, model, task, splits, lora)
+    shared_seconds = time.perf_counter() - start
+    for param in lora:
+        param.requires_grad_(False)
+    result["shared"] = {"train_seconds": round(shared_seconds, 1), "test": joint}
+    log(f"shared LoRA epoch with its own prompts on test: {joint} in {shared_seconds:.0f} s")
+    # The "N": every user's prompt retrained on top of the frozen LoRA, the preset's recipe.
+    retrained = train_prompts(
+        model, task, splits, config=preset.prompt, on_progress=progress("prompts on the LoRA")
+    )
+    test = metrics_of(task, predict_set(model, task, retrained.prompt_set, splits.test))
+    log(f"prompts retrained on the frozen LoRA, test: {test} in {retrained.seconds:.0f} s")
+    result["retrain_on_lora"] = {
+        "train_seconds": round(retrained.seconds, 1),
+        "example_passes": retrained.example_passes,
+        "history": retrained.history,
+        "test": test,
+    }
+    return result
+
+
+def _train_jointly(
+    preset: Preset, model: FoundationModel, task: Task, splits: Splits, lora: list[nn.Parameter]
+) -> dict[str, float | None]:
+    """One epoch of the LoRA with every user's prompt and the head; their test metrics."""
+    users = splits.users
+    table = PromptTable(init_prompts(model, n_users=len(users), config=preset.prompt))
+    table = table.to(model.device)
+    head = task.make_head(mean_target=mean_target(splits), seed=preset.prompt.seed)
+    head = head.to(model.device)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": table.parameters(), "lr": preset.prompt.lr},
+            {"params": head.parameters(), "lr": preset.prompt.head_lr},
+            {"params": lora, "lr": LORA_LR},
+        ]
+    )
+    row_of = index_users(users)
+    fit(
+        model=model,
+        task=task,
+        prompt_source=table,
+        head=head,
+        optimizer=optimizer,
+        train=Examples.build(task, splits.train, row_of=row_of),
+        val=Examples.build(task, splits.val, row_of=row_of),
+        epochs=1,
+        batch_size=preset.prompt.batch_size,
+        patience=1,
+        seed=preset.prompt.seed,
+        on_progress=progress("shared LoRA"),
+    )
+    prompt_set = PromptSet(
+        model.name,
+        task.name,
+        users,
+        table.weight.detach().float().cpu(),
+        {k: v.detach().float().cpu() for k, v in head.state_dict().items()},
+    )
+    return metrics_of(task, predict_set(model, task, prompt_set, splits.test))
+
+
 def write_chart(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -575,7 +882,7 @@ def write_chart(result: dict, path: Path) -> None:
         values,
         yerr=errors,
         capsize=3,
-        color=["#888" if n.endswith("mean") else "#3b7" for n in names],
+        color=["#888" if n.endswith("mean") or n == "bias_model" else "#3b7" for n in names],
     )
     ax.axhline(retrain, color="k", lw=0.8, ls="--", label="retrain")
     ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
@@ -590,31 +897,38 @@ def write_chart(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _number(value: float | None, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if value is not None else "-"
+
+
 def print_table(result: dict) -> None:
     print(
-        f"\n{'method':<14} {'rmse':>7} {'mae':>7} {'ci95 vs retrain':>20} {'seconds':>9} {'passes':>8} {'users':>6}"
+        f"\n{'method':<14} {'rmse':>7} {'mae':>7} {'wu corr':>7} {'ci95 vs retrain':>20} "
+        f"{'seconds':>9} {'passes':>8} {'users':>6}"
     )
     for r in result["rows"]:
         ci = r["rmse_ci95_vs_retrain"]
         ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
-        rmse = f"{r['rmse']:.4f}" if r["rmse"] is not None else "-"
-        mae = f"{r['mae']:.4f}" if r["mae"] is not None else "-"
+        corr = _number(r.get("within_user_corr"), 3)
         print(
-            f"{r['method']:<14} {rmse:>7} {mae:>7} {ci_text:>20} {r['train_seconds']:>9.1f} "
-            f"{r['example_passes']:>8} {r['users_trained']:>6}"
+            f"{r['method']:<14} {_number(r['rmse']):>7} {_number(r['mae']):>7} {corr:>7} "
+            f"{ci_text:>20} {r['train_seconds']:>9.1f} {r['example_passes']:>8} "
+            f"{r['users_trained']:>6}"
         )
 
 
 def markdown_table(result: dict) -> str:
     """The rows as a Markdown table, for the README."""
     lines = [
-        "| method | RMSE | MAE | RMSE - retrain, 95% CI | train s | example passes | users trained |",
-        "|---|---|---|---|---|---|---|",
+        "| method | RMSE | MAE | within-user corr | RMSE - retrain, 95% CI | train s "
+        "| example passes | users trained |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ci = r["rmse_ci95_vs_retrain"]
         lines.append(
-            f"| {r['method']} | {r['rmse']:.4f} | {r['mae']:.4f} | "
+            f"| {r['method']} | {_number(r['rmse'])} | {_number(r['mae'])} | "
+            f"{_number(r.get('within_user_corr'), 3)} | "
             f"{f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else '-'} | {r['train_seconds']:.0f} | "
             f"{r['example_passes']} | {r['users_trained']} |"
         )
@@ -632,6 +946,13 @@ def main(argv: list[str] | None = None) -> None:
         "--max-users", type=int, help="rehearse the preset on a seeded sample of N users"
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="rehearse it on this device")
+    parser.add_argument(
+        "--shared-lora",
+        choices=("cost", "train"),
+        help="issue 43's 1+N attempt: time a shared LoRA's epoch on the source model (cost), "
+        "or also train one epoch and retrain the prompts on top of it (train)",
+    )
+    parser.add_argument("--timing-batches", type=int, default=6)
     args = parser.parse_args(argv)
     if args.show:
         print(markdown_table(json.loads(args.show.read_text())))
@@ -648,6 +969,15 @@ def main(argv: list[str] | None = None) -> None:
             "on a GPU machine, or rehearse it with --device cpu --max-users 24."
         )
     start = time.perf_counter()
+    if args.shared_lora:
+        lora = shared_lora(
+            preset, train_it=args.shared_lora == "train", batches=args.timing_batches
+        )
+        lora["wall_seconds"] = round(time.perf_counter() - start, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(lora, indent=2))
+        log(f"wrote {args.out}")
+        return
     result = run(preset)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,12 +75,42 @@ def example_logits(
     return label_logits(model, task, table, examples, batch_size=batch_size)
 
 
+def within_user_corr(
+    user_ids: list[str], targets: np.ndarray, predictions: np.ndarray
+) -> float | None:
+    """Mean, over users whose targets vary, of the Pearson correlation between their predictions
+    and their targets: whether the predictions order a user's own items, which RMSE hides when
+    they only carry each user's level. A user whose predictions do not vary counts as 0 (they
+    order nothing); None when no user's targets vary."""
+    rows: dict[str, list[int]] = defaultdict(list)
+    for index, user in enumerate(user_ids):
+        rows[user].append(index)
+    correlations = []
+    for members in rows.values():
+        y = np.asarray(targets[members], dtype=np.float64)
+        p = np.asarray(predictions[members], dtype=np.float64)
+        if len(y) < 2 or np.ptp(y) == 0:
+            continue
+        if np.ptp(p) == 0:
+            correlations.append(0.0)
+            continue
+        y, p = y - y.mean(), p - p.mean()
+        correlations.append(float((y * p).sum() / np.sqrt((y**2).sum() * (p**2).sum())))
+    return float(np.mean(correlations)) if correlations else None
+
+
 def metrics_of(task: Task, predictions: Predictions) -> dict[str, float | None]:
+    """The task's metrics over ``predictions`` (for ``rating``, with ``within_user_corr``; the
+    ``binary`` task's per-user measure is its uAUC), and how many users and interactions."""
     values = task.metrics(
         user_ids=predictions.user_ids,
         targets=predictions.targets,
         predictions=predictions.predictions,
     )
+    if task.name == "rating":
+        values["within_user_corr"] = within_user_corr(
+            predictions.user_ids, predictions.targets, predictions.predictions
+        )
     return values | {
         "n_users": float(len(set(predictions.user_ids))),
         "n_interactions": float(len(predictions.targets)),

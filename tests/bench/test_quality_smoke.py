@@ -19,6 +19,7 @@ METHODS = {
     "puma_all",
     "puma_budget",
     "random_budget",
+    "bias_model",
 }
 FIELDS = {
     "method",
@@ -26,6 +27,7 @@ FIELDS = {
     "mae",
     "auc",
     "uauc",
+    "within_user_corr",
     "rmse_ci95_vs_retrain",
     "train_seconds",
     "example_passes",
@@ -60,6 +62,11 @@ def test_smoke_preset_writes_every_row_with_intervals_and_a_chart(
         low, high = row["rmse_ci95_vs_retrain"]
         assert low <= high
         assert row["rmse"] > 0
+        assert row["within_user_corr"] is None or -1 <= row["within_user_corr"] <= 1
+    # a constant prediction orders no user's items
+    assert rows["global_mean"]["within_user_corr"] == 0.0
+    assert rows["bias_model"]["example_passes"] == 0
+    assert rows["bias_model"]["item_shrink"] in quality.SHRINKAGE_GRID
     assert rows["retrain"]["rmse_ci95_vs_retrain"] == [0.0, 0.0]
     # every trained row's interval is in the log as soon as both it and retraining are measured
     for method in METHODS - {"global_mean", "user_mean", "retrain"}:
