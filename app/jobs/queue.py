@@ -62,6 +62,9 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # A worker killed while it restores unacknowledged messages keeps their lock until it
+            # expires (kombu's default: 300 s); a short one lets the next worker restore them.
+            "unacked_mutex_expire": max(10, 3 * settings.restore_interval_s),
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         result_expires=7 * 86400,
