@@ -432,11 +432,16 @@ def follow(
     return record, stages, True
 
 
+def job_wall(record: dict[str, Any]) -> float:
+    """The job's wall seconds, from the record's own clock."""
+    return float(record["updated_at"]) - float(record["created_at"])
+
+
 def throughput(record: dict[str, Any], *, users: int) -> tuple[float | None, float | None]:
     """(job wall seconds from the record's own clock, users/s without the adapter's training)."""
     if record.get("state") not in TERMINAL:
         return None, None
-    wall = float(record["updated_at"]) - float(record["created_at"])
+    wall = job_wall(record)
     training = float((record.get("cost") or {}).get("train_seconds") or 0)
     mapped = int((record.get("progress") or {}).get("users_mapped") or 0) or users
     return round(wall, 2), round(mapped / max(1e-9, wall - training), 1)
@@ -451,7 +456,7 @@ def per_user_rate(record: dict[str, Any], steps: dict[str, float]) -> float | No
     """Users/s over what is left of the job's wall time once its model steps are taken out."""
     if record.get("state") not in TERMINAL or not steps:
         return None
-    wall = float(record["updated_at"]) - float(record["created_at"])
+    wall = job_wall(record)
     rest = wall - sum(steps.get(step, 0.0) for step in MODEL_STEPS)
     mapped = int((record.get("progress") or {}).get("users_mapped") or 0)
     return round(mapped / max(1e-9, rest), 1)
