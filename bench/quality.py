@@ -2,7 +2,8 @@
 
     python -m bench.quality --preset smoke|cpu-small|gpu-full --out FILE.json
     python -m bench.quality --preset gpu-full --device cpu --max-users 24 --out FILE.json
-    python -m bench.quality --preset cpu-small --shared-lora cost|train --out FILE.json
+    python -m bench.quality --preset cpu-small --shared-lora cost|train [--lora-on target] \
+        --out FILE.json
 
 The second is a rehearsal: the preset's recipe on a seeded sample of its users and another
 device, a check that it runs end to end before the machine it is meant for is at hand, not a
@@ -731,13 +732,17 @@ def lora_step_seconds(
     return (time.perf_counter() - start) / timed
 
 
-def shared_lora(preset: Preset, *, train_it: bool, batches: int) -> dict[str, object]:
-    """What one epoch of a shared LoRA costs on the source model, timed against the prompt
-    step; with ``train_it``, one epoch of it (jointly with prompts and head), then the
-    preset's prompt retraining on top of the frozen LoRA, scored like the table's rows."""
+def shared_lora(
+    preset: Preset, *, train_it: bool, batches: int, on: str = "source"
+) -> dict[str, object]:
+    """What one epoch of a shared LoRA costs on the preset's ``on`` ("source" or "target")
+    model, timed against the prompt step; with ``train_it``, one epoch of it (jointly with
+    prompts and head), then the preset's prompt retraining on top of the frozen LoRA, scored
+    like the table's rows."""
     task = get_task(preset.task)
     splits = preset_splits(preset)
-    model = FoundationModel.load(preset.source_model, device=preset.device)
+    model_name = preset.source_model if on == "source" else preset.target_model
+    model = FoundationModel.load(model_name, device=preset.device)
     row_of = index_users(splits.users)
     train = Examples.build(task, splits.train, row_of=row_of)
     size = preset.prompt.batch_size
@@ -750,7 +755,7 @@ def shared_lora(preset: Preset, *, train_it: bool, batches: int) -> dict[str, ob
         ]
     else:
         texts = [train.prefixes[i] for i in timed_rows(train, batches=batches, batch_size=size)]
-    log(f"warming {len(set(texts))} item prefixes on the frozen {preset.source_model}")
+    log(f"warming {len(set(texts))} item prefixes on the frozen {model_name}")
     model.warm_prefixes(texts)
     cost: dict[str, float] = {}
     lora: list[nn.Parameter] = []
@@ -769,7 +774,7 @@ def shared_lora(preset: Preset, *, train_it: bool, batches: int) -> dict[str, ob
         )
     result: dict[str, object] = {
         "preset": preset.name,
-        "model": preset.source_model,
+        "model": model_name,
         "dtype": str(model.dtype),
         "lora": {
             "rank": 8,
@@ -949,8 +954,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--shared-lora",
         choices=("cost", "train"),
-        help="issue 43's 1+N attempt: time a shared LoRA's epoch on the source model (cost), "
-        "or also train one epoch and retrain the prompts on top of it (train)",
+        help="issue 43's 1+N attempt: time a shared LoRA's epoch (cost), or also train one "
+        "epoch and retrain the prompts on top of it (train)",
+    )
+    parser.add_argument(
+        "--lora-on",
+        choices=("source", "target"),
+        default="source",
+        help="the preset's model the shared LoRA adapts",
     )
     parser.add_argument("--timing-batches", type=int, default=6)
     args = parser.parse_args(argv)
@@ -971,7 +982,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.shared_lora:
         lora = shared_lora(
-            preset, train_it=args.shared_lora == "train", batches=args.timing_batches
+            preset,
+            train_it=args.shared_lora == "train",
+            batches=args.timing_batches,
+            on=args.lora_on,
         )
         lora["wall_seconds"] = round(time.perf_counter() - start, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -857,4 +857,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # A SIGTERM unwinds like an error, so the processes this run started are stopped with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

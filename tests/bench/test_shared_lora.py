@@ -47,3 +47,10 @@ def test_smoke_preset_times_and_trains_the_one_plus_n_variant() -> None:
     for part in ("shared", "retrain_on_lora"):
         test = result[part]["test"]  # type: ignore[index]
         assert test["rmse"] > 0 and "within_user_corr" in test
+
+
+def test_the_shared_lora_can_adapt_the_target_model() -> None:
+    preset = quality.PRESETS["smoke"]
+    result = quality.shared_lora(preset, train_it=False, batches=1, on="target")
+    assert result["model"] == preset.target_model
+    assert isinstance(result["lora"], dict) and result["lora"]["parameters"] > 0
