@@ -2,8 +2,8 @@
 
     python -m bench.quality --preset smoke|cpu-small|gpu-full --out FILE.json
     python -m bench.quality --preset gpu-full --device cpu --max-users 24 --out FILE.json
-    python -m bench.quality --preset cpu-small --shared-lora cost|train [--lora-on target] \
-        --out FILE.json
+    python -m bench.quality --preset cpu-small --shared-lora cost|joint|train \
+        [--lora-on target] [--lora-epochs N] --out FILE.json
 
 The second is a rehearsal: the preset's recipe on a seeded sample of its users and another
 device, a check that it runs end to end before the machine it is meant for is at hand, not a
@@ -17,8 +17,9 @@ would report the draw, not the method. A chart is written next to the JSON. The 
 ``within_user_corr`` (whether it orders a user's own items, not only their level), and
 ``bias_model`` is the recommender engineer's first baseline, with no LLM.
 
-The third is issue 43's 1+N attempt: what an epoch of a shared LoRA costs on the source model
-(``cost``), and (``train``) one epoch of it with the prompts, then the prompts retrained on top.
+The third is issue 43's 1+N attempt: what an epoch of a shared LoRA costs on the source or the
+target model (``cost``); ``joint`` trains it with every user's prompt and the head, and ``train``
+then retrains the prompts on top of it, frozen.
 """
 
 from __future__ import annotations
@@ -733,12 +734,14 @@ def lora_step_seconds(
 
 
 def shared_lora(
-    preset: Preset, *, train_it: bool, batches: int, on: str = "source"
+    preset: Preset, *, mode: str, batches: int, on: str = "source", epochs: int = 1
 ) -> dict[str, object]:
     """What one epoch of a shared LoRA costs on the preset's ``on`` ("source" or "target")
-    model, timed against the prompt step; with ``train_it``, one epoch of it (jointly with
-    prompts and head), then the preset's prompt retraining on top of the frozen LoRA, scored
-    like the table's rows."""
+    model, timed against the prompt step (``mode`` "cost"); "joint": then up to ``epochs`` of
+    it jointly with every user's prompt and the head, keeping the best validation epoch;
+    "train": then also the preset's prompt retraining on top of the frozen LoRA. Each trained
+    stage is scored on test like the table's rows."""
+    train_it = mode in ("joint", "train")
     task = get_task(preset.task)
     splits = preset_splits(preset)
     model_name = preset.source_model if on == "source" else preset.target_model
@@ -796,12 +799,14 @@ def shared_lora(
         for param, value in zip(lora, initial, strict=True):
             param.copy_(value)
     start = time.perf_counter()
-    joint = _train_jointly(preset, model, task, splits, lora)
+    joint = _train_jointly(preset, model, task, splits, lora, epochs=epochs)
     shared_seconds = time.perf_counter() - start
     for param in lora:
         param.requires_grad_(False)
-    result["shared"] = {"train_seconds": round(shared_seconds, 1), "test": joint}
-    log(f"shared LoRA epoch with its own prompts on test: {joint} in {shared_seconds:.0f} s")
+    result["shared"] = {"train_seconds": round(shared_seconds, 1), "epochs": epochs} | joint
+    log(f"shared LoRA with its own prompts: {joint} in {shared_seconds:.0f} s")
+    if mode == "joint":
+        return result
     # The "N": every user's prompt retrained on top of the frozen LoRA, the preset's recipe.
     retrained = train_prompts(
         model, task, splits, config=preset.prompt, on_progress=progress("prompts on the LoRA")
@@ -817,10 +822,30 @@ def shared_lora(
     return result
 
 
+class _HeadWithLora(nn.Module):
+    """The task head, carrying the shared LoRA's parameters (the same tensors, not copies) so
+    that ``fit``'s snapshot of the best validation epoch keeps and restores them too."""
+
+    def __init__(self, head: nn.Module, lora: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.head = head
+        self.lora = nn.ParameterList(lora)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.head(logits)
+
+
 def _train_jointly(
-    preset: Preset, model: FoundationModel, task: Task, splits: Splits, lora: list[nn.Parameter]
-) -> dict[str, float | None]:
-    """One epoch of the LoRA with every user's prompt and the head; their test metrics."""
+    preset: Preset,
+    model: FoundationModel,
+    task: Task,
+    splits: Splits,
+    lora: list[nn.Parameter],
+    *,
+    epochs: int,
+) -> dict[str, object]:
+    """Up to ``epochs`` of the LoRA with every user's prompt and the head, the best validation
+    epoch kept; its epochs' history and test metrics."""
     users = splits.users
     table = PromptTable(init_prompts(model, n_users=len(users), config=preset.prompt))
     table = table.to(model.device)
@@ -834,15 +859,15 @@ def _train_jointly(
         ]
     )
     row_of = index_users(users)
-    fit(
+    result = fit(
         model=model,
         task=task,
         prompt_source=table,
-        head=head,
+        head=_HeadWithLora(head, lora),
         optimizer=optimizer,
         train=Examples.build(task, splits.train, row_of=row_of),
         val=Examples.build(task, splits.val, row_of=row_of),
-        epochs=1,
+        epochs=epochs,
         batch_size=preset.prompt.batch_size,
         patience=1,
         seed=preset.prompt.seed,
@@ -855,7 +880,8 @@ def _train_jointly(
         table.weight.detach().float().cpu(),
         {k: v.detach().float().cpu() for k, v in head.state_dict().items()},
     )
-    return metrics_of(task, predict_set(model, task, prompt_set, splits.test))
+    test = metrics_of(task, predict_set(model, task, prompt_set, splits.test))
+    return {"history": result.history, "best_epoch": result.best_epoch, "test": test}
 
 
 def write_chart(result: dict, path: Path) -> None:
@@ -953,10 +979,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="rehearse it on this device")
     parser.add_argument(
         "--shared-lora",
-        choices=("cost", "train"),
-        help="issue 43's 1+N attempt: time a shared LoRA's epoch (cost), or also train one "
-        "epoch and retrain the prompts on top of it (train)",
+        choices=("cost", "joint", "train"),
+        help="issue 43's 1+N attempt: time a shared LoRA's epoch (cost), also train it with "
+        "every user's prompt (joint), and also retrain the prompts on top of it (train)",
     )
+    parser.add_argument("--lora-epochs", type=int, default=1, help="the LoRA's joint epochs")
     parser.add_argument(
         "--lora-on",
         choices=("source", "target"),
@@ -968,6 +995,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.show:
         print(markdown_table(json.loads(args.show.read_text())))
         return
+    if args.lora_epochs < 1:
+        parser.error("--lora-epochs must be 1 or more")
     if not (args.preset and args.out):
         parser.error("--preset and --out are required to run the benchmark")
     try:
@@ -983,9 +1012,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.shared_lora:
         lora = shared_lora(
             preset,
-            train_it=args.shared_lora == "train",
+            mode=args.shared_lora,
             batches=args.timing_batches,
             on=args.lora_on,
+            epochs=args.lora_epochs,
         )
         lora["wall_seconds"] = round(time.perf_counter() - start, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)

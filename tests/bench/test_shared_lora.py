@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
 from bench import quality
 from models.foundation import FoundationModel
@@ -38,12 +41,15 @@ def test_the_lora_trains_only_its_own_weights_and_leaves_cached_prefixes_frozen(
 
 
 def test_smoke_preset_times_and_trains_the_one_plus_n_variant() -> None:
-    result = quality.shared_lora(quality.PRESETS["smoke"], train_it=True, batches=1)
+    result = quality.shared_lora(quality.PRESETS["smoke"], mode="train", batches=1, epochs=2)
     cost = result["cost"]
     assert isinstance(cost, dict)
     for name in ("prompt", "lora_suffix", "lora_full"):
         assert cost[f"{name}_step_s_per_example"] > 0
         assert cost[f"{name}_epoch_s"] > 0
+    shared = result["shared"]
+    assert isinstance(shared, dict) and shared["epochs"] == 2
+    assert shared["best_epoch"] in (0, 1) and 1 <= len(shared["history"]) <= 2
     for part in ("shared", "retrain_on_lora"):
         test = result[part]["test"]  # type: ignore[index]
         assert test["rmse"] > 0 and "within_user_corr" in test
@@ -51,6 +57,16 @@ def test_smoke_preset_times_and_trains_the_one_plus_n_variant() -> None:
 
 def test_the_shared_lora_can_adapt_the_target_model() -> None:
     preset = quality.PRESETS["smoke"]
-    result = quality.shared_lora(preset, train_it=False, batches=1, on="target")
+    result = quality.shared_lora(preset, mode="cost", batches=1, on="target")
     assert result["model"] == preset.target_model
     assert isinstance(result["lora"], dict) and result["lora"]["parameters"] > 0
+
+
+def test_the_best_epochs_snapshot_restores_the_shared_lora() -> None:
+    lora = [nn.Parameter(torch.zeros(2, 2))]
+    head = quality._HeadWithLora(nn.Linear(5, 1), lora)
+    saved = copy.deepcopy(head.state_dict())
+    with torch.no_grad():
+        lora[0].add_(1.0)
+    head.load_state_dict(saved)
+    assert torch.equal(lora[0], torch.zeros(2, 2))
