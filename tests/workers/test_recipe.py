@@ -18,8 +18,6 @@ from workers.adapter_training import recipe_for_request
 
 CPU_SMALL = PRESETS["cpu-small"]
 COMMITTED = Path(__file__).parents[2] / "bench" / "results" / "quality-cpu-small.json"
-# Knobs the committed run recorded at their off values, since removed.
-REMOVED = {"start_from_user_means", "mean_start_examples", "linear_only", "average_last"}
 
 
 def source_sets(users: int, width: int) -> list[PromptSet]:
@@ -65,12 +63,7 @@ def test_a_default_job_on_every_user_runs_the_cpu_small_all_users_rows_settings(
 def test_the_recipe_is_what_the_committed_cpu_small_run_measured(kind: str) -> None:
     committed = json.loads(COMMITTED.read_text())["configs"][kind]
     now = asdict(getattr(CPU_SMALL, kind))
-    assert committed["epochs"] == now["epochs"] == 1  # one epoch: patience never acts
-    differ = {k for k in committed.keys() | now.keys() if committed.get(k) != now.get(k)}
-    assert differ <= REMOVED | {"patience"}
-    # the removed knobs were off (mean_start_examples only counts with start_from_user_means)
-    assert not committed["start_from_user_means"] and not committed["linear_only"]
-    assert committed["average_last"] is None
+    assert committed == now
 
 
 def test_a_small_source_set_gets_every_direction_it_has() -> None:
