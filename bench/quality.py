@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -734,7 +734,12 @@ def lora_step_seconds(
 
 
 def shared_lora(
-    preset: Preset, *, mode: str, batches: int, on: str = "source", epochs: int = 1
+    preset: Preset,
+    *,
+    mode: Literal["cost", "joint", "train"],
+    batches: int,
+    on: Literal["source", "target"] = "source",
+    epochs: int = 1,
 ) -> dict[str, object]:
     """What one epoch of a shared LoRA costs on the preset's ``on`` ("source" or "target")
     model, timed against the prompt step (``mode`` "cost"); "joint": then up to ``epochs`` of

@@ -53,6 +53,7 @@ from redis import Redis
 from redis.cluster import RedisCluster
 
 from app.dev.local_redis import LocalRedis, LocalRedisCluster, free_port
+from app.dev.processes import exit_on_sigterm
 from app.store import SetMeta, Store, connect_redis
 from app.store.keys import value_key_prefix
 from bench import direct_read, loadgen
@@ -583,6 +584,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # A SIGTERM unwinds like an error, so the processes this run started are stopped with it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     main()

@@ -33,6 +33,7 @@ from redis import Redis
 from safetensors.torch import save as save_tensors
 
 from app.dev.local_redis import LocalRedis, free_port
+from app.dev.processes import exit_on_sigterm
 from app.store import SetMeta, Store
 from models.tasks import get_task
 
@@ -216,6 +217,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # A SIGTERM unwinds like an error, so the processes this run started are stopped with it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     main()

@@ -53,6 +53,7 @@ from prompt_migration_client.setfile import Entry, header_bytes, open_setfile
 from redis import Redis
 from redis.cluster import RedisCluster
 
+from app.dev.processes import exit_on_sigterm
 from app.jobs.queue import worker_command
 from app.store import Store, connect_redis
 from app.store.keys import value_key_prefix
@@ -857,6 +858,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # A SIGTERM unwinds like an error, so the processes this run started are stopped with it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     main()

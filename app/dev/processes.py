@@ -115,6 +115,12 @@ def gone(process: Tracked, *, timeout_s: float) -> bool:
     return True
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit like an error that unwinds, so ``finally`` blocks and context managers
+    stop the processes this one started (the default action kills it on the spot)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel send ``sig`` to the child when its parent dies (Linux;
     None elsewhere). The kernel means the parent *thread*: start children from a thread that
