@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import secrets
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.assets import cache_dir
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 _MIN_TOKEN_CHARS = 32
@@ -88,6 +91,16 @@ class Settings(BaseSettings):
     quality_tolerance: float = Field(default=0.05, ge=0)
     version_grace_s: int = Field(default=24 * 3600, ge=0)
     model_cache_size: int = Field(default=2, ge=1)
+    # Where workers keep the frozen models' keys/values over each item text across jobs and
+    # restarts (models/prefix_cache.py): the next job on a model skips running it over the items
+    # again. About 1 to 2 MB per item and model for the built-in models; empty keeps them in
+    # memory only.
+    item_state_dir: Path | None = Field(default_factory=lambda: cache_dir() / "item-states")
+
+    @field_validator("item_state_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("reader_acl_users", mode="before")
     @classmethod

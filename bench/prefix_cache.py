@@ -51,7 +51,8 @@ def _fill_tight(model: FoundationModel, texts: list[str], *, batch: int = 64) ->
     for start in range(0, len(encoded), batch):
         chunk = encoded[start : start + batch]
         width = max(len(ids) for ids, _ in chunk)
-        model._cache_prefixes([t for _, t in chunk], [ids for ids, _ in chunk], width)
+        texts = [t for _, t in chunk]
+        model.prefix_cache.states |= model._prefix_states(texts, [ids for ids, _ in chunk], width)
 
 
 def warm_all_items(model: FoundationModel, texts: list[str]) -> dict[str, float]:

@@ -68,7 +68,9 @@ NOTE = (
     "API, worker, redis-server, wrk and the write thread share the machine's cores. users_per_s "
     "is the job's users over its wall time less the adapter's training seconds; "
     "users_per_s_without_model_work over its wall time less its model steps (select, train, "
-    "evaluate: step_seconds, timed by the job itself)."
+    "evaluate: step_seconds, timed by the job itself). The worker keeps the frozen models' item "
+    "states in one directory for the whole invocation (item_states_mb_before/after): the first "
+    "size's jobs compute them, later sizes read them back."
 )
 
 
@@ -111,9 +113,17 @@ class Recipe:
 class Service:
     """API and worker against one redis-server, production settings and strong tokens."""
 
-    def __init__(self, redis_url: str, *, logdir: Path, broker_url: str | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        logdir: Path,
+        broker_url: str | None = None,
+        item_state_dir: Path | None = None,
+    ) -> None:
         """``broker_url``: Celery's Redis when the store is a Cluster (Celery cannot use one);
-        else database 1 of the store's redis-server."""
+        else database 1 of the store's redis-server. ``item_state_dir``: the worker's kept item
+        states (default: the worker's own default)."""
         url = urlparse(redis_url)
         broker = broker_url or f"redis://{url.hostname}:{url.port}/1"
         self.admin, self.read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -128,6 +138,8 @@ class Service:
             "OMP_NUM_THREADS": str(os.cpu_count() or 1),
             "PYTHONUNBUFFERED": "1",
         }
+        if item_state_dir is not None:
+            self.env["PM_ITEM_STATE_DIR"] = str(item_state_dir)
         self.worker_log = logdir / "worker.log"
         args = worker_command(node=f"bench-{secrets.token_hex(4)}@%h")
         args += ["--without-gossip", "--without-mingle"]
@@ -586,8 +598,11 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pm-bench-up-")))
         redis_url, redis_pids = stack.enter_context(local_redis(cluster=args.cluster))
         broker_url, broker_pids = stack.enter_context(local_redis()) if args.cluster else (None, [])
-        service = Service(redis_url, logdir=workdir, broker_url=broker_url)
+        service = Service(
+            redis_url, logdir=workdir, broker_url=broker_url, item_state_dir=args.item_states
+        )
         stack.callback(service.stop)
+        run["item_states_mb_before"] = directory_mb(args.item_states)
         redis = connect_redis(redis_url, timeout_s=30, cluster=args.cluster)
         stack.callback(redis.close)
         run["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
@@ -598,6 +613,7 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
             run["error"] = f"{type(error).__name__}: {error}"
             run["state"] = run["state"] or "error"
         run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        run["item_states_mb_after"] = directory_mb(args.item_states)
         pids = {"worker": service.worker.pid, "api": service.api.proc.pid}
         run["peak_rss_mb"] = {name: peak_rss_mb(pid) for name, pid in pids.items()}
         nodes = [peak_rss_mb(pid) for pid in redis_pids]
@@ -616,6 +632,10 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
                 "api": service.api.log.read_text(errors="replace")[-2000:],
             }
     return run
+
+
+def directory_mb(path: Path) -> float:
+    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
 
 def steps(
@@ -787,6 +807,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--seed", type=int, default=0)
     add(
+        "--item-states",
+        type=Path,
+        default=None,
+        help="the worker's kept item states (default: a new directory for this run, shared by "
+        "its sizes, as one deployment's would be)",
+    )
+    add(
         "--cache-dir",
         type=Path,
         default=assets.cache_dir() / "bench",
@@ -815,10 +842,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     started = time.time()
     runs = []
-    for users in args.users:
-        log(f"== {users} users")
-        runs.append(measure(args, recipe, users))
-        print_run(runs[-1])
+    with contextlib.ExitStack() as stack:
+        if args.item_states is None:  # one deployment's: the first job computes, later ones read
+            made = tempfile.TemporaryDirectory(prefix="pm-bench-item-states-")
+            args.item_states = Path(stack.enter_context(made))
+        for users in args.users:
+            log(f"== {users} users")
+            runs.append(measure(args, recipe, users))
+            print_run(runs[-1])
     result = {
         "benchmark": "upgrade",
         "command": "python -m bench.upgrade " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -846,6 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
         "note": NOTE,
         "started_at": round(started, 3),

@@ -15,7 +15,8 @@ answer position (``AnswerTokens``): the label's own token is scored where the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from transformers import (
 from models import attention
 from models.checkpoints import resolve_checkpoint
 from models.errors import CheckpointError, ShapeMismatchError
+from models.prefix_cache import PrefixCache, state_fingerprint
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16 else torch.float32
 
 
-@dataclass
-class PrefixCache:
-    """Per-text keys/values of the frozen model: text -> ``[layers, 2, kv_heads, P, head_dim]``."""
-
-    states: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def missing(self, texts: list[str]) -> list[str]:
-        return [t for t in dict.fromkeys(texts) if t not in self.states]
-
-
 class FoundationModel:
     """A frozen causal LM plus what soft prompts need from it."""
 
@@ -97,6 +89,7 @@ class FoundationModel:
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
         dtype: torch.dtype,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.name = name
         self.model = model.eval().requires_grad_(False)
@@ -111,12 +104,19 @@ class FoundationModel:
         # raw table space and get the same scale when spliced in.
         self.embed_scale = float(getattr(self.embeddings, "embed_scale", 1.0))
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.prefix_cache = PrefixCache()
+        self.prefix_cache = prefix_cache or PrefixCache(device=device)
 
     @classmethod
     def load(
-        cls, name_or_path: str, *, device: str | None = None, dtype: torch.dtype | None = None
+        cls,
+        name_or_path: str,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        state_dir: Path | None = None,
     ) -> FoundationModel:
+        """``state_dir``: where the per-item states are kept across processes (a directory per
+        checkpoint and machine kind is made in it); None keeps them in memory only."""
         path = resolve_checkpoint(name_or_path)
         torch_device = torch.device(device) if device else default_device()
         torch_dtype = dtype or default_dtype(torch_device)
@@ -128,12 +128,16 @@ class FoundationModel:
         except (OSError, ValueError) as error:
             raise CheckpointError(f"Could not load a causal LM from {path}: {error}") from error
         model.to(torch_device)  # type: ignore[arg-type]
+        kept = None
+        if state_dir is not None:
+            kept = state_dir / state_fingerprint(path, dtype=torch_dtype, device=torch_device)
         return cls(
             name=name_or_path,
             model=model,
             tokenizer=tokenizer,
             device=torch_device,
             dtype=torch_dtype,
+            prefix_cache=PrefixCache(directory=kept, device=torch_device),
         )
 
     @property
@@ -171,20 +175,26 @@ class FoundationModel:
         differently for small batches and for other padded widths. So every forward runs exactly
         ``batch_size`` rows (a short chunk filled with copies of its first text) padded to a
         width fixed by the text's own length, the next multiple of ``width_multiple``."""
-        todo = self.prefix_cache.missing(texts)
+        fill = (batch_size, width_multiple)
+        todo = self.prefix_cache.missing(texts, fill=fill)
         encoded = {text: self.token_ids(text, special=True) for text in todo}
         by_width: dict[int, list[str]] = {}
         for text, tokens in encoded.items():
             by_width.setdefault(-(-len(tokens) // width_multiple) * width_multiple, []).append(text)
+        computed: dict[str, torch.Tensor] = {}
         for width, group in sorted(by_width.items()):
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 rows = [encoded[t] for t in chunk]
-                self._cache_prefixes(chunk, rows + [rows[0]] * (batch_size - len(rows)), width)
+                rows += [rows[0]] * (batch_size - len(rows))
+                computed |= self._prefix_states(chunk, rows, width)
+        self.prefix_cache.add(computed, fill=fill)
 
-    def _cache_prefixes(self, texts: list[str], rows: list[list[int]], width: int) -> None:
+    def _prefix_states(
+        self, texts: list[str], rows: list[list[int]], width: int
+    ) -> dict[str, torch.Tensor]:
         """One forward over ``rows`` (``texts``' tokens first, then fillers) right-padded to
-        ``width``; keeps each text's keys/values over its own tokens."""
+        ``width``: each text's keys/values over its own tokens."""
         pad = self.tokenizer.pad_token_id or 0
         # Right padding: real tokens never attend to the pads after them (causal mask).
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
@@ -198,14 +208,12 @@ class FoundationModel:
             input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True
         )
         layers = out.past_key_values.layers
+        states = {}
         for row, text in enumerate(texts):
             n = len(rows[row])
-            self.prefix_cache.states[text] = torch.stack(
-                [
-                    torch.stack([layer.keys[row, :, :n], layer.values[row, :, :n]])
-                    for layer in layers
-                ]
-            )
+            per_layer = [torch.stack([la.keys[row, :, :n], la.values[row, :, :n]]) for la in layers]
+            states[text] = torch.stack(per_layer)
+        return states
 
     def _batched_prefix(self, texts: list[str]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Left-padded cache of the texts' prefixes, their attention mask and lengths."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +32,10 @@ from app.store import SetMeta, Store
 ROOT = Path(__file__).resolve().parents[1]
 # The service defaults to production; the tests, and the processes they start, are a test run.
 os.environ["PM_ENVIRONMENT"] = "test"
+# The workers' kept item states: one directory per test session, not the user's cache.
+ITEM_STATES = tempfile.mkdtemp(prefix="pm-test-item-states-")
+atexit.register(shutil.rmtree, ITEM_STATES, ignore_errors=True)
+os.environ["PM_ITEM_STATE_DIR"] = ITEM_STATES
 ADMIN = "test-admin-token-0123456789abcdef0123456789"
 READER = "test-read-token-0123456789abcdef01234567890"
 STORE_DB, BROKER_DB = 0, 1

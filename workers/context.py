@@ -57,7 +57,9 @@ def load_model(name: str) -> FoundationModel:
         settings = get_settings()
         while len(_models) >= settings.model_cache_size:
             _models.popitem(last=False)
-        _models[name] = FoundationModel.load(checkpoint, device=settings.device)
+        _models[name] = FoundationModel.load(
+            checkpoint, device=settings.device, state_dir=settings.item_state_dir
+        )
     _models.move_to_end(name)
     return _models[name]
 

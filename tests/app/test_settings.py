@@ -94,3 +94,9 @@ def test_cluster_url_names_no_database() -> None:
         result_backend=backend,
     )
     assert settings.redis_cluster
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_item_state_dir_keeps_states_in_memory_only(value: str) -> None:
+    settings = Settings.model_validate({"environment": "test", "item_state_dir": value})
+    assert settings.item_state_dir is None

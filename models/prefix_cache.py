@@ -1,0 +1,118 @@
+"""A frozen model's keys and values over each item text, computed once and reused.
+
+``FoundationModel.warm_prefixes`` fills it. In memory it lives as long as the model. Given a
+directory, it is also kept on disk: a restarted worker, or the next job on the same model, reads
+the states back instead of running the model over every item again. On a 2-core CPU that run is
+most of a job's fixed cost (bench/README.md, "The whole upgrade job").
+
+The directory belongs to one model on one kind of machine (``state_fingerprint``): a state is only
+reused where recomputing it would give the same bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+SHARD_SUFFIX = ".safetensors"
+# A state's computation: batch rows and width multiple of the fill (FoundationModel.warm_prefixes).
+Fill = tuple[int, int]
+
+
+def state_fingerprint(checkpoint: Path, *, dtype: torch.dtype, device: torch.device) -> str:
+    """What the states depend on besides the text: the checkpoint's files as installed, the
+    dtype, the kernels (torch, transformers and the CPU's vector unit or the GPU)."""
+    files = sorted(p for p in checkpoint.iterdir() if p.is_file())
+    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    if device.type == "cuda":
+        kernels = torch.cuda.get_device_name(device)
+    else:
+        kernels = torch.backends.cpu.get_cpu_capability()
+    parts += [str(dtype), device.type, kernels, torch.__version__, transformers.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _key(text: str, fill: Fill) -> str:
+    return hashlib.sha256(f"{fill[0]}/{fill[1]}/{text}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class PrefixCache:
+    """Per-text keys/values of the frozen model: text -> ``[layers, 2, kv_heads, P, head_dim]``.
+
+    With a ``directory``, each batch of new states is one safetensors shard there, written to a
+    temporary name and renamed, so that workers sharing the directory never read half a file."""
+
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    directory: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _shard_of: dict[str, Path] = field(default_factory=dict, repr=False)
+    _shards_read: set[Path] = field(default_factory=set, repr=False)
+
+    def missing(self, texts: list[str], *, fill: Fill) -> list[str]:
+        """The distinct ``texts`` with no state, in memory or on disk (those on disk are loaded)."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self.states]
+        if todo and self.directory is not None:
+            self._load(todo, fill=fill)
+            todo = [t for t in todo if t not in self.states]
+        return todo
+
+    def add(self, computed: dict[str, torch.Tensor], *, fill: Fill) -> None:
+        self.states.update(computed)
+        if computed and self.directory is not None:
+            self._save(computed, fill=fill)
+
+    def _load(self, texts: list[str], *, fill: Fill) -> None:
+        self._index_new_shards()
+        by_shard: dict[Path, list[tuple[str, str]]] = {}
+        for text in texts:
+            key = _key(text, fill)
+            if key in self._shard_of:
+                by_shard.setdefault(self._shard_of[key], []).append((text, key))
+        for shard, wanted in by_shard.items():
+            with safe_open(shard, framework="pt", device=str(self.device)) as stored:
+                for text, key in wanted:
+                    self.states[text] = stored.get_tensor(key)
+
+    def _index_new_shards(self) -> None:
+        assert self.directory is not None
+        if not self.directory.is_dir():
+            return
+        for shard in sorted(self.directory.glob(f"*{SHARD_SUFFIX}")):
+            if shard in self._shards_read:
+                continue
+            try:
+                with safe_open(shard, framework="pt") as stored:
+                    self._shard_of.update(dict.fromkeys(stored.keys(), shard))
+            except (OSError, SafetensorError) as error:
+                log.warning("item states %s unreadable, recomputed instead: %s", shard, error)
+            self._shards_read.add(shard)
+
+    def _save(self, computed: dict[str, torch.Tensor], *, fill: Fill) -> None:
+        assert self.directory is not None
+        tensors = {_key(text, fill): state.contiguous().cpu() for text, state in computed.items()}
+        shard = self.directory / f"{uuid.uuid4().hex}{SHARD_SUFFIX}"
+        partial = shard.with_suffix(".partial")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, partial)
+            os.replace(partial, shard)
+        except OSError as error:  # a full or read-only disk costs the reuse, not the job
+            log.warning("item states not kept in %s: %s", self.directory, error)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            return
+        self._shard_of.update(dict.fromkeys(tensors, shard))
+        self._shards_read.add(shard)

@@ -1,0 +1,101 @@
+"""The per-item states kept on disk: read back bit for bit by another process's model, never
+computed again, and never taken from another model, fill or damaged file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.foundation import FoundationModel
+from models.prefix_cache import SHARD_SUFFIX, PrefixCache
+from models.tasks import Task
+
+ITEMS = ["item1 comedy", "item2 drama", "item3 horror (1990)", "item4 sci fi animation"]
+
+
+def _load(name: str, state_dir: Path) -> FoundationModel:
+    return FoundationModel.load(name, device="cpu", dtype=torch.float32, state_dir=state_dir)
+
+
+def _forwards(model: FoundationModel) -> list[int]:
+    """A counter of the model's forward passes (a hook on its decoder)."""
+    calls: list[int] = []
+    model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _prefixes(rating: Task) -> list[str]:
+    return [rating.template.prefix_for(item) for item in ITEMS]
+
+
+def test_a_new_model_reads_the_states_back_and_scores_the_same(
+    tmp_path: Path, rating: Task
+) -> None:
+    prefixes = _prefixes(rating)
+    first = _load("tiny-gemma", tmp_path)
+    first.warm_prefixes(prefixes)
+    assert len(list(tmp_path.rglob(f"*{SHARD_SUFFIX}"))) == 1
+
+    second = _load("tiny-gemma", tmp_path)  # as a restarted worker would
+    forwards = _forwards(second)
+    second.warm_prefixes(prefixes)
+    assert forwards == []
+    for text in prefixes:
+        assert torch.equal(second.prefix_cache.states[text], first.prefix_cache.states[text])
+
+    answer = first.answer_tokens(rating.template.suffix, rating.labels)
+    prompts = torch.randn(len(prefixes), 2, first.hidden_size) * 0.05
+    with torch.no_grad():
+        expected = first.label_logits(prefixes, prompts, answer=answer)
+        assert torch.equal(second.label_logits(prefixes, prompts, answer=answer), expected)
+
+
+def test_only_the_missing_texts_are_computed_and_kept(tmp_path: Path, rating: Task) -> None:
+    prefixes = _prefixes(rating)
+    _load("tiny-gemma", tmp_path).warm_prefixes(prefixes[:2])
+    model = _load("tiny-gemma", tmp_path)
+    forwards = _forwards(model)
+    model.warm_prefixes(prefixes)
+    assert len(forwards) == 1  # the two new texts, in one batch
+    assert len(list(tmp_path.rglob(f"*{SHARD_SUFFIX}"))) == 2
+
+
+def test_states_are_kept_apart_by_model_and_by_fill(tmp_path: Path, rating: Task) -> None:
+    prefixes = _prefixes(rating)
+    _load("tiny-gemma", tmp_path).warm_prefixes(prefixes)
+
+    other_model = _load("tiny-llama", tmp_path)
+    forwards = _forwards(other_model)
+    other_model.warm_prefixes(prefixes)
+    assert forwards  # computed: the other model's states are not these
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+    other_fill = _load("tiny-gemma", tmp_path)
+    forwards = _forwards(other_fill)
+    other_fill.warm_prefixes(prefixes, batch_size=8)
+    assert forwards  # another fill rounds differently on bf16 kernels: computed again
+
+
+def test_a_damaged_shard_is_recomputed(tmp_path: Path, rating: Task) -> None:
+    prefixes = _prefixes(rating)
+    first = _load("tiny-gemma", tmp_path)
+    first.warm_prefixes(prefixes)
+    (shard,) = tmp_path.rglob(f"*{SHARD_SUFFIX}")
+    shard.write_bytes(b"\x00" * 16)
+
+    second = _load("tiny-gemma", tmp_path)
+    forwards = _forwards(second)
+    second.warm_prefixes(prefixes)
+    assert forwards
+    for text in prefixes:
+        assert torch.equal(second.prefix_cache.states[text], first.prefix_cache.states[text])
+
+
+def test_a_directory_that_cannot_be_written_costs_only_the_reuse(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    cache = PrefixCache(directory=blocked / "states")
+    state = torch.ones(2, 2, 1, 3, 4)
+    cache.add({"text": state}, fill=(64, 64))
+    assert cache.missing(["text", "other"], fill=(64, 64)) == ["other"]
