@@ -415,12 +415,26 @@ def read_window(service: Service, args: argparse.Namespace, population: Populati
 
 def follow(
     client: OperatorClient, job_id: str, *, timeout_s: float
-) -> tuple[dict[str, Any], dict[str, float], bool]:
-    """Poll the job to its end: (last record, seconds per stage seen, timed out)."""
+) -> tuple[dict[str, Any], dict[str, float], dict[str, dict[str, float]], bool]:
+    """Poll the job to its end: (last record, seconds per stage seen, where the machine's CPU
+    time went in each stage (``cpu_split``), timed out)."""
     stages: dict[str, float] = {}
-    current, since = "", time.monotonic()
+    cpu: dict[str, list[int]] = {}
+    current, since, cpu_since = "", time.monotonic(), cpu_times()
     record: dict[str, Any] = {}
     deadline = time.monotonic() + timeout_s
+
+    def close_stage() -> None:
+        now, reading = time.monotonic(), cpu_times()
+        stages[current] = round(stages.get(current, 0.0) + now - since, 2)
+        spent = [b - a for a, b in zip(cpu_since, reading, strict=True)]
+        cpu[current] = [
+            a + b for a, b in zip(cpu.get(current, [0] * len(spent)), spent, strict=True)
+        ]
+
+    def splits() -> dict[str, dict[str, float]]:
+        return {stage: cpu_split([0] * len(t), t) for stage, t in cpu.items()}
+
     while time.monotonic() < deadline:
         try:
             record = client.job(job_id)
@@ -428,21 +442,20 @@ def follow(
             log(f"  polling: {error!r}")
             time.sleep(1.0)
             continue
-        now = time.monotonic()
         if record["stage"] != current:
             if current:
-                stages[current] = round(stages.get(current, 0.0) + now - since, 2)
+                close_stage()
             log(
                 f"  [{record['state']}] {record['stage']} "
                 f"users mapped {record['progress'].get('users_mapped')}"
             )
-            current, since = record["stage"], now
+            current, since, cpu_since = record["stage"], time.monotonic(), cpu_times()
         if record["state"] in TERMINAL:
-            return record, stages, False
+            return record, stages, splits(), False
         time.sleep(0.5)
     if current:
-        stages[current] = round(stages.get(current, 0.0) + time.monotonic() - since, 2)
-    return record, stages, True
+        close_stage()
+    return record, stages, splits(), True
 
 
 def job_wall(record: dict[str, Any]) -> float:
@@ -634,6 +647,23 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
     return run
 
 
+# The columns of /proc/stat's cpu line, in order (man 5 proc).
+CPU_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times() -> list[int]:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1 : 1 + len(CPU_COLUMNS)]
+    return [int(f) for f in fields]
+
+
+def cpu_split(before: list[int], after: list[int]) -> dict[str, float]:
+    """Where the machine's CPU time went between two readings, in percent: a job slowed by
+    something outside it shows as steal (the hypervisor) or iowait."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = max(1, sum(spent))
+    return {name: round(100 * t / total, 1) for name, t in zip(CPU_COLUMNS, spent, strict=True)}
+
+
 def directory_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
@@ -676,12 +706,17 @@ def steps(
     run["job_id"] = job["id"]
     reads = read_window(service, args, population) if args.read_connections else None
     writes.start()
+    cpu_before = cpu_times()
     try:
-        record, stages, timed_out = follow(service.client, job["id"], timeout_s=args.timeout_s)
+        record, stages, stage_cpu, timed_out = follow(
+            service.client, job["id"], timeout_s=args.timeout_s
+        )
     finally:
         writes.stop()
         if reads is not None:
             run["read_ms"]["during"] = reads.stop()
+    run["machine_cpu_during_job"] = cpu_split(cpu_before, cpu_times())
+    run["machine_cpu_by_stage"] = stage_cpu
     run["state"] = record.get("state", "unknown") if not timed_out else "timed_out"
     run["job_state_at_end"] = record.get("state")
     run["stage_seconds"] = record.get("stage_seconds") or stages
@@ -750,6 +785,7 @@ def print_run(run: dict[str, Any]) -> None:
         f"{run.get('users_per_s_without_model_work')} without model work"
     )
     print(f"  steps (s): {run.get('step_seconds')}")
+    print(f"  machine CPU % during the job: {run.get('machine_cpu_during_job')}")
     print(f"  peak RSS MB: {run['peak_rss_mb']}; Redis used {run['redis_used_mb']} MB")
     print(f"  reads idle {lat('idle')}, during {lat('during')}")
     print(f"  check: {run['check']}")
