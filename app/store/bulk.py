@@ -47,7 +47,7 @@ class BulkMixin(StoreBase):
             self.redis.mset(dict(zip(keys, values[start : start + BULK_VALUES], strict=True)))
             self.redis.sadd(set_keys.users, *batch)
         back = self.read_values(model, version, users)
-        if back != list(values):
+        if not values_match(back, values):
             at = next(i for i, (b, v) in enumerate(zip(back, values, strict=True)) if b != v)
             raise IntegrityError(
                 f"{model} version {version}: user {users[at]!r}'s value read back "
@@ -104,3 +104,15 @@ class BulkMixin(StoreBase):
                 batch = []
         if batch:
             self.redis.unlink(*batch)
+
+
+def values_match(back: Sequence[bytes | None], written: Sequence[bytes | memoryview]) -> bool:
+    """Whether every value read back equals the one written: one comparison of the joined bytes
+    and of the lengths (comparing bytes to a memoryview goes byte by byte through Python's
+    generic buffer comparison)."""
+    present = [b for b in back if b is not None]
+    if len(present) != len(written):
+        return False
+    if [len(b) for b in present] != [len(v) for v in written]:
+        return False
+    return b"".join(present) == b"".join(written)

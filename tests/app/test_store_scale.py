@@ -12,7 +12,7 @@ from redis import Redis
 
 from app.errors import IntegrityError
 from app.store import SetMeta, Store
-from app.store.bulk import BULK_KEYS
+from app.store.bulk import BULK_KEYS, values_match
 from tests.conftest import STORE_DB, RedisServer
 
 USERS, WIDTH = 3000, 576  # a value of 2,304 bytes, as SmolLM2-135M's [1, 576] fp32 prompt
@@ -70,6 +70,21 @@ def test_a_write_is_read_back_as_it_is_made(plain: Store) -> None:
     digest = codec.set_digest(zip(users, values, strict=True))
     assert plain.write_checked("m-w", "1", users, values) == (2, digest)
     assert plain.read_values("m-w", "1", ["u2", "nobody", "u1"]) == [values[1], None, values[0]]
+
+
+@pytest.mark.parametrize(
+    ("back", "same"),
+    [
+        ([b"ab", b"cd"], True),
+        ([b"ab", b"ce"], False),  # a value changed
+        ([b"ab", None], False),  # a value gone
+        ([b"a", b"bcd"], False),  # the same bytes joined, split elsewhere
+        ([b"ab"], False),
+    ],
+)
+def test_a_value_read_back_must_equal_the_one_written(back: list[bytes | None], same: bool) -> None:
+    written = memoryview(b"abcd")
+    assert values_match(back, [written[:2], written[2:]]) is same
 
 
 def test_deleting_a_version_unlinks_its_keys_a_bounded_batch_at_a_time(plain: Store) -> None:
