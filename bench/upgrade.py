@@ -68,7 +68,8 @@ NOTE = (
     "API, worker, redis-server, wrk and the write thread share the machine's cores. users_per_s "
     "is the job's users over its wall time less the adapter's training seconds; "
     "users_per_s_without_model_work over its wall time less its model steps (select, train, "
-    "evaluate: step_seconds, timed by the job itself). The worker keeps the frozen models' item "
+    "evaluate: step_seconds, timed by the job itself; step_seconds.item_states is the part of "
+    "train and evaluate the frozen models spent computing item states). The worker keeps the frozen models' item "
     "states in one directory for the whole invocation (item_states_mb_before/after): the first "
     "size's jobs compute them, later sizes read them back."
 )

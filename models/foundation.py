@@ -15,6 +15,7 @@ answer position (``AnswerTokens``): the label's own token is scored where the mo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,18 +178,21 @@ class FoundationModel:
         width fixed by the text's own length, the next multiple of ``width_multiple``."""
         fill = (batch_size, width_multiple)
         todo = self.prefix_cache.missing(texts, fill=fill)
+        if not todo:
+            return
         encoded = {text: self.token_ids(text, special=True) for text in todo}
         by_width: dict[int, list[str]] = {}
         for text, tokens in encoded.items():
             by_width.setdefault(-(-len(tokens) // width_multiple) * width_multiple, []).append(text)
         computed: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
         for width, group in sorted(by_width.items()):
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 rows = [encoded[t] for t in chunk]
                 rows += [rows[0]] * (batch_size - len(rows))
                 computed |= self._prefix_states(chunk, rows, width)
-        self.prefix_cache.add(computed, fill=fill)
+        self.prefix_cache.add(computed, fill=fill, seconds=time.perf_counter() - started)
 
     def _prefix_states(
         self, texts: list[str], rows: list[list[int]], width: int

@@ -58,6 +58,7 @@ class PrefixCache:
     states: dict[str, torch.Tensor] = field(default_factory=dict)
     directory: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    compute_seconds: float = 0.0  # spent by the model computing the states added so far
     _shard_of: dict[str, Path] = field(default_factory=dict, repr=False)
     _shards_read: set[Path] = field(default_factory=set, repr=False)
 
@@ -69,8 +70,10 @@ class PrefixCache:
             todo = [t for t in todo if t not in self.states]
         return todo
 
-    def add(self, computed: dict[str, torch.Tensor], *, fill: Fill) -> None:
+    def add(self, computed: dict[str, torch.Tensor], *, fill: Fill, seconds: float) -> None:
+        """Keep states the model computed in ``seconds``."""
         self.states.update(computed)
+        self.compute_seconds += seconds
         if computed and self.directory is not None:
             self._save(computed, fill=fill)
 

@@ -121,12 +121,21 @@ class JobRun:
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:
         """Add the block's wall seconds to the job's ``step:<step>`` counter (the record's
-        ``cost.step_seconds`` once the job ends): where a job's time went, by what it did."""
+        ``cost.step_seconds`` once the job ends): where a job's time went, by what it did.
+        The seconds the loaded models spent computing item states within it go to
+        ``step:item_states`` too (part of the step's own, not beside it)."""
         started = time.perf_counter()
+        states_before = {id(m): m.prefix_cache.compute_seconds for m in _models.values()}
         try:
             yield
         finally:
             self.store.add_seconds(self.id, STEP_PREFIX + step, time.perf_counter() - started)
+            states = sum(
+                m.prefix_cache.compute_seconds - states_before.get(id(m), 0.0)
+                for m in _models.values()
+            )
+            if states > 0:
+                self.store.add_seconds(self.id, STEP_PREFIX + "item_states", states)
 
     @staticmethod
     def step_seconds(record: dict[str, Any]) -> dict[str, float]:

@@ -41,6 +41,7 @@ def test_a_new_model_reads_the_states_back_and_scores_the_same(
     forwards = _forwards(second)
     second.warm_prefixes(prefixes)
     assert forwards == []
+    assert first.prefix_cache.compute_seconds > 0 and second.prefix_cache.compute_seconds == 0
     for text in prefixes:
         assert torch.equal(second.prefix_cache.states[text], first.prefix_cache.states[text])
 
@@ -97,5 +98,6 @@ def test_a_directory_that_cannot_be_written_costs_only_the_reuse(tmp_path: Path)
     blocked.write_text("not a directory")
     cache = PrefixCache(directory=blocked / "states")
     state = torch.ones(2, 2, 1, 3, 4)
-    cache.add({"text": state}, fill=(64, 64))
+    cache.add({"text": state}, fill=(64, 64), seconds=0.5)
     assert cache.missing(["text", "other"], fill=(64, 64)) == ["other"]
+    assert cache.compute_seconds == 0.5
