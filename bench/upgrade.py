@@ -464,29 +464,17 @@ def job_wall(record: dict[str, Any]) -> float:
     return float(record["updated_at"]) - float(record["created_at"])
 
 
-def throughput(record: dict[str, Any], *, users: int) -> tuple[float | None, float | None]:
-    """(job wall seconds from the record's own clock, users/s without the adapter's training)."""
-    if record.get("state") not in TERMINAL:
-        return None, None
-    wall = job_wall(record)
-    training = float((record.get("cost") or {}).get("train_seconds") or 0)
-    mapped = int((record.get("progress") or {}).get("users_mapped") or 0) or users
-    return round(wall, 2), round(mapped / max(1e-9, wall - training), 1)
-
-
 # The job's steps whose time follows the frozen models and the budget or the test sample, not
 # the number of users (the job's own timers, JobRun.timed).
 MODEL_STEPS = ("select", "train", "fit", "evaluate")
 
 
-def per_user_rate(record: dict[str, Any], steps: dict[str, float]) -> float | None:
-    """Users/s over what is left of the job's wall time once its model steps are taken out."""
-    if record.get("state") not in TERMINAL or not steps:
+def users_per_s(record: dict[str, Any], *, left_out_s: float, planned: int) -> float | None:
+    """Users mapped per second of the job's wall time less ``left_out_s``; None unless it ended."""
+    if record.get("state") not in TERMINAL:
         return None
-    wall = job_wall(record)
-    rest = wall - sum(steps.get(step, 0.0) for step in MODEL_STEPS)
-    mapped = int((record.get("progress") or {}).get("users_mapped") or 0)
-    return round(mapped / max(1e-9, rest), 1)
+    mapped = int((record.get("progress") or {}).get("users_mapped") or 0) or planned
+    return round(mapped / max(1e-9, job_wall(record) - left_out_s), 1)
 
 
 # ---- the check -------------------------------------------------------------------------------
@@ -721,9 +709,16 @@ def steps(
     run["state"] = record.get("state", "unknown") if not timed_out else "timed_out"
     run["job_state_at_end"] = record.get("state")
     run["stage_seconds"] = record.get("stage_seconds") or stages
-    run["job_seconds"], run["users_per_s"] = throughput(record, users=users)
-    run["step_seconds"] = (record.get("cost") or {}).get("step_seconds") or {}
-    run["users_per_s_without_model_work"] = per_user_rate(record, run["step_seconds"])
+    cost = record.get("cost") or {}
+    run["job_seconds"] = round(job_wall(record), 2) if record.get("state") in TERMINAL else None
+    run["users_per_s"] = users_per_s(
+        record, left_out_s=float(cost.get("train_seconds") or 0), planned=users
+    )
+    run["step_seconds"] = step_seconds = cost.get("step_seconds") or {}
+    model_seconds = sum(step_seconds.get(step, 0.0) for step in MODEL_STEPS)
+    run["users_per_s_without_model_work"] = (
+        users_per_s(record, left_out_s=model_seconds, planned=users) if step_seconds else None
+    )
     run["job"] = {
         k: record.get(k)
         for k in (
