@@ -69,9 +69,9 @@ NOTE = (
     "is the job's users over its wall time less the adapter's training seconds; "
     "users_per_s_without_model_work over its wall time less its model steps (select, train, "
     "evaluate: step_seconds, timed by the job itself; step_seconds.item_states is the part of "
-    "train and evaluate the frozen models spent computing item states). The worker keeps the frozen models' item "
-    "states in one directory for the whole invocation (item_states_mb_before/after): the first "
-    "size's jobs compute them, later sizes read them back."
+    "train and evaluate the frozen models spent computing item states). The worker keeps the "
+    "frozen models' item states in one directory for the whole invocation "
+    "(item_states_mb_before/after): the first size's jobs compute them, later sizes read them back."
 )
 
 
@@ -420,21 +420,17 @@ def follow(
     """Poll the job to its end: (last record, seconds per stage seen, where the machine's CPU
     time went in each stage (``cpu_split``), timed out)."""
     stages: dict[str, float] = {}
-    cpu: dict[str, list[int]] = {}
+    cpu: dict[str, np.ndarray] = {}  # stage -> CPU ticks spent in it, by /proc/stat column
     current, since, cpu_since = "", time.monotonic(), cpu_times()
     record: dict[str, Any] = {}
     deadline = time.monotonic() + timeout_s
 
     def close_stage() -> None:
-        now, reading = time.monotonic(), cpu_times()
-        stages[current] = round(stages.get(current, 0.0) + now - since, 2)
-        spent = [b - a for a, b in zip(cpu_since, reading, strict=True)]
-        cpu[current] = [
-            a + b for a, b in zip(cpu.get(current, [0] * len(spent)), spent, strict=True)
-        ]
+        stages[current] = round(stages.get(current, 0.0) + time.monotonic() - since, 2)
+        cpu[current] = cpu.get(current, 0) + cpu_times() - cpu_since
 
     def splits() -> dict[str, dict[str, float]]:
-        return {stage: cpu_split([0] * len(t), t) for stage, t in cpu.items()}
+        return {stage: cpu_percent(ticks) for stage, ticks in cpu.items()}
 
     while time.monotonic() < deadline:
         try:
@@ -640,17 +636,19 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
 CPU_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def cpu_times() -> list[int]:
+def cpu_times() -> np.ndarray:
+    """The machine's CPU ticks so far, by ``CPU_COLUMNS``."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1 : 1 + len(CPU_COLUMNS)]
-    return [int(f) for f in fields]
+    return np.array([int(f) for f in fields], dtype=np.int64)
 
 
-def cpu_split(before: list[int], after: list[int]) -> dict[str, float]:
-    """Where the machine's CPU time went between two readings, in percent: a job slowed by
-    something outside it shows as steal (the hypervisor) or iowait."""
-    spent = [b - a for a, b in zip(before, after, strict=True)]
-    total = max(1, sum(spent))
-    return {name: round(100 * t / total, 1) for name, t in zip(CPU_COLUMNS, spent, strict=True)}
+def cpu_percent(ticks: np.ndarray) -> dict[str, float]:
+    """Where CPU ticks spent (a difference of two ``cpu_times``) went, in percent: a job slowed
+    by something outside it shows as steal (the hypervisor) or iowait."""
+    total = max(1, int(ticks.sum()))
+    return {
+        name: round(100 * int(t) / total, 1) for name, t in zip(CPU_COLUMNS, ticks, strict=True)
+    }
 
 
 def directory_mb(path: Path) -> float:
@@ -704,7 +702,7 @@ def steps(
         writes.stop()
         if reads is not None:
             run["read_ms"]["during"] = reads.stop()
-    run["machine_cpu_during_job"] = cpu_split(cpu_before, cpu_times())
+    run["machine_cpu_during_job"] = cpu_percent(cpu_times() - cpu_before)
     run["machine_cpu_by_stage"] = stage_cpu
     run["state"] = record.get("state", "unknown") if not timed_out else "timed_out"
     run["job_state_at_end"] = record.get("state")

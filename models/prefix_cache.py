@@ -34,8 +34,8 @@ Fill = tuple[int, int]
 def state_fingerprint(checkpoint: Path, *, dtype: torch.dtype, device: torch.device) -> str:
     """What the states depend on besides the text: the checkpoint's files as installed, the
     dtype, the kernels (torch, transformers and the CPU's vector unit or the GPU)."""
-    files = sorted(p for p in checkpoint.iterdir() if p.is_file())
-    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    stats = sorted((p.name, p.stat()) for p in checkpoint.iterdir() if p.is_file())
+    parts = [f"{name}:{stat.st_size}:{stat.st_mtime_ns}" for name, stat in stats]
     if device.type == "cuda":
         kernels = torch.cuda.get_device_name(device)
     else:
