@@ -63,9 +63,11 @@ class Settings(BaseSettings):
     # Torch threads for mapping a chunk: one leaves the other cores to Redis and the I/O, and
     # spares the barriers that several threads cost on a busy machine.
     map_threads: int = Field(default=1, ge=1)
-    # The worker's niceness: on a host it shares with the API and Redis (make run, a small
-    # deployment), a migration takes the CPU they leave, so reads keep their latency during it.
-    worker_nice: int = Field(default=10, ge=0, le=19)
+    # The worker's CPU priority on a host it shares with the API and Redis (make run, a small
+    # deployment). "idle" (SCHED_IDLE) runs a migration only on CPU time they leave, so reads keep
+    # their latency during it; a niceness 0-19 instead keeps the worker a share of a host whose
+    # serving never leaves a core idle. On a host of its own, neither changes anything.
+    worker_priority: Literal["idle"] | Annotated[int, Field(ge=0, le=19)] = "idle"
     # A write to a followed set sends one follow task at most per this window (the task waits it
     # out, so the writes of the window go in one drain): the bound on the messages per follower.
     follow_delay_s: float = Field(default=0.2, ge=0)

@@ -17,4 +17,10 @@ app = make_celery(get_settings())
 @signals.worker_init.connect
 def _yield_to_serving(**_: Any) -> None:
     """Lower the worker's priority before it starts a thread (threads inherit it)."""
-    os.nice(get_settings().worker_nice)
+    priority = get_settings().worker_priority
+    if priority != "idle":
+        os.nice(priority)
+    elif hasattr(os, "SCHED_IDLE"):  # Linux
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19)

@@ -15,9 +15,10 @@ from app.errors import IntegrityError
 from app.store.base import StoreBase, as_bytes, as_text
 from app.store.keys import SetKeys
 
-# Values per MGET/MSET: round trips then cost little next to the bytes, and a command's buffers
-# (about a MB of values of a few KB) stay small enough to be cheap on both ends.
-BULK_VALUES = 500
+# Values per MGET/MSET. Redis runs one command at a time, so a read that arrives behind one waits
+# for all of it: 100 values of a few KB (about 250 KB) keep that wait near a fifth of a
+# millisecond, for a tenth of the chunk path's rate against 500 (bench/README.md).
+BULK_VALUES = 100
 # Keys per command that moves ids alone (SMISMEMBER, EXISTS, UNLINK, SSCAN's count): no one
 # command holds Redis for long.
 BULK_KEYS = 1000

@@ -100,3 +100,14 @@ def test_cluster_url_names_no_database() -> None:
 def test_an_empty_item_state_dir_keeps_states_in_memory_only(value: str) -> None:
     settings = Settings.model_validate({"environment": "test", "item_state_dir": value})
     assert settings.item_state_dir is None
+
+
+def test_the_worker_priority_is_idle_or_a_niceness(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PM_WORKER_PRIORITY", raising=False)
+    assert Settings(environment="test").worker_priority == "idle"
+    monkeypatch.setenv("PM_WORKER_PRIORITY", "12")
+    assert Settings(environment="test").worker_priority == 12
+    for wrong in ("fast", "20", "-1"):
+        monkeypatch.setenv("PM_WORKER_PRIORITY", wrong)
+        with pytest.raises(ValidationError, match="worker_priority"):
+            Settings(environment="test")

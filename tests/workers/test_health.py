@@ -39,21 +39,36 @@ def test_a_worker_inside_a_leased_stage_counts_as_healthy(
     assert main([node_name("gpu-7")], celery=celery, store=store) == 0
 
 
-def thread_niceness(pid: int) -> list[int]:
-    """The nice value of each of the process's threads (field 19 of /proc/<pid>/task/*/stat)."""
-    values = []
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        values.append(int(fields[16]))  # fields after the name start at field 3
-    return values
+def thread_stats(pid: int) -> list[list[str]]:
+    """Each of the process's threads' /proc stat fields, from field 3 (the state) on."""
+    return [
+        stat.read_text().rsplit(")", 1)[1].split()
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat")
+    ]
 
 
-def test_the_worker_runs_below_the_api_and_the_store(
+def thread_niceness(pid: int) -> set[int]:
+    return {int(fields[16]) for fields in thread_stats(pid)}  # field 19
+
+
+def thread_policies(pid: int) -> set[int]:
+    return {int(fields[38]) for fields in thread_stats(pid)}  # field 41
+
+
+def test_the_worker_runs_only_on_cpu_the_api_and_the_store_leave(
     settings: Settings, start_worker: Callable[[Settings], Worker]
 ) -> None:
-    """On a shared host a migration takes the CPU that serving leaves (PM_WORKER_NICE)."""
+    """On a shared host a migration takes the CPU that serving leaves (PM_WORKER_PRIORITY)."""
+    assert settings.worker_priority == "idle"
     worker = start_worker(settings)
     assert worker.proc is not None
-    expected = min(19, os.nice(0) + settings.worker_nice)
-    assert settings.worker_nice > 0
-    assert set(thread_niceness(worker.proc.pid)) == {expected}
+    assert thread_policies(worker.proc.pid) == {os.SCHED_IDLE}
+
+
+def test_a_niceness_keeps_the_worker_a_share_instead(
+    settings: Settings, start_worker: Callable[[Settings], Worker]
+) -> None:
+    worker = start_worker(settings.model_copy(update={"worker_priority": 7}))
+    assert worker.proc is not None
+    assert thread_policies(worker.proc.pid) == {os.SCHED_OTHER}
+    assert thread_niceness(worker.proc.pid) == {min(19, os.nice(0) + 7)}
