@@ -109,8 +109,10 @@ def wrk(
     connections: int,
     seconds: float,
     threads: int = 2,
+    delay_ms: float = 0.0,
 ) -> Load:
-    """``wrk`` against ``base_url`` with bench/wrk_prompts.lua in ``mode`` (single or batch)."""
+    """``wrk`` against ``base_url`` with bench/wrk_prompts.lua in ``mode`` (single or batch),
+    paced by ``delay_ms`` as in ``wrk_args``."""
     args = wrk_args(
         base_url,
         mode=mode,
@@ -121,6 +123,7 @@ def wrk(
         connections=connections,
         seconds=seconds,
         threads=threads,
+        delay_ms=delay_ms,
     )
     out, cpu = _run(args)
     return parse_wrk(out, cpu_seconds=cpu)

@@ -3,24 +3,17 @@ It is made by ``app.jobs.queue``, which the API uses too."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from celery import signals
 
 from app.config import get_settings
 from app.jobs.queue import make_celery
+from workers.priority import yield_to_serving
 
 app = make_celery(get_settings())
 
 
 @signals.worker_init.connect
 def _yield_to_serving(**_: Any) -> None:
-    """Lower the worker's priority before it starts a thread (threads inherit it)."""
-    priority = get_settings().worker_priority
-    if priority != "idle":
-        os.nice(priority)
-    elif hasattr(os, "SCHED_IDLE"):  # Linux
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    else:
-        os.nice(19)
+    yield_to_serving(get_settings().worker_priority)

@@ -17,7 +17,7 @@ from app.store.keys import SetKeys
 
 # Values per MGET/MSET. Redis runs one command at a time, so a read that arrives behind one waits
 # for all of it: 100 values of a few KB (about 250 KB) keep that wait near a fifth of a
-# millisecond, for a tenth of the chunk path's rate against 500 (bench/README.md).
+# millisecond, for 5 to 10% of the chunk path's rate against 500 (bench/README.md).
 BULK_VALUES = 100
 # Keys per command that moves ids alone (SMISMEMBER, EXISTS, UNLINK, SSCAN's count): no one
 # command holds Redis for long.
