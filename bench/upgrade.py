@@ -12,7 +12,8 @@ For each size, fresh processes: a redis-server of its own, ``uvicorn app.main:ap
 2. read latency idle: ``wrk`` reading the source's prompts, paced, before any job;
 3. a budget migration through ``POST /migrations`` (the default recipe), while a thread onboards
    new users and updates existing ones through ``PUT /users/{id}/prompt`` (about 100/s) and
-   ``wrk`` keeps reading; the job is polled for its stages;
+   ``wrk`` keeps reading (with ``--read-window-s``, in windows labelled with the job's stage);
+   the job is polled for its stages;
 4. peak RSS (VmHWM) of worker, API and redis-server, Redis's used memory, and the check: the new
    set's users against those expected (none lost, none extra) and, on a sample holding every
    user written during the job, each stored value against the job's stored adapter applied to
@@ -39,6 +40,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +403,50 @@ class Reads:
         }
 
 
+@dataclass
+class StageClock:
+    """The job stage the poller saw last (``follow`` sets it)."""
+
+    current: str = ""
+
+
+class ReadWindows:
+    """With ``--read-window-s``: successive ``Reads`` of that many seconds until stopped, each
+    labelled with the job stage seen at its middle, to find where in the job reads slow down.
+    Separate windows' percentiles do not add up to the whole job's, so ``during`` stays empty."""
+
+    def __init__(self, start: Callable[[], Reads], *, seconds: float, clock: StageClock) -> None:
+        self.windows: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                reads = start()
+                self._stop.wait(seconds / 2)
+                stage = clock.current
+                self._stop.wait(seconds / 2)
+                self.windows.append({"stage": stage} | reads.stop())
+
+        self._thread = threading.Thread(target=run, name="bench-read-windows", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        return self.windows
+
+
+def by_stage(windows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each stage's windows: how many, and the median and the highest of their p99s."""
+    p99s: dict[str, list[float]] = {}
+    for window in windows:
+        p99s.setdefault(window["stage"], []).append(window["p99"])
+    return {
+        stage: {"windows": len(v), "p99_median": float(np.median(v)), "p99_max": max(v)}
+        for stage, v in p99s.items()
+    }
+
+
 def read_window(service: Service, args: argparse.Namespace, population: Population) -> Reads:
     return Reads(
         service,
@@ -415,10 +461,10 @@ def read_window(service: Service, args: argparse.Namespace, population: Populati
 
 
 def follow(
-    client: OperatorClient, job_id: str, *, timeout_s: float
+    client: OperatorClient, job_id: str, *, timeout_s: float, clock: StageClock
 ) -> tuple[dict[str, Any], dict[str, float], dict[str, dict[str, float]], bool]:
-    """Poll the job to its end: (last record, seconds per stage seen, where the machine's CPU
-    time went in each stage (``cpu_split``), timed out)."""
+    """Poll the job to its end (``clock`` follows its stage): (last record, seconds per stage
+    seen, where the machine's CPU time went in each stage (``cpu_split``), timed out)."""
     stages: dict[str, float] = {}
     cpu: dict[str, np.ndarray] = {}  # stage -> CPU ticks spent in it, by /proc/stat column
     current, since, cpu_since = "", time.monotonic(), cpu_times()
@@ -447,6 +493,7 @@ def follow(
                 f"users mapped {record['progress'].get('users_mapped')}"
             )
             current, since, cpu_since = record["stage"], time.monotonic(), cpu_times()
+            clock.current = current
         if record["state"] in TERMINAL:
             return record, stages, splits(), False
         time.sleep(0.5)
@@ -691,16 +738,26 @@ def steps(
     writes = Writes(service, population, recipe.source, args.write_rate)
     job = service.client.migrate(recipe.migration())
     run["job_id"] = job["id"]
-    reads = read_window(service, args, population) if args.read_connections else None
+    clock = StageClock()
+    reads: Reads | ReadWindows | None = None
+    if args.read_connections and args.read_window_s:
+        reads = ReadWindows(
+            lambda: read_window(service, args, population), seconds=args.read_window_s, clock=clock
+        )
+    elif args.read_connections:
+        reads = read_window(service, args, population)
     writes.start()
     cpu_before = cpu_times()
     try:
         record, stages, stage_cpu, timed_out = follow(
-            service.client, job["id"], timeout_s=args.timeout_s
+            service.client, job["id"], timeout_s=args.timeout_s, clock=clock
         )
     finally:
         writes.stop()
-        if reads is not None:
+        if isinstance(reads, ReadWindows):
+            windows = reads.stop()
+            run["read_ms"] |= {"during_windows": windows, "during_by_stage": by_stage(windows)}
+        elif reads is not None:
             run["read_ms"]["during"] = reads.stop()
     run["machine_cpu_during_job"] = cpu_percent(cpu_times() - cpu_before)
     run["machine_cpu_by_stage"] = stage_cpu
@@ -782,6 +839,8 @@ def print_run(run: dict[str, Any]) -> None:
     print(f"  machine CPU % during the job: {run.get('machine_cpu_during_job')}")
     print(f"  peak RSS MB: {run['peak_rss_mb']}; Redis used {run['redis_used_mb']} MB")
     print(f"  reads idle {lat('idle')}, during {lat('during')}")
+    for stage, seen in reads.get("during_by_stage", {}).items():
+        print(f"    {stage}: {seen}")
     print(f"  check: {run['check']}")
 
 
@@ -815,6 +874,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--read-connections", type=int, default=4, help="wrk connections (0: no reads)")
     add("--read-delay-ms", type=float, default=10.0, help="pause per connection per read")
     add("--idle-seconds", type=float, default=10.0, help="idle read window before the job")
+    add(
+        "--read-window-s",
+        type=float,
+        default=0.0,
+        help="read during the job in windows of this many seconds, each labelled with the job's "
+        "stage, instead of one window for the whole job (0)",
+    )
     add("--sample", type=int, default=1000, help="users checked by value, besides those written")
     add("--atol", type=float, default=1e-5, help="value tolerance of the check")
     add(
@@ -852,6 +918,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.write_rate <= 0:
         parser.error("--write-rate must be positive")
+    if args.read_window_s < 0:
+        parser.error("--read-window-s must be 0 (one window) or positive")
     return args
 
 
@@ -893,6 +961,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "connections": args.read_connections,
                 "delay_ms": args.read_delay_ms,
                 "idle_seconds": args.idle_seconds,
+                "window_seconds": args.read_window_s or None,
             },
             "sample": args.sample,
             "atol": args.atol,
