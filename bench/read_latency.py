@@ -10,7 +10,7 @@ single prompts paced as ``bench.upgrade`` reads them (4 connections, each at mos
 10 ms) for ``--seconds``: first with nothing else running; then beside ``PUT /users/{id}/prompt``
 at ``--write-rate`` per second (as the upgrade benchmark onboards during its job); then beside
 those writes and a process that runs the chunk path as a worker does (``bench.apply``'s source
-set of 100,000 users ``[1, 576]``, mapped chunk after chunk into new versions) at each variant's
+set of ``--source-users`` users ``[1, 576]``, mapped chunk after chunk into new versions) at each variant's
 priority (``idle`` or a niceness, as ``PM_WORKER_PRIORITY``) and values per command
 (``app.store.bulk.BULK_VALUES``, set in that process only); and with nothing else again at the
 end. The variants are interleaved over ``--repeat`` rounds; each round reports the reads'
@@ -51,12 +51,17 @@ from workers.mapping import map_chunk, plan_users
 from workers.priority import yield_to_serving
 
 MODEL, WIDTH = "bench-read", 640
-SOURCE_USERS = 100_000  # the chunk path's source set
+Variant = tuple[Literal["idle"] | int, int]  # worker priority, values per MGET/MSET
 READ_CONNECTIONS, READ_DELAY_MS = 4, 10.0  # as bench.upgrade paces them
 
 
 def chunk_path(
-    *, redis_url: str, priority: Literal["idle"] | int, bulk_values: int, seconds: float
+    *,
+    redis_url: str,
+    priority: Literal["idle"] | int,
+    bulk_values: int,
+    source_users: int,
+    seconds: float,
 ) -> None:
     """Map chunks for ``seconds`` (after a line READY once the source set is written), then print
     the users mapped and the seconds as one JSON line."""
@@ -65,7 +70,7 @@ def chunk_path(
     settings = Settings(environment="test")
     store = Store(connect_redis(redis_url, timeout_s=10), write_batch=settings.write_batch)
     context._store = store  # the workers' stages use this store
-    source = seed_source(store, users=SOURCE_USERS, seed=0)
+    source = seed_source(store, users=source_users, seed=0)
     adapter = adapter_to_bytes(recipe_adapter(0))
     print("READY", flush=True)
     mapped, started = 0, time.perf_counter()
@@ -153,13 +158,14 @@ def beside_chunk_path(
     redis_url: str,
     token: str,
     admin: str,
-    variant: tuple[str, int],
+    variant: Variant,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One window of reads, beside the writes, while a chunk-path process of ``variant`` runs."""
     priority, bulk_values = variant
     load = [sys.executable, "-m", "bench.read_latency", "--chunk-path", redis_url]
-    load += ["--priority", priority, "--bulk-values", str(bulk_values)]
+    load += ["--priority", str(priority), "--bulk-values", str(bulk_values)]
+    load += ["--source-users", str(args.source_users)]
     load += ["--seconds", str(args.seconds + 3), "--out", os.devnull]
     proc = subprocess.Popen(load, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -211,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             api.wait_ready(probe, headers={"Authorization": f"Bearer {token}"}, size=value_bytes)
             idle_before = reads(api, token=token, users=args.users, seconds=args.seconds)
             with_writes = beside_writes(api, token=token, admin=admin, args=args)
-            windows: dict[tuple[str, int], list[dict[str, Any]]] = {v: [] for v in args.variants}
+            windows: dict[Variant, list[dict[str, Any]]] = {v: [] for v in args.variants}
             for _ in range(args.repeat):  # interleaved: drift lands on every variant alike
                 for variant in args.variants:
                     window = beside_chunk_path(
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "delay_ms": READ_DELAY_MS,
             },
             "write_rate_per_s": args.write_rate,
-            "chunk_path_source_users": SOURCE_USERS,
+            "chunk_path_source_users": args.source_users,
         },
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -277,10 +283,9 @@ def _priority(text: str) -> Literal["idle"] | int:
     return "idle" if text == "idle" else int(text)
 
 
-def _variant(text: str) -> tuple[str, int]:
+def _variant(text: str) -> Variant:
     priority, _, bulk_values = text.partition(":")
-    _priority(priority)  # refuses what is neither idle nor a niceness
-    return priority, int(bulk_values)
+    return _priority(priority), int(bulk_values)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -291,6 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--variants", default="idle:100,idle:500,10:100,10:500", help="PRIORITY:BULK_VALUES,...")
     add("--seconds", type=float, default=12.0, help="each read window")
     add("--repeat", type=int, default=2, help="rounds over the variants")
+    add("--source-users", type=int, default=100_000, help="the chunk path's source set")
     add("--write-rate", type=float, default=100.0, help="PUTs per second beside the chunk path")
     add("--chunk-path", metavar="REDIS_URL", help=argparse.SUPPRESS)  # the load process
     add("--priority", default="idle", help=argparse.SUPPRESS)
@@ -300,8 +306,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = [_variant(v) for v in args.variants.split(",") if v.strip()]
     except ValueError:
         parser.error("--variants takes PRIORITY:BULK_VALUES pairs, e.g. idle:100,10:500")
-    if not args.variants or args.repeat < 1 or args.users < 1 or args.write_rate <= 0:
-        parser.error("--variants, --repeat, --users and --write-rate need at least one")
+    if min(len(args.variants), args.repeat, args.users, args.source_users) < 1:
+        parser.error("--variants, --repeat, --users and --source-users need at least one")
+    if args.write_rate <= 0:
+        parser.error("--write-rate must be positive")
     return args
 
 
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             redis_url=args.chunk_path,
             priority=_priority(args.priority),
             bulk_values=args.bulk_values,
+            source_users=args.source_users,
             seconds=args.seconds,
         )
         return None

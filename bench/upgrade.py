@@ -43,7 +43,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import httpx
@@ -403,6 +403,10 @@ class Reads:
         }
 
 
+class Stoppable(Protocol):
+    def stop(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class StageClock:
     """The job stage the poller saw last (``follow`` sets it)."""
@@ -415,7 +419,9 @@ class ReadWindows:
     labelled with the job stage seen at its middle, to find where in the job reads slow down.
     Separate windows' percentiles do not add up to the whole job's, so ``during`` stays empty."""
 
-    def __init__(self, start: Callable[[], Reads], *, seconds: float, clock: StageClock) -> None:
+    def __init__(
+        self, start: Callable[[], Stoppable], *, seconds: float, clock: StageClock
+    ) -> None:
         self.windows: list[dict[str, Any]] = []
         self._stop = threading.Event()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 from bench import upgrade
 
@@ -66,3 +68,32 @@ def test_upgrade_benchmark_runs_the_whole_job_and_checks_it(tmp_path: Path) -> N
     assert check["count"] >= 400 - check["lost"]
     # The source set came from the API's training, cached for the next run.
     assert list((tmp_path / "cache").glob("upgrade-source-tiny-llama-*.safetensors"))
+
+
+class _Window:
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def stop(self) -> dict[str, Any]:
+        return {"p50": 0.5, "p99": float(self.number), "requests": 10}
+
+
+def test_read_windows_are_labelled_with_the_stage_at_their_middle() -> None:
+    clock = upgrade.StageClock("training")
+    started: list[_Window] = []
+
+    def start() -> _Window:
+        started.append(_Window(len(started) + 1))
+        if len(started) == 3:
+            clock.current = "mapping"  # from the third window on
+        return started[-1]
+
+    windows = upgrade.ReadWindows(start, seconds=0.05, clock=clock)
+    time.sleep(0.3)
+    seen = windows.stop()
+    assert len(seen) >= 4
+    assert [w["stage"] for w in seen[:3]] == ["training", "training", "mapping"]
+    assert [w["p99"] for w in seen] == [float(n) for n in range(1, len(seen) + 1)]
+    by_stage = upgrade.by_stage(seen)
+    assert by_stage["training"] == {"windows": 2, "p99_median": 1.5, "p99_max": 2.0}
+    assert by_stage["mapping"]["windows"] == len(seen) - 2
