@@ -115,9 +115,11 @@ class FoundationModel:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         state_dir: Path | None = None,
+        state_max_bytes: int | None = None,
     ) -> FoundationModel:
         """``state_dir``: where the per-item states are kept across processes (a directory per
-        checkpoint and machine kind is made in it); None keeps them in memory only."""
+        checkpoint and machine kind is made in it), at most ``state_max_bytes`` for every model
+        together; None keeps them in memory only."""
         path = resolve_checkpoint(name_or_path)
         torch_device = torch.device(device) if device else default_device()
         torch_dtype = dtype or default_dtype(torch_device)
@@ -138,7 +140,9 @@ class FoundationModel:
             tokenizer=tokenizer,
             device=torch_device,
             dtype=torch_dtype,
-            prefix_cache=PrefixCache(directory=kept, device=torch_device),
+            prefix_cache=PrefixCache(
+                directory=kept, max_bytes=state_max_bytes, device=torch_device
+            ),
         )
 
     @property

@@ -6,7 +6,8 @@ the states back instead of running the model over every item again. On a 2-core 
 most of a job's fixed cost (bench/README.md, "The whole upgrade job").
 
 The directory belongs to one model on one kind of machine (``state_fingerprint``): a state is only
-reused where recomputing it would give the same bits.
+reused where recomputing it would give the same bits. Its parent holds every model's directories,
+and ``max_bytes`` bounds them all: past it, the shards read or written longest ago are deleted.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ class PrefixCache:
     """Per-text keys/values of the frozen model: text -> ``[layers, 2, kv_heads, P, head_dim]``.
 
     With a ``directory``, each batch of new states is one safetensors shard there, written to a
-    temporary name and renamed, so that workers sharing the directory never read half a file."""
+    temporary name and renamed, so that workers sharing the directory never read half a file. A
+    shard deleted meanwhile (by a bound, or by hand) only makes its states missing again."""
 
     states: dict[str, torch.Tensor] = field(default_factory=dict)
     directory: Path | None = None
+    max_bytes: int | None = None  # for the directory's parent, every model's shards together
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compute_seconds: float = 0.0  # spent by the model computing the states added so far
     _shard_of: dict[str, Path] = field(default_factory=dict, repr=False)
@@ -85,9 +88,14 @@ class PrefixCache:
             if key in self._shard_of:
                 by_shard.setdefault(self._shard_of[key], []).append((text, key))
         for shard, wanted in by_shard.items():
-            with safe_open(shard, framework="pt", device=str(self.device)) as stored:
-                for text, key in wanted:
-                    self.states[text] = stored.get_tensor(key)
+            try:
+                with safe_open(shard, framework="pt", device=str(self.device)) as stored:
+                    for text, key in wanted:
+                        self.states[text] = stored.get_tensor(key)
+                os.utime(shard)  # read now: the bound deletes it last
+            except (OSError, SafetensorError) as error:
+                log.warning("item states %s gone or unreadable, recomputed: %s", shard, error)
+                self._shard_of = {k: s for k, s in self._shard_of.items() if s != shard}
 
     def _index_new_shards(self) -> None:
         assert self.directory is not None
@@ -119,3 +127,23 @@ class PrefixCache:
             return
         self._shard_of.update(dict.fromkeys(tensors, shard))
         self._shards_read.add(shard)
+        if self.max_bytes is not None:
+            trim(self.directory.parent, max_bytes=self.max_bytes, keep=shard)
+
+
+def trim(root: Path, *, max_bytes: int, keep: Path) -> None:
+    """Delete the shards under ``root`` read or written longest ago until they hold at most
+    ``max_bytes`` (``keep``, the one just written, stays)."""
+    shards = []
+    for shard in root.glob(f"*/*{SHARD_SUFFIX}"):
+        with contextlib.suppress(OSError):  # another worker may delete it meanwhile
+            stat = shard.stat()
+            shards.append((stat.st_mtime_ns, stat.st_size, shard))
+    total = sum(size for _, size, _ in shards)
+    for _, size, shard in sorted(shards):
+        if total <= max_bytes:
+            return
+        if shard != keep:
+            with contextlib.suppress(OSError):
+                shard.unlink()
+            total -= size

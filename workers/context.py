@@ -58,7 +58,10 @@ def load_model(name: str) -> FoundationModel:
         while len(_models) >= settings.model_cache_size:
             _models.popitem(last=False)
         _models[name] = FoundationModel.load(
-            checkpoint, device=settings.device, state_dir=settings.item_state_dir
+            checkpoint,
+            device=settings.device,
+            state_dir=settings.item_state_dir,
+            state_max_bytes=int(settings.item_state_max_gb * 2**30),
         )
     _models.move_to_end(name)
     return _models[name]

@@ -3,6 +3,7 @@ computed again, and never taken from another model, fill or damaged file."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -101,3 +102,43 @@ def test_a_directory_that_cannot_be_written_costs_only_the_reuse(tmp_path: Path)
     cache.add({"text": state}, fill=(64, 64), seconds=0.5)
     assert cache.missing(["text", "other"], fill=(64, 64)) == ["other"]
     assert cache.compute_seconds == 0.5
+
+
+def test_the_kept_states_stay_under_their_bound_used_longest_ago_deleted_first(
+    tmp_path: Path,
+) -> None:
+    state = torch.ones(2, 2, 1, 3, 64)  # about 3 KB as a shard
+    cache = PrefixCache(directory=tmp_path / "model-a")
+    cache.add({"probe": state}, fill=(64, 64), seconds=0.0)
+    (probe,) = tmp_path.rglob(f"*{SHARD_SUFFIX}")
+    shard_bytes = probe.stat().st_size
+    probe.unlink()
+
+    bounded = PrefixCache(directory=tmp_path / "model-a", max_bytes=3 * shard_bytes)
+    other_model = PrefixCache(directory=tmp_path / "model-b", max_bytes=3 * shard_bytes)
+    for n, cache in enumerate([bounded, bounded, other_model, bounded]):
+        cache.add({f"text{n}": state * n}, fill=(64, 64), seconds=0.0)
+        time.sleep(0.01)  # distinct modification times
+    # Reading text1's shard back marks it used: the next write deletes text2's instead.
+    reader = PrefixCache(directory=tmp_path / "model-a")
+    assert reader.missing(["text1"], fill=(64, 64)) == []
+    time.sleep(0.01)
+    bounded.add({"text4": state * 4}, fill=(64, 64), seconds=0.0)
+
+    shards = list(tmp_path.rglob(f"*{SHARD_SUFFIX}"))
+    assert sum(s.stat().st_size for s in shards) <= 3 * shard_bytes
+    fresh_a = PrefixCache(directory=tmp_path / "model-a")
+    fresh_b = PrefixCache(directory=tmp_path / "model-b")
+    assert fresh_a.missing(["text0", "text1", "text3", "text4"], fill=(64, 64)) == ["text0"]
+    assert fresh_b.missing(["text2"], fill=(64, 64)) == ["text2"]
+    assert torch.equal(fresh_a.states["text4"], state * 4)
+
+
+def test_a_shard_deleted_after_it_was_listed_is_computed_again(tmp_path: Path) -> None:
+    state = torch.ones(2, 2, 1, 3, 4)
+    PrefixCache(directory=tmp_path).add({"text": state}, fill=(64, 64), seconds=0.0)
+    reader = PrefixCache(directory=tmp_path)
+    assert reader.missing(["other"], fill=(64, 64)) == ["other"]  # lists the shard
+    for shard in tmp_path.glob(f"*{SHARD_SUFFIX}"):
+        shard.unlink()
+    assert reader.missing(["text"], fill=(64, 64)) == ["text"]
