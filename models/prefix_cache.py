@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 SHARD_SUFFIX = ".safetensors"
 # A state's computation: batch rows and width multiple of the fill (FoundationModel.warm_prefixes).
 Fill = tuple[int, int]
+# A shard's path under the kept states' root: a fingerprint directory and a random name.
+_OURS = re.compile(r"[0-9a-f]{24}/[0-9a-f]{32}" + re.escape(SHARD_SUFFIX))
 
 
 def state_fingerprint(checkpoint: Path, *, dtype: torch.dtype, device: torch.device) -> str:
@@ -136,6 +139,8 @@ def trim(root: Path, *, max_bytes: int, keep: Path) -> None:
     ``max_bytes`` (``keep``, the one just written, stays)."""
     shards = []
     for shard in root.glob(f"*/*{SHARD_SUFFIX}"):
+        if not _OURS.fullmatch(f"{shard.parent.name}/{shard.name}"):
+            continue  # a file of something else in a directory set by hand
         with contextlib.suppress(OSError):  # another worker may delete it meanwhile
             stat = shard.stat()
             shards.append((stat.st_mtime_ns, stat.st_size, shard))

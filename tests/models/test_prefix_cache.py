@@ -108,27 +108,32 @@ def test_the_kept_states_stay_under_their_bound_used_longest_ago_deleted_first(
     tmp_path: Path,
 ) -> None:
     state = torch.ones(2, 2, 1, 3, 64)  # about 3 KB as a shard
-    cache = PrefixCache(directory=tmp_path / "model-a")
+    model_a, model_b = tmp_path / ("a" * 24), tmp_path / ("b" * 24)  # as state_fingerprint names
+    weights = tmp_path / "checkpoint" / "model.safetensors"  # not a kept state
+    weights.parent.mkdir()
+    weights.write_bytes(b"\0" * 100_000)
+    cache = PrefixCache(directory=model_a)
     cache.add({"probe": state}, fill=(64, 64), seconds=0.0)
-    (probe,) = tmp_path.rglob(f"*{SHARD_SUFFIX}")
+    (probe,) = model_a.glob(f"*{SHARD_SUFFIX}")
     shard_bytes = probe.stat().st_size
     probe.unlink()
 
-    bounded = PrefixCache(directory=tmp_path / "model-a", max_bytes=3 * shard_bytes)
-    other_model = PrefixCache(directory=tmp_path / "model-b", max_bytes=3 * shard_bytes)
+    bounded = PrefixCache(directory=model_a, max_bytes=3 * shard_bytes)
+    other_model = PrefixCache(directory=model_b, max_bytes=3 * shard_bytes)
     for n, cache in enumerate([bounded, bounded, other_model, bounded]):
         cache.add({f"text{n}": state * n}, fill=(64, 64), seconds=0.0)
         time.sleep(0.01)  # distinct modification times
     # Reading text1's shard back marks it used: the next write deletes text2's instead.
-    reader = PrefixCache(directory=tmp_path / "model-a")
+    reader = PrefixCache(directory=model_a)
     assert reader.missing(["text1"], fill=(64, 64)) == []
     time.sleep(0.01)
     bounded.add({"text4": state * 4}, fill=(64, 64), seconds=0.0)
 
-    shards = list(tmp_path.rglob(f"*{SHARD_SUFFIX}"))
+    shards = [*model_a.glob(f"*{SHARD_SUFFIX}"), *model_b.glob(f"*{SHARD_SUFFIX}")]
     assert sum(s.stat().st_size for s in shards) <= 3 * shard_bytes
-    fresh_a = PrefixCache(directory=tmp_path / "model-a")
-    fresh_b = PrefixCache(directory=tmp_path / "model-b")
+    assert weights.stat().st_size == 100_000  # the bound counts and deletes kept states only
+    fresh_a = PrefixCache(directory=model_a)
+    fresh_b = PrefixCache(directory=model_b)
     assert fresh_a.missing(["text0", "text1", "text3", "text4"], fill=(64, 64)) == ["text0"]
     assert fresh_b.missing(["text2"], fill=(64, 64)) == ["text2"]
     assert torch.equal(fresh_a.states["text4"], state * 4)
