@@ -95,10 +95,12 @@ class PrefixCache:
                 with safe_open(shard, framework="pt", device=str(self.device)) as stored:
                     for text, key in wanted:
                         self.states[text] = stored.get_tensor(key)
-                os.utime(shard)  # read now: the bound deletes it last
             except (OSError, SafetensorError) as error:
                 log.warning("item states %s gone or unreadable, recomputed: %s", shard, error)
                 self._shard_of = {k: s for k, s in self._shard_of.items() if s != shard}
+                continue
+            with contextlib.suppress(OSError):  # a read-only directory keeps its order
+                os.utime(shard)  # read now: the bound deletes it last
 
     def _index_new_shards(self) -> None:
         assert self.directory is not None
