@@ -20,7 +20,6 @@ peak RSS. Starts its own redis-server on a free port unless ``--redis-url``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -34,6 +33,7 @@ from prompt_migration_client import codec
 
 from app.config import Settings
 from app.store import SetMeta, Store, connect_redis
+from bench import write_result
 from bench.serving import cpu_seconds, local_redis
 from models.adapter import AdapterConfig, PumaAdapter
 from models.adapter.model import adapter_to_bytes
@@ -314,9 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

@@ -41,10 +41,10 @@ import numpy as np
 
 from app.config import Settings
 from app.store import Store, bulk, connect_redis
-from bench import loadgen
+from bench import loadgen, write_result
 from bench.apply import new_job, recipe_adapter, seed_source
 from bench.loadgen import user_id
-from bench.serving import Uvicorn, local_redis, seed_prompts
+from bench.serving import Uvicorn, local_redis, production_env, seed_prompts
 from models.adapter.model import adapter_to_bytes
 from workers import context
 from workers.mapping import map_chunk, plan_users
@@ -203,14 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             activate=True,
         )
         token, admin = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        env = {
-            "PM_REDIS_URL": redis_url,
-            "PM_ENVIRONMENT": "production",
-            "PM_BROKER_URL": redis_url,
-            "PM_RESULT_BACKEND": redis_url,
-            "PM_ADMIN_TOKEN": admin,
-            "PM_READ_TOKEN": token,
-        }
+        env = production_env(redis_url, broker_url=redis_url, admin=admin, read=token)
         api = Uvicorn("app.main:app", env=env, workers=1, log=Path(logdir) / "api.log")
         try:
             probe = f"/users/{user_id(0)}/prompt?model={MODEL}"
@@ -333,9 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         )
     print(f"idle p99 {result['idle']['before']['p99']} / {result['idle']['after']['p99']} ms")
     print(f"writes alone: read p99 {result['writes_alone']['p99']} ms")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

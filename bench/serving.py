@@ -56,7 +56,7 @@ from app.dev.local_redis import LocalRedis, LocalRedisCluster, free_port
 from app.dev.processes import exit_on_sigterm
 from app.store import SetMeta, Store, connect_redis
 from app.store.keys import value_key_prefix
-from bench import direct_read, loadgen
+from bench import direct_read, loadgen, write_result
 from bench.loadgen import Load, user_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,19 @@ def seed_prompts(
         # Not made the default model: a --redis-url run must not change what other readers get.
         store.activate(model, version, make_default=False)
     return version, len(items[0][1])
+
+
+def production_env(redis_url: str, *, broker_url: str, admin: str, read: str) -> dict[str, str]:
+    """The API's (and a worker's) settings as a deployment gives them: production, its Redis, the
+    broker, both tokens."""
+    return {
+        "PM_ENVIRONMENT": "production",
+        "PM_REDIS_URL": redis_url,
+        "PM_BROKER_URL": broker_url,
+        "PM_RESULT_BACKEND": broker_url,
+        "PM_ADMIN_TOKEN": admin,
+        "PM_READ_TOKEN": read,
+    }
 
 
 class Uvicorn:
@@ -303,13 +316,9 @@ def serve(bench: Bench, *, workers: int, version: str, value_bytes: int, logdir:
     api = Uvicorn(
         "app.main:app",
         env=base_env
-        | {
-            "PM_ENVIRONMENT": "production",
-            "PM_BROKER_URL": broker,
-            "PM_RESULT_BACKEND": broker,
-            "PM_ADMIN_TOKEN": secrets.token_urlsafe(32),
-            "PM_READ_TOKEN": token,
-        },
+        | production_env(
+            bench.redis_url, broker_url=broker, admin=secrets.token_urlsafe(32), read=token
+        ),
         workers=workers,
         log=logdir / "api.log",
     )
@@ -577,9 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

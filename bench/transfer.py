@@ -35,6 +35,7 @@ from safetensors.torch import save as save_tensors
 from app.dev.local_redis import LocalRedis, free_port
 from app.dev.processes import exit_on_sigterm
 from app.store import SetMeta, Store
+from bench.serving import production_env
 from models.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +82,9 @@ class Api:
 
     def __init__(self, redis_url: str, log: Path) -> None:
         self.port, self.token = free_port(), secrets.token_urlsafe(32)
-        env = dict(os.environ) | {
-            "PM_ENVIRONMENT": "production",
-            "PM_REDIS_URL": redis_url,
-            "PM_BROKER_URL": redis_url,
-            "PM_RESULT_BACKEND": redis_url,
-            "PM_ADMIN_TOKEN": self.token,
-            "PM_READ_TOKEN": secrets.token_urlsafe(32),
-        }
+        env = dict(os.environ) | production_env(
+            redis_url, broker_url=redis_url, admin=self.token, read=secrets.token_urlsafe(32)
+        )
         args = [
             sys.executable,
             "-m",

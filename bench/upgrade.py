@@ -59,9 +59,9 @@ from app.dev.processes import exit_on_sigterm
 from app.jobs.queue import worker_command
 from app.store import Store, connect_redis
 from app.store.keys import value_key_prefix
-from bench import loadgen
+from bench import loadgen, write_result
 from bench.loadgen import user_id
-from bench.serving import Uvicorn, local_redis
+from bench.serving import Uvicorn, local_redis, production_env
 from bench.transfer import peak_rss_mb
 from models import assets
 
@@ -130,13 +130,8 @@ class Service:
         url = urlparse(redis_url)
         broker = broker_url or f"redis://{url.hostname}:{url.port}/1"
         self.admin, self.read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        self.env = {
-            "PM_ENVIRONMENT": "production",
-            "PM_REDIS_URL": redis_url,
-            "PM_BROKER_URL": broker,
-            "PM_RESULT_BACKEND": broker,
-            "PM_ADMIN_TOKEN": self.admin,
-            "PM_READ_TOKEN": self.read,
+        self.env = production_env(redis_url, broker_url=broker, admin=self.admin, read=self.read)
+        self.env |= {
             "PM_REDIS_CLUSTER": str(broker_url is not None).lower(),
             "OMP_NUM_THREADS": str(os.cpu_count() or 1),
             "PYTHONUNBUFFERED": "1",
@@ -988,9 +983,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "started_at": round(started, 3),
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 
