@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # their latency during it; a niceness 0-19 instead keeps the worker a share of a host whose
     # serving never leaves a core idle. On a host of its own, neither changes anything.
     worker_priority: Literal["idle"] | Annotated[int, Field(ge=0, le=19)] = "idle"
+    # PM_WORKER_NICE, the setting worker_priority replaced: refused, so that a deployment still
+    # setting it learns the new name instead of having its niceness silently dropped.
+    worker_nice: str | None = Field(default=None, exclude=True, repr=False)
     # A write to a followed set sends one follow task at most per this window (the task waits it
     # out, so the writes of the window go in one drain): the bound on the messages per follower.
     follow_delay_s: float = Field(default=0.2, ge=0)
@@ -107,6 +110,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("worker_nice")
+    @classmethod
+    def _renamed_to_worker_priority(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError(
+                "PM_WORKER_NICE is no longer read: set PM_WORKER_PRIORITY instead, to a niceness "
+                f"0-19 (PM_WORKER_PRIORITY={value.strip()} keeps this one) or to idle, the "
+                "default, and remove PM_WORKER_NICE."
+            )
+        return None
 
     @field_validator("reader_acl_users", mode="before")
     @classmethod

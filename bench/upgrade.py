@@ -123,10 +123,12 @@ class Service:
         logdir: Path,
         broker_url: str | None = None,
         item_state_dir: Path | None = None,
+        worker_threads: int | None = None,
     ) -> None:
         """``broker_url``: Celery's Redis when the store is a Cluster (Celery cannot use one);
         else database 1 of the store's redis-server. ``item_state_dir``: the worker's kept item
-        states (default: the worker's own default)."""
+        states (default: the worker's own default). ``worker_threads``: the worker's
+        ``OMP_NUM_THREADS`` (default: one per core)."""
         url = urlparse(redis_url)
         broker = broker_url or f"redis://{url.hostname}:{url.port}/1"
         self.admin, self.read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -142,8 +144,9 @@ class Service:
         args = worker_command(node=f"bench-{secrets.token_hex(4)}@%h")
         args += ["--without-gossip", "--without-mingle"]
         with self.worker_log.open("ab") as out:
+            threads = {"OMP_NUM_THREADS": str(worker_threads)} if worker_threads else {}
             self.worker = subprocess.Popen(
-                args, cwd=ROOT, env=os.environ | self.env, stdout=out, stderr=out
+                args, cwd=ROOT, env=os.environ | self.env | threads, stdout=out, stderr=out
             )
         self.api = Uvicorn("app.main:app", env=self.env, workers=1, log=logdir / "api.log")
         self.base = self.api.base
@@ -645,7 +648,11 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
         redis_url, redis_pids = stack.enter_context(local_redis(cluster=args.cluster))
         broker_url, broker_pids = stack.enter_context(local_redis()) if args.cluster else (None, [])
         service = Service(
-            redis_url, logdir=workdir, broker_url=broker_url, item_state_dir=args.item_states
+            redis_url,
+            logdir=workdir,
+            broker_url=broker_url,
+            item_state_dir=args.item_states,
+            worker_threads=args.worker_threads,
         )
         stack.callback(service.stop)
         run["item_states_mb_before"] = directory_mb(args.item_states)
@@ -904,6 +911,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--seed", type=int, default=0)
     add(
+        "--worker-threads",
+        type=int,
+        default=None,
+        help="the worker's torch threads, OMP_NUM_THREADS (default: one per core)",
+    )
+    add(
         "--item-states",
         type=Path,
         default=None,
@@ -919,6 +932,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.write_rate <= 0:
         parser.error("--write-rate must be positive")
+    if args.worker_threads is not None and args.worker_threads < 1:
+        parser.error("--worker-threads must be at least 1")
     if args.read_window_s < 0:
         parser.error("--read-window-s must be 0 (one window) or positive")
     return args
@@ -969,6 +984,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "settle_seconds": args.settle_seconds,
             "force_promote_on_gate_failure": args.force_promote,
             "store": "Redis Cluster, 3 primaries" if args.cluster else "one redis-server",
+            "worker_threads": args.worker_threads or os.cpu_count(),
         },
         "machine": {
             "cpu_count": os.cpu_count(),

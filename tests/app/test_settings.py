@@ -111,3 +111,14 @@ def test_the_worker_priority_is_idle_or_a_niceness(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("PM_WORKER_PRIORITY", wrong)
         with pytest.raises(ValidationError, match="worker_priority"):
             Settings(environment="test")
+
+
+def test_the_renamed_worker_nice_is_refused_with_its_new_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PM_WORKER_NICE", "10")
+    with pytest.raises(ValidationError, match="set PM_WORKER_PRIORITY instead") as refused:
+        Settings(environment="test")
+    assert "PM_WORKER_PRIORITY=10" in str(refused.value)
+    monkeypatch.delenv("PM_WORKER_NICE")
+    assert Settings(environment="test").worker_nice is None
