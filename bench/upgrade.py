@@ -73,7 +73,9 @@ NOTE = (
     "evaluate: step_seconds, timed by the job itself; step_seconds.item_states is the part of "
     "train and evaluate the frozen models spent computing item states). The worker keeps the "
     "frozen models' item states in one directory for the whole invocation "
-    "(item_states_mb_before/after): the first size's jobs compute them, later sizes read them back."
+    "(item_states_mb_before/after): the first size's jobs compute them, later sizes read them back. "
+    "process_cores_*: each process's CPU seconds (/proc/PID/stat) over the wall time, in cores; "
+    "bench is this process (the writes and the poller)."
 )
 
 
@@ -465,22 +467,26 @@ def read_window(service: Service, args: argparse.Namespace, population: Populati
 
 
 def follow(
-    client: OperatorClient, job_id: str, *, timeout_s: float, clock: StageClock
-) -> tuple[dict[str, Any], dict[str, float], dict[str, dict[str, float]], bool]:
+    client: OperatorClient,
+    job_id: str,
+    *,
+    timeout_s: float,
+    clock: StageClock,
+    pids: dict[str, list[int]],
+) -> tuple[dict[str, Any], dict[str, float], dict[str, CpuUse], bool]:
     """Poll the job to its end (``clock`` follows its stage): (last record, seconds per stage
-    seen, where the machine's CPU time went in each stage (``cpu_split``), timed out)."""
+    seen, the CPU used in each stage by the machine and by each of ``pids``' processes, timed
+    out)."""
     stages: dict[str, float] = {}
-    cpu: dict[str, np.ndarray] = {}  # stage -> CPU ticks spent in it, by /proc/stat column
-    current, since, cpu_since = "", time.monotonic(), cpu_times()
+    cpu: dict[str, CpuUse] = {}
+    current, since, cpu_since = "", time.monotonic(), CpuUse.now(pids)
     record: dict[str, Any] = {}
     deadline = time.monotonic() + timeout_s
 
     def close_stage() -> None:
         stages[current] = round(stages.get(current, 0.0) + time.monotonic() - since, 2)
-        cpu[current] = cpu.get(current, 0) + cpu_times() - cpu_since
-
-    def splits() -> dict[str, dict[str, float]]:
-        return {stage: cpu_percent(ticks) for stage, ticks in cpu.items()}
+        used = CpuUse.now(pids) - cpu_since
+        cpu[current] = cpu[current] + used if current in cpu else used
 
     while time.monotonic() < deadline:
         try:
@@ -496,14 +502,14 @@ def follow(
                 f"  [{record['state']}] {record['stage']} "
                 f"users mapped {record['progress'].get('users_mapped')}"
             )
-            current, since, cpu_since = record["stage"], time.monotonic(), cpu_times()
+            current, since, cpu_since = record["stage"], time.monotonic(), CpuUse.now(pids)
             clock.current = current
         if record["state"] in TERMINAL:
-            return record, stages, splits(), False
+            return record, stages, cpu, False
         time.sleep(0.5)
     if current:
         close_stage()
-    return record, stages, splits(), True
+    return record, stages, cpu, True
 
 
 def job_wall(record: dict[str, Any]) -> float:
@@ -660,7 +666,16 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
         stack.callback(redis.close)
         run["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
         try:
-            steps(args, recipe, users=users, service=service, redis=redis, run=run, workdir=workdir)
+            steps(
+                args,
+                recipe,
+                users=users,
+                service=service,
+                redis=redis,
+                redis_pids=redis_pids + broker_pids,
+                run=run,
+                workdir=workdir,
+            )
         except Exception as error:  # a failed run is a result
             traceback.print_exc()
             run["error"] = f"{type(error).__name__}: {error}"
@@ -706,6 +721,43 @@ def cpu_percent(ticks: np.ndarray) -> dict[str, float]:
     }
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system, every thread) process ``pid`` has used so far; 0 once it is
+    gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU used: the machine's ticks by ``CPU_COLUMNS``, and each named group of processes'
+    seconds. Two readings' difference is what was used between them."""
+
+    machine: np.ndarray
+    processes: dict[str, float]
+
+    @classmethod
+    def now(cls, pids: dict[str, list[int]]) -> CpuUse:
+        processes = {name: sum(process_cpu_s(pid) for pid in group) for name, group in pids.items()}
+        return cls(cpu_times(), processes)
+
+    def __sub__(self, other: CpuUse) -> CpuUse:
+        processes = {k: v - other.processes.get(k, 0.0) for k, v in self.processes.items()}
+        return CpuUse(self.machine - other.machine, processes)
+
+    def __add__(self, other: CpuUse) -> CpuUse:
+        processes = {k: v + other.processes.get(k, 0.0) for k, v in self.processes.items()}
+        return CpuUse(self.machine + other.machine, processes)
+
+    def cores(self, seconds: float) -> dict[str, float]:
+        """Each group's CPU over ``seconds`` of wall time, in cores."""
+        return {k: round(v / max(seconds, 1e-9), 2) for k, v in self.processes.items()}
+
+
 def directory_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
@@ -717,6 +769,7 @@ def steps(
     users: int,
     service: Service,
     redis: Redis | RedisCluster,
+    redis_pids: list[int],
     run: dict[str, Any],
     workdir: Path,
 ) -> None:
@@ -755,11 +808,19 @@ def steps(
     elif args.read_connections:
         reads = read_window(service, args, population)
     writes.start()
-    cpu_before = cpu_times()
+    pids = {
+        "worker": [service.worker.pid],
+        "api": [service.api.proc.pid],
+        "redis": redis_pids,
+        "bench": [os.getpid()],  # the writes' thread and the poller
+    } | ({"wrk": [reads.proc.pid]} if isinstance(reads, Reads) else {})
+    cpu_before, polled_from = CpuUse.now(pids), time.monotonic()
     try:
         record, stages, stage_cpu, timed_out = follow(
-            service.client, job["id"], timeout_s=args.timeout_s, clock=clock
+            service.client, job["id"], timeout_s=args.timeout_s, clock=clock, pids=pids
         )
+        # Read before the reads stop: wrk's process is gone after.
+        during, polled_s = CpuUse.now(pids) - cpu_before, time.monotonic() - polled_from
     finally:
         writes.stop()
         if isinstance(reads, ReadWindows):
@@ -767,8 +828,14 @@ def steps(
             run["read_ms"] |= {"during_windows": windows, "during_by_stage": by_stage(windows)}
         elif reads is not None:
             run["read_ms"]["during"] = reads.stop()
-    run["machine_cpu_during_job"] = cpu_percent(cpu_times() - cpu_before)
-    run["machine_cpu_by_stage"] = stage_cpu
+    run["machine_cpu_during_job"] = cpu_percent(during.machine)
+    run["machine_cpu_by_stage"] = {
+        stage: cpu_percent(use.machine) for stage, use in stage_cpu.items()
+    }
+    run["process_cores_during_job"] = during.cores(polled_s)
+    run["process_cores_by_stage"] = {
+        stage: use.cores(stages[stage]) for stage, use in stage_cpu.items()
+    }
     run["state"] = record.get("state", "unknown") if not timed_out else "timed_out"
     run["job_state_at_end"] = record.get("state")
     run["stage_seconds"] = record.get("stage_seconds") or stages
@@ -845,6 +912,7 @@ def print_run(run: dict[str, Any]) -> None:
     )
     print(f"  steps (s): {run.get('step_seconds')}")
     print(f"  machine CPU % during the job: {run.get('machine_cpu_during_job')}")
+    print(f"  cores used during the job: {run.get('process_cores_during_job')}")
     print(f"  peak RSS MB: {run['peak_rss_mb']}; Redis used {run['redis_used_mb']} MB")
     print(f"  reads idle {lat('idle')}, during {lat('during')}")
     for stage, seen in reads.get("during_by_stage", {}).items():

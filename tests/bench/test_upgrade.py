@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,10 @@ def test_upgrade_benchmark_runs_the_whole_job_and_checks_it(tmp_path: Path) -> N
     assert set(run["peak_rss_mb"]) == {"worker", "api", "redis"}
     assert all(v > 0 for v in run["peak_rss_mb"].values())
     assert run["redis_used_mb"] > 0
+    cores = run["process_cores_during_job"]
+    assert {"worker", "api", "redis", "bench"} <= set(cores)
+    assert cores["worker"] > 0 and all(c >= 0 for c in cores.values()), cores
+    assert set(run["process_cores_by_stage"]) == set(run["machine_cpu_by_stage"])
     for which in ("idle", "during"):
         latency = run["read_ms"][which]
         if reads:
@@ -97,3 +104,14 @@ def test_read_windows_are_labelled_with_the_stage_at_their_middle() -> None:
     by_stage = upgrade.by_stage(seen)
     assert by_stage["training"] == {"windows": 2, "p99_median": 1.5, "p99_max": 2.0}
     assert by_stage["mapping"]["windows"] == len(seen) - 2
+
+
+def test_process_cpu_counts_this_process_and_reads_zero_once_it_is_gone() -> None:
+    before = upgrade.process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    assert upgrade.process_cpu_s(os.getpid()) - before >= 0.1
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert upgrade.process_cpu_s(child.pid) == 0.0
