@@ -135,21 +135,44 @@ async def put_prompt(
         Literal["float32", "float16"], Header(description="dtype of a raw body")
     ] = "float32",
 ) -> PromptWritten:
-    # Async only to read the body; the store's calls (sync client) and the decoding run in
-    # worker threads, so a slow Redis or a large body never holds up the reads on the loop.
-    meta = await to_thread.run_sync(_readable, store, model, None)
+    # Async only to read the body; the store's calls (sync client) and the decoding run in one
+    # worker thread, so a slow Redis or a large body never holds up the reads on the loop.
     body = await request.body()  # the body gate (app.http.handlers) holds it to PM_MAX_BODY_BYTES
     is_json = request.headers.get("content-type", "").startswith("application/json")
-    value = await to_thread.run_sync(
-        partial(_prompt_value, body, meta, is_json=is_json, dtype=x_prompt_dtype)
+    write = partial(
+        _write_prompt,
+        store,
+        celery,
+        settings,
+        model=model,
+        user=user_id,
+        body=body,
+        is_json=is_json,
+        dtype=x_prompt_dtype,
     )
-    created, followers = await to_thread.run_sync(
-        store.onboard_followed, meta.model, meta.version, user_id, value
-    )
+    return await to_thread.run_sync(write)
+
+
+def _write_prompt(
+    store: Store,
+    celery: Celery,
+    settings: Settings,
+    *,
+    model: str | None,
+    user: str,
+    body: bytes,
+    is_json: bool,
+    dtype: str,
+) -> PromptWritten:
+    """PUT's work, in one thread: the set it writes, the value checked against it, the write,
+    and the wake of the migrations following the set."""
+    meta = _readable(store, model, None)
+    value = _prompt_value(body, meta, is_json=is_json, dtype=dtype)
+    created, followers = store.onboard_followed(meta.model, meta.version, user, value)
     if followers:  # migrations made from this set apply the write too (workers/follow.py)
-        await to_thread.run_sync(partial(_wake, store, celery, settings, followers))
+        _wake(store, celery, settings, followers)
     return PromptWritten(
-        user_id=user_id,
+        user_id=user,
         model=meta.model,
         version=meta.version,
         created=created,
