@@ -42,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -335,34 +336,41 @@ class Writes:
         return user_id(self._rng.randrange(self.population.synthetic))
 
     def _run(self) -> None:
-        headers = {
-            "Authorization": f"Bearer {self.service.admin}",
-            "Content-Type": "application/octet-stream",
-        }
-        with httpx.Client(base_url=self.service.base, headers=headers, timeout=30) as http:
+        # The standard library's client: httpx costs about 1.8 ms of CPU per PUT, http.client
+        # 0.5, and this thread shares the machine with the job it loads.
+        url = urlparse(self.service.base)
+        http = HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+        try:
             next_at = time.monotonic()
             while not self._stop.is_set():
                 self._write(http)
                 next_at += 1.0 / self.rate
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
+        finally:
+            http.close()
 
-    def _write(self, http: httpx.Client) -> None:
+    def _write(self, http: HTTPConnection) -> None:
         user, number = self._pick(), self.population.size + self.sent
         self.sent += 1
         value = self.population.draw(1, stream=number)[0].astype("<f4").tobytes()
+        headers = {
+            "Authorization": f"Bearer {self.service.admin}",
+            "Content-Type": "application/octet-stream",
+        }
         try:
-            response = http.put(
-                f"/users/{user}/prompt", params={"model": self.model}, content=value
-            )
-        except httpx.HTTPError as error:
+            http.request("PUT", f"/users/{user}/prompt?model={self.model}", value, headers)
+            response = http.getresponse()
+            body = response.read()
+        except (OSError, HTTPException) as error:
             self.errors[type(error).__name__] = self.errors.get(type(error).__name__, 0) + 1
+            http.close()  # the next request connects again
             return
-        if response.status_code >= 300:
-            key = str(response.status_code)
+        if response.status >= 300:
+            key = str(response.status)
             self.errors[key] = self.errors.get(key, 0) + 1
             return
         self.latest[user] = number
-        if response.json().get("created"):
+        if json.loads(body).get("created"):
             self.onboarded.add(user)
 
 
