@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from prompt_migration_client import codec
+from redis.cluster import RedisCluster
 
 from app.errors import IntegrityError
 from app.store.base import StoreBase, as_bytes, as_text
@@ -44,9 +45,15 @@ class BulkMixin(StoreBase):
         for start in range(0, len(users), BULK_VALUES):
             batch = users[start : start + BULK_VALUES]
             keys = [prefix + user for user in batch]
-            # Two commands, not a pipeline: a Cluster pipeline refuses multi-key commands.
-            self.redis.mset(dict(zip(keys, values[start : start + BULK_VALUES], strict=True)))
-            self.redis.sadd(set_keys.users, *batch)
+            mapping = dict(zip(keys, values[start : start + BULK_VALUES], strict=True))
+            if isinstance(self.redis, RedisCluster):  # its pipeline refuses multi-key commands
+                self.redis.mset(mapping)
+                self.redis.sadd(set_keys.users, *batch)
+            else:  # one round trip for both
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.mset(mapping)
+                pipe.sadd(set_keys.users, *batch)
+                pipe.execute()
         back = self.read_values(model, version, users)
         if not values_match(back, values):
             at = next(i for i, (b, v) in enumerate(zip(back, values, strict=True)) if b != v)
