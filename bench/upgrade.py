@@ -340,23 +340,23 @@ class Writes:
         # 0.5, and this thread shares the machine with the job it loads.
         url = urlparse(self.service.base)
         http = HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+        headers = {
+            "Authorization": f"Bearer {self.service.admin}",
+            "Content-Type": "application/octet-stream",
+        }
         try:
             next_at = time.monotonic()
             while not self._stop.is_set():
-                self._write(http)
+                self._write(http, headers)
                 next_at += 1.0 / self.rate
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
         finally:
             http.close()
 
-    def _write(self, http: HTTPConnection) -> None:
+    def _write(self, http: HTTPConnection, headers: dict[str, str]) -> None:
         user, number = self._pick(), self.population.size + self.sent
         self.sent += 1
         value = self.population.draw(1, stream=number)[0].astype("<f4").tobytes()
-        headers = {
-            "Authorization": f"Bearer {self.service.admin}",
-            "Content-Type": "application/octet-stream",
-        }
         try:
             http.request("PUT", f"/users/{user}/prompt?model={self.model}", value, headers)
             response = http.getresponse()
