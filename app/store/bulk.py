@@ -27,21 +27,13 @@ BULK_KEYS = 1000
 
 class BulkMixin(StoreBase):
     def read_values(self, model: str, version: str, users: Sequence[str]) -> list[bytes | None]:
-        """The users' stored values, in order (None where a user has none): an MGET per
-        ``BULK_VALUES`` users, all in one round trip on a plain Redis."""
-        set_keys = SetKeys(model, version)
-        key_batches = [
-            _keys(set_keys, users[start : start + BULK_VALUES])
-            for start in range(0, len(users), BULK_VALUES)
-        ]
-        if isinstance(self.redis, RedisCluster):  # its pipeline refuses multi-key commands
-            replies = [self.redis.mget(keys) for keys in key_batches]
-        else:
-            pipe = self.redis.pipeline(transaction=False)
-            for keys in key_batches:
-                pipe.mget(keys)
-            replies = pipe.execute()
-        return [as_bytes(value) for reply in replies for value in reply]
+        """The users' stored values, in order (None where a user has none), by MGET."""
+        prefix = SetKeys(model, version).values
+        out: list[bytes | None] = []
+        for start in range(0, len(users), BULK_VALUES):
+            keys = [prefix + user for user in users[start : start + BULK_VALUES]]
+            out.extend(as_bytes(v) for v in self.redis.mget(keys))
+        return out
 
     def write_checked(
         self, model: str, version: str, users: Sequence[str], values: Sequence[bytes | memoryview]
@@ -49,24 +41,20 @@ class BulkMixin(StoreBase):
         """Write the values (and list the users), read them back, and return their count and set
         digest: what sealing later adds up instead of reading the whole set again."""
         set_keys = SetKeys(model, version)
-        batches = [
-            (list(users[start : start + BULK_VALUES]), values[start : start + BULK_VALUES])
-            for start in range(0, len(users), BULK_VALUES)
-        ]
-        if isinstance(self.redis, RedisCluster):  # its pipeline refuses multi-key commands
-            for batch, batch_values in batches:
-                self.redis.mset(dict(zip(_keys(set_keys, batch), batch_values, strict=True)))
+        prefix = set_keys.values
+        for start in range(0, len(users), BULK_VALUES):
+            batch = users[start : start + BULK_VALUES]
+            keys = [prefix + user for user in batch]
+            mapping = dict(zip(keys, values[start : start + BULK_VALUES], strict=True))
+            if isinstance(self.redis, RedisCluster):  # its pipeline refuses multi-key commands
+                self.redis.mset(mapping)
                 self.redis.sadd(set_keys.users, *batch)
-            back = self.read_values(model, version, users)
-        else:  # one round trip: the writes, then the reads back, in order
-            pipe = self.redis.pipeline(transaction=False)
-            for batch, batch_values in batches:
-                pipe.mset(dict(zip(_keys(set_keys, batch), batch_values, strict=True)))
+            else:  # one round trip for both
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.mset(mapping)
                 pipe.sadd(set_keys.users, *batch)
-            for batch, _ in batches:
-                pipe.mget(_keys(set_keys, batch))
-            replies = pipe.execute()[2 * len(batches) :]
-            back = [as_bytes(value) for reply in replies for value in reply]
+                pipe.execute()
+        back = self.read_values(model, version, users)
         if not values_match(back, values):
             at = next(i for i, (b, v) in enumerate(zip(back, values, strict=True)) if b != v)
             raise IntegrityError(
@@ -124,10 +112,6 @@ class BulkMixin(StoreBase):
                 batch = []
         if batch:
             self.redis.unlink(*batch)
-
-
-def _keys(set_keys: SetKeys, users: Sequence[str]) -> list[str]:
-    return [set_keys.values + user for user in users]
 
 
 def values_match(back: Sequence[bytes | None], written: Sequence[bytes | memoryview]) -> bool:
