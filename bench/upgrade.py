@@ -9,7 +9,8 @@ For each size, fresh processes: a redis-server of its own, ``uvicorn app.main:ap
    ``POST /models/{source}/train`` and cached as an exported set file) plus synthetic users drawn
    around them, written into one set file chunk by chunk and imported through
    ``POST /models/{source}/import?activate=true``;
-2. read latency idle: ``wrk`` reading the source's prompts, paced, before any job;
+2. read latency idle: ``wrk`` reading the source's prompts, paced, before any job, once the
+   machine is quiet after the import;
 3. a budget migration through ``POST /migrations`` (the default recipe), while a thread onboards
    new users and updates existing ones through ``PUT /users/{id}/prompt`` (about 100/s) and
    ``wrk`` keeps reading (with ``--read-window-s``, in windows labelled with the job's stage);
@@ -766,6 +767,26 @@ class CpuUse:
         return {k: round(v / max(seconds, 1e-9), 2) for k, v in self.processes.items()}
 
 
+# The idle reads wait for a second in which the machine's cores are busy less than this: what an
+# import leaves running (its buffers freed, Redis's lazy frees) is not idle.
+QUIET_BUSY = 0.10
+
+
+def wait_quiet(*, busy_below: float, timeout_s: float) -> dict[str, float]:
+    """Until a second in which the machine's cores were busy less than ``busy_below`` (a
+    fraction), or ``timeout_s``: the wait, and the last second's busy fraction."""
+    started = time.monotonic()
+    while True:
+        before = cpu_times()
+        time.sleep(1.0)
+        ticks = cpu_times() - before
+        idle = ticks[CPU_COLUMNS.index("idle")] + ticks[CPU_COLUMNS.index("iowait")]
+        busy = 1.0 - float(idle) / max(1, int(ticks.sum()))
+        waited = time.monotonic() - started
+        if busy < busy_below or waited > timeout_s:
+            return {"seconds": round(waited, 1), "busy": round(busy, 3)}
+
+
 def directory_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
@@ -800,10 +821,21 @@ def steps(
     run["import_users_per_s"] = round(users / run["import_seconds"], 1)
     run["import_rss_mb"] = {"api": peak_rss_mb(service.api.proc.pid)}
     assert imported["count"] == users, imported
+    pids = {
+        "worker": [service.worker.pid],
+        "api": [service.api.proc.pid],
+        "redis": redis_pids,
+        "bench": [os.getpid()],  # the writes' thread and the poller
+    }
     if args.read_connections:
+        run["quiet_before_idle"] = wait_quiet(busy_below=QUIET_BUSY, timeout_s=args.quiet_timeout_s)
         idle = read_window(service, args, population)
+        idle_pids = pids | {"wrk": [idle.proc.pid]}
+        cpu_before, idle_from = CpuUse.now(idle_pids), time.monotonic()
         time.sleep(args.idle_seconds)
+        idle_cpu, idle_s = CpuUse.now(idle_pids) - cpu_before, time.monotonic() - idle_from
         run["read_ms"]["idle"] = idle.stop()
+        run["process_cores_idle"] = idle_cpu.cores(idle_s)
     writes = Writes(service, population, recipe.source, args.write_rate)
     job = service.client.migrate(recipe.migration())
     run["job_id"] = job["id"]
@@ -816,12 +848,7 @@ def steps(
     elif args.read_connections:
         reads = read_window(service, args, population)
     writes.start()
-    pids = {
-        "worker": [service.worker.pid],
-        "api": [service.api.proc.pid],
-        "redis": redis_pids,
-        "bench": [os.getpid()],  # the writes' thread and the poller
-    } | ({"wrk": [reads.proc.pid]} if isinstance(reads, Reads) else {})
+    pids |= {"wrk": [reads.proc.pid]} if isinstance(reads, Reads) else {}
     cpu_before, polled_from = CpuUse.now(pids), time.monotonic()
     try:
         record, stages, stage_cpu, timed_out = follow(
@@ -923,6 +950,11 @@ def print_run(run: dict[str, Any]) -> None:
     print(f"  cores used during the job: {run.get('process_cores_during_job')}")
     print(f"  peak RSS MB: {run['peak_rss_mb']}; Redis used {run['redis_used_mb']} MB")
     print(f"  reads idle {lat('idle')}, during {lat('during')}")
+    if "quiet_before_idle" in run:
+        print(
+            f"    idle after waiting {run['quiet_before_idle']} for a quiet machine; cores "
+            f"used idle: {run.get('process_cores_idle')}"
+        )
     for stage, seen in reads.get("during_by_stage", {}).items():
         print(f"    {stage}: {seen}")
     print(f"  check: {run['check']}")
@@ -957,7 +989,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--write-rate", type=float, default=100.0, help="PUTs per second during the job")
     add("--read-connections", type=int, default=4, help="wrk connections (0: no reads)")
     add("--read-delay-ms", type=float, default=10.0, help="pause per connection per read")
-    add("--idle-seconds", type=float, default=10.0, help="idle read window before the job")
+    add(
+        "--idle-seconds",
+        type=float,
+        default=30.0,
+        help="idle read window before the job, once the machine is quiet",
+    )
+    add(
+        "--quiet-timeout-s",
+        type=float,
+        default=120.0,
+        help="longest wait for a quiet machine before the idle window (a host never quiet)",
+    )
     add(
         "--read-window-s",
         type=float,

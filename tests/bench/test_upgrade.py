@@ -34,6 +34,8 @@ TINY = [
     "20",
     "--idle-seconds",
     "1",
+    "--quiet-timeout-s",
+    "3",
     "--sample",
     "50",
 ]
@@ -68,6 +70,9 @@ def test_upgrade_benchmark_runs_the_whole_job_and_checks_it(tmp_path: Path) -> N
             assert latency is None
         else:
             assert 0 < latency["p50"] <= latency["p99"], which
+    if not reads:
+        assert run["quiet_before_idle"]["seconds"] >= 1.0
+        assert {"worker", "api", "redis", "wrk"} <= set(run["process_cores_idle"])
     check = run["check"]
     for name in ("lost", "stale", "extra", "sampled"):
         assert isinstance(check[name], int), (name, check)
@@ -104,6 +109,13 @@ def test_read_windows_are_labelled_with_the_stage_at_their_middle() -> None:
     by_stage = upgrade.by_stage(seen)
     assert by_stage["training"] == {"windows": 2, "p99_median": 1.5, "p99_max": 2.0}
     assert by_stage["mapping"]["windows"] == len(seen) - 2
+
+
+def test_the_wait_for_a_quiet_machine_ends_on_a_quiet_second_or_at_its_timeout() -> None:
+    assert upgrade.wait_quiet(busy_below=1.01, timeout_s=60)["seconds"] < 2.0  # any second is
+    never = upgrade.wait_quiet(busy_below=0.0, timeout_s=1.5)  # no second is
+    assert 1.5 < never["seconds"] < 4.0
+    assert 0.0 <= never["busy"] <= 1.0
 
 
 def test_process_cpu_counts_this_process_and_reads_zero_once_it_is_gone() -> None:
