@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # Torch threads for mapping a chunk: one leaves the other cores to Redis and the I/O, and
     # spares the barriers that several threads cost on a busy machine.
     map_threads: int = Field(default=1, ge=1)
+    # Torch threads for the model stages (the frozen models, the adapter's training, the
+    # evaluation). Unset: one fewer than the cores the worker may use, at least one, so a host
+    # it shares with the API and Redis keeps a core for reads; on two cores that was as fast and
+    # halved the reads' p99 added during the job (bench/README.md).
+    model_threads: int | None = Field(default=None, ge=1)
     # The worker's CPU priority on a host it shares with the API and Redis (make run, a small
     # deployment). "idle" (SCHED_IDLE) runs a migration only on CPU time they leave, so reads keep
     # their latency during it; a niceness 0-19 instead keeps the worker a share of a host whose

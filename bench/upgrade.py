@@ -66,6 +66,7 @@ from bench.loadgen import user_id
 from bench.serving import Uvicorn, local_redis, production_env
 from bench.transfer import peak_rss_mb
 from models import assets
+from workers.priority import model_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTE = (
@@ -127,12 +128,12 @@ class Service:
         logdir: Path,
         broker_url: str | None = None,
         item_state_dir: Path | None = None,
-        worker_threads: int | None = None,
+        model_threads: int | None = None,
     ) -> None:
         """``broker_url``: Celery's Redis when the store is a Cluster (Celery cannot use one);
         else database 1 of the store's redis-server. ``item_state_dir``: the worker's kept item
-        states (default: the worker's own default). ``worker_threads``: the worker's
-        ``OMP_NUM_THREADS`` (default: one per core)."""
+        states (default: the worker's own default). ``model_threads``: the worker's
+        ``PM_MODEL_THREADS`` (default: the service's default)."""
         url = urlparse(redis_url)
         broker = broker_url or f"redis://{url.hostname}:{url.port}/1"
         self.admin, self.read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -148,7 +149,7 @@ class Service:
         args = worker_command(node=f"bench-{secrets.token_hex(4)}@%h")
         args += ["--without-gossip", "--without-mingle"]
         with self.worker_log.open("ab") as out:
-            threads = {"OMP_NUM_THREADS": str(worker_threads)} if worker_threads else {}
+            threads = {"PM_MODEL_THREADS": str(model_threads)} if model_threads else {}
             self.worker = subprocess.Popen(
                 args, cwd=ROOT, env=os.environ | self.env | threads, stdout=out, stderr=out
             )
@@ -667,7 +668,7 @@ def measure(args: argparse.Namespace, recipe: Recipe, users: int) -> dict[str, A
             logdir=workdir,
             broker_url=broker_url,
             item_state_dir=args.item_states,
-            worker_threads=args.worker_threads,
+            model_threads=args.model_threads,
         )
         stack.callback(service.stop)
         run["item_states_mb_before"] = directory_mb(args.item_states)
@@ -1030,10 +1031,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--seed", type=int, default=0)
     add(
-        "--worker-threads",
+        "--model-threads",
         type=int,
         default=None,
-        help="the worker's torch threads, OMP_NUM_THREADS (default: one per core)",
+        help="the worker's PM_MODEL_THREADS, torch threads of the model stages (default: the "
+        "service's, its cores less one)",
     )
     add(
         "--item-states",
@@ -1051,8 +1053,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.write_rate <= 0:
         parser.error("--write-rate must be positive")
-    if args.worker_threads is not None and args.worker_threads < 1:
-        parser.error("--worker-threads must be at least 1")
+    if args.model_threads is not None and args.model_threads < 1:
+        parser.error("--model-threads must be at least 1")
     if args.read_window_s < 0:
         parser.error("--read-window-s must be 0 (one window) or positive")
     return args
@@ -1103,7 +1105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "settle_seconds": args.settle_seconds,
             "force_promote_on_gate_failure": args.force_promote,
             "store": "Redis Cluster, 3 primaries" if args.cluster else "one redis-server",
-            "worker_threads": args.worker_threads or os.cpu_count(),
+            "model_threads": model_threads(args.model_threads),
         },
         "machine": {
             "cpu_count": os.cpu_count(),

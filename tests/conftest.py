@@ -117,6 +117,7 @@ def make_settings(server: RedisServer, **overrides: Any) -> Settings:
         "read_token": READER,
         "redis_timeout_s": 1.0,
         "max_body_bytes": 64 * 1024,
+        "model_threads": 1,  # as OMP_NUM_THREADS below: tests share the machine's cores
     }
     return Settings(**(values | overrides))
 

@@ -3,17 +3,27 @@ It is made by ``app.jobs.queue``, which the API uses too."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import torch
 from celery import signals
 
 from app.config import get_settings
 from app.jobs.queue import make_celery
-from workers.priority import yield_to_serving
+from workers.priority import model_threads, yield_to_serving
 
 app = make_celery(get_settings())
 
 
 @signals.worker_init.connect
-def _yield_to_serving(**_: Any) -> None:
-    yield_to_serving(get_settings().worker_priority)
+def _share_the_host(**_: Any) -> None:
+    settings = get_settings()
+    yield_to_serving(settings.worker_priority)
+    torch.set_num_threads(model_threads(settings.model_threads))
+    print(
+        f"sharing the host: priority {settings.worker_priority}, "
+        f"{torch.get_num_threads()} torch threads for the model stages",
+        file=sys.stderr,
+        flush=True,
+    )

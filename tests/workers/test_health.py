@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from redis import Redis
@@ -12,7 +13,7 @@ from redis import Redis
 from app.config import Settings
 from app.jobs.queue import make_celery
 from app.store import Store
-from tests.conftest import Worker
+from tests.conftest import Worker, wait_for
 from workers.health import main, node_name
 
 
@@ -72,3 +73,20 @@ def test_a_niceness_keeps_the_worker_a_share_instead(
     assert worker.proc is not None
     assert thread_policies(worker.proc.pid) == {os.SCHED_OTHER}
     assert thread_niceness(worker.proc.pid) == {min(19, os.nice(0) + 7)}
+
+
+def test_the_model_stages_leave_a_core_to_serving_unless_told_their_threads(
+    settings: Settings, start_worker: Callable[[Settings], Worker]
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    default = start_worker(settings.model_copy(update={"model_threads": None}))
+    told = start_worker(settings.model_copy(update={"model_threads": 3}))
+    expected = {default: max(1, cores - 1), told: 3}
+    for worker, threads in expected.items():
+        line = wait_for(partial(start_up_line, worker), timeout=30, what="its start-up line")
+        assert f" {threads} torch threads for the model stages" in line, line
+
+
+def start_up_line(worker: Worker) -> str | None:
+    lines = worker.log.read_text().splitlines()
+    return next((line for line in lines if "sharing the host" in line), None)
