@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     map_threads: int = Field(default=1, ge=1)
     # Torch threads for the model stages (the frozen models, the adapter's training, the
     # evaluation). Unset: one fewer than the cores the worker may use, at least one, so a host
-    # it shares with the API and Redis keeps a core for reads; on two cores that was as fast and
-    # halved the reads' p99 added during the job (bench/README.md).
+    # it shares with the API and Redis keeps a core for reads; on two cores that halved what a
+    # 100,000-user job adds to the reads' p99, for 5-10% of its time (bench/README.md).
     model_threads: int | None = Field(default=None, ge=1)
     # The worker's CPU priority on a host it shares with the API and Redis (make run, a small
     # deployment). "idle" (SCHED_IDLE) runs a migration only on CPU time they leave, so reads keep
