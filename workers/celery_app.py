@@ -23,7 +23,7 @@ def _share_the_host(**_: Any) -> None:
     torch.set_num_threads(model_threads(settings.model_threads))
     print(
         f"sharing the host: priority {settings.worker_priority}, "
-        f"{torch.get_num_threads()} torch threads for the model stages",
+        f"torch threads for the model stages {torch.get_num_threads()}",
         file=sys.stderr,
         flush=True,
     )

@@ -84,7 +84,7 @@ def test_the_model_stages_leave_a_core_to_serving_unless_told_their_threads(
     expected = {default: max(1, cores - 1), told: 3}
     for worker, threads in expected.items():
         line = wait_for(partial(start_up_line, worker), timeout=30, what="its start-up line")
-        assert f" {threads} torch threads for the model stages" in line, line
+        assert line.endswith(f"torch threads for the model stages {threads}"), line
 
 
 def start_up_line(worker: Worker) -> str | None:
