@@ -136,16 +136,17 @@ def map_chunk(job: JobRun, index: int) -> dict[str, Any]:
 
 def map_users(job: JobRun, users: list[str]) -> tuple[int, str]:
     """Read, map, write and read back ``users`` a part at a time; returns the count and digest of
-    what was written. Two threads overlap the store's round trips with the mapping (socket waits
-    and torch's kernels release the GIL): the next part is read and the last one written while
-    this one is mapped."""
+    what was written. One thread does the store's round trips while this one maps (socket waits
+    and torch's kernels release the GIL): the last part is written, then the next one read, while
+    this one is mapped, so Redis has one of the chunk's commands at a time and reads wait behind
+    no more."""
     sources = job.record["sources"]
     metas = [job.store.get_meta(s["model"], s["version"]) for s in sources]
     dtype = job.migration.dtype
     model, version = job.target
     adapter = _adapter(job)
     parts = [users[i : i + MAP_PART] for i in range(0, len(users), MAP_PART)] or [[]]
-    with ThreadPoolExecutor(max_workers=2) as io, torch_threads(job.settings.map_threads):
+    with ThreadPoolExecutor(max_workers=1) as io, torch_threads(job.settings.map_threads):
         reading = io.submit(read_sources, job, parts[0], metas=metas)
         writes = []
         for following in [*parts[1:], None]:
