@@ -140,7 +140,6 @@ class Service:
         self.env = production_env(redis_url, broker_url=broker, admin=self.admin, read=self.read)
         self.env |= {
             "PM_REDIS_CLUSTER": str(broker_url is not None).lower(),
-            "OMP_NUM_THREADS": str(os.cpu_count() or 1),
             "PYTHONUNBUFFERED": "1",
         }
         if item_state_dir is not None:
@@ -780,9 +779,8 @@ def wait_quiet(*, busy_below: float, timeout_s: float) -> dict[str, float]:
     while True:
         before = cpu_times()
         time.sleep(1.0)
-        ticks = cpu_times() - before
-        idle = ticks[CPU_COLUMNS.index("idle")] + ticks[CPU_COLUMNS.index("iowait")]
-        busy = 1.0 - float(idle) / max(1, int(ticks.sum()))
+        shares = cpu_percent(cpu_times() - before)
+        busy = 1.0 - (shares["idle"] + shares["iowait"]) / 100
         waited = time.monotonic() - started
         if busy < busy_below or waited > timeout_s:
             return {"seconds": round(waited, 1), "busy": round(busy, 3)}

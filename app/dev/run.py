@@ -148,8 +148,6 @@ def prepare_env(supervisor: Supervisor, args: argparse.Namespace) -> dict[str, s
     env.setdefault("PM_LEASE_TTL_S", "30")
     env.setdefault("PM_ADMIN_TOKEN", secrets.token_urlsafe(32))
     env.setdefault("PM_READ_TOKEN", secrets.token_urlsafe(32))
-    threads = str(max(1, (os.cpu_count() or 2)))
-    env.setdefault("OMP_NUM_THREADS", threads)
     # The worker's Celery app; CELERY_APP names another, as it does for ``celery`` itself.
     env.setdefault("CELERY_APP", "workers.celery_app")
     env["PYTHONUNBUFFERED"] = "1"
