@@ -561,9 +561,9 @@ def check(
 ) -> dict[str, Any]:
     """The new set against the source: every key scanned for lost and extra users; on a sample
     holding every user written during the job, each value against the stored adapter applied to
-    the user's latest source prompt (lost, stale)."""
+    the user's latest source prompt (lost, stale). The expected values come from the adapter's
+    own forward pass, not the folded form the job maps through, so the check covers the fold."""
     from models.adapter.model import adapter_from_bytes
-    from models.migration import map_prompts
 
     target, version = record["target"]["model"], record["target"]["version"]
     count = extra = 0
@@ -583,13 +583,14 @@ def check(
     out |= {"sampled": len(users), "written_during_job": len(writes.latest)}
     if blob is None:
         return out | {"stale": None, "lost_in_sample": None, "note": "the job stored no adapter"}
-    adapter = adapter_from_bytes(blob)
+    adapter = adapter_from_bytes(blob).eval()
     # Users written during the job apart: the windows the job must follow are theirs.
     tally = {"written": {"lost": 0, "stale": 0}, "imported": {"lost": 0, "stale": 0}}
     worst = 0.0
     for start in range(0, len(users), 4096):
         block = users[start : start + 4096]
-        want = map_prompts(adapter, torch.from_numpy(_latest(block, population, writes))).numpy()
+        with torch.inference_mode():
+            want = adapter(torch.from_numpy(_latest(block, population, writes))).numpy()
         got = store.get_prompts(target, version, block)
         for user, value, expect in zip(block, got, want, strict=True):
             counts = tally["written" if user in writes.latest else "imported"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.adapter import AdapterConfig, PumaAdapter
+from models.adapter import AdapterConfig, FoldedAdapter, PumaAdapter, fold
 from models.adapter.model import AdapterPrompts
 from models.data import Splits
 from models.distill import blend_targets, source_predictions
@@ -249,13 +249,14 @@ def train_adapter(
 
 @torch.no_grad()
 def map_prompts(
-    adapter: PumaAdapter, source_prompts: torch.Tensor, *, batch_size: int = 256
+    adapter: PumaAdapter | FoldedAdapter, source_prompts: torch.Tensor, *, batch_size: int = 256
 ) -> torch.Tensor:
-    """``[n, l, d_in]`` -> ``[n, l, d_out]`` fp32 on CPU, in batches."""
-    adapter = adapter.eval()
-    device = next(adapter.parameters()).device
+    """``[n, l, d_in]`` -> ``[n, l, d_out]`` fp32 on CPU, in batches, through the adapter's folded
+    form (``models.adapter.fold``; pass one to map many batches without folding each time)."""
+    mapping = fold(adapter) if isinstance(adapter, PumaAdapter) else adapter
+    device = next(mapping.parameters()).device
     chunks = [
-        adapter(source_prompts[i : i + batch_size].float().to(device)).cpu()
+        mapping(source_prompts[i : i + batch_size].float().to(device)).cpu()
         for i in range(0, len(source_prompts), batch_size)
     ]
     return torch.cat(chunks) if chunks else source_prompts.new_zeros((0, 0, adapter.config.d_out))

@@ -20,6 +20,7 @@ from app.config import Settings, get_settings
 from app.errors import NotFoundError, ServiceError
 from app.jobs.spec import STORED, MigrationCreate, TrainRequest
 from app.store import REDIS_DOWN, SEALED, Store, connect_redis
+from models.adapter import FoldedAdapter, PumaAdapter, adapter_from_bytes, fold
 from models.errors import Cancelled, MigrationError
 from models.foundation import FoundationModel
 from workers.lease import LeaseHeld, RunsExhausted, held
@@ -28,6 +29,8 @@ from workers.lease import LeaseHeld, RunsExhausted, held
 _COME_BACK_LATER: tuple[type[Exception], ...] = (LeaseHeld, *REDIS_DOWN)
 STEP_PREFIX = "step:"  # the record's fields that time a job's steps (JobRun.timed)
 _models: OrderedDict[str, FoundationModel] = OrderedDict()
+_adapters: OrderedDict[str, PumaAdapter | FoldedAdapter] = OrderedDict()
+ADAPTER_CACHE_SIZE = 8  # a worker maps for one job and follows the sets of a few recent ones
 _store: Store | None = None
 
 
@@ -65,6 +68,17 @@ def load_model(name: str) -> FoundationModel:
         )
     _models.move_to_end(name)
     return _models[name]
+
+
+def stored_adapter(store: Store, job_id: str) -> PumaAdapter | FoldedAdapter:
+    """A job's stored adapter in the form that maps users (``models.adapter.fold``), kept: every
+    chunk task and every followed write of the job maps through it."""
+    if job_id not in _adapters:
+        while len(_adapters) >= ADAPTER_CACHE_SIZE:
+            _adapters.popitem(last=False)
+        _adapters[job_id] = fold(adapter_from_bytes(store.get_blob(job_id, "adapter") or b""))
+    _adapters.move_to_end(job_id)
+    return _adapters[job_id]
 
 
 class JobRun:

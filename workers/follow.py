@@ -32,16 +32,14 @@ from app.config import get_settings
 from app.errors import NotFoundError, ServiceError
 from app.jobs.records import wake_followers
 from app.store import SEALED, Change, Follower, Store
-from models.adapter.model import adapter_from_bytes
 from models.migration import map_prompts
 from workers.celery_app import app
-from workers.context import JobRun
+from workers.context import JobRun, stored_adapter
 from workers.lease import LeaseHeld, holder_name
 from workers.mapping import torch_threads
 from workers.stage_io import encode_rows
 
 LEASE = "follow"
-_adapters: dict[str, Any] = {}
 
 
 @dataclass
@@ -67,14 +65,6 @@ def start_following(job: JobRun) -> None:
     job.update(follows_target=direct)
 
 
-def _adapter(store: Store, job_id: str) -> Any:
-    if job_id not in _adapters:
-        if len(_adapters) > 8:
-            _adapters.clear()
-        _adapters[job_id] = adapter_from_bytes(store.get_blob(job_id, "adapter") or b"")
-    return _adapters[job_id]
-
-
 def _rows(store: Store, model: str, version: str, users: list[str]) -> dict[str, np.ndarray]:
     meta = store.get_meta(model, version)
     values = store.get_prompts(model, version, users)
@@ -98,7 +88,7 @@ def mapped_changes(store: Store, record: dict[str, Any], pending: dict[str, int]
             np.concatenate([np.stack([rows[u] for u in present]) for rows in per_source], -1)
         )
         with torch_threads(get_settings().map_threads):  # as the chunks map: see map_threads
-            mapped = map_prompts(_adapter(store, record["id"]), stacked)
+            mapped = map_prompts(stored_adapter(store, record["id"]), stacked)
         dtype = str(record["request"].get("dtype") or "float32")
         values = dict(encode_rows(present, mapped, dtype=dtype))
     return [Change(u, values.get(u), pending[u]) for u in users]

@@ -15,15 +15,13 @@ from prompt_migration_client import codec
 from prompt_migration_client.jobs import JobState, Stage
 
 from app.store import SetMeta
-from models.adapter.model import adapter_from_bytes
 from models.errors import DataError
 from models.migration import map_prompts
 from models.tasks import Task
-from workers.context import JobRun, drop_unsealed_target, load_model
+from workers.context import JobRun, drop_unsealed_target, load_model, stored_adapter
 from workers.lease import held
 from workers.population import scan_common
 
-_adapters: dict[str, Any] = {}
 # Users per part of a chunk that map_users reads, maps and writes in turn (overlapped).
 MAP_PART = 1024
 
@@ -108,14 +106,6 @@ def ended(job: JobRun) -> bool:
     return True
 
 
-def _adapter(job: JobRun) -> Any:
-
-    if job.id not in _adapters:
-        _adapters.clear()
-        _adapters[job.id] = adapter_from_bytes(job.store.get_blob(job.id, "adapter") or b"")
-    return _adapters[job.id]
-
-
 def map_chunk(job: JobRun, index: int) -> dict[str, Any]:
     """Map one chunk of users into the new version; a repeat overwrites the same values."""
 
@@ -144,7 +134,7 @@ def map_users(job: JobRun, users: list[str]) -> tuple[int, str]:
     metas = [job.store.get_meta(s["model"], s["version"]) for s in sources]
     dtype = job.migration.dtype
     model, version = job.target
-    adapter = _adapter(job)
+    adapter = stored_adapter(job.store, job.id)
     parts = [users[i : i + MAP_PART] for i in range(0, len(users), MAP_PART)] or [[]]
     with ThreadPoolExecutor(max_workers=1) as io, torch_threads(job.settings.map_threads):
         reading = io.submit(read_sources, job, parts[0], metas=metas)

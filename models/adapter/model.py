@@ -11,6 +11,7 @@ out = W_out(LN(h2)) [+ W_skip z]  d_out      (linear_only: out = W_skip z + b)
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import torch
 from safetensors.torch import load, save
@@ -33,6 +34,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @property
+    def layers(self) -> tuple[nn.LayerNorm, nn.Linear, nn.Linear]:
+        """The norm and the two linear layers (``models.adapter.folded`` reads their weights)."""
+        norm, first, _, _, second = self.net
+        return cast(nn.LayerNorm, norm), cast(nn.Linear, first), cast(nn.Linear, second)
 
 
 class ResidualNetwork(nn.Module):
