@@ -35,12 +35,12 @@ from app.config import Settings
 from app.store import SetMeta, Store, connect_redis
 from bench import write_result
 from bench.serving import cpu_seconds, local_redis
-from models.adapter import AdapterConfig, PumaAdapter
+from models.adapter import AdapterConfig, PumaAdapter, fold
 from models.adapter.model import adapter_to_bytes
 from models.recipe import ALL_USERS
 from workers import context
 from workers.context import JobRun
-from workers.mapping import map_chunk, plan_users
+from workers.mapping import MAP_PART, map_chunk, plan_users, torch_threads
 
 SOURCE, TARGET = "bench-source", "bench-target"
 D_IN, D_OUT = 576, 640  # SmolLM2-135M -> Gemma-3-270m
@@ -182,6 +182,24 @@ def run_size(
     }
 
 
+def map_cost(adapter: PumaAdapter, *, threads: int, users: int = 16_384) -> dict[str, float]:
+    """CPU µs per user of the map alone, the adapter's own forward pass against the folded form
+    the chunk tasks use, in parts of ``MAP_PART`` users on the chunk tasks' torch threads; the
+    best of three passes."""
+    rows = torch.randn(users, 1, D_IN) * 0.02
+    cost = {}
+    with torch_threads(threads), torch.inference_mode():
+        for name, form in (("adapter", adapter.eval()), ("folded", fold(adapter))):
+            passes = []
+            for _ in range(3):
+                start = time.thread_time()
+                for i in range(0, users, MAP_PART):
+                    form(rows[i : i + MAP_PART])
+                passes.append(time.thread_time() - start)
+            cost[name] = round(min(passes) / users * 1e6, 2)
+    return cost
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The round whose chunk path was the median, with every round's chunk-path rate."""
     ranked = sorted(runs, key=lambda r: r["users_per_s"]["chunk_path"])
@@ -256,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "note": NOTE,
         "import_users_per_s": rate(args.users, import_s),
+        "map_cpu_us_per_user": map_cost(adapter, threads=settings.map_threads),
         "runs": runs,
         "best_chunk_size": best["chunk_size"],
         "peak_rss_mb": peak_rss_mb(),
@@ -277,6 +296,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r['chunk_size']:>8}{u['plan']:>10.0f}{u['chunk_path']:>10.0f}{u['seal']:>10.0f}"
             f"{u['delete']:>10.0f}"
         )
+    cost = result["map_cpu_us_per_user"]
+    print(f"map alone, CPU µs/user: adapter {cost['adapter']}, folded {cost['folded']}")
     print(f"best chunk size {result['best_chunk_size']}; peak RSS {result['peak_rss_mb']} MB")
 
 

@@ -151,6 +151,8 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
         assert run["chunk_path_cpu_us_per_user"]["worker"] > 0
     assert result["best_chunk_size"] in (64, 128)
     assert result["peak_rss_mb"] > 0
+    assert set(result["map_cpu_us_per_user"]) == {"adapter", "folded"}
+    assert all(cost > 0 for cost in result["map_cpu_us_per_user"].values())
 
     from redis import Redis
 
