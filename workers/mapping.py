@@ -22,7 +22,8 @@ from workers.context import JobRun, drop_unsealed_target, load_model, stored_ada
 from workers.lease import held
 from workers.population import scan_common
 
-# Users per part of a chunk that map_users reads, maps and writes in turn (overlapped).
+# Users per part of a chunk that map_users reads, maps (in one batch) and writes in turn
+# (overlapped).
 MAP_PART = 1024
 
 
@@ -144,7 +145,7 @@ def map_users(job: JobRun, users: list[str]) -> tuple[int, str]:
             if following is not None:
                 reading = io.submit(read_sources, job, following, metas=metas)
             with torch.inference_mode():
-                values = encode_values(map_prompts(adapter, rows), dtype)
+                values = encode_values(map_prompts(adapter, rows, batch_size=MAP_PART), dtype)
             writes.append(io.submit(job.store.write_checked, model, version, part, values))
         written = [w.result() for w in writes]
     return sum(c for c, _ in written), codec.combine_digests(d for _, d in written)
