@@ -66,7 +66,7 @@ from bench.loadgen import user_id
 from bench.serving import Uvicorn, local_redis, production_env
 from bench.transfer import peak_rss_mb
 from models import assets
-from workers.priority import model_threads
+from workers import priority
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTE = (
@@ -1104,7 +1104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "settle_seconds": args.settle_seconds,
             "force_promote_on_gate_failure": args.force_promote,
             "store": "Redis Cluster, 3 primaries" if args.cluster else "one redis-server",
-            "model_threads": model_threads(args.model_threads),
+            "model_threads": priority.model_threads(args.model_threads),
         },
         "machine": {
             "cpu_count": os.cpu_count(),
