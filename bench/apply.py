@@ -270,6 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
             "torch": torch.__version__,
+            # What the kernels used: ATEN_CPU_CAPABILITY can hold them below the CPU's own.
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "platform": platform.platform(),
         },
         "note": NOTE,

@@ -142,6 +142,7 @@ def test_apply_times_the_chunk_path_per_chunk_size_and_cleans_up(
     assert cfg["adapter"]["input_rank"] == recipe.ALL_USERS.input_rank
     assert cfg["value_bytes"] == {"source": 576 * 4, "target": 640 * 4}
     assert result["machine"]["cpu_count"] >= 1
+    assert result["machine"]["torch_cpu_capability"]  # e.g. AVX512, AVX2, DEFAULT
     assert [r["chunk_size"] for r in result["runs"]] == [64, 128]
     assert [r["chunks"] for r in result["runs"]] == [5, 3]
     for run in result["runs"]:
