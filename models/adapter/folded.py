@@ -45,9 +45,9 @@ class FoldedAdapter(nn.Module):
             raise ValueError("A linear-only adapter is one product already; map it as it is.")
         self.config = adapter.config
         self._fold_features(adapter)
-        self.source_block = copy.deepcopy(network.source_block).eval()
+        self.source_block = copy.deepcopy(network.source_block)
         up_norm, up_in, up_out = network.up.layers
-        self.up_in = nn.Sequential(copy.deepcopy(up_norm), copy.deepcopy(up_in)).eval()
+        self.up_in = nn.Sequential(copy.deepcopy(up_norm), copy.deepcopy(up_in))
         target_norm, target_in, target_out = network.target_block.layers
         # h = U [a; 1]: the up-projection's columns and bias. [d_out, hidden + 1]
         up_basis = torch.cat([_f64(up_out.weight), _f64(up_out.bias)[:, None]], dim=1)
@@ -77,6 +77,7 @@ class FoldedAdapter(nn.Module):
         self.register_buffer("out_bias", bias.float())
         self.up_eps, self.out_eps = target_norm.eps, network.out_norm.eps
         self.with_skip = adapter.skip is not None
+        self.eval()  # a map, never trained: its copied blocks keep dropout off
 
     def _fold_features(self, adapter: PumaAdapter) -> None:
         """z = (x - mean) [@ V] / scale as one product x @ W + b (or a shift and a scale)."""

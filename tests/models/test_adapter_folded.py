@@ -76,6 +76,7 @@ def test_folding_copies_the_weights() -> None:
     with torch.inference_mode():
         before = folded(x)
     assert adapter.training  # folding leaves a training adapter training
+    assert not any(module.training for module in folded.modules())  # and maps without dropout
     with torch.no_grad():
         for parameter in adapter.parameters():
             parameter.add_(1.0)
