@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def wrk_args(
     args = [require("wrk"), f"-t{min(threads, connections)}", f"-c{connections}"]
     args += [f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA_SCRIPT), base_url]
     return [*args, "--", mode, token, model, str(users), str(batch), str(delay_ms)]
+
+
+def wait_handling(pid: int, signum: int, *, timeout_s: float = 30.0) -> None:
+    """Until process ``pid`` handles ``signum`` (its ``SigCgt`` in /proc) or has exited. wrk sets
+    its SIGINT handler only once its threads run; a SIGINT before that kills it unreported."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+        if (
+            fields["State"].split()[0] in ("Z", "X")
+            or int(fields["SigCgt"], 16) >> (signum - 1) & 1
+        ):
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"process {pid} did not handle signal {signum} within {timeout_s} s")
 
 
 def parse_wrk(out: str, *, cpu_seconds: float) -> Load:

@@ -396,6 +396,7 @@ class Reads:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def stop(self) -> dict[str, Any]:
+        loadgen.wait_handling(self.proc.pid, signal.SIGINT)
         self.proc.send_signal(signal.SIGINT)
         assert self.proc.stdout is not None
         out = self.proc.stdout.read().decode()
