@@ -400,9 +400,12 @@ class Reads:
         self.proc.send_signal(signal.SIGINT)
         assert self.proc.stdout is not None
         out = self.proc.stdout.read().decode()
-        _, _, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = 0
-        load = loadgen.parse_wrk(out, cpu_seconds=usage.ru_utime + usage.ru_stime)
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            load = loadgen.parse_wrk(out, cpu_seconds=usage.ru_utime + usage.ru_stime)
+        except RuntimeError as error:  # say how wrk ended: a signal's number is negative
+            raise RuntimeError(f"{error}\nwrk's exit code: {self.proc.returncode}") from None
         return {
             "p50": load.latency_ms["p50"],
             "p99": load.latency_ms["p99"],
