@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from models.errors import ShapeMismatchError
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -44,6 +46,13 @@ class AdapterConfig:
             )
         if self.out_std <= 0:
             raise ValueError(f"AdapterConfig.out_std must be positive, got {self.out_std}.")
+
+    def check_input_width(self, width: int) -> None:
+        """Refuse prompts whose width is not ``d_in``."""
+        if width != self.d_in:
+            raise ShapeMismatchError(
+                f"Prompts of width {width} given to an adapter for width {self.d_in}."
+            )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -21,7 +21,6 @@ from torch import nn
 
 from models.adapter.config import AdapterConfig
 from models.adapter.model import PumaAdapter
-from models.errors import ShapeMismatchError
 
 
 class FoldedAdapter(nn.Module):
@@ -96,10 +95,7 @@ class FoldedAdapter(nn.Module):
         return torch.addmm(self.feature_shift, x, self.feature_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.config.d_in:
-            raise ShapeMismatchError(
-                f"Prompts of width {x.shape[-1]} given to an adapter for width {self.config.d_in}."
-            )
+        self.config.check_input_width(x.shape[-1])
         z = self.features(x.reshape(-1, x.shape[-1]))  # [n, f]
         z1 = z + self.source_block(z)
         a = F.silu(self.up_in(z1))  # [n, hidden]

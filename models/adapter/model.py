@@ -145,10 +145,7 @@ class PumaAdapter(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The standardised inputs the paths read: ``[..., l, d_in]`` -> ``[..., l, f]``."""
-        if x.shape[-1] != self.config.d_in:
-            raise ShapeMismatchError(
-                f"Prompts of width {x.shape[-1]} given to an adapter for width {self.config.d_in}."
-            )
+        self.config.check_input_width(x.shape[-1])
         z = x - self.input_mean
         if self.input_basis is not None:
             z = z @ self.input_basis
