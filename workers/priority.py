@@ -31,9 +31,10 @@ def model_threads(configured: int | None) -> int:
 def usable_cores() -> int:
     """The cores this process may run on, capped by its cgroup's CPU quota: a container limited
     to two CPUs of a 64-core host (``--cpus 2``, a Kubernetes CPU limit) sees all 64 otherwise."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    on_affinity = hasattr(os, "sched_getaffinity")
+    cores = (len(os.sched_getaffinity(0)) if on_affinity else os.cpu_count()) or 1
     quota = cpu_quota(Path("/sys/fs/cgroup"), Path("/proc/self/cgroup"))
-    return max(1, min(cores or 1, math.ceil(quota) if quota else cores or 1))
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def cpu_quota(cgroup_root: Path, membership: Path) -> float | None:
