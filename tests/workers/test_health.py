@@ -15,6 +15,7 @@ from app.jobs.queue import make_celery
 from app.store import Store
 from tests.conftest import Worker, wait_for
 from workers.health import main, node_name
+from workers.priority import usable_cores
 
 
 def test_the_healthcheck_passes_for_the_live_worker_only(
@@ -78,7 +79,7 @@ def test_a_niceness_keeps_the_worker_a_share_instead(
 def test_the_model_stages_leave_a_core_to_serving_unless_told_their_threads(
     settings: Settings, start_worker: Callable[[Settings], Worker]
 ) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     default = start_worker(settings.model_copy(update={"model_threads": None}))
     told = start_worker(settings.model_copy(update={"model_threads": 3}))
     expected = {default: max(1, cores - 1), told: 3}
