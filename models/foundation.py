@@ -171,7 +171,7 @@ class FoundationModel:
 
     @torch.no_grad()
     def warm_prefixes(
-        self, texts: list[str], *, batch_size: int = 64, width_multiple: int = 64
+        self, texts: list[str], *, batch_size: int = 16, width_multiple: int = 16
     ) -> None:
         """Compute and keep the frozen keys/values of every text not cached yet.
 
@@ -179,7 +179,9 @@ class FoundationModel:
         done before), or a seeded training run would not reproduce: CPU bf16 kernels round
         differently for small batches and for other padded widths. So every forward runs exactly
         ``batch_size`` rows (a short chunk filled with copies of its first text) padded to a
-        width fixed by the text's own length, the next multiple of ``width_multiple``."""
+        width fixed by the text's own length, the next multiple of ``width_multiple``. The
+        defaults are small because a job's later calls warm a few new texts at a time, each
+        paying for a whole padded batch (bench/README.md, "The item states' fill")."""
         fill = (batch_size, width_multiple)
         todo = self.prefix_cache.missing(texts, fill=fill)
         if not todo:

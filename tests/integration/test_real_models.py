@@ -67,9 +67,9 @@ def test_cached_item_states_do_not_depend_on_what_else_was_missing(name: str) ->
         task.template.prefix_for(f"Movie number {i} ({1950 + i}), {genres[: 6 * i]}")
         for i in range(40)
     ]
-    model.warm_prefixes(texts, batch_size=32)  # full and part-filled chunks of two widths
+    model.warm_prefixes(texts)  # the service's fill: full and part-filled chunks of several widths
     among_others = dict(model.prefix_cache.states)
     for text in (texts[0], texts[20], texts[-1]):
         model.prefix_cache.states.clear()
-        model.warm_prefixes([text], batch_size=32)
+        model.warm_prefixes([text])
         assert torch.equal(model.prefix_cache.states[text], among_others[text]), text
