@@ -8,7 +8,9 @@ and the cached step once more through transformers' SDPA instead of ``models.att
 The one-off cost of filling the cache is reported separately; with ``--warm-all``, also for every
 MovieLens-100K item: the reproducible fill (full batches padded to a width set by each text's own
 length) against a tight one (texts sorted by length, each batch padded to its longest, no fillers),
-whose states depend on the batch-mates.
+whose states depend on the batch-mates. With ``--fills``, the reproducible fill at each given
+batch rows x width multiple, in turn (and nothing else): a cold fill of 256 items, then 6 more, as
+a job's later calls warm a few new items at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -76,14 +79,62 @@ def warm_all_items(model: FoundationModel, texts: list[str]) -> dict[str, float]
     }
 
 
-def measure(name: str, *, batch: int, repeats: int, warm_all: bool = False) -> dict[str, object]:
+@dataclass(frozen=True)
+class FillTiming:
+    round: int
+    fill: tuple[int, int]  # batch rows, width multiple
+    cold_ms_per_item: float
+    six_more_s: float
+
+
+def compare_fills(
+    model: FoundationModel, texts: list[str], *, fills: list[tuple[int, int]], rounds: int = 2
+) -> list[FillTiming]:
+    """Seconds to warm 256 of ``texts`` from an empty cache, then 6 more, at each fill; the fills
+    taken in turn in every round, so a drift of the machine falls on all of them."""
+    texts = sorted(set(texts))
+    cold, more = texts[:256], texts[256:262]
+    rows = []
+    for round_index in range(rounds):
+        for batch_size, width_multiple in fills:
+            warm = partial(
+                model.warm_prefixes, batch_size=batch_size, width_multiple=width_multiple
+            )
+            model.prefix_cache.states.clear()
+            start = time.perf_counter()
+            warm(cold)
+            cold_s = time.perf_counter() - start
+            start = time.perf_counter()
+            warm(more)
+            rows.append(
+                FillTiming(
+                    round=round_index,
+                    fill=(batch_size, width_multiple),
+                    cold_ms_per_item=round(cold_s / len(cold) * 1e3, 1),
+                    six_more_s=round(time.perf_counter() - start, 2),
+                )
+            )
+    model.prefix_cache.states.clear()
+    return rows
+
+
+def measure(
+    name: str,
+    *,
+    batch: int,
+    repeats: int,
+    warm_all: bool = False,
+    fills: list[tuple[int, int]] | None = None,
+) -> dict[str, object]:
     task = get_task("rating")
     rows = load_interactions("movielens-100k", task="rating")
     prefixes = [task.template.prefix_for(r.item_text) for r in rows[:batch]]
     model = FoundationModel.load(name)
-    extra = {}
-    if warm_all:
-        extra = warm_all_items(model, [task.template.prefix_for(r.item_text) for r in rows])
+    item_prefixes = [task.template.prefix_for(r.item_text) for r in rows]
+    if fills:  # the fill comparison alone
+        by_fill = compare_fills(model, item_prefixes, fills=fills)
+        return {"model": name, "dtype": str(model.dtype), "fills": [asdict(t) for t in by_fill]}
+    extra = warm_all_items(model, item_prefixes) if warm_all else {}
     answer = model.answer_tokens(task.template.suffix, task.labels)
     prompts = torch.randn(batch, 1, model.hidden_size) * model.embedding_std
     start = time.perf_counter()
@@ -131,6 +182,16 @@ def measure(name: str, *, batch: int, repeats: int, warm_all: bool = False) -> d
     return result | extra
 
 
+def _fill(text: str) -> tuple[int, int]:
+    rows, _, width = text.partition("x")
+    try:
+        return int(rows), int(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a fill as ROWSxWIDTH, e.g. 16x16"
+        ) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -142,9 +203,21 @@ def main() -> None:
         action="store_true",
         help="also time caching every MovieLens-100K item, two ways",
     )
+    parser.add_argument(
+        "--fills",
+        type=_fill,
+        nargs="+",
+        default=None,
+        help="time only the reproducible fill at each ROWSxWIDTH (e.g. 64x64 16x16)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results = [
-        measure(m, batch=args.batch, repeats=args.repeats, warm_all=args.warm_all)
+        measure(m, batch=args.batch, repeats=args.repeats, warm_all=args.warm_all, fills=args.fills)
         for m in args.models
     ]
     for r in results:
