@@ -181,7 +181,7 @@ class FoundationModel:
         ``batch_size`` rows (a short chunk filled with copies of its first text) padded to a
         width fixed by the text's own length, the next multiple of ``width_multiple``. The
         defaults are small because a job's later calls warm a few new texts at a time, each
-        paying for a whole padded batch (bench/README.md, "The item states' fill")."""
+        paying for a whole padded batch (bench/README.md, "The fold and the item states' fill")."""
         fill = (batch_size, width_multiple)
         todo = self.prefix_cache.missing(texts, fill=fill)
         if not todo:
