@@ -26,7 +26,6 @@ def test_each_fill_warms_in_its_own_batches() -> None:
     rows = compare_fills(model, texts, fills=[(8, 16), (4, 32)], rounds=1)
 
     assert [r.fill for r in rows] == [(8, 16), (4, 32)]
-    assert all(r.cold_ms_per_item > 0 and r.six_more_s > 0 for r in rows)
     assert {batch for batch, _ in shapes} == {8, 4}
     by_rows = {batch: {width for b, width in shapes if b == batch} for batch in (8, 4)}
     assert all(width % 16 == 0 for width in by_rows[8])
