@@ -118,23 +118,26 @@ def compare_fills(
     return rows
 
 
-def measure(
-    name: str,
-    *,
-    batch: int,
-    repeats: int,
-    warm_all: bool = False,
-    fills: list[tuple[int, int]] | None = None,
-) -> dict[str, object]:
+def _item_prefixes() -> list[str]:
+    """The rating task's prefix of every MovieLens-100K interaction's item."""
     task = get_task("rating")
     rows = load_interactions("movielens-100k", task="rating")
-    prefixes = [task.template.prefix_for(r.item_text) for r in rows[:batch]]
+    return [task.template.prefix_for(r.item_text) for r in rows]
+
+
+def measure_fills(name: str, *, fills: list[tuple[int, int]]) -> dict[str, object]:
+    """``compare_fills`` on the model ``name`` over the MovieLens-100K items."""
     model = FoundationModel.load(name)
-    item_prefixes = [task.template.prefix_for(r.item_text) for r in rows]
-    if fills:  # the fill comparison alone
-        by_fill = compare_fills(model, item_prefixes, fills=fills)
-        return {"model": name, "dtype": str(model.dtype), "fills": [asdict(t) for t in by_fill]}
-    extra = warm_all_items(model, item_prefixes) if warm_all else {}
+    by_fill = compare_fills(model, _item_prefixes(), fills=fills)
+    return {"model": name, "dtype": str(model.dtype), "fills": [asdict(t) for t in by_fill]}
+
+
+def measure(name: str, *, batch: int, repeats: int, warm_all: bool = False) -> dict[str, object]:
+    task = get_task("rating")
+    items = _item_prefixes()
+    prefixes = items[:batch]
+    model = FoundationModel.load(name)
+    extra = warm_all_items(model, items) if warm_all else {}
     answer = model.answer_tokens(task.template.suffix, task.labels)
     prompts = torch.randn(batch, 1, model.hidden_size) * model.embedding_std
     start = time.perf_counter()
@@ -216,10 +219,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results = [
-        measure(m, batch=args.batch, repeats=args.repeats, warm_all=args.warm_all, fills=args.fills)
-        for m in args.models
-    ]
+    if args.fills:
+        results = [measure_fills(m, fills=args.fills) for m in args.models]
+    else:
+        results = [
+            measure(m, batch=args.batch, repeats=args.repeats, warm_all=args.warm_all)
+            for m in args.models
+        ]
     for r in results:
         print(json.dumps(r))
     args.out.parent.mkdir(parents=True, exist_ok=True)
